@@ -1,0 +1,42 @@
+"""Helpers shared by benchmark programs: environment record (git SHA, versions, CPU, ISA flags), table output."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def cpu_info() -> dict:
+    model, flags = platform.processor() or "", []
+    try:
+        txt = Path("/proc/cpuinfo").read_text()
+        for line in txt.splitlines():
+            k, _, v = line.partition(":")
+            k = k.strip().lower()
+            if k in ("model name", "cpu model") and not model:
+                model = v.strip()
+            if k in ("flags", "features") and not flags:
+                flags = v.split()
+    except OSError:
+        pass
+    interesting = [f for f in flags if f in ("avx2", "avx512f", "avx512_vnni", "avx512vnni", "amx_int8", "amx_tile",
+                                              "asimd", "asimddp", "i8mm", "sve", "bf16", "avx_vnni")]
+    return {"cpu_model": model, "machine": platform.machine(), "isa_flags": interesting, "n_cpus": os.cpu_count()}
+
+
+def environment(threads: int | None = None) -> dict:
+    from qnn.train import versions
+
+    import onnx
+
+    return {**versions(), "onnx": onnx.__version__, **cpu_info(), "threads": threads}
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

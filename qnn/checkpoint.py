@@ -1,0 +1,99 @@
+"""Checkpoints: atomic writes, `weights_only=True` loads, clear errors for corrupt or foreign files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from qnn.errors import QNNError
+
+FORMAT = "qnn-checkpoint-v1"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_torch_file(path: str | Path) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise QNNError(f"checkpoint not found: {p}")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, or holding objects weights_only refuses
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise QNNError(f"{p}: not a readable checkpoint (corrupt, truncated or unsafe pickle): {msg}") from None
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, extra: dict | None = None) -> None:
+    """Save the model with every per-bit-width scale and BatchNorm, its architecture and kwargs."""
+    obj = {
+        "format": FORMAT,
+        "arch": getattr(model, "arch", None),
+        "arch_kwargs": getattr(model, "arch_kwargs", {}),
+        "state_dict": model.state_dict(),
+    }
+    if extra:
+        obj.update(extra)
+    atomic_torch_save(obj, path)
+
+
+def load_checkpoint(path: str | Path, expect_arch: str | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild the model a checkpoint was saved from; returns (model, the checkpoint dict)."""
+    from qnn.models import create_model
+
+    obj = load_torch_file(path)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise QNNError(f"{path}: not a qnn checkpoint (format key missing); float weights go through --init")
+    arch = obj.get("arch")
+    if expect_arch is not None and arch != expect_arch:
+        raise QNNError(f"{path}: checkpoint is of model '{arch}', expected '{expect_arch}'")
+    model = create_model(arch, **obj.get("arch_kwargs", {}))
+    try:
+        model.load_state_dict(obj["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise QNNError(f"{path}: state dict does not fit model '{arch}': {str(e).splitlines()[0][:160]}") from None
+    return model, obj
+
+
+def trained_bits(obj: dict) -> list[int]:
+    return list(obj.get("trained_bits", []))

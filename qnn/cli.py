@@ -1,0 +1,145 @@
+"""`qnn` command line: train, eval, attack, export, verify, bundle, pipeline.
+
+Every user error (bad file, bad option) prints one line `qnn: error: ...` and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from qnn.errors import QNNError
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="QAT / DBWT training, optionally with a defense")
+    p.add_argument("-c", "--config", help="YAML file with TrainConfig keys (flags override it)")
+    p.add_argument("--model")
+    p.add_argument("--dataset")
+    p.add_argument("--data-dir", dest="data_dir")
+    p.add_argument("--init", help="float checkpoint (akamaster layout) or qnn checkpoint to start from")
+    p.add_argument("--bits", help="bit-width or set, e.g. 4 or 2,4,8,32 (32 = float)")
+    p.add_argument("--schedule", help="DBWT schedule: fixed|random|round_robin|curriculum")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", dest="weight_decay", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--train-subset", dest="train_subset", type=int)
+    p.add_argument("--test-subset", dest="test_subset", type=int)
+    p.add_argument("--eval-bits", dest="eval_bits")
+    p.add_argument("--first-last-bits", dest="first_last_bits", type=int)
+    p.add_argument("--defense", help="none|qadtr|pbat|dwq")
+    p.add_argument("--no-aqapa", action="store_true", help="QADT-R ablation: random (not optimised) patches")
+    p.add_argument("--no-gir", action="store_true", help="QADT-R ablation: no gradient-inconsistency penalty")
+    p.add_argument("--lambda-gir", dest="lambda_gir", type=float)
+    p.add_argument("--pool-size", dest="pool_size", type=int)
+    p.add_argument("--device")
+    p.add_argument("--out", dest="out_dir")
+    p.add_argument("--overwrite", action="store_true", default=None)
+    p.add_argument("--resume", action="store_true", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+
+
+def cmd_train(a) -> int:
+    from qnn.config import TrainConfig, build, load_yaml
+    from qnn.train import train
+
+    file_cfg = load_yaml(a.config) if a.config else {}
+    over = {k: v for k, v in vars(a).items() if k not in ("cmd", "config", "func")}
+    dargs = dict(file_cfg.pop("defense_args", {}) or {})
+    for k in ("no_aqapa", "no_gir", "lambda_gir", "pool_size"):
+        v = over.pop(k, None)
+        if v not in (None, False):
+            dargs[k] = v
+    cfg = build(TrainConfig, file_cfg, over)
+    cfg.defense_args = dargs
+    from qnn.defenses import make_defense  # validate defense + args before any work
+    from qnn.models import create_model
+
+    make_defense(cfg.defense, cfg.defense_args, cfg, create_model(cfg.model)) if cfg.defense != "none" else None
+    res = train(cfg)
+    print(json.dumps({"out_dir": cfg.out_dir, "final": res["final"]}, indent=2))
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="clean accuracy per bit-width (JSON + table)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--data-dir")
+    p.add_argument("--bits", default="32,8,4,2")
+    p.add_argument("--subset", type=int)
+    p.add_argument("--calibrate", action="store_true", help="recompute BN/scales for bit-widths never trained")
+    p.add_argument("--json", help="write the result here")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_eval(a) -> int:
+    from qnn.checkpoint import atomic_write_json, load_checkpoint
+    from qnn.config import parse_bits
+    from qnn.data import load_dataset
+    from qnn.train import calibrate_, evaluate, versions
+
+    bits = parse_bits(a.bits)
+    model, obj = load_checkpoint(a.checkpoint)
+    test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed).subset(a.subset)
+    trained = obj.get("trained_bits", [])
+    for b in bits:
+        if b not in trained and b != 32:
+            if not a.calibrate:
+                raise QNNError(f"{a.checkpoint} was not trained at {b} bits (trained: {trained}); pass --calibrate")
+            train_ds = load_dataset(a.dataset, "train", a.data_dir, seed=a.seed)
+            calibrate_(model, train_ds, b)
+    acc = evaluate(model, test, bits)
+    res = {"checkpoint": a.checkpoint, "dataset": a.dataset, "n_images": len(test),
+           "accuracy_pct": {str(k): v for k, v in acc.items()}, "versions": versions()}
+    print("| bits | top-1 % |\n|---|---|")
+    for k, v in acc.items():
+        print(f"| {k} | {v:.2f} |")
+    if a.json:
+        atomic_write_json(a.json, res)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="qnn", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    _add_train(sub)
+    _add_eval(sub)
+    cmds = {"train": cmd_train, "eval": cmd_eval}
+    for name, (adder, fn) in _extra_commands().items():
+        adder(sub)
+        cmds[name] = fn
+    a = ap.parse_args(argv)
+    try:
+        return cmds[a.cmd](a)
+    except QNNError as e:
+        print(f"qnn: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qnn: interrupted (outputs so far are kept; rerun with --resume where supported)", file=sys.stderr)
+        return 130
+
+
+def _extra_commands() -> dict:
+    """Subcommands living in other modules (attack, export, verify, bundle, pipeline)."""
+    out = {}
+    import importlib
+
+    for mod in ("qnn.attacks.cli", "export.cli", "qnn.pipeline"):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name == mod or (e.name and mod.startswith(e.name)):
+                continue
+            raise
+        out.update(m.COMMANDS)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

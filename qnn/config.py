@@ -1,0 +1,111 @@
+"""Typed, validated configs (one dataclass per concern), serialisable to JSON/YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qnn.errors import QNNError
+from qnn.layers import BIT_CHOICES
+
+SCHEDULES = ("fixed", "random", "round_robin", "curriculum")
+
+
+def parse_bits(v: Any) -> list[int]:
+    """'2,4,8,32' or [2, 4] -> [2, 4, 8, 32]; every entry must be in {2..8, 32}."""
+    if isinstance(v, int):
+        v = [v]
+    if isinstance(v, str):
+        v = [p for p in v.replace(" ", "").split(",") if p]
+    try:
+        bits = [int(b) for b in v]
+    except (TypeError, ValueError):
+        raise QNNError(f"bit-widths must be integers, got {v!r}") from None
+    if not bits:
+        raise QNNError("bit-width set is empty; give at least one of 2..8 or 32")
+    bad = [b for b in bits if b not in BIT_CHOICES]
+    if bad:
+        raise QNNError(f"bit-width(s) {bad} not allowed; choose from 2..8 or 32")
+    return bits
+
+
+@dataclass
+class TrainConfig:
+    model: str = "small_cnn"
+    dataset: str = "synthetic"
+    data_dir: str | None = None
+    init: str | None = None             # float checkpoint (akamaster layout) or a qnn checkpoint to start from
+    bits: list[int] = field(default_factory=lambda: [4])
+    schedule: str = "fixed"             # DBWT schedule over `bits`: fixed|random|round_robin|curriculum
+    epochs: int = 2
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.0
+    seed: int = 0
+    out_dir: str = "runs/train"
+    overwrite: bool = False
+    resume: bool = False
+    threads: int | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+    n_synthetic: int | None = None
+    first_last_bits: int | None = 8
+    eval_bits: list[int] | None = None
+    defense: str = "none"
+    defense_args: dict = field(default_factory=dict)
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.bits = parse_bits(self.bits)
+        if self.eval_bits is not None:
+            self.eval_bits = parse_bits(self.eval_bits)
+        if self.schedule not in SCHEDULES:
+            raise QNNError(f"unknown schedule '{self.schedule}'; choose from {', '.join(SCHEDULES)}")
+        if self.schedule == "fixed" and len(self.bits) != 1:
+            self.schedule = "random"  # a set of bit-widths means DBWT; 'fixed' is for one bit-width
+        if int(self.epochs) <= 0:
+            raise QNNError(f"epochs must be > 0, got {self.epochs}")
+        if int(self.batch_size) <= 0:
+            raise QNNError(f"batch size must be > 0, got {self.batch_size}")
+        if self.lr <= 0:
+            raise QNNError(f"lr must be > 0, got {self.lr}")
+        if self.first_last_bits is not None and self.first_last_bits not in BIT_CHOICES:
+            raise QNNError(f"first_last_bits {self.first_last_bits} not allowed; choose from 2..8 or 32")
+        for n in ("train_subset", "test_subset", "n_synthetic"):
+            v = getattr(self, n)
+            if v is not None and int(v) <= 0:
+                raise QNNError(f"{n} must be > 0, got {v}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise QNNError(f"config file not found: {p}")
+    try:
+        obj = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise QNNError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(obj, dict):
+        raise QNNError(f"{p}: config must be a mapping")
+    return obj
+
+
+def build(cls, file_cfg: dict, overrides: dict):
+    """Defaults <- config file <- explicit flags (None = not given)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in file_cfg if k not in names]
+    if unknown:
+        raise QNNError(f"unknown config key(s) {unknown}; allowed: {sorted(names)}")
+    merged = dict(file_cfg)
+    merged.update({k: v for k, v in overrides.items() if v is not None and k in names})
+    return cls(**merged)

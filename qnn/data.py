@@ -1,0 +1,269 @@
+"""Datasets without torchvision: CIFAR-10 (shared npz layout or `cifar-10-batches-py`), ImageFolder (Pillow),
+and an embedded synthetic 10-class set generated from a seed. Batches are float NCHW in [0, 1]; augmentation
+(random crop with padding, horizontal flip) runs on whole batches in plain torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import tarfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from qnn.errors import QNNError
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # published on the dataset's page
+DATASETS = ("synthetic", "cifar10", "imagefolder")
+
+
+@dataclass
+class ArrayDataset:
+    """Images as uint8 NHWC plus int64 labels."""
+
+    x: np.ndarray
+    y: np.ndarray
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 4 or self.x.shape[-1] != 3 or self.x.dtype != np.uint8:
+            raise QNNError(f"images must be uint8 NHWC RGB, got {self.x.dtype} {self.x.shape}")
+        if len(self.x) != len(self.y):
+            raise QNNError(f"{len(self.x)} images but {len(self.y)} labels")
+        if len(self.x) == 0:
+            raise QNNError("dataset is empty")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def subset(self, n: int | None, start: int = 0) -> "ArrayDataset":
+        if n is None:
+            return self
+        return ArrayDataset(self.x[start:start + n], self.y[start:start + n], self.classes)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return to_tensor(self.x), torch.as_tensor(self.y, dtype=torch.long)
+
+
+def to_tensor(x_uint8: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x_uint8)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding + horizontal flip, on a whole batch (one offset per image)."""
+    n, c, h, w = x.shape
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    out = _crop(xp, dy, dx, h, w)
+    flip = torch.rand(n, generator=gen) < 0.5
+    out[flip] = out[flip].flip(3)
+    return out
+
+
+def _crop(xp: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    n = xp.shape[0]
+    iy = (dy[:, None] + torch.arange(h)[None])  # n,h
+    ix = (dx[:, None] + torch.arange(w)[None])  # n,w
+    b = torch.arange(n)[:, None, None]
+    return xp.permute(0, 2, 3, 1)[b, iy[:, :, None], ix[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+def iterate_batches(ds: ArrayDataset, batch_size: int, shuffle: bool, aug: bool, seed: int = 0, epoch: int = 0,
+                    rank: int = 0, world: int = 1, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Deterministic batches for (seed, epoch); with world>1 each rank takes a disjoint shard of equal size."""
+    if batch_size <= 0:
+        raise QNNError(f"batch size must be > 0, got {batch_size}")
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    idx = torch.randperm(len(ds), generator=gen) if shuffle else torch.arange(len(ds))
+    if world > 1:
+        per = len(idx) // world
+        idx = idx[rank * per:(rank + 1) * per]
+    aug_gen = torch.Generator().manual_seed(seed * 7_919 + epoch * 31 + rank)
+    for i in range(0, len(idx), batch_size):
+        j = idx[i:i + batch_size].numpy()
+        if drop_last and len(j) < batch_size:
+            break
+        xb = to_tensor(ds.x[j])
+        if aug:
+            xb = augment(xb, aug_gen)
+        yield xb, torch.as_tensor(ds.y[j], dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- CIFAR-10
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Admits plain containers, numbers, strings, bytes and numpy arrays; refuses every other global."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        if module == "builtins" and name in ("list", "dict", "tuple", "set", "frozenset", "bytearray", "int", "float",
+                                               "complex", "str", "bytes", "bool"):
+            return super().find_class(module, name)
+        raise QNNError(f"refusing pickle: it references {module}.{name}, and only plain data is admitted")
+
+
+def safe_unpickle(data: bytes) -> object:
+    try:
+        return _DataOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except QNNError:
+        raise
+    except Exception as e:
+        raise QNNError(f"corrupt pickle: {type(e).__name__}: {str(e)[:120]}") from None
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    obj = safe_unpickle(path.read_bytes())
+    if not isinstance(obj, dict):
+        raise QNNError(f"{path}: not a CIFAR batch (expected a dict)")
+    d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
+    if "data" not in d or "labels" not in d:
+        raise QNNError(f"{path}: not a CIFAR batch (no data/labels)")
+    x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(x), np.asarray(d["labels"], dtype=np.int64)
+
+
+def load_cifar10(data_dir: str | Path, split: str) -> ArrayDataset:
+    """From `{train,test}.npz` (shared layout) or a `cifar-10-batches-py` folder (inside data_dir or data_dir itself)."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise QNNError(f"data dir not found: {root}")
+    if not any(root.iterdir()):
+        raise QNNError(f"data dir is empty: {root}")
+    npz = root / f"{split}.npz"
+    if npz.is_file():
+        try:
+            with np.load(npz, allow_pickle=False) as z:
+                x, y = z["x"], z["y"].astype(np.int64)
+        except Exception as e:
+            raise QNNError(f"{npz}: unreadable npz: {str(e)[:120]}") from None
+        return ArrayDataset(x, y, CIFAR10_CLASSES)
+    for cand in (root / "cifar-10-batches-py", root):
+        names = ["test_batch"] if split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
+        if all((cand / n).is_file() for n in names):
+            parts = [_read_cifar_batch(cand / n) for n in names]
+            return ArrayDataset(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), CIFAR10_CLASSES)
+    raise QNNError(f"{root}: no CIFAR-10 found (expected {split}.npz or cifar-10-batches-py/); use --download")
+
+
+def download_cifar10(cache_dir: str | Path) -> Path:
+    """Download the official python archive, check its MD5, extract it into cache_dir."""
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    if (cache / "cifar-10-batches-py" / "test_batch").is_file():
+        return cache
+    try:
+        data = urllib.request.urlopen(CIFAR10_URL, timeout=60).read()
+    except Exception as e:
+        raise QNNError(f"download of {CIFAR10_URL} failed: {e}") from None
+    if hashlib.md5(data).hexdigest() != CIFAR10_MD5:
+        raise QNNError("downloaded CIFAR-10 archive has the wrong checksum")
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        tf.extractall(cache, filter="data")
+    return cache
+
+
+# --------------------------------------------------------------------------- ImageFolder
+
+
+def load_image_folder(root: str | Path, size: int = 224, max_per_class: int | None = None) -> ArrayDataset:
+    """root/<class>/<image>; images resized (shorter side) and center-cropped to size x size."""
+    from PIL import Image
+
+    root = Path(root)
+    if not root.is_dir():
+        raise QNNError(f"data dir not found: {root}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise QNNError(f"data dir is empty (no class folders): {root}")
+    xs, ys = [], []
+    for ci, c in enumerate(classes):
+        files = sorted(f for f in (root / c).iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
+        for f in files[:max_per_class]:
+            try:
+                im = Image.open(f).convert("RGB")
+            except Exception as e:
+                raise QNNError(f"{f}: unreadable image: {e}") from None
+            w, h = im.size
+            r = size / min(w, h)
+            im = im.resize((max(size, round(w * r)), max(size, round(h * r))), Image.BILINEAR)
+            w, h = im.size
+            left, top = (w - size) // 2, (h - size) // 2
+            xs.append(np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8))
+            ys.append(ci)
+    if not xs:
+        raise QNNError(f"no images under {root}")
+    return ArrayDataset(np.stack(xs), np.asarray(ys, dtype=np.int64), tuple(classes))
+
+
+# --------------------------------------------------------------------------- embedded synthetic set
+
+SYNTH_CLASSES = tuple(f"class{i}" for i in range(10))
+
+
+def synthetic_dataset(n: int, seed: int = 0, size: int = 32) -> ArrayDataset:
+    """Deterministic 10-class RGB set: each class is an oriented grating of its own frequency and colour pair
+    mixed with a class-shaped blob; random phase, position, contrast, colour jitter, clutter from the other
+    classes' patterns and pixel noise make it non-trivial (a small CNN does not reach 100% in one epoch)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    base_rng = np.random.default_rng(12345)  # class definitions fixed, independent of the sample seed
+    angles = np.linspace(0, np.pi, 10, endpoint=False) + base_rng.uniform(-0.1, 0.1, 10)
+    freqs = base_rng.uniform(2.0, 6.0, 10)
+    cols = base_rng.uniform(0.2, 1.0, (10, 2, 3))
+    y = rng.integers(0, 10, n)
+    x = np.empty((n, size, size, 3), dtype=np.uint8)
+    for i in range(n):
+        c = y[i]
+        img = _pattern(c, xx, yy, angles, freqs, cols, rng) * rng.uniform(0.5, 1.0)
+        d = rng.integers(0, 10)  # distractor from another class, weaker
+        img += 0.6 * rng.uniform(0.3, 1.0) * _pattern(d, xx, yy, angles, freqs, cols, rng)
+        img += rng.normal(0, 0.18, img.shape)
+        img = (img - img.min()) / (img.max() - img.min() + 1e-6)
+        x[i] = (img * 255).astype(np.uint8)
+    return ArrayDataset(x, y.astype(np.int64), SYNTH_CLASSES)
+
+
+def _pattern(c, xx, yy, angles, freqs, cols, rng) -> np.ndarray:
+    a = angles[c] + rng.normal(0, 0.15)
+    ph = rng.uniform(0, 2 * np.pi)
+    g = 0.5 + 0.5 * np.sin(2 * np.pi * freqs[c] * (xx * np.cos(a) + yy * np.sin(a)) + ph)
+    cx, cy = rng.uniform(0.25, 0.75, 2)
+    r = 0.12 + 0.02 * (c % 3)
+    blob = np.exp(-(((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r)))
+    cj = cols[c] + rng.normal(0, 0.08, (2, 3))
+    return g[..., None] * cj[0] + blob[..., None] * cj[1]
+
+
+def load_dataset(name: str, split: str, data_dir: str | None = None, seed: int = 0, n_synthetic: int | None = None,
+                 image_size: int = 224, download: bool = False) -> ArrayDataset:
+    if name == "synthetic":
+        n = n_synthetic or (5000 if split == "train" else 1000)
+        return synthetic_dataset(n, seed=seed + (0 if split == "train" else 99_991))
+    if name == "cifar10":
+        if data_dir is None:
+            raise QNNError("--data-dir is required for cifar10 (e.g. ../shared/data/cifar10)")
+        if download and not Path(data_dir).exists():
+            download_cifar10(data_dir)
+        return load_cifar10(data_dir, split)
+    if name == "imagefolder":
+        if data_dir is None:
+            raise QNNError("--data-dir is required for imagefolder")
+        return load_image_folder(Path(data_dir) / split if (Path(data_dir) / split).is_dir() else data_dir, image_size)
+    raise QNNError(f"unknown dataset '{name}'; choose from {', '.join(DATASETS)}")

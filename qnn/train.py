@@ -1,0 +1,253 @@
+"""QAT training: fixed precision or DBWT over a bit-width set, plain or with a defense.
+
+Runbook:
+  single process:   qnn train --model resnet20 --dataset cifar10 --data-dir ../shared/data/cifar10 \
+                        --init ../shared/data/weights/resnet20-12fca82f.th --bits 2,4,8,32 --epochs 3 --out runs/sw
+  resume:           the same command plus --resume (continues from the last finished epoch, same final weights)
+  data parallel:    torchrun --nproc_per_node 2 -m qnn.cli train ...   (gloo on CPU, nccl on GPU; the bit-width
+                    of each step is drawn from (seed, step), so every rank runs the same precision)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qnn import __version__
+from qnn.checkpoint import atomic_torch_save, atomic_write_json, load_checkpoint, load_torch_file, save_checkpoint
+from qnn.config import TrainConfig
+from qnn.data import ArrayDataset, iterate_batches, load_dataset
+from qnn.errors import QNNError
+from qnn.layers import FLOAT_BITS, set_bit_width_
+from qnn.models import create_model
+
+
+def versions() -> dict:
+    import onnxruntime
+
+    try:
+        import brevitas
+
+        bv = brevitas.__version__
+    except Exception:  # brevitas is optional at run time
+        bv = None
+    import subprocess
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except Exception:
+        sha = None
+    return {"qnn": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "brevitas": bv,
+            "numpy": np.__version__, "python": platform.python_version(), "git_sha": sha}
+
+
+class BitSchedule:
+    """DBWT: which bit-width a step runs at. Draws depend only on (seed, step): identical on every DDP rank."""
+
+    def __init__(self, bits: list[int], kind: str, seed: int, total_steps: int):
+        self.bits, self.kind, self.seed, self.total = list(bits), kind, seed, max(total_steps, 1)
+
+    def __call__(self, step: int) -> int:
+        if len(self.bits) == 1 or self.kind == "fixed":
+            return self.bits[0]
+        if self.kind == "round_robin":
+            return self.bits[step % len(self.bits)]
+        if self.kind == "curriculum":
+            # High-to-low: the allowed set grows from the widest to all bit-widths over the first half of training,
+            # then uniform over all. Our choice (TriQDef's curriculum has no public schedule).
+            order = sorted(self.bits, reverse=True)
+            k = 1 + int(min(1.0, step / (0.5 * self.total)) * (len(order) - 1) + 1e-9)
+            return random.Random(self.seed * 1_000_003 + step).choice(order[:k])
+        return random.Random(self.seed * 1_000_003 + step).choice(self.bits)
+
+
+def init_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    from qnn.models.resnet import load_pretrained_cifar
+
+    kw = {"num_classes": num_classes, "first_last_bits": cfg.first_last_bits}
+    if cfg.init:
+        obj = load_torch_file(cfg.init)
+        if isinstance(obj, dict) and obj.get("format", "").startswith("qnn-checkpoint"):
+            model, _ = load_checkpoint(cfg.init, expect_arch=cfg.model)
+            return model
+        model = create_model(cfg.model, **kw)
+        return load_pretrained_cifar(model, cfg.init)
+    return create_model(cfg.model, **kw)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, ds: ArrayDataset, bits_list: list[int], batch_size: int = 256,
+             device: str = "cpu") -> dict[int, float]:
+    """Clean top-1 accuracy (%) at each bit-width."""
+    model.eval()
+    out = {}
+    for b in bits_list:
+        set_bit_width_(model, b)
+        correct = 0
+        for xb, yb in iterate_batches(ds, batch_size, shuffle=False, aug=False):
+            correct += (model(xb.to(device)).argmax(1).cpu() == yb).sum().item()
+        out[b] = 100.0 * correct / len(ds)
+    return out
+
+
+@torch.no_grad()
+def calibrate_(model: nn.Module, ds: ArrayDataset, bits: int, n_batches: int = 20, batch_size: int = 128,
+               device: str = "cpu") -> None:
+    """Give an untrained bit-width its BatchNorm statistics and quantizer scales (cumulative BN average)."""
+    from qnn.layers import QConvBN
+
+    set_bit_width_(model, bits)
+    model.train()
+    bns = [m.bn for m in model.modules() if isinstance(m, QConvBN)]
+    saved = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    for i, (xb, _) in enumerate(iterate_batches(ds, batch_size, shuffle=True, aug=False, seed=1234)):
+        if i >= n_batches:
+            break
+        model(xb.to(device))
+    for bn, m in zip(bns, saved):
+        bn.momentum = m
+    model.eval()
+
+
+def _dist_info() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _device(cfg: TrainConfig) -> str:
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def prepare_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
+    earlier = out.exists() and any(out.iterdir())
+    if earlier and not (overwrite or resume):
+        raise QNNError(f"output dir {out} holds an earlier run; pass --overwrite to replace it or --resume to continue")
+    if earlier and overwrite and not resume:
+        for f in ("last.pt", "model.pt", "metrics.json", "config.json"):
+            if (out / f).exists():
+                (out / f).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train per `cfg`; returns the final metrics dict (also written to out_dir/metrics.json)."""
+    from qnn.defenses import make_defense
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rank, world = _dist_info()
+    device = _device(cfg)
+    out = Path(cfg.out_dir)
+    if rank == 0:
+        prepare_out_dir(out, cfg.overwrite, cfg.resume)
+    train_ds = load_dataset(cfg.dataset, "train", cfg.data_dir, seed=cfg.seed, n_synthetic=cfg.n_synthetic).subset(cfg.train_subset)
+    test_ds = load_dataset(cfg.dataset, "test", cfg.data_dir, seed=cfg.seed, n_synthetic=cfg.n_synthetic).subset(cfg.test_subset)
+    torch.manual_seed(cfg.seed)
+    model = init_model(cfg, num_classes=len(train_ds.classes)).to(device)
+    defense = make_defense(cfg.defense, cfg.defense_args, cfg, model)
+
+    steps_per_epoch = math.ceil(len(train_ds) // world / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    sched_bits = BitSchedule(cfg.bits, cfg.schedule, cfg.seed, total)
+    params = list(model.parameters()) + defense.extra_parameters()
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    # No weight decay on quantizer scales (log domain) would be cleaner; decay on them is small, kept for simplicity.
+    lr_at = lambda step: cfg.lr * (min(1.0, (step + 1) / (cfg.warmup_epochs * steps_per_epoch)) if cfg.warmup_epochs else 1.0) \
+        * 0.5 * (1 + math.cos(math.pi * step / total))  # noqa: E731
+
+    start_epoch, history = 0, []
+    if cfg.resume and (out / "last.pt").is_file():
+        st = load_torch_file(out / "last.pt")
+        model.load_state_dict(st["state_dict"])
+        opt.load_state_dict(st["optimizer"])
+        defense.load_state_dict(st.get("defense", {}))
+        start_epoch, history = st["epoch"], st["history"]
+    elif cfg.resume and rank == 0 and not (out / "last.pt").is_file() and any(out.glob("*.json")):
+        raise QNNError(f"--resume: {out} has no last.pt to resume from")
+
+    train_model: nn.Module = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+
+    run_info = {"config": cfg.to_dict(), "versions": versions(), "world_size": world, "device": device}
+    if rank == 0:
+        atomic_write_json(out / "config.json", run_info)
+    show = cfg.progress and rank == 0
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(cfg.seed * 10_007 + epoch)  # scale-init subsampling etc.: same per epoch on resume
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum, n_seen, correct = 0.0, 0, 0
+        bar = None
+        if show:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+        for i, (xb, yb) in enumerate(iterate_batches(train_ds, cfg.batch_size, True, True, cfg.seed, epoch, rank, world)):
+            step = epoch * steps_per_epoch + i
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            bits = sched_bits(step)
+            set_bit_width_(model, bits)
+            xb, yb = xb.to(device), yb.to(device)
+            loss, logits = defense.loss(train_model, xb, yb, bits, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(yb)
+            n_seen += len(yb)
+            correct += (logits.argmax(1) == yb).sum().item()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(bits=bits, loss=f"{loss_sum / n_seen:.3f}", acc=f"{100 * correct / n_seen:.1f}")
+        if bar is not None:
+            bar.close()
+        sec = time.perf_counter() - t0
+        eval_bits = cfg.eval_bits or cfg.bits
+        acc = evaluate(model, test_ds, eval_bits, device=device) if rank == 0 else {}
+        rec = {"epoch": epoch + 1, "train_loss": loss_sum / max(n_seen, 1), "train_acc": 100 * correct / max(n_seen, 1),
+               "test_acc": {str(k): v for k, v in acc.items()}, "epoch_seconds": sec}
+        history.append(rec)
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{cfg.epochs} loss {rec['train_loss']:.4f} " +
+                  " ".join(f"acc@{k}={v:.2f}" for k, v in acc.items()) + f" ({sec:.1f}s)", flush=True)
+            atomic_torch_save({"state_dict": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                               "history": history, "defense": defense.state_dict()}, out / "last.pt")
+            atomic_write_json(out / "metrics.json", {**run_info, "history": history})
+    final = history[-1] if history else {}
+    if rank == 0:
+        save_checkpoint(out / "model.pt", model, {"trained_bits": cfg.bits, "defense": cfg.defense,
+                                                  "dataset": cfg.dataset, "final": final, "config": cfg.to_dict()})
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return {**run_info, "history": history, "final": final}
+
+
+def ce_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(xb)
+    return F.cross_entropy(logits, yb), logits
+
+
+__all__ = ["train", "evaluate", "calibrate_", "BitSchedule", "FLOAT_BITS"]
