@@ -1,0 +1,79 @@
+"""Edge bundle: integer model + evaluation set + patches + fake-quant expectations + manifest with sha256s.
+
+`bench/run_edge.py` consumes it on the device with only numpy + onnxruntime.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qnn.checkpoint import atomic_write_bytes, atomic_write_json, sha256_file
+from qnn.errors import QNNError
+
+MANIFEST = "manifest.json"
+
+
+def _npz_bytes(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def build_bundle(model, bits: int, out_dir: str | Path, x_uint8: np.ndarray, y: np.ndarray,
+                 patches: list[tuple[str, torch.Tensor, object]], checkpoint_sha: str | None = None,
+                 tolerance_pct: float = 0.5, overwrite: bool = False) -> Path:
+    """Write the bundle. `patches`: (name, patch (3,h,w), PatchConfig) evaluated at fixed per-image locations."""
+    from export.onnx_export import export_model
+    from qnn.attacks.patch import asr_metrics, make_mask, placement_locations, apply_patch, predict
+    from qnn.data import to_tensor
+    from qnn.layers import set_bit_width_
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise QNNError(f"bundle dir {out} is not empty; pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    export_model(model, bits, "int", out / "model.onnx", meta={"source_checkpoint_sha256": checkpoint_sha or ""})
+    set_bit_width_(model, bits)
+    model.eval()
+    x = to_tensor(x_uint8)
+    yt = torch.as_tensor(y)
+    clean_pred = predict(model, x).numpy()
+    expected = {"bits": bits, "n_images": int(len(y)), "clean_acc_pct": float(100 * (clean_pred == y).mean()),
+                "tolerance_pct": tolerance_pct, "patches": {}}
+    atomic_write_bytes(out / "eval.npz", _npz_bytes(x=x_uint8, y=np.asarray(y, np.int64)))
+    pred_arrays = {"clean": clean_pred.astype(np.int64)}
+    for name, patch, cfg in patches:
+        loc = placement_locations(model, x, yt, patch, cfg).numpy()
+        mask = make_mask(cfg.shape, *cfg.patch_shape)
+        adv_pred = predict(model, apply_patch(x, patch, mask, torch.as_tensor(loc))).numpy()
+        atomic_write_bytes(out / f"patch_{name}.npz", _npz_bytes(patch=patch.numpy().astype(np.float32),
+                                                                  mask=mask.numpy().astype(np.float32), loc=loc.astype(np.int64)))
+        m = asr_metrics(clean_pred, adv_pred, y, cfg.targeted, cfg.target_class)
+        expected["patches"][name] = {**m, "targeted": cfg.targeted, "target_class": cfg.target_class,
+                                     "patch_shape": list(cfg.patch_shape), "shape": cfg.shape, "placement": cfg.placement}
+        pred_arrays[f"patch_{name}"] = adv_pred.astype(np.int64)
+    atomic_write_bytes(out / "expected_predictions.npz", _npz_bytes(**pred_arrays))
+    atomic_write_json(out / "expected.json", expected)
+    files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST)
+    atomic_write_json(out / MANIFEST, {"format": "qnn-edge-bundle-v1", "model": "model.onnx", "eval": "eval.npz",
+                                       "expected": "expected.json", "files": {f: sha256_file(out / f) for f in files}})
+    return out
+
+
+def check_manifest(bundle: str | Path) -> dict:
+    """Raise QNNError if the manifest is missing or any file's sha256 differs."""
+    d = Path(bundle)
+    if not (d / MANIFEST).is_file():
+        raise QNNError(f"{d}: not a bundle (no {MANIFEST})")
+    man = json.loads((d / MANIFEST).read_text())
+    for f, h in man["files"].items():
+        if not (d / f).is_file():
+            raise QNNError(f"{d}: bundle file missing: {f}")
+        if sha256_file(d / f) != h:
+            raise QNNError(f"{d}: sha256 of {f} does not match the manifest (tampered or corrupt)")
+    return man

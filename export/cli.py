@@ -1,0 +1,98 @@
+"""`qnn export`, `qnn verify`, `qnn bundle`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qnn.errors import QNNError
+
+
+def _load_at_bits(ckpt: str, bits: int):
+    from qnn.checkpoint import load_checkpoint, sha256_file
+
+    model, obj = load_checkpoint(ckpt)
+    trained = obj.get("trained_bits", [])
+    if bits not in trained:
+        raise QNNError(f"{ckpt} has no {bits}-bit state (trained at {trained}); export one of those bit-widths")
+    return model, obj, sha256_file(ckpt)
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="export one bit-width to QONNX, QCDQ or integer ONNX")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--bits", type=int, required=True)
+    p.add_argument("--format", default="int", help="qonnx|qcdq|int")
+    p.add_argument("--out", required=True)
+
+
+def cmd_export(a) -> int:
+    from export.onnx_export import FORMATS, export_model
+    from export.verify import verify
+
+    if a.format not in FORMATS:
+        raise QNNError(f"unknown format '{a.format}'; choose from {', '.join(FORMATS)}")
+    if not (2 <= a.bits <= 8):
+        raise QNNError(f"integer export needs bits in 2..8, got {a.bits}")
+    model, obj, sha = _load_at_bits(a.checkpoint, a.bits)
+    meta = {"source_checkpoint_sha256": sha, "class_names": obj.get("classes") or [str(i) for i in range(model.num_classes)],
+            "trained_bits": obj.get("trained_bits", []), "defense": obj.get("defense", "none")}
+    out = export_model(model, a.bits, a.format, a.out, meta)
+    info = {"out": str(out), "format": a.format, "bits": a.bits}
+    if a.format != "qonnx":
+        info["census"] = verify(out)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="op census of the ORT-optimised graph; exit 1 if float compute remains")
+    p.add_argument("model")
+    p.add_argument("--level", default="extended", choices=["basic", "extended", "all"])
+
+
+def cmd_verify(a) -> int:
+    from export.verify import verify
+
+    c = verify(a.model, a.level)
+    print(f"{a.model}: ORT-optimised ({a.level}) op census")
+    for op, n in c["ops"].items():
+        print(f"  {op:28s} {n}")
+    if c["fully_integer"]:
+        print("fully integer: yes (only the input QuantizeLinear and data movement outside integer kernels)")
+        return 0
+    print(f"fully integer: NO, float compute ops remain: {sorted(set(c['float_compute_ops']))}")
+    return 1
+
+
+def add_bundle(sub) -> None:
+    p = sub.add_parser("bundle", help="edge bundle: integer model, eval set, patches, fake-quant results, manifest")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--bits", type=int, required=True)
+    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--data-dir")
+    p.add_argument("--n", type=int, default=500, help="evaluation images in the bundle")
+    p.add_argument("--patch", action="append", default=[], help="patch .npz from `qnn attack` (repeatable)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+
+
+def cmd_bundle(a) -> int:
+    from export.bundle import build_bundle
+    from qnn.attacks.patch import load_patch
+    from qnn.data import load_dataset
+
+    model, obj, sha = _load_at_bits(a.checkpoint, a.bits)
+    if a.n <= 0:
+        raise QNNError("--n must be > 0")
+    ds = load_dataset(a.dataset, "test", a.data_dir).subset(a.n)
+    patches = []
+    for p in a.patch:
+        t, cfg = load_patch(p)
+        patches.append((Path(p).stem, t, cfg))
+    out = build_bundle(model, a.bits, a.out, ds.x, ds.y, patches, sha, overwrite=a.overwrite)
+    print(json.dumps({"bundle": str(out)}))
+    return 0
+
+
+COMMANDS = {"export": (add_export, cmd_export), "verify": (add_verify, cmd_verify), "bundle": (add_bundle, cmd_bundle)}

@@ -1,0 +1,111 @@
+"""A small interpreter that runs an exported integer (QDQ) ONNX graph with the numpy integer kernels.
+
+It reads the graph the way ONNX Runtime fuses it: DequantizeLinear values stay integer (tensor, scale, zero point);
+Conv / Add / GlobalAveragePool consume them and produce an integer result that the following QuantizeLinear
+requantizes; Gemm without a Quantize produces float logits. Any float op outside that pattern is refused: the
+interpreter is also a second opinion on "fully integer".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from kernels import reference as K
+from qnn.errors import QNNError
+
+
+@dataclass
+class _DQ:
+    q: np.ndarray
+    scale: np.ndarray
+    zp: np.ndarray
+
+
+@dataclass
+class _Pending:
+    """An integer-domain op waiting for its output Quantize (scale, zp) to requantize."""
+
+    op: str
+    args: tuple
+
+
+class IntegerInterpreter:
+    def __init__(self, model: onnx.ModelProto | str | Path):
+        if not isinstance(model, onnx.ModelProto):
+            from export.verify import load_onnx
+
+            model = load_onnx(model)
+        self.model = model
+        self.inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        self.input_name = model.graph.input[0].name
+        self.output_name = model.graph.output[0].name
+        self.ops_seen: dict[str, int] = {}
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        env: dict[str, object] = {self.input_name: x.astype(np.float32), **self.inits}
+        for node in self.model.graph.node:
+            self.ops_seen[node.op_type] = self.ops_seen.get(node.op_type, 0) + 1
+            ins = [env[i] if i else None for i in node.input]
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            env[node.output[0]] = self._exec(node.op_type, ins, attrs, node)
+        out = env[self.output_name]
+        if not isinstance(out, np.ndarray):
+            raise QNNError(f"graph output is not materialised ({type(out).__name__})")
+        return out
+
+    def _exec(self, op: str, ins: list, at: dict, node):
+        if op == "QuantizeLinear":
+            x, s, z = ins[0], ins[1], ins[2]
+            if isinstance(x, _Pending):
+                return self._requant(x, float(s), int(z))
+            return K.quantize(x, float(s), int(z), z.dtype.type)
+        if op == "DequantizeLinear":
+            return _DQ(ins[0], ins[1], ins[2] if len(ins) > 2 and ins[2] is not None else np.zeros_like(ins[1], dtype=np.int32))
+        if op == "Clip":
+            return np.clip(ins[0], ins[1], ins[2]).astype(ins[0].dtype)
+        if op == "Slice":
+            x, st, en, ax, sp = ins
+            sl = [slice(None)] * x.ndim
+            for s_, e_, a_, p_ in zip(st, en, ax, sp):
+                sl[int(a_)] = slice(int(s_), int(min(e_, 2**31)), int(p_))
+            return x[tuple(sl)]
+        if op == "Pad":
+            x, pads, val = ins[0], ins[1], ins[2]
+            k = x.ndim
+            return np.pad(x, [(int(pads[i]), int(pads[i + k])) for i in range(k)], constant_values=val)
+        if op == "Flatten":
+            return ins[0].reshape(ins[0].shape[0], -1)
+        if op == "Identity":
+            return ins[0]
+        if op == "MaxPool":
+            return K.max_pool(ins[0], int(at["kernel_shape"][0]), int(at["strides"][0]), int(at.get("pads", [0])[0]))
+        if op in ("Conv", "Add", "GlobalAveragePool"):
+            if not all(isinstance(i, _DQ) for i in ins if i is not None):
+                raise QNNError(f"{node.name}: float {op} (inputs not dequantized integers): graph is not fully integer")
+            return _Pending(op, (ins, at))
+        if op == "Gemm":
+            a, b, c = (ins + [None])[:3]
+            if not all(isinstance(i, _DQ) for i in (a, b)):
+                raise QNNError(f"{node.name}: float Gemm: graph is not fully integer")
+            return K.qgemm_float_out(a.q, float(a.scale), int(a.zp), b.q, b.scale, b.zp,
+                                     None if c is None else c.q, bool(at.get("transB", 0)))
+        raise QNNError(f"{node.name}: op {op} not supported by the integer interpreter")
+
+    def _requant(self, p: _Pending, ys: float, yz: int) -> np.ndarray:
+        ins, at = p.args
+        if p.op == "Conv":
+            x, w, b = (ins + [None])[:3]
+            return K.qlinear_conv(x.q, float(x.scale), int(x.zp), w.q, w.scale, w.zp, ys, yz,
+                                  None if b is None else b.q, int(at.get("strides", [1])[0]), int(at.get("pads", [0])[0]))
+        if p.op == "Add":
+            a, b = ins
+            return K.qlinear_add(a.q, float(a.scale), int(a.zp), b.q, float(b.scale), int(b.zp), ys, yz)
+        if p.op == "GlobalAveragePool":
+            x = ins[0]
+            return K.qlinear_global_avg_pool(x.q, float(x.scale), int(x.zp), ys, yz)
+        raise QNNError(f"cannot requantize {p.op}")
