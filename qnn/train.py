@@ -207,13 +207,14 @@ def train(cfg: TrainConfig) -> dict:
             step = epoch * steps_per_epoch + i
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            bits = sched_bits(step)
+            bits = defense.choose_bits(step, sched_bits(step))
             set_bit_width_(model, bits)
             xb, yb = xb.to(device), yb.to(device)
             loss, logits = defense.loss(train_model, xb, yb, bits, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            defense.after_step()
             loss_sum += loss.item() * len(yb)
             n_seen += len(yb)
             correct += (logits.argmax(1) == yb).sum().item()

@@ -36,6 +36,12 @@ class Defense:
         logits = model(x)
         return F.cross_entropy(logits, y), logits
 
+    def choose_bits(self, step: int, scheduled: int) -> int:
+        return scheduled
+
+    def after_step(self) -> None:
+        pass
+
     def extra_parameters(self) -> list[torch.Tensor]:
         return []
 
