@@ -53,7 +53,7 @@ def cmd_train(a) -> int:
     dargs = dict(file_cfg.pop("defense_args", {}) or {})
     for k in ("no_aqapa", "no_gir", "lambda_gir", "pool_size"):
         v = over.pop(k, None)
-        if v not in (None, False):
+        if v is not None and v is not False:
             dargs[k] = v
     cfg = build(TrainConfig, file_cfg, over)
     cfg.defense_args = dargs

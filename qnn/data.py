@@ -233,8 +233,8 @@ def synthetic_dataset(n: int, seed: int = 0, size: int = 32) -> ArrayDataset:
         c = y[i]
         img = _pattern(c, xx, yy, angles, freqs, cols, rng) * rng.uniform(0.5, 1.0)
         d = rng.integers(0, 10)  # distractor from another class, weaker
-        img += 0.6 * rng.uniform(0.3, 1.0) * _pattern(d, xx, yy, angles, freqs, cols, rng)
-        img += rng.normal(0, 0.18, img.shape)
+        img += 0.35 * rng.uniform(0.3, 1.0) * _pattern(d, xx, yy, angles, freqs, cols, rng)
+        img += rng.normal(0, 0.12, img.shape)
         img = (img - img.min()) / (img.max() - img.min() + 1e-6)
         x[i] = (img * 255).astype(np.uint8)
     return ArrayDataset(x, y.astype(np.int64), SYNTH_CLASSES)

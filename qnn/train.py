@@ -185,6 +185,15 @@ def train(cfg: TrainConfig) -> dict:
     elif cfg.resume and rank == 0 and not (out / "last.pt").is_file() and any(out.glob("*.json")):
         raise QNNError(f"--resume: {out} has no last.pt to resume from")
 
+    if start_epoch == 0:
+        # initialise every trained bit-width's quantizer scales on one batch, so even a bit-width the schedule
+        # has not drawn yet is usable (and the draw order does not change the initial scales)
+        from qnn.layers import ensure_calibrated_
+
+        xb0, _ = next(iterate_batches(train_ds, cfg.batch_size, True, False, cfg.seed, 0, rank, world))
+        for b in cfg.bits:
+            set_bit_width_(model, b)
+            ensure_calibrated_(model, xb0.to(device))
     train_model: nn.Module = model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)

@@ -1,0 +1,88 @@
+import ast
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+RUN_EDGE = ROOT / "bench" / "run_edge.py"
+
+
+def test_run_edge_imports_only_stdlib_numpy_onnxruntime():
+    tree = ast.parse(RUN_EDGE.read_text())
+    mods = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            mods |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            mods.add(node.module.split(".")[0])
+    allowed = set(sys.stdlib_module_names) | {"numpy", "onnxruntime"}
+    assert mods <= allowed, mods - allowed
+    # and it runs in a process where torch/qnn cannot be imported
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['qnn'] = None; sys.argv = ['x', '--help'];"
+            f"exec(open({str(RUN_EDGE)!r}).read())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "--bundle" in r.stdout, r.stderr
+
+
+@pytest.fixture(scope="module")
+def bundle(trained_ckpt, tmp_path_factory):
+    from export.bundle import build_bundle
+    from qnn.attacks.patch import PatchConfig
+    from qnn.checkpoint import load_checkpoint
+    from qnn.data import load_dataset
+
+    m, _ = load_checkpoint(trained_ckpt)
+    ds = load_dataset("synthetic", "test", n_synthetic=2000).subset(64)
+    d = tmp_path_factory.mktemp("bundle") / "b"
+    return build_bundle(m, 4, d, ds.x, ds.y, [("p6", torch.rand(3, 6, 6, generator=torch.Generator().manual_seed(0)), PatchConfig())])
+
+
+def _run(args):
+    return subprocess.run([sys.executable, str(RUN_EDGE)] + [str(a) for a in args], capture_output=True, text=True, timeout=300)
+
+
+def test_run_edge_passes_on_good_bundle(bundle, tmp_path):
+    r = _run(["--bundle", bundle, "--threads", "1", "--iters", "5", "--warmup", "1", "--batch", "8", "--json", tmp_path / "r.json"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["graph"]["fully_integer"] and res["pass"]
+    assert res["latency"][0]["batch"] == 1 and res["latency"][1]["batch"] == 8
+    assert all(c["top1_agreement_pct"] >= 99 for c in res["comparison"])
+    assert "p50" in r.stdout and "PASS" in r.stdout
+
+
+def _bad(args, msg):
+    r = _run(args)
+    assert r.returncode == 2, r.stdout + r.stderr
+    err = r.stderr.strip()
+    assert err.startswith("run_edge: error:") and "\n" not in err and msg in err, err
+
+
+def test_run_edge_bad_inputs(bundle, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    _bad(["--bundle", tmp_path / "nope"], "not found")
+    _bad(["--bundle", bundle, "--threads", "zero"], "--threads")
+    _bad(["--bundle", bundle, "--threads", "0"], "--threads")
+    t = tmp_path / "tampered"
+    shutil.copytree(bundle, t)
+    with open(t / "model.onnx", "r+b") as f:
+        f.seek(50)
+        f.write(b"\xff\xfe")
+    _bad(["--bundle", t], "does not match")
+    # data whose shape disagrees with the model input (manifest re-signed, so only the shape check can catch it)
+    s = tmp_path / "shape"
+    shutil.copytree(bundle, s)
+    np.savez_compressed(s / "eval.npz", x=np.zeros((4, 16, 16, 3), np.uint8), y=np.zeros(4, np.int64))
+    import hashlib
+
+    man = json.loads((s / "manifest.json").read_text())
+    man["files"]["eval.npz"] = hashlib.sha256((s / "eval.npz").read_bytes()).hexdigest()
+    (s / "manifest.json").write_text(json.dumps(man))
+    _bad(["--bundle", s], "disagrees")

@@ -1,0 +1,143 @@
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from export.bundle import build_bundle, check_manifest
+from export.onnx_export import build_graph, export_model, normalise
+from export.verify import census, optimized_graph, verify
+from kernels.interpreter import IntegerInterpreter
+from kernels.packing import pack, size_report, unpack
+from qnn.checkpoint import load_checkpoint
+from qnn.data import load_dataset
+from qnn.errors import QNNError
+from qnn.layers import ensure_calibrated_, set_bit_width_
+from qnn.models import create_model, list_models
+from tests.conftest import run_cli
+
+
+def _calibrated(name, bits, size=None):
+    torch.manual_seed(0)
+    m = create_model(name, **({"num_classes": 10, "in_size": size} if name == "resnet18" else {}))
+    s = m.in_size
+    set_bit_width_(m, bits)
+    ensure_calibrated_(m, torch.rand(4, 3, s, s))
+    m.eval()
+    return m
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("name", list_models())
+def test_zoo_exports_fully_integer(name, bits, tmp_path):
+    m = _calibrated(name, bits, size=64)
+    p = export_model(m, bits, "int", tmp_path / "m.onnx")
+    c = verify(p)
+    assert c["fully_integer"], c
+    assert c["ops"].get("QLinearConv", 0) >= 3 and c["ops"].get("QGemm") == 1
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_parity_and_interpreter_bit_exact(trained_ckpt, bits, tmp_path):
+    m, _ = load_checkpoint(trained_ckpt)
+    p = export_model(m, bits, "int", tmp_path / "m.onnx")
+    x, _ = load_dataset("synthetic", "test", n_synthetic=2000).subset(64).tensors()
+    set_bit_width_(m, bits)
+    m.eval()
+    with torch.no_grad():
+        ref = m(x).numpy()
+    xn = normalise(x.numpy(), m.mean, m.std)
+    sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": xn})[0]
+    lsb = float(m.linear.w_scale().max() * m.pool_q.scale())
+    assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.98
+    assert np.median(np.abs(ref - got)) <= 2 * lsb
+    interp = IntegerInterpreter(p).run(xn)
+    assert np.array_equal(interp, got), "numpy integer interpreter differs from ONNX Runtime"
+
+
+def test_qcdq_and_qonnx_formats(trained_ckpt, tmp_path):
+    m, _ = load_checkpoint(trained_ckpt)
+    q = export_model(m, 4, "qcdq", tmp_path / "q.onnx")
+    assert verify(q)["fully_integer"]
+    g = build_graph(m, 4, "qonnx")
+    assert sum(n.op_type == "Quant" for n in g.graph.node) > 5
+    assert any(o.domain == "qonnx.custom_op.general" for o in g.opset_import)
+
+
+def test_metadata_inside_onnx(trained_ckpt, tmp_path, capsys):
+    assert run_cli(["export", "--checkpoint", trained_ckpt, "--bits", "4", "--format", "int", "--out", tmp_path / "m.onnx"]) == 0
+    s = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    meta = s.get_modelmeta().custom_metadata_map
+    assert meta["w_bits"] == "4" and len(meta["source_checkpoint_sha256"]) == 64
+    assert json.loads(meta["input_normalisation"])["mean"] and meta["input_layout"] == "NCHW"
+    assert len(json.loads(meta["class_names"])) == 10
+    capsys.readouterr()
+    assert run_cli(["verify", tmp_path / "m.onnx"]) == 0
+
+
+def test_verify_fails_on_float_model(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "f.onnx")
+    assert run_cli(["verify", tmp_path / "f.onnx"]) == 1
+
+
+def _err(args, capsys):
+    rc = run_cli(args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("qnn: error:") and "\n" not in err, err
+    return err
+
+
+def test_export_bad_inputs(trained_ckpt, tmp_path, capsys):
+    assert "no 3-bit state" in _err(["export", "--checkpoint", trained_ckpt, "--bits", "3", "--out", tmp_path / "a.onnx"], capsys)
+    assert "2..8" in _err(["export", "--checkpoint", trained_ckpt, "--bits", "16", "--out", tmp_path / "a.onnx"], capsys)
+    assert "unknown format" in _err(["export", "--checkpoint", trained_ckpt, "--bits", "4", "--format", "tflite", "--out", tmp_path / "a.onnx"], capsys)
+    assert not (tmp_path / "a.onnx").exists()
+    run_cli(["export", "--checkpoint", trained_ckpt, "--bits", "4", "--out", tmp_path / "m.onnx"])
+    capsys.readouterr()
+    data = (tmp_path / "m.onnx").read_bytes()
+    (tmp_path / "t.onnx").write_bytes(data[: len(data) // 2])
+    assert "not a valid ONNX" in _err(["verify", tmp_path / "t.onnx"], capsys)
+    (tmp_path / "n.onnx").write_text("hello")
+    assert "not a valid ONNX" in _err(["verify", tmp_path / "n.onnx"], capsys)
+    assert "not found" in _err(["verify", tmp_path / "missing.onnx"], capsys)
+
+
+def test_bundle_manifest_detects_tampering(trained_ckpt, tmp_path, capsys):
+    from qnn.attacks.patch import PatchConfig
+
+    m, _ = load_checkpoint(trained_ckpt)
+    ds = load_dataset("synthetic", "test", n_synthetic=2000).subset(40)
+    b = build_bundle(m, 4, tmp_path / "b", ds.x, ds.y, [("p6", torch.rand(3, 6, 6), PatchConfig())])
+    check_manifest(b)
+    exp = json.loads((b / "expected.json").read_text())
+    assert exp["n_images"] == 40 and "p6" in exp["patches"]
+    x = np.load(b / "eval.npz")
+    with open(b / "eval.npz", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(QNNError, match="does not match"):
+        check_manifest(b)
+    assert x is not None
+
+
+def test_packing_roundtrip_and_size_report():
+    rng = np.random.default_rng(0)
+    for bits in (2, 4, 8):
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        w = rng.integers(lo, hi + 1, 1001)
+        p = pack(w, bits)
+        assert len(p) == -(-1001 * bits // 8)
+        assert np.array_equal(unpack(p, bits, 1001), w)
+    with pytest.raises(QNNError):
+        pack(np.array([2]), 2)
+    r = size_report(create_model("resnet20"))
+    assert r["packed"]["2"]["bytes"] < r["packed"]["4"]["bytes"] < r["packed"]["8"]["bytes"] < r["float32_bytes"]

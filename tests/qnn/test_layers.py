@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+from qnn.checkpoint import load_checkpoint, save_checkpoint
+from qnn.errors import QNNError
+from qnn.layers import BIT_CHOICES, QConvBN, ensure_calibrated_, set_bit_width_
+from qnn.models import create_model, list_models
+
+
+def _calibrated_model(name="small_cnn", bits=(2, 3, 4, 5, 6, 7, 8)):
+    torch.manual_seed(0)
+    m = create_model(name)
+    x = torch.rand(16, 3, 32, 32)
+    for b in bits:
+        set_bit_width_(m, b)
+        ensure_calibrated_(m, x)
+    m.eval()
+    return m, x
+
+
+def test_registry_lists_zoo():
+    assert {"resnet20", "resnet32", "resnet44", "resnet56", "resnet18", "small_cnn"} <= set(list_models())
+    with pytest.raises(QNNError):
+        create_model("nope")
+
+
+def test_switching_changes_outputs_and_restores_bit_exactly():
+    m, x = _calibrated_model()
+    outs = {}
+    with torch.no_grad():
+        for b in (32, 8, 4, 2):
+            set_bit_width_(m, b)
+            outs[b] = m(x).clone()
+        for b in (8, 4, 2):
+            assert not torch.equal(outs[b], outs[32]), f"{b}-bit output identical to float"
+        assert not torch.equal(outs[2], outs[4])
+        for b in (2, 32, 4, 8):
+            set_bit_width_(m, b)
+            assert torch.equal(m(x), outs[b]), f"switching back to {b} bits did not restore outputs"
+
+
+def test_weights_are_shared_and_not_reallocated():
+    m, x = _calibrated_model()
+    convs = [mod for mod in m.modules() if isinstance(mod, QConvBN)]
+    ptrs = [c.weight.data_ptr() for c in convs]
+    n_params = sum(p.numel() for p in m.parameters())
+    for b in (2, 8, 32, 4):
+        set_bit_width_(m, b)
+        with torch.no_grad():
+            m(x)
+    assert [c.weight.data_ptr() for c in convs] == ptrs
+    assert sum(p.numel() for p in m.parameters()) == n_params
+
+
+def test_checkpoint_roundtrip_every_bitwidth(tmp_path):
+    m, x = _calibrated_model()
+    p = tmp_path / "m.pt"
+    save_checkpoint(p, m, {"trained_bits": [2, 3, 4, 5, 6, 7, 8, 32]})
+    m2, _ = load_checkpoint(p)
+    m2.eval()
+    with torch.no_grad():
+        for b in BIT_CHOICES:
+            set_bit_width_(m, b)
+            set_bit_width_(m2, b)
+            assert torch.equal(m(x), m2(x)), f"checkpoint round-trip differs at {b} bits"
+
+
+@pytest.mark.parametrize("bad", [1, 9, 16, 0, -4])
+def test_bitwidth_outside_allowed_set(bad):
+    m = create_model("small_cnn")
+    with pytest.raises(QNNError, match="not allowed"):
+        set_bit_width_(m, bad)
+
+
+def test_first_and_last_layers_stay_8bit():
+    m, _ = _calibrated_model()
+    set_bit_width_(m, 2)
+    assert m.conv1.wbits == 8 and m.linear.wbits == 8
+    assert m.blocks[0].conv1.wbits == 2
+    m2 = create_model("small_cnn", first_last_bits=None)
+    set_bit_width_(m2, 2)
+    assert m2.conv1.wbits == 2
+
+
+def test_per_bitwidth_batchnorm_is_separate():
+    m, x = _calibrated_model()
+    m.train()
+    set_bit_width_(m, 4)
+    before8 = m.blocks[0].conv1.bns[BIT_CHOICES.index(8)].running_mean.clone()
+    before4 = m.blocks[0].conv1.bns[BIT_CHOICES.index(4)].running_mean.clone()
+    m(x * 3)
+    assert torch.equal(m.blocks[0].conv1.bns[BIT_CHOICES.index(8)].running_mean, before8)
+    assert not torch.equal(m.blocks[0].conv1.bns[BIT_CHOICES.index(4)].running_mean, before4)

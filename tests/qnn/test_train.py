@@ -1,0 +1,164 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qnn.checkpoint import load_checkpoint, save_checkpoint
+from qnn.config import TrainConfig
+from qnn.models import create_model
+from qnn.train import BitSchedule, train
+from tests.conftest import ROOT, run_cli
+
+TINY = dict(model="small_cnn", n_synthetic=256, batch_size=64, progress=False, lr=0.05)
+
+
+def test_resume_reaches_same_weights(tmp_path):
+    full = tmp_path / "full"
+    train(TrainConfig(bits=[2, 4, 8, 32], epochs=2, out_dir=str(full), **TINY))
+    part = tmp_path / "part"
+    train(TrainConfig(bits=[2, 4, 8, 32], epochs=1, out_dir=str(part), **TINY))
+    # continue the interrupted run to 2 epochs: the cosine schedule is defined by the total, so rebuild last.pt's run
+    st = torch.load(part / "last.pt", weights_only=True)
+    assert st["epoch"] == 1
+    ref1 = tmp_path / "ref1"
+    train(TrainConfig(bits=[2, 4, 8, 32], epochs=2, out_dir=str(ref1), **TINY))
+    # simulate an interruption after epoch 1 of a 2-epoch run: keep last.pt from a 2-epoch run stopped early
+    stopped = tmp_path / "stopped"
+    cfg = TrainConfig(bits=[2, 4, 8, 32], epochs=2, out_dir=str(stopped), **TINY)
+    _train_epochs(cfg, stop_after=1)
+    cfg.resume = True
+    train(cfg)
+    a = torch.load(full / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(stopped / "model.pt", weights_only=True)["state_dict"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"resumed run differs at {k}"
+
+
+def _train_epochs(cfg, stop_after):
+    """Run `cfg` but raise after `stop_after` epochs (as a crash would)."""
+    import qnn.train as T
+
+    orig = T.evaluate
+    calls = {"n": 0}
+
+    def boom(*a, **k):
+        calls["n"] += 1
+        r = orig(*a, **k)
+        if calls["n"] > stop_after:
+            raise KeyboardInterrupt
+        return r
+
+    T.evaluate = boom
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)
+    finally:
+        T.evaluate = orig
+
+
+def test_metrics_and_config_written(tmp_path):
+    out = tmp_path / "r"
+    train(TrainConfig(bits=[4], epochs=1, out_dir=str(out), **TINY))
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["history"][0]["epoch"] == 1 and "4" in m["history"][0]["test_acc"]
+    c = json.loads((out / "config.json").read_text())
+    assert c["config"]["bits"] == [4] and c["versions"]["torch"]
+
+
+def test_schedules():
+    s = BitSchedule([2, 4, 8, 32], "round_robin", 0, 100)
+    assert [s(i) for i in range(5)] == [2, 4, 8, 32, 2]
+    r = BitSchedule([2, 4, 8, 32], "random", 7, 100)
+    assert [r(i) for i in range(20)] == [BitSchedule([2, 4, 8, 32], "random", 7, 100)(i) for i in range(20)]
+    c = BitSchedule([2, 4, 8, 32], "curriculum", 0, 100)
+    assert all(c(i) == 32 for i in range(5)) and {c(i) for i in range(60, 100)} == {2, 4, 8, 32}
+
+
+def _cli_err(args, capsys):
+    rc = run_cli(args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert err.startswith("qnn: error:") and "\n" not in err
+    return err
+
+
+def test_cli_bad_inputs(tmp_path, capsys, trained_ckpt):
+    base = ["train", "--model", "small_cnn", "--no-progress"]
+    assert "batch size" in _cli_err(base + ["--batch-size", "0", "--out", tmp_path / "a"], capsys)
+    assert "epochs" in _cli_err(base + ["--epochs", "-1", "--out", tmp_path / "a"], capsys)
+    assert "not allowed" in _cli_err(base + ["--bits", "9", "--out", tmp_path / "a"], capsys)
+    assert "empty" in _cli_err(base + ["--bits", ",", "--out", tmp_path / "a"], capsys)
+    assert "not found" in _cli_err(base + ["--dataset", "cifar10", "--data-dir", tmp_path / "none", "--out", tmp_path / "a"], capsys)
+    (tmp_path / "emptydir").mkdir()
+    assert "empty" in _cli_err(base + ["--dataset", "cifar10", "--data-dir", tmp_path / "emptydir", "--out", tmp_path / "a"], capsys)
+    # corrupt / truncated checkpoints
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert "checkpoint" in _cli_err(["eval", "--checkpoint", bad], capsys)
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(trained_ckpt.read_bytes()[:2000])
+    assert "checkpoint" in _cli_err(["eval", "--checkpoint", trunc], capsys)
+    # checkpoint of another model used as init
+    assert "expected 'resnet20'" in _cli_err(base[:1] + ["--model", "resnet20", "--init", trained_ckpt, "--out", tmp_path / "b"], capsys)
+    # a pickle holding code is refused by weights_only loading
+    evil = tmp_path / "evil.pt"
+    import pickle
+
+    evil.write_bytes(pickle.dumps({"format": "qnn-checkpoint-v1", "x": os.system}))
+    assert "unsafe" in _cli_err(["eval", "--checkpoint", evil], capsys)
+
+
+def test_output_dir_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--model", "small_cnn", "--bits", "4", "--epochs", "1", "--no-progress", "--out", out]
+    train(TrainConfig(bits=[4], epochs=1, out_dir=str(out), **TINY))
+    before = (out / "model.pt").read_bytes()
+    assert "earlier run" in _cli_err(args, capsys)
+    assert (out / "model.pt").read_bytes() == before
+
+
+def test_eval_cli(trained_ckpt, tmp_path, capsys):
+    rc = run_cli(["eval", "--checkpoint", trained_ckpt, "--bits", "32,4,2", "--subset", "200", "--json", tmp_path / "e.json"])
+    assert rc == 0
+    r = json.loads((tmp_path / "e.json").read_text())
+    assert set(r["accuracy_pct"]) == {"32", "4", "2"} and r["n_images"] == 200
+    assert "not trained at 3" in _cli_err(["eval", "--checkpoint", trained_ckpt, "--bits", "3", "--subset", "50"], capsys)
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    """torchrun with 2 CPU processes (gloo): same bit-width draw on every rank, one checkpoint written."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port),
+           "-m", "qnn.cli", "train", "--model", "small_cnn", "--bits", "2,4,8,32", "--epochs", "1", "--batch-size", "32",
+           "--threads", "1", "--no-progress", "--out", str(out), "-c", str(tmp_path / "c.yaml")]
+    (tmp_path / "c.yaml").write_text("n_synthetic: 256\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert r.returncode == 0, (r.stdout[-1500:], r.stderr[-3000:])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["world_size"] == 2
+    model, _ = load_checkpoint(out / "model.pt")
+    assert model is not None
+
+
+def test_init_from_shared_pretrained_weights(tmp_path):
+    from tests.conftest import SHARED
+
+    w = SHARED / "weights" / "resnet20-12fca82f.th"
+    if not w.is_file():
+        pytest.skip("needs ../shared/data")
+    from qnn.models.resnet import load_pretrained_cifar
+
+    m = load_pretrained_cifar(create_model("resnet20"), str(w))
+    with pytest.raises(Exception, match="does not match|more blocks"):
+        load_pretrained_cifar(create_model("resnet32"), str(w))
+    save_checkpoint(tmp_path / "x.pt", m)
