@@ -38,6 +38,7 @@ def _add_train(sub) -> None:
     p.add_argument("--lambda-gir", dest="lambda_gir", type=float)
     p.add_argument("--pool-size", dest="pool_size", type=int)
     p.add_argument("--device")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training forward")
     p.add_argument("--out", dest="out_dir")
     p.add_argument("--overwrite", action="store_true", default=None)
     p.add_argument("--resume", action="store_true", default=None)

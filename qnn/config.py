@@ -59,6 +59,7 @@ class TrainConfig:
     defense_args: dict = field(default_factory=dict)
     device: str = "auto"
     progress: bool = True
+    compile: bool = False               # torch.compile the training forward (fuses fake-quant elementwise work)
 
     def __post_init__(self) -> None:
         self.bits = parse_bits(self.bits)

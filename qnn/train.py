@@ -194,7 +194,7 @@ def train(cfg: TrainConfig) -> dict:
         for b in cfg.bits:
             set_bit_width_(model, b)
             ensure_calibrated_(model, xb0.to(device))
-    train_model: nn.Module = model
+    train_model: nn.Module = torch.compile(model) if cfg.compile else model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
 

@@ -1,0 +1,132 @@
+"""Fake-quant (PyTorch) vs integer ONNX Runtime parity on clean and patched images.
+
+    python bench/parity.py --checkpoint runs/qat_resnet20/switchable/model.pt --bits 8,4,2 \
+        --dataset cifar10 --data-dir ../shared/data/cifar10 [--n 10000] [--patch-iters 300]
+
+For each bit-width: export the integer model, run both backends on the test set and on the same patched images
+(universal patches crafted on the fake-quant model: 6x6 and 8x8 square, random placement, and an 8x8 circle),
+report top-1 agreement, max |logit diff| in LSBs of the output scale, ASR on both backends side by side, and
+optionally the numpy integer interpreter's bit-exactness on --interp-n images. Writes results/parity.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import environment, markdown_table  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--bits", default="8,4,2")
+    ap.add_argument("--dataset", default="cifar10")
+    ap.add_argument("--data-dir", default="../shared/data/cifar10")
+    ap.add_argument("--n", type=int, default=10000)
+    ap.add_argument("--n-attack", type=int, default=1000)
+    ap.add_argument("--patch-iters", type=int, default=300)
+    ap.add_argument("--interp-n", type=int, default=1000, help="images for the interpreter bit-exactness check (0 = off)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="results/parity")
+    a = ap.parse_args(argv)
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from export.onnx_export import export_model, normalise
+    from kernels.interpreter import IntegerInterpreter
+    from qnn.attacks.patch import PatchConfig, apply_patch, asr_metrics, make_mask, optimize_universal_patch, placement_locations
+    from qnn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
+    from qnn.config import parse_bits
+    from qnn.data import load_dataset
+    from qnn.errors import QNNError
+    from qnn.layers import set_bit_width_
+
+    torch.set_num_threads(a.threads)
+    try:
+        bits_list = parse_bits(a.bits)
+        model, obj = load_checkpoint(a.checkpoint)
+        test = load_dataset(a.dataset, "test", a.data_dir).subset(a.n)
+        train = load_dataset(a.dataset, "train", a.data_dir).subset(a.n_attack)
+    except QNNError as e:
+        print(f"parity: error: {e}", file=sys.stderr)
+        return 2
+    x, y = test.tensors()
+    xa, ya = train.tensors()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.intra_op_num_threads = a.threads
+    patch_cfgs = {"square6_random": PatchConfig(patch_shape=(6, 6), iterations=a.patch_iters),
+                  "square8_random": PatchConfig(patch_shape=(8, 8), iterations=a.patch_iters),
+                  "circle8_random": PatchConfig(patch_shape=(8, 8), shape="circle", iterations=a.patch_iters)}
+    results, rows = {}, []
+
+    def fq_logits(inp):
+        with torch.no_grad():
+            return torch.cat([model(inp[i:i + 500]) for i in range(0, len(inp), 500)]).numpy()
+
+    def ort_logits(sess, inp):
+        xn = normalise(inp.numpy(), model.mean, model.std)
+        return np.concatenate([sess.run(None, {"input": xn[i:i + 500]})[0] for i in range(0, len(xn), 500)])
+
+    for b in bits_list:
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as td:
+            onnx_path = export_model(model, b, "int", Path(td) / "m.onnx")
+            sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+            set_bit_width_(model, b)
+            model.eval()
+            lsb = float((model.linear.w_scale() * model.pool_q.scale()).max().detach())
+            lf, lo = fq_logits(x), ort_logits(sess, x)
+            r = {"clean": {"top1_agreement_pct": 100 * float((lf.argmax(1) == lo.argmax(1)).mean()),
+                           "max_logit_diff_lsb": float(np.abs(lf - lo).max() / lsb),
+                           "acc_fake_quant_pct": 100 * float((lf.argmax(1) == y.numpy()).mean()),
+                           "acc_integer_pct": 100 * float((lo.argmax(1) == y.numpy()).mean())}, "patches": {}}
+            if a.interp_n:
+                xn = normalise(x[: a.interp_n].numpy(), model.mean, model.std)
+                li = IntegerInterpreter(onnx_path).run(xn)
+                r["interpreter_bit_exact_pct"] = 100 * float((li == lo[: a.interp_n]).all(1).mean())
+            for name, pc in patch_cfgs.items():
+                set_bit_width_(model, b)
+                patch, _ = optimize_universal_patch(model, xa, ya, pc)
+                set_bit_width_(model, b)
+                loc = placement_locations(model, x, y, patch, pc)
+                xp = apply_patch(x, patch, make_mask(pc.shape, *pc.patch_shape), loc)
+                pf, po = fq_logits(xp), ort_logits(sess, xp)
+                mf = asr_metrics(lf.argmax(1), pf.argmax(1), y.numpy())
+                mo = asr_metrics(lo.argmax(1), po.argmax(1), y.numpy())
+                r["patches"][name] = {"top1_agreement_pct": 100 * float((pf.argmax(1) == po.argmax(1)).mean()),
+                                      "max_logit_diff_lsb": float(np.abs(pf - po).max() / lsb),
+                                      "asr_fake_quant_pct": mf["asr_pct"], "asr_integer_pct": mo["asr_pct"],
+                                      "asr_abs_diff": abs(mf["asr_pct"] - mo["asr_pct"])}
+        r["seconds"] = time.perf_counter() - t0
+        results[str(b)] = r
+        rows.append([b, "clean", r["clean"]["top1_agreement_pct"], r["clean"]["max_logit_diff_lsb"],
+                     r["clean"]["acc_fake_quant_pct"], r["clean"]["acc_integer_pct"], "-"])
+        for name, p in r["patches"].items():
+            rows.append([b, name, p["top1_agreement_pct"], p["max_logit_diff_lsb"], p["asr_fake_quant_pct"],
+                         p["asr_integer_pct"], p["asr_abs_diff"]])
+        print(f"{b} bits done ({r['seconds']:.0f}s)", flush=True)
+    md = (f"Fake-quant vs ONNX Runtime integer, {a.checkpoint}, {len(y)} test images. Command: "
+          f"`python bench/parity.py --checkpoint {a.checkpoint} --bits {a.bits} --n {a.n}`\n\n"
+          "For `clean` rows the two value columns are accuracy %, for patch rows ASR % (fake-quant, integer).\n\n"
+          + markdown_table(["bits", "input", "top-1 agreement %", "max |logit diff| (LSB)", "fake-quant", "integer",
+                            "|ASR diff| pts"], rows))
+    interp = {k: v.get("interpreter_bit_exact_pct") for k, v in results.items()}
+    md += f"\nNumpy integer interpreter vs ONNX Runtime, logits bit-identical on {a.interp_n} images: {interp}\n"
+    print(md)
+    atomic_write_json(a.out + ".json", {"checkpoint": a.checkpoint, "n": len(y), "results": results,
+                                        "environment": environment(a.threads)})
+    atomic_write_bytes(a.out + ".md", md.encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
