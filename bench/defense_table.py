@@ -1,0 +1,191 @@
+"""The defense table: none / PBAT / DWQ / QADT-R (and ablations) from the same start, same epochs, same data,
+evaluated with the attack suite per bit-width.
+
+    python bench/defense_table.py --budget smoke   # minutes on a CPU (CI-sized: small CNN, synthetic data)
+    python bench/defense_table.py --budget cpu     # ResNet-20 from the shared pretrained weights on the shared CIFAR-10
+    python bench/defense_table.py --budget full    # paper-scale, for a GPU
+
+Per defense and bit-width (trained {32,8,4,2}; left out {3,5,6}, BN re-calibrated): clean accuracy, seen-patch ASR
+(the training configuration: 6x6 square, random placement), unseen-patch ASR (mean over other sizes / shapes /
+placement), adaptive ASR (EOT over the defender's bit-widths), a transfer matrix, and training seconds per epoch
+relative to plain QAT. Resumable: finished trainings and evaluations are reused. Writes
+results/defense_table_<budget>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import environment, markdown_table  # noqa: E402
+
+BUDGETS = {
+    "smoke": dict(model="small_cnn", dataset="synthetic", data_dir=None, init=None, epochs=1, n_synthetic=600,
+                  train_subset=None, batch_size=64, lr=0.05, n_eval=100, n_attack=100, patch_iters=5, patch_batch=32,
+                  eval_bits=[32, 8, 4, 2], left_out=[3], ablations=False, pbat_iters=3, dwq_steps=2, transfer=False),
+    "cpu": dict(model="resnet20", dataset="cifar10", data_dir="../shared/data/cifar10",
+                init="../shared/data/weights/resnet20-12fca82f.th", epochs=1, n_synthetic=None, train_subset=20000,
+                batch_size=128, lr=0.02, n_eval=2000, n_attack=500, patch_iters=100, patch_batch=128,
+                eval_bits=[32, 8, 4, 2], left_out=[3, 5, 6], ablations=True, pbat_iters=5, dwq_steps=3, transfer=True),
+    "full": dict(model="resnet20", dataset="cifar10", data_dir="../shared/data/cifar10",
+                 init="../shared/data/weights/resnet20-12fca82f.th", epochs=30, n_synthetic=None, train_subset=None,
+                 batch_size=128, lr=0.05, n_eval=10000, n_attack=2000, patch_iters=500, patch_batch=128,
+                 eval_bits=[32, 8, 4, 2], left_out=[3, 5, 6], ablations=True, pbat_iters=25, dwq_steps=7, transfer=True),
+}
+SEEN = dict(patch_shape=(6, 6), shape="square", placement="random")
+UNSEEN = [dict(patch_shape=(10, 10), shape="square", placement="random"),
+          dict(patch_shape=(8, 8), shape="circle", placement="random"),
+          dict(patch_shape=(8, 8), shape="square", placement="fixed")]
+
+
+def defenses(b: dict) -> dict[str, tuple[str, dict, list[int]]]:
+    bits = [2, 4, 8, 32]
+    d = {"none": ("none", {}, bits), "pbat": ("pbat", {"iters": b["pbat_iters"]}, bits),
+         "dwq": ("dwq", {"pgd_steps": b["dwq_steps"]}, bits), "qadtr": ("qadtr", {}, bits)}
+    if b["ablations"]:
+        d["qadtr-no-aqapa"] = ("qadtr", {"no_aqapa": True}, bits)
+        d["qadtr-no-gir"] = ("qadtr", {"no_gir": True}, bits)
+        d["qadtr-fixed4 (no DBWT)"] = ("qadtr", {}, [4])
+    return d
+
+
+def evaluate_defense(model, trained_bits, b, data, seed=0) -> dict:
+    from qnn.attacks.patch import PatchConfig, evaluate_patch, optimize_universal_patch
+    from qnn.layers import set_bit_width_
+    from qnn.train import calibrate_, evaluate
+
+    xa, ya, xe, ye, test_ds, train_ds = data
+    out = {}
+    for bits in b["eval_bits"] + b["left_out"]:
+        if bits not in trained_bits and bits != 32:
+            calibrate_(model, train_ds, bits)
+        r = {"clean_acc_pct": evaluate(model, test_ds, [bits])[bits]}
+
+        def asr(pc: dict, **kw) -> float:
+            cfg = PatchConfig(iterations=b["patch_iters"], batch_size=b["patch_batch"], seed=seed, **pc, **kw)
+            set_bit_width_(model, bits)
+            patch, _ = optimize_universal_patch(model, xa, ya, cfg)
+            set_bit_width_(model, bits)
+            return evaluate_patch(model, xe, ye, patch, cfg)["asr_pct"]
+
+        r["seen_asr_pct"] = asr(SEEN)
+        r["unseen_asr_pct_each"] = [asr(u) for u in UNSEEN]
+        r["unseen_asr_pct"] = sum(r["unseen_asr_pct_each"]) / len(UNSEEN)
+        out[str(bits)] = r
+        print(f"  {bits} bits: clean {r['clean_acc_pct']:.1f}  seen {r['seen_asr_pct']:.1f}  unseen {r['unseen_asr_pct']:.1f}", flush=True)
+    # adaptive: EOT over the defender's bit-width distribution, evaluated at every trained bit-width
+    cfg = PatchConfig(iterations=b["patch_iters"], batch_size=b["patch_batch"], seed=seed,
+                      eot_bits=[t for t in trained_bits], **SEEN)
+    patch, _ = optimize_universal_patch(model, xa, ya, cfg)
+    for bits in b["eval_bits"]:
+        set_bit_width_(model, bits)
+        out[str(bits)]["adaptive_asr_pct"] = evaluate_patch(model, xe, ye, patch, cfg)["asr_pct"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", default="smoke")
+    ap.add_argument("--runs-dir", default=None)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", help="comma-separated defense names to run")
+    a = ap.parse_args(argv)
+    if a.budget not in BUDGETS:
+        print(f"defense_table: error: unknown budget '{a.budget}'; choose from {', '.join(BUDGETS)}", file=sys.stderr)
+        return 2
+    import torch
+
+    from qnn.attacks.transfer import transfer_matrix
+    from qnn.attacks.patch import PatchConfig
+    from qnn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
+    from qnn.config import TrainConfig
+    from qnn.data import load_dataset
+    from qnn.errors import QNNError
+    from qnn.train import train
+
+    torch.set_num_threads(a.threads)
+    b = BUDGETS[a.budget]
+    runs = Path(a.runs_dir or f"runs/defense_table_{a.budget}")
+    out = a.out or f"results/defense_table_{a.budget}"
+    try:
+        test_ds = load_dataset(b["dataset"], "test", b["data_dir"], n_synthetic=b["n_synthetic"])
+        train_ds = load_dataset(b["dataset"], "train", b["data_dir"], n_synthetic=b["n_synthetic"])
+    except QNNError as e:
+        print(f"defense_table: error: {e}", file=sys.stderr)
+        return 2
+    ev = test_ds.subset(b["n_eval"])
+    xe, ye = ev.tensors()
+    xa, ya = train_ds.subset(b["n_attack"], start=len(train_ds) - b["n_attack"]).tensors()
+    data = (xa, ya, xe, ye, ev, train_ds)
+    table = {}
+    names = defenses(b)
+    if a.only:
+        names = {k: v for k, v in names.items() if k in a.only.split(",")}
+    for name, (dname, dargs, bits) in names.items():
+        rdir = runs / name.replace(" ", "_").replace("(", "").replace(")", "")
+        res_file = rdir / "eval.json"
+        if res_file.is_file():
+            table[name] = json.loads(res_file.read_text())
+            continue
+        print(f"== {name}", flush=True)
+        if not (rdir / "model.pt").is_file():
+            train(TrainConfig(model=b["model"], dataset=b["dataset"], data_dir=b["data_dir"], init=b["init"], bits=bits,
+                              epochs=b["epochs"], lr=b["lr"], batch_size=b["batch_size"], n_synthetic=b["n_synthetic"],
+                              train_subset=b["train_subset"], test_subset=b["n_eval"], out_dir=str(rdir), resume=True,
+                              defense=dname, defense_args=dargs, threads=a.threads, progress=sys.stderr.isatty()))
+        model, obj = load_checkpoint(rdir / "model.pt")
+        hist = json.loads((rdir / "metrics.json").read_text())["history"]
+        entry = {"defense": dname, "defense_args": dargs, "trained_bits": bits,
+                 "epoch_seconds": sum(h["epoch_seconds"] for h in hist) / len(hist),
+                 "per_bits": evaluate_defense(model, bits, b, data)}
+        if b["transfer"]:
+            entry["transfer_6x6"] = transfer_matrix(model, xa, ya, xe, ye, PatchConfig(iterations=b["patch_iters"], **SEEN),
+                                                    [32, 8, 4, 2], [32, 8, 4, 2], progress=False)
+        atomic_write_json(res_file, entry)
+        table[name] = entry
+    base = table.get("none", {}).get("epoch_seconds")
+    rows = []
+    for name, e in table.items():
+        for bits, r in e["per_bits"].items():
+            rows.append([name, bits, r["clean_acc_pct"], r["seen_asr_pct"], r["unseen_asr_pct"],
+                         r.get("adaptive_asr_pct", "-"), (e["epoch_seconds"] / base) if base else "-"])
+    md = (f"Defense table, budget `{a.budget}` ({b['model']} on {b['dataset']}, {b['epochs']} epoch(s), "
+          f"eval on {b['n_eval']} test images, patches {b['patch_iters']} iterations). "
+          f"Command: `python bench/defense_table.py --budget {a.budget}`\n\n"
+          + markdown_table(["defense", "bits", "clean %", "seen ASR %", "unseen ASR %", "adaptive ASR %",
+                            "train s/epoch vs QAT"], rows))
+    print(md)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out + ".json", {"budget": a.budget, "settings": b, "table": table, "environment": environment(a.threads)})
+    atomic_write_bytes(out + ".md", md.encode())
+    _plot(table, out + ".png")
+    return 0
+
+
+def _plot(table: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(table)
+    bits = list(next(iter(table.values()))["per_bits"])
+    fig, ax = plt.subplots(figsize=(1.2 * len(bits) * max(1, len(names)) / 2 + 3, 3.5))
+    w = 0.8 / max(len(names), 1)
+    for i, n in enumerate(names):
+        ax.bar(np.arange(len(bits)) + i * w, [table[n]["per_bits"][k]["unseen_asr_pct"] for k in bits], w, label=n)
+    ax.set_xticks(np.arange(len(bits)) + 0.4 - w / 2, [f"{k}b" for k in bits])
+    ax.set_ylabel("unseen-patch ASR %")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_unknown_budget_is_refused():
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "defense_table.py"), "--budget", "huge"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown budget" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_smoke_budget_end_to_end(tmp_path):
+    """The smoke table runs end to end (trains 4 defenses briefly, attacks them) and writes its outputs."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "defense_table.py"), "--budget", "smoke",
+                        "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "t")],
+                       capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    t = json.loads((tmp_path / "t.json").read_text())["table"]
+    assert set(t) == {"none", "pbat", "dwq", "qadtr"}
+    for e in t.values():
+        assert set(e["per_bits"]) == {"32", "8", "4", "2", "3"}
+        assert 0 <= e["per_bits"]["4"]["unseen_asr_pct"] <= 100 and "adaptive_asr_pct" in e["per_bits"]["2"]
+    assert (tmp_path / "t.md").read_text().count("|") > 20 and (tmp_path / "t.png").is_file()
