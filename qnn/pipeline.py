@@ -1,2 +1,186 @@
-"""filled later"""
-COMMANDS = {}
+"""`qnn pipeline`: the whole story in one command.
+
+Trains a small switchable model with plain QAT and with QADT-R, attacks both with a universal patch at every
+bit-width, exports integer ONNX, verifies that ONNX Runtime runs it with integer kernels only, checks fake-quant vs
+integer parity (predictions and ASR), builds an edge bundle, runs bench/run_edge.py on it, and writes a report
+(markdown + PNG + JSON) ending in a table: clean accuracy, ASR fake-quant vs integer, latency.
+Defaults: embedded synthetic dataset, minutes on 2 CPU cores. `--dataset cifar10 --data-dir ...` for real data.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from qnn.errors import QNNError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("pipeline", help="train (QAT, QADT-R) -> attack -> integer export -> verify -> parity -> edge run -> report")
+    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--data-dir")
+    p.add_argument("--model", default="small_cnn")
+    p.add_argument("--init", help="float checkpoint to start from (e.g. the shared ResNet-20 weights)")
+    p.add_argument("--bits", default="2,4,8,32", help="training bit-width set")
+    p.add_argument("--export-bits", default="4,8", help="bit-widths exported and deployed")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--n-synthetic", type=int, default=4000)
+    p.add_argument("--train-subset", type=int)
+    p.add_argument("--patch-size", type=int, default=8)
+    p.add_argument("--patch-iters", type=int, default=100)
+    p.add_argument("--n-attack", type=int, default=500)
+    p.add_argument("--n-eval", type=int, default=500)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/pipeline")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", action="store_true", help="reuse finished stages of an interrupted run")
+
+
+def _stage(msg: str) -> None:
+    print(f"\n=== {msg}", flush=True)
+
+
+def cmd_pipeline(a) -> int:
+    import torch
+
+    from export.bundle import build_bundle
+    from export.onnx_export import export_model
+    from export.verify import verify
+    from qnn.attacks.patch import PatchConfig, evaluate_patch, optimize_universal_patch, save_patch
+    from qnn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, sha256_file
+    from qnn.config import TrainConfig, parse_bits
+    from qnn.data import load_dataset
+    from qnn.layers import set_bit_width_
+    from qnn.train import evaluate, prepare_out_dir, train, versions
+
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    if not a.resume:
+        prepare_out_dir(out, a.overwrite, False)
+    out.mkdir(parents=True, exist_ok=True)
+    bits = parse_bits(a.bits)
+    ebits = parse_bits(a.export_bits)
+    for b in ebits:
+        if b not in bits or b > 8:
+            raise QNNError(f"export bit-width {b} must be in the training set {bits} and <= 8")
+    t_start = time.perf_counter()
+    test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed, n_synthetic=a.n_synthetic)
+    train_ds = load_dataset(a.dataset, "train", a.data_dir, seed=a.seed, n_synthetic=a.n_synthetic)
+    xe, ye = test.subset(a.n_eval).tensors()
+    xa, ya = train_ds.subset(a.n_attack, start=len(train_ds) - a.n_attack).tensors()
+    report = {"config": vars(a).copy(), "versions": versions(), "models": {}}
+    report["config"].pop("func", None)
+
+    for name, defense in (("qat", "none"), ("qadtr", "qadtr")):
+        _stage(f"train {name} ({a.model}, bits {bits}, {a.epochs} epochs, defense {defense})")
+        rdir = out / name
+        if not (rdir / "model.pt").is_file():
+            train(TrainConfig(model=a.model, dataset=a.dataset, data_dir=a.data_dir, init=a.init, bits=bits,
+                              epochs=a.epochs, n_synthetic=a.n_synthetic, train_subset=a.train_subset,
+                              test_subset=a.n_eval, seed=a.seed, out_dir=str(rdir), resume=True, defense=defense,
+                              threads=a.threads, progress=sys.stderr.isatty()))
+        model, obj = load_checkpoint(rdir / "model.pt")
+        hist = json.loads((rdir / "metrics.json").read_text())["history"]
+        acc = evaluate(model, test.subset(a.n_eval), bits)
+        m = {"clean_acc_pct": {str(k): v for k, v in acc.items()},
+             "epoch_seconds": sum(h["epoch_seconds"] for h in hist) / len(hist), "deploy": {}}
+        _stage(f"attack {name}: {a.patch_size}x{a.patch_size} universal patch crafted at each bit-width")
+        m["asr_pct"] = {}
+        patches = {}
+        for b in bits:
+            cfg = PatchConfig(patch_shape=(a.patch_size, a.patch_size), iterations=a.patch_iters, seed=a.seed,
+                              image_size=tuple(xe.shape[-2:]), num_classes=model.num_classes)
+            set_bit_width_(model, b)
+            patch, _ = optimize_universal_patch(model, xa, ya, cfg, progress=sys.stderr.isatty())
+            set_bit_width_(model, b)
+            m["asr_pct"][str(b)] = evaluate_patch(model, xe, ye, patch, cfg)["asr_pct"]
+            save_patch(rdir / f"patch_{b}b", patch, cfg)
+            patches[b] = (patch, cfg)
+            print(f"  {b} bits: clean {acc[b]:.1f}%  ASR {m['asr_pct'][str(b)]:.1f}%", flush=True)
+        for b in ebits:
+            _stage(f"{name}: export W{b}A{b} integer ONNX, verify, bundle, run_edge")
+            onnx_path = export_model(model, b, "int", rdir / f"{name}_w{b}a{b}.onnx",
+                                     {"source_checkpoint_sha256": sha256_file(rdir / "model.pt")})
+            census = verify(onnx_path)
+            print(f"  integer graph: {'yes' if census['fully_integer'] else 'NO ' + str(census['float_compute_ops'])}"
+                  f" ({', '.join(f'{k} x{v}' for k, v in census['ops'].items())})", flush=True)
+            bdir = rdir / f"bundle_w{b}"
+            ds = test.subset(a.n_eval)
+            build_bundle(model, b, bdir, ds.x, ds.y, [(f"own{b}b", *patches[b]), ("from_float", *patches[32])]
+                         if 32 in patches else [(f"own{b}b", *patches[b])], sha256_file(rdir / "model.pt"), overwrite=True)
+            edge_json = rdir / f"edge_w{b}.json"
+            r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "run_edge.py"),
+                                "--bundle", str(bdir), "--threads", str(a.threads), "--json", str(edge_json),
+                                "--iters", "30"], capture_output=True, text=True)
+            print("  " + "\n  ".join(r.stdout.strip().splitlines()[-12:]), flush=True)
+            if r.returncode == 2 or not edge_json.is_file():
+                raise QNNError(f"run_edge failed on {bdir}: {r.stderr.strip()[-300:]}")
+            edge = json.loads(edge_json.read_text())
+            m["deploy"][str(b)] = {"fully_integer": census["fully_integer"], "ops": census["ops"], "edge": edge,
+                                   "edge_pass": edge["pass"]}
+        report["models"][name] = m
+
+    _stage("report")
+    report["seconds"] = time.perf_counter() - t_start
+    md = _report_md(report, bits, ebits)
+    atomic_write_json(out / "report.json", report)
+    atomic_write_bytes(out / "report.md", md.encode())
+    _report_png(report, bits, out / "report.png")
+    print(md)
+    ok = all(d["edge_pass"] and d["fully_integer"] for m in report["models"].values() for d in m["deploy"].values())
+    print(f"report: {out / 'report.md'} ({'all deployment checks passed' if ok else 'SOME DEPLOYMENT CHECKS FAILED'})")
+    return 0 if ok else 1
+
+
+def _report_md(rep: dict, bits, ebits) -> str:
+    c = rep["config"]
+    lines = [f"# qnn pipeline report\n", f"{c['model']} on {c['dataset']}, training bit-widths {bits}, {c['epochs']} epochs, "
+             f"{c['patch_size']}x{c['patch_size']} universal patch ({c['patch_iters']} iterations), eval on {c['n_eval']} "
+             f"images; total {rep['seconds'] / 60:.1f} min. Versions: torch {rep['versions']['torch']}, onnxruntime "
+             f"{rep['versions']['onnxruntime']}, git {rep['versions']['git_sha']}.\n",
+             "## Fake-quant (PyTorch), per bit-width\n", "| model | bits | clean % | patch ASR % |", "|---|---|---|---|"]
+    for n, m in rep["models"].items():
+        for b in bits:
+            lines.append(f"| {n} | {b} | {m['clean_acc_pct'][str(b)]:.1f} | {m['asr_pct'][str(b)]:.1f} |")
+    lines += ["", f"QADT-R training time per epoch: {rep['models']['qadtr']['epoch_seconds'] / rep['models']['qat']['epoch_seconds']:.2f}x plain QAT.", "",
+              "## Deployed integer model (ONNX Runtime) vs fake-quant", "",
+              "| model | bits | integer graph | clean % fake-quant | clean % integer | ASR % fake-quant | ASR % integer | p50 ms batch 1 | images/s batch 32 | edge check |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for n, m in rep["models"].items():
+        for b in ebits:
+            d = m["deploy"][str(b)]
+            e = d["edge"]
+            comp = e["comparison"]
+            asr_row = next(r for r in comp if r["metric"].startswith(f"ASR % [own{b}b"))
+            lat = e.get("latency", [{}, {}])
+            lines.append(f"| {n} | {b} | {'yes' if d['fully_integer'] else 'NO'} | {comp[0]['fake_quant']:.1f} | {comp[0]['integer']:.1f} | "
+                         f"{asr_row['fake_quant']:.1f} | {asr_row['integer']:.1f} | {lat[0].get('p50_ms', float('nan')):.3f} | "
+                         f"{lat[1].get('throughput_img_s', float('nan')):.0f} | {'PASS' if d['edge_pass'] else 'FAIL'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _report_png(rep: dict, bits, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    for n, m in rep["models"].items():
+        axes[0].plot([str(b) for b in bits], [m["clean_acc_pct"][str(b)] for b in bits], "o-", label=n)
+        axes[1].plot([str(b) for b in bits], [m["asr_pct"][str(b)] for b in bits], "o-", label=n)
+    axes[0].set_title("clean accuracy %")
+    axes[1].set_title("patch ASR %")
+    for ax in axes:
+        ax.set_xlabel("bits")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+COMMANDS = {"pipeline": (add_parser, cmd_pipeline)}
