@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -131,7 +132,7 @@ def cmd_attack(a) -> int:
             rows = {}
             for src in sb:
                 set_bit_width_(model, src)
-                patch, info = optimize_universal_patch(model, xa, ya, pcfg, progress=True)
+                patch, info = optimize_universal_patch(model, xa, ya, pcfg, progress=sys.stderr.isatty())
                 save_patch(out / f"patch_{name}_{src}b", patch, pcfg, info)
                 rows[str(src)] = evaluate_patch(model, xe, ye, patch, pcfg)
             res["results"][name] = rows
@@ -154,7 +155,7 @@ def cmd_attack(a) -> int:
                 info = {"loaded": a.patch}
             else:
                 pcfg = cfg
-                patch, info = optimize_universal_patch(model, xa, ya, cfg, progress=True)
+                patch, info = optimize_universal_patch(model, xa, ya, cfg, progress=sys.stderr.isatty())
                 save_patch(out / f"patch_{b}b", patch, cfg, info)
             set_bit_width_(model, b)
             r = evaluate_patch(model, xe, ye, patch, pcfg)

@@ -13,7 +13,7 @@ from qnn.layers import set_bit_width_
 
 def transfer_matrix(model: nn.Module, x_att: torch.Tensor, y_att: torch.Tensor, x_eval: torch.Tensor,
                     y_eval: torch.Tensor, cfg: PatchConfig, sources: list[int], targets: list[int],
-                    patch_dir: str | Path | None = None, progress: bool = True,
+                    patch_dir: str | Path | None = None, progress: bool = False,
                     source_models: dict[str, nn.Module] | None = None) -> dict:
     """ASR (%) of a patch crafted at each source bit-width (or named source model) on each target bit-width."""
     rows: dict[str, dict] = {}

@@ -122,11 +122,13 @@ def test_attack_cli_and_bad_inputs(trained_ckpt, tmp_path, capsys):
     assert "empty" in _err(base[:-2] + ["--n-eval", "0", "--out", tmp_path / "a"], capsys)
     rc = run_cli(base + ["--bits", "8,2", "--out", tmp_path / "ok"])
     assert rc == 0
+    capsys.readouterr()
     r = json.loads((tmp_path / "ok" / "result.json").read_text())
     assert set(r["results"]) == {"8", "2"} and "asr_pct" in r["results"]["8"]
     # evaluating a saved patch; a patch of the wrong shape file is refused
     rc = run_cli(base + ["--bits", "4", "--patch", tmp_path / "ok" / "patch_8b.npz", "--out", tmp_path / "ev"])
     assert rc == 0
+    capsys.readouterr()
     np.savez(tmp_path / "w.npz", patch=np.zeros((3, 2, 2), np.float32), config=json.dumps(PatchConfig().to_dict()))
     assert "shape" in _err(base + ["--patch", tmp_path / "w.npz", "--out", tmp_path / "ev2"], capsys)
 
