@@ -89,11 +89,12 @@ def cmd_eval(a) -> int:
     model, obj = load_checkpoint(a.checkpoint)
     test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed).subset(a.subset)
     trained = obj.get("trained_bits", [])
-    for b in bits:
-        if b not in trained and b != 32:
-            if not a.calibrate:
-                raise QNNError(f"{a.checkpoint} was not trained at {b} bits (trained: {trained}); pass --calibrate")
-            train_ds = load_dataset(a.dataset, "train", a.data_dir, seed=a.seed)
+    missing = [b for b in bits if b not in trained and b != 32]
+    if missing and not a.calibrate:
+        raise QNNError(f"{a.checkpoint} was not trained at {missing} bits (trained: {trained}); pass --calibrate")
+    if missing:
+        train_ds = load_dataset(a.dataset, "train", a.data_dir, seed=a.seed)
+        for b in missing:
             calibrate_(model, train_ds, b)
     acc = evaluate(model, test, bits)
     res = {"checkpoint": a.checkpoint, "dataset": a.dataset, "n_images": len(test),

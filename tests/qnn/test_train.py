@@ -125,7 +125,7 @@ def test_eval_cli(trained_ckpt, tmp_path, capsys):
     assert rc == 0
     r = json.loads((tmp_path / "e.json").read_text())
     assert set(r["accuracy_pct"]) == {"32", "4", "2"} and r["n_images"] == 200
-    assert "not trained at 3" in _cli_err(["eval", "--checkpoint", trained_ckpt, "--bits", "3", "--subset", "50"], capsys)
+    assert "not trained at [3]" in _cli_err(["eval", "--checkpoint", trained_ckpt, "--bits", "3", "--subset", "50"], capsys)
 
 
 def test_ddp_two_cpu_processes(tmp_path):
