@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     xe, ye = load_cifar10(a.data_dir, "test").subset(a.n_eval).tensors()
     out, md = {}, [f"Universal patch transfer, {a.checkpoint}; crafted on {a.n_attack} train images "
                    f"({a.iterations} signed-gradient iterations, random placement), ASR on {a.n_eval} test images. "
-                   f"Command: `python bench/transfer_matrix.py --checkpoint {a.checkpoint}`\n"]
+                   f"Command: `python bench/transfer_matrix.py --checkpoint {a.checkpoint} --iterations {a.iterations} "
+                   f"--n-attack {a.n_attack} --n-eval {a.n_eval} --threads {a.threads}`\n"]
     for s in [int(v) for v in a.sizes.split(",")]:
         cfg = PatchConfig(patch_shape=(s, s), iterations=a.iterations)
         m = transfer_matrix(model, xa, ya, xe, ye, cfg, parse_bits(a.sources), parse_bits(a.targets),

@@ -35,6 +35,27 @@ def _mixed_batch(x: torch.Tensor, frac_patched: float) -> int:
     return int(round(len(x) * frac_patched))
 
 
+class _FrozenEval:
+    """Context: the (unwrapped) model in eval mode with parameters frozen, for crafting training-time attacks."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor):
+        self.m = model.module if hasattr(model, "module") else model
+        ensure_calibrated_(self.m, x)
+
+    def __enter__(self) -> nn.Module:
+        self.was = self.m.training
+        self.req = [q.requires_grad for q in self.m.parameters()]
+        self.m.eval()
+        for q in self.m.parameters():
+            q.requires_grad_(False)
+        return self.m
+
+    def __exit__(self, *exc) -> None:
+        for q, r in zip(self.m.parameters(), self.req):
+            q.requires_grad_(r)
+        self.m.train(self.was)
+
+
 @register_defense("qadtr")
 class QADTR(Defense):
     """QADT-R: a persistent patch pool optimised inside the quantized model (A-QAPA), DBWT, GIR."""
@@ -170,21 +191,12 @@ class PBAT(Defense):
         mask = make_mask("square", self.patch_size, self.patch_size).to(x)
         loc = random_locations(n_p, x.shape[2], x.shape[3], self.patch_size, self.patch_size, gen)
         p = torch.rand(n_p, 3, self.patch_size, self.patch_size, generator=gen).to(x)
-        m = model.module if hasattr(model, "module") else model
-        ensure_calibrated_(m, x)
-        was = m.training
-        m.eval()
-        req = [q.requires_grad for q in m.parameters()]
-        for q in m.parameters():
-            q.requires_grad_(False)
-        for _ in range(self.iters):
-            p.requires_grad_(True)
-            l = F.cross_entropy(m(apply_patch(x[:n_p], p, mask, loc)), y[:n_p])
-            g, = torch.autograd.grad(l, p)
-            p = (p.detach() + self.step_size * g.sign()).clamp(0, 1)
-        for q, r in zip(m.parameters(), req):
-            q.requires_grad_(r)
-        m.train(was)
+        with _FrozenEval(model, x) as m:
+            for _ in range(self.iters):
+                p.requires_grad_(True)
+                loss = F.cross_entropy(m(apply_patch(x[:n_p], p, mask, loc)), y[:n_p])
+                g, = torch.autograd.grad(loss, p)
+                p = (p.detach() + self.step_size * g.sign()).clamp(0, 1)
         xin = torch.cat([apply_patch(x[:n_p], p.detach(), mask, loc), x[n_p:]], 0)
         logits = model(xin)
         return F.cross_entropy(logits, y), logits
@@ -206,16 +218,7 @@ class DWQ(Defense):
 
     def loss(self, model, x, y, bits, step):
         n_a = _mixed_batch(x, self.frac_adv)
-        m = model.module if hasattr(model, "module") else model
-        ensure_calibrated_(m, x)
-        was = m.training
-        m.eval()
-        req = [q.requires_grad for q in m.parameters()]
-        for q in m.parameters():
-            q.requires_grad_(False)
-        xa = pgd_linf(m, x[:n_a], y[:n_a], self.eps, self.alpha, self.pgd_steps, seed=self.cfg.seed + step)
-        for q, r in zip(m.parameters(), req):
-            q.requires_grad_(r)
-        m.train(was)
+        with _FrozenEval(model, x) as m:
+            xa = pgd_linf(m, x[:n_a], y[:n_a], self.eps, self.alpha, self.pgd_steps, seed=self.cfg.seed + step)
         logits = model(torch.cat([xa, x[n_a:]], 0))
         return F.cross_entropy(logits, y), logits

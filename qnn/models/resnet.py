@@ -91,30 +91,25 @@ class QResNet(nn.Module):
         self.pool_q = ActQuant("unsigned")
         self.linear = QLinear(cin, num_classes, fixed_w_bits=first_last_bits)
 
-    def features(self, x: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
-        """Activations after the stem and each block (for feature-map analyses)."""
+    def _stem(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = self.inq((x - self._mean) / self._std)
-        s = _scale(self.inq)
-        x = self.act1(self.conv1(x, s))
-        s = _scale(self.act1)
+        x = self.act1(self.conv1(x, _scale(self.inq)))
         if self.stem_kind == "imagenet":
             x = F.max_pool2d(x, 3, 2, 1)
+        return x, _scale(self.act1)
+
+    def features(self, x: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
+        """Activations after the stem and each block (for feature-map analyses)."""
+        x, s = self._stem(x)
         out = [x]
-        for i, b in enumerate(self.blocks):
-            if upto is not None and i >= upto:
-                break
+        for b in self.blocks[:upto]:
             x, s = b(x, s)
             out.append(x)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: images in [0, 1], NCHW."""
-        x = self.inq((x - self._mean) / self._std)
-        s = _scale(self.inq)
-        x = self.act1(self.conv1(x, s))
-        s = _scale(self.act1)
-        if self.stem_kind == "imagenet":
-            x = F.max_pool2d(x, 3, 2, 1)
+        x, s = self._stem(x)
         for b in self.blocks:
             x, s = b(x, s)
         x = self.pool_q(x.mean((2, 3)))
