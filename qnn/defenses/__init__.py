@@ -21,6 +21,8 @@ def register_defense(name: str):
 
 
 def list_defenses() -> list[str]:
+    from qnn.defenses import methods  # noqa: F401  (registers qadtr/pbat/dwq)
+
     return sorted(_DEFENSES)
 
 
@@ -56,8 +58,6 @@ register_defense("none")(Defense)
 
 
 def make_defense(name: str, args: dict, cfg, model: nn.Module) -> Defense:
-    from qnn.defenses import methods  # noqa: F401  (registers qadtr/pbat/dwq)
-
-    if name not in _DEFENSES:
+    if name not in list_defenses():
         raise QNNError(f"unknown defense '{name}'; choose from {', '.join(list_defenses())}")
     return _DEFENSES[name](args, cfg, model)
