@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default="../shared/data/cifar10")
     ap.add_argument("--weights", default="../shared/data/weights/resnet20-12fca82f.th")
-    ap.add_argument("--epochs", type=int, default=3, help="epochs of the switchable and float runs")
+    ap.add_argument("--epochs", type=int, default=3, help="epochs of the switchable run")
+    ap.add_argument("--float-epochs", type=int, default=2, help="epochs of the float fine-tune")
     ap.add_argument("--fixed-epochs", type=int, default=2, help="epochs of each fixed-precision run (more steps per bit-width than the switchable run gets)")
     ap.add_argument("--lr", type=float, default=0.02)
     ap.add_argument("--threads", type=int, default=2)
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(a.runs_dir) / name
             if not (out / "model.pt").is_file():
                 cfg = TrainConfig(model="resnet20", dataset="cifar10", data_dir=a.data_dir, init=a.weights, bits=bits,
-                                  epochs=a.fixed_epochs if name.startswith("fixed") else a.epochs, lr=a.lr, threads=a.threads, train_subset=a.train_subset,
+                                  epochs=(a.fixed_epochs if name.startswith("fixed") else a.float_epochs if name == "float" else a.epochs), lr=a.lr, threads=a.threads, train_subset=a.train_subset,
                                   test_subset=a.test_subset, out_dir=str(out), resume=True, eval_bits=bits)
                 print(f"== training {name} (bits {bits})", flush=True)
                 train(cfg)
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([b, sw, fixed, sw - fl, fixed - fl])
     eps = {k: v["epochs"] for k, v in results.items()}
     md = (f"Pretrained ResNet-20 fine-tuned on the shared (JPEG-decoded) CIFAR-10 (epochs per run: {eps}), "
-          f"test set n={len(test)}. Command: `python bench/qat_table.py --epochs {a.epochs} --fixed-epochs {a.fixed_epochs} --lr {a.lr}`\n\n"
+          f"test set n={len(test)}. Command: `python bench/qat_table.py --epochs {a.epochs} --float-epochs {a.float_epochs} --fixed-epochs {a.fixed_epochs} --lr {a.lr}`\n\n"
           + markdown_table(["bits", "switchable {2,4,8,32} %", "separate model %", "switchable - float", "separate - float"], rows))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(a.out + ".json", {"results": results, "n_test": len(test), "epochs": a.epochs, "lr": a.lr,

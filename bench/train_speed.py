@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'float' if bits == 32 else f'{bits}-bit'}: {res[bits]:.1f} ms/step", flush=True)
     rows = [[("float" if b == 32 else f"W{b}A{b}"), ms, ms / res[32]] for b, ms in res.items()]
     md = (f"ResNet-20 training step, batch {a.batch}, {a.threads} threads, median of {a.iters} "
-          f"(compile={a.compile}). Command: `python bench/train_speed.py --threads {a.threads}"
+          f"(compile={a.compile}). Command: `python bench/train_speed.py --threads {a.threads} --iters {a.iters}"
           f"{' --compile' if a.compile else ''}`\n\n" + markdown_table(["precision", "ms / step", "ratio vs float"], rows))
     print(md)
     out = a.out + ("_compiled" if a.compile else "")
