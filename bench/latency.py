@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                                      f"{100 * r['share_of_int8_peak']:.1f}%"])
                         print(f"{name} W{b}A{b} batch {batch} threads {threads}: int {t_int:.2f} ms, ORT float {t_ort_f:.2f} ms "
                               f"({t_ort_f / t_int:.2f}x)", flush=True)
-    md = ("Latency (ms, median), random-initialised weights. Command: `python bench/latency.py`. ONNX Runtime "
+    md = (f"Latency (ms, median), random-initialised weights. Command: `python bench/latency.py --iters {a.iters}`. ONNX Runtime "
           "ENABLE_ALL; 2/4-bit models run on int8 kernels (ORT has no 2/4-bit kernels). Peak = measured 1024^3 "
           f"MatMulInteger: {', '.join(f'{t} thr {v / 1e9:.1f} GMAC/s' for t, v in peaks.items())}.\n\n"
           + markdown_table(["model", "bits", "batch", "threads", "ORT int", "ORT float", "int speed-up", "PyTorch float",
