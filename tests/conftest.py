@@ -27,3 +27,11 @@ def run_cli(args, capsys=None):
     from qnn.cli import main
 
     return main([str(a) for a in args])
+
+
+def cli_error(args, capsys) -> str:
+    """Run the CLI, assert a one-line `qnn: error:` message and exit 2; return the message."""
+    rc = run_cli(args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("qnn: error:") and "\n" not in err, err
+    return err

@@ -15,7 +15,7 @@ from qnn.data import load_dataset
 from qnn.errors import QNNError
 from qnn.layers import ensure_calibrated_, set_bit_width_
 from qnn.models import create_model, list_models
-from tests.conftest import run_cli
+from tests.conftest import cli_error as _err, run_cli
 
 
 def _calibrated(name, bits, size=None):
@@ -88,12 +88,6 @@ def test_verify_fails_on_float_model(tmp_path):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "f.onnx")
     assert run_cli(["verify", tmp_path / "f.onnx"]) == 1
 
-
-def _err(args, capsys):
-    rc = run_cli(args)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.startswith("qnn: error:") and "\n" not in err, err
-    return err
 
 
 def test_export_bad_inputs(trained_ckpt, tmp_path, capsys):

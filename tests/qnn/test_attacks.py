@@ -10,7 +10,7 @@ from qnn.checkpoint import load_checkpoint
 from qnn.data import load_dataset
 from qnn.errors import QNNError
 from qnn.layers import set_bit_width_
-from tests.conftest import run_cli
+from tests.conftest import cli_error as _err, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +105,6 @@ def test_patch_files_roundtrip_and_wrong_shape(tmp_path):
     with pytest.raises(QNNError, match="not a patch"):
         load_patch(tmp_path / "junk.npz")
 
-
-def _err(args, capsys):
-    rc = run_cli(args)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.startswith("qnn: error:") and "\n" not in err, err
-    return err
 
 
 def test_attack_cli_and_bad_inputs(trained_ckpt, tmp_path, capsys):

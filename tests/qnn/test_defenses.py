@@ -5,7 +5,7 @@ from qnn.defenses import list_defenses, make_defense
 from qnn.errors import QNNError
 from qnn.models import create_model
 from qnn.train import train
-from tests.conftest import run_cli
+from tests.conftest import cli_error as _err, run_cli
 
 
 def test_registry():
@@ -31,12 +31,6 @@ def test_qadtr_pool_is_updated_and_saved(tmp_path):
     init = torch.rand(4, 3, 6, 6, generator=g)
     assert st["pool"].shape == init.shape and not torch.equal(st["pool"], init)
 
-
-def _err(args, capsys):
-    rc = run_cli(args)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.startswith("qnn: error:") and "\n" not in err, err
-    return err
 
 
 def test_defense_bad_inputs(tmp_path, capsys):
