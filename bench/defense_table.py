@@ -29,7 +29,7 @@ BUDGETS = {
                   eval_bits=[32, 8, 4, 2], left_out=[3], ablations=False, pbat_iters=3, dwq_steps=2, transfer=False),
     "cpu": dict(model="resnet20", dataset="cifar10", data_dir="../shared/data/cifar10",
                 init="../shared/data/weights/resnet20-12fca82f.th", epochs=1, n_synthetic=None, train_subset=20000,
-                batch_size=128, lr=0.02, n_eval=2000, n_attack=500, patch_iters=100, patch_batch=128,
+                batch_size=128, lr=0.02, n_eval=2000, n_attack=500, patch_iters=40, patch_batch=64,
                 eval_bits=[32, 8, 4, 2], left_out=[3, 5, 6], ablations=True, pbat_iters=5, dwq_steps=3, transfer=True),
     "full": dict(model="resnet20", dataset="cifar10", data_dir="../shared/data/cifar10",
                  init="../shared/data/weights/resnet20-12fca82f.th", epochs=30, n_synthetic=None, train_subset=None,
@@ -44,8 +44,10 @@ UNSEEN = [dict(patch_shape=(10, 10), shape="square", placement="random"),
 
 def defenses(b: dict) -> dict[str, tuple[str, dict, list[int]]]:
     bits = [2, 4, 8, 32]
-    d = {"none": ("none", {}, bits), "pbat": ("pbat", {"iters": b["pbat_iters"]}, bits),
-         "dwq": ("dwq", {"pgd_steps": b["dwq_steps"]}, bits), "qadtr": ("qadtr", {}, bits)}
+    # every defense trains on the seen configuration (6x6 square, random placement)
+    d = {"none": ("none", {}, bits), "qadtr": ("qadtr", {"patch_size": SEEN["patch_shape"][0]}, bits),
+         "pbat": ("pbat", {"iters": b["pbat_iters"], "patch_size": SEEN["patch_shape"][0]}, bits),
+         "dwq": ("dwq", {"pgd_steps": b["dwq_steps"]}, bits)}
     if b["ablations"]:
         d["qadtr-no-aqapa"] = ("qadtr", {"no_aqapa": True}, bits)
         d["qadtr-no-gir"] = ("qadtr", {"no_gir": True}, bits)
@@ -53,14 +55,14 @@ def defenses(b: dict) -> dict[str, tuple[str, dict, list[int]]]:
     return d
 
 
-def evaluate_defense(model, trained_bits, b, data, seed=0) -> dict:
+def evaluate_defense(model, trained_bits, b, data, seed=0, left_out=True) -> dict:
     from qnn.attacks.patch import PatchConfig, evaluate_patch, optimize_universal_patch
     from qnn.layers import set_bit_width_
     from qnn.train import calibrate_, evaluate
 
     xa, ya, xe, ye, test_ds, train_ds = data
     out = {}
-    for bits in b["eval_bits"] + b["left_out"]:
+    for bits in b["eval_bits"] + (b["left_out"] if left_out else []):
         if bits not in trained_bits and bits != 32:
             calibrate_(model, train_ds, bits)
         r = {"clean_acc_pct": evaluate(model, test_ds, [bits])[bits]}
@@ -126,24 +128,33 @@ def main(argv: list[str] | None = None) -> int:
     names = defenses(b)
     if a.only:
         names = {k: v for k, v in names.items() if k in a.only.split(",")}
+    def rdir_of(name: str) -> Path:
+        return runs / name.replace(" ", "_").replace("(", "").replace(")", "")
+
+    # phase 1: every training first, back to back, so that seconds per epoch are measured under the same load
     for name, (dname, dargs, bits) in names.items():
-        rdir = runs / name.replace(" ", "_").replace("(", "").replace(")", "")
-        res_file = rdir / "eval.json"
-        if res_file.is_file():
-            table[name] = json.loads(res_file.read_text())
-            continue
-        print(f"== {name}", flush=True)
+        rdir = rdir_of(name)
         if not (rdir / "model.pt").is_file():
+            print(f"== train {name}", flush=True)
             train(TrainConfig(model=b["model"], dataset=b["dataset"], data_dir=b["data_dir"], init=b["init"], bits=bits,
                               epochs=b["epochs"], lr=b["lr"], batch_size=b["batch_size"], n_synthetic=b["n_synthetic"],
                               train_subset=b["train_subset"], test_subset=b["n_eval"], out_dir=str(rdir), resume=True,
                               defense=dname, defense_args=dargs, threads=a.threads, progress=sys.stderr.isatty()))
+    # phase 2: the attack suite (ablations: trained bit-widths only, no transfer matrix)
+    for name, (dname, dargs, bits) in names.items():
+        rdir = rdir_of(name)
+        res_file = rdir / "eval.json"
+        if res_file.is_file():
+            table[name] = json.loads(res_file.read_text())
+            continue
+        print(f"== evaluate {name}", flush=True)
         model, obj = load_checkpoint(rdir / "model.pt")
         hist = json.loads((rdir / "metrics.json").read_text())["history"]
+        ablation = name.startswith("qadtr-")
         entry = {"defense": dname, "defense_args": dargs, "trained_bits": bits,
                  "epoch_seconds": sum(h["epoch_seconds"] for h in hist) / len(hist),
-                 "per_bits": evaluate_defense(model, bits, b, data)}
-        if b["transfer"]:
+                 "per_bits": evaluate_defense(model, bits, b, data, left_out=not ablation)}
+        if b["transfer"] and not ablation:
             entry["transfer_6x6"] = transfer_matrix(model, xa, ya, xe, ye, PatchConfig(iterations=b["patch_iters"], **SEEN),
                                                     [32, 8, 4, 2], [32, 8, 4, 2], progress=False)
         atomic_write_json(res_file, entry)
@@ -179,7 +190,8 @@ def _plot(table: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(1.2 * len(bits) * max(1, len(names)) / 2 + 3, 3.5))
     w = 0.8 / max(len(names), 1)
     for i, n in enumerate(names):
-        ax.bar(np.arange(len(bits)) + i * w, [table[n]["per_bits"][k]["unseen_asr_pct"] for k in bits], w, label=n)
+        ax.bar(np.arange(len(bits)) + i * w, [table[n]["per_bits"].get(k, {}).get("unseen_asr_pct", np.nan) for k in bits],
+               w, label=n)
     ax.set_xticks(np.arange(len(bits)) + 0.4 - w / 2, [f"{k}b" for k in bits])
     ax.set_ylabel("unseen-patch ASR %")
     ax.legend(fontsize=7)

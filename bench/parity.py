@@ -7,6 +7,10 @@ For each bit-width: export the integer model, run both backends on the test set 
 (universal patches crafted on the fake-quant model: 6x6 and 8x8 square, random placement, and an 8x8 circle),
 report top-1 agreement, max |logit diff| in LSBs of the output scale, ASR on both backends side by side, and
 optionally the numpy integer interpreter's bit-exactness on --interp-n images. Writes results/parity.{json,md}.
+
+"Fake-quant" is the PyTorch model in eval mode: without autograd it runs the integer graph's arithmetic exactly
+(qnn.layers.IntegerEval). The column "float-form agreement" is the differentiable fake-quant form that attacks use
+(float requantization), to show what float rounding alone changes.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from qnn.config import parse_bits
     from qnn.data import load_dataset
     from qnn.errors import QNNError
-    from qnn.layers import set_bit_width_
+    from qnn.layers import exact_integer_eval, set_bit_width_
 
     torch.set_num_threads(a.threads)
     try:
@@ -68,9 +72,12 @@ def main(argv: list[str] | None = None) -> int:
                   "circle8_random": PatchConfig(patch_shape=(8, 8), shape="circle", iterations=a.patch_iters)}
     results, rows = {}, []
 
-    def fq_logits(inp):
-        with torch.no_grad():
+    def fq_logits(inp, exact=True):
+        with torch.no_grad(), exact_integer_eval(exact):
             return torch.cat([model(inp[i:i + 500]) for i in range(0, len(inp), 500)]).numpy()
+
+    def agree(p, q) -> float:
+        return 100 * float((p.argmax(1) == q.argmax(1)).mean())
 
     def ort_logits(sess, inp):
         xn = normalise(inp.numpy(), model.mean, model.std)
@@ -85,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             model.eval()
             lsb = float((model.linear.w_scale() * model.pool_q.scale()).max().detach())
             lf, lo = fq_logits(x), ort_logits(sess, x)
-            r = {"clean": {"top1_agreement_pct": 100 * float((lf.argmax(1) == lo.argmax(1)).mean()),
+            r = {"clean": {"top1_agreement_pct": agree(lf, lo), "float_form_agreement_pct": agree(fq_logits(x, False), lo),
+                           "logits_bit_identical_pct": 100 * float((lf == lo).all(1).mean()),
                            "max_logit_diff_lsb": float(np.abs(lf - lo).max() / lsb),
                            "acc_fake_quant_pct": 100 * float((lf.argmax(1) == y.numpy()).mean()),
                            "acc_integer_pct": 100 * float((lo.argmax(1) == y.numpy()).mean())}, "patches": {}}
@@ -102,23 +110,25 @@ def main(argv: list[str] | None = None) -> int:
                 pf, po = fq_logits(xp), ort_logits(sess, xp)
                 mf = asr_metrics(lf.argmax(1), pf.argmax(1), y.numpy())
                 mo = asr_metrics(lo.argmax(1), po.argmax(1), y.numpy())
-                r["patches"][name] = {"top1_agreement_pct": 100 * float((pf.argmax(1) == po.argmax(1)).mean()),
+                r["patches"][name] = {"top1_agreement_pct": agree(pf, po), "float_form_agreement_pct": agree(fq_logits(xp, False), po),
+                                      "logits_bit_identical_pct": 100 * float((pf == po).all(1).mean()),
                                       "max_logit_diff_lsb": float(np.abs(pf - po).max() / lsb),
                                       "asr_fake_quant_pct": mf["asr_pct"], "asr_integer_pct": mo["asr_pct"],
                                       "asr_abs_diff": abs(mf["asr_pct"] - mo["asr_pct"])}
         r["seconds"] = time.perf_counter() - t0
         results[str(b)] = r
-        rows.append([b, "clean", r["clean"]["top1_agreement_pct"], r["clean"]["max_logit_diff_lsb"],
-                     r["clean"]["acc_fake_quant_pct"], r["clean"]["acc_integer_pct"], "-"])
+        c = r["clean"]
+        rows.append([b, "clean", c["top1_agreement_pct"], c["logits_bit_identical_pct"], c["max_logit_diff_lsb"],
+                     c["acc_fake_quant_pct"], c["acc_integer_pct"], "-", c["float_form_agreement_pct"]])
         for name, p in r["patches"].items():
-            rows.append([b, name, p["top1_agreement_pct"], p["max_logit_diff_lsb"], p["asr_fake_quant_pct"],
-                         p["asr_integer_pct"], p["asr_abs_diff"]])
+            rows.append([b, name, p["top1_agreement_pct"], p["logits_bit_identical_pct"], p["max_logit_diff_lsb"],
+                         p["asr_fake_quant_pct"], p["asr_integer_pct"], p["asr_abs_diff"], p["float_form_agreement_pct"]])
         print(f"{b} bits done ({r['seconds']:.0f}s)", flush=True)
     md = (f"Fake-quant vs ONNX Runtime integer, {a.checkpoint}, {len(y)} test images. Command: "
           f"`python bench/parity.py --checkpoint {a.checkpoint} --bits {a.bits} --n {a.n}`\n\n"
           "For `clean` rows the two value columns are accuracy %, for patch rows ASR % (fake-quant, integer).\n\n"
-          + markdown_table(["bits", "input", "top-1 agreement %", "max |logit diff| (LSB)", "fake-quant", "integer",
-                            "|ASR diff| pts"], rows))
+          + markdown_table(["bits", "input", "top-1 agreement %", "logits bit-identical %", "max |logit diff| (LSB)",
+                            "fake-quant", "integer", "|ASR diff| pts", "float-form agreement %"], rows))
     interp = {k: v.get("interpreter_bit_exact_pct") for k, v in results.items()}
     md += f"\nNumpy integer interpreter vs ONNX Runtime, logits bit-identical on {a.interp_n} images: {interp}\n"
     print(md)

@@ -292,6 +292,92 @@ class QLinear(nn.Module, _QWeightMixin):
         return F.linear(x, self.qweight(), self.bias)
 
 
+# ---- exact integer evaluation -------------------------------------------------------------------------------------
+#: When True (default), a model in eval mode at a quantized bit-width and without autograd runs the integer
+#: arithmetic of the exported graph exactly (see `IntegerEval`); with autograd (attacks) it runs the differentiable
+#: fake-quant form, whose logits differ from the integer ones only by float rounding at requantization.
+EXACT_INTEGER_EVAL = True
+
+
+class exact_integer_eval:
+    """Context manager / switch: `with exact_integer_eval(False): ...` evaluates with the float fake-quant form."""
+
+    def __init__(self, on: bool = True):
+        self.on, self.prev = on, None
+
+    def __enter__(self):
+        global EXACT_INTEGER_EVAL
+        self.prev, EXACT_INTEGER_EVAL = EXACT_INTEGER_EVAL, self.on
+        return self
+
+    def __exit__(self, *exc):
+        global EXACT_INTEGER_EVAL
+        EXACT_INTEGER_EVAL = self.prev
+
+
+def use_integer_path(model: nn.Module) -> bool:
+    return EXACT_INTEGER_EVAL and not model.training and not torch.is_grad_enabled()
+
+
+class IntegerEval:
+    """The exported integer graph's arithmetic (ONNX Runtime / MLAS, as `kernels.reference`) in torch.
+
+    Tensors are integers held in float32 and centred on their zero point (q - zp), so padding with 0 is padding with
+    the zero point. Convolutions accumulate in float32, exact while partial sums stay below 2^24 (true for these
+    networks; `kernels` and ORT use int32); requantization is rint(float32(acc) * float32(s_x*s_w/s_y)), half to
+    even, saturated to the grid, as QLinearConv does.
+    """
+
+    @staticmethod
+    def quantize_input(x: torch.Tensor, q: ActQuant) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi, zp = q.qrange(8)
+        s = q.scale()
+        return torch.clamp(torch.round(x / s) + zp, 0.0, 255.0) - zp, s
+
+    @staticmethod
+    def requant(acc: torch.Tensor, mult: torch.Tensor, q: ActQuant) -> torch.Tensor:
+        lo, hi, _ = q.qrange()
+        m = mult.reshape(1, -1, *([1] * (acc.dim() - 2))) if mult.numel() > 1 else mult
+        return torch.clamp(torch.round(acc * m), lo, hi)
+
+    @staticmethod
+    def conv(conv: "QConvBN", xc: torch.Tensor, s_x: torch.Tensor, q: ActQuant) -> tuple[torch.Tensor, torch.Tensor]:
+        """QLinearConv: conv + int32 bias, requantized onto q's grid. Returns (centred ints, scale of q)."""
+        bn = conv.bn
+        inv = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        sign = torch.where(inv < 0, -1.0, 1.0)
+        w_int = conv.int_weight() * sign[:, None, None, None]
+        s_eff = conv.w_scale() * inv.abs()
+        s_bias = s_x * s_eff
+        b_int = torch.round((bn.bias - bn.running_mean * inv) / s_bias)
+        acc = F.conv2d(xc, w_int, b_int, conv.stride, conv.padding)
+        s_y = q.scale()
+        return IntegerEval.requant(acc, s_bias / s_y, q), s_y
+
+    @staticmethod
+    def add(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, q: ActQuant) -> tuple[torch.Tensor, torch.Tensor]:
+        """QLinearAdd: rint(a*(sa/sy) + b*(sb/sy)) on q's grid."""
+        s_y = q.scale()
+        lo, hi, _ = q.qrange()
+        return torch.clamp(torch.round(a * (sa / s_y) + b * (sb / s_y)), lo, hi), s_y
+
+    @staticmethod
+    def global_avg_pool(xc: torch.Tensor, s_x: torch.Tensor, q: ActQuant) -> tuple[torch.Tensor, torch.Tensor]:
+        """QLinearGlobalAveragePool: rint(sum * (sx / (sy * HW)))."""
+        hw = xc.shape[2] * xc.shape[3]
+        s_y = q.scale()
+        acc = xc.sum((2, 3))  # exact: integers < 2^24
+        return IntegerEval.requant(acc, s_x / (s_y * torch.tensor(float(hw))), q), s_y
+
+    @staticmethod
+    def linear(lin: "QLinear", xc: torch.Tensor, s_x: torch.Tensor) -> torch.Tensor:
+        """QGemm with float output: float32(acc + int32 bias) * (s_x * s_w)."""
+        s_w = lin.w_scale()
+        s_bias = s_x * s_w
+        acc = F.linear(xc, lin.int_weight(), torch.round(lin.bias / s_bias))
+        return acc * s_bias
+
+
 def uncalibrated(model: nn.Module) -> bool:
     """True when some activation quantizer has no scale yet at the model's current bit-width."""
     for m in model.modules():

@@ -137,6 +137,16 @@ def apply_patch_eot(x: torch.Tensor, patch: torch.Tensor, mask: torch.Tensor, cf
     ph, pw = mask.shape[-2:]
     if cfg.scale_min == cfg.scale_max == 1.0 and cfg.rotation_max == 0:
         return apply_patch(x, patch, mask, random_locations(n, H, W, ph, pw, gen))
+    warped, m = eot_warp(x, patch, mask, cfg, gen)
+    return x * (1 - m) + warped * m
+
+
+def eot_warp(x: torch.Tensor, patch: torch.Tensor, mask: torch.Tensor, cfg: PatchConfig,
+             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The patch (3,h,w) or per-image (N,3,h,w) warped onto image canvases under a random EOT transform: returns
+    (warped patch (N,3,H,W), soft mask (N,1,H,W)); the patched image is x * (1 - mask) + warped * mask."""
+    n, _, H, W = x.shape
+    ph, pw = mask.shape[-2:]
     s = cfg.scale_min + (cfg.scale_max - cfg.scale_min) * torch.rand(n, generator=gen)
     a = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(cfg.rotation_max)
     # room left for the (scaled, rotated) patch's bounding box
@@ -144,6 +154,9 @@ def apply_patch_eot(x: torch.Tensor, patch: torch.Tensor, mask: torch.Tensor, cf
     bw = (pw * s * torch.cos(a).abs() + ph * s * torch.sin(a).abs()).clamp(max=W)
     cy = bh / 2 + torch.rand(n, generator=gen) * (H - bh)
     cx = bw / 2 + torch.rand(n, generator=gen) * (W - bw)
+    if cfg.scale_min == cfg.scale_max == 1.0 and cfg.rotation_max == 0:
+        # no scale or rotation: snap to the pixel grid, so the warp is an exact paste (no interpolation blur)
+        cy, cx = torch.floor(cy - bh / 2) + bh / 2, torch.floor(cx - bw / 2) + bw / 2
     # output pixel (normalised) -> patch coords: inverse of (scale, rotate, translate)
     cos, sin = torch.cos(a), torch.sin(a)
     tx, ty = (2 * cx / W - 1), (2 * cy / H - 1)
@@ -156,8 +169,7 @@ def apply_patch_eot(x: torch.Tensor, patch: torch.Tensor, mask: torch.Tensor, cf
     grid = F.affine_grid(theta.to(x.device), (n, 4, H, W), align_corners=False)
     pm = torch.cat([patch if patch.dim() == 4 else patch.expand(n, *patch.shape), mask.expand(n, 1, ph, pw).to(x)], 1)
     warped = F.grid_sample(pm, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    m = warped[:, 3:4]
-    return x * (1 - m) + warped[:, :3] * m
+    return warped[:, :3], warped[:, 3:4]
 
 
 def _attack_loss(logits: torch.Tensor, y: torch.Tensor, cfg: PatchConfig) -> torch.Tensor:

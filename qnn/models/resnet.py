@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qnn.layers import FLOAT_BITS, ActQuant, QConvBN, QLinear
+from qnn.errors import QNNError
+from qnn.layers import FLOAT_BITS, ActQuant, IntegerEval, QConvBN, QLinear, uncalibrated, use_integer_path
 from qnn.models.registry import register_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -52,6 +53,18 @@ class BasicBlock(nn.Module):
         if self.shortcut_kind == "A":
             return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
         return self.sc_q(self.sc_conv(x, s))
+
+    def forward_int(self, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The integer graph of this block (centred integer tensors, see IntegerEval)."""
+        h, sh = IntegerEval.conv(self.conv1, x, s, self.act1)
+        h, sh = IntegerEval.conv(self.conv2, h, sh, self.q2)
+        if self.shortcut_kind == "none":
+            sc, ssc = x, s
+        elif self.shortcut_kind == "A":
+            sc, ssc = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad)), s
+        else:
+            sc, ssc = IntegerEval.conv(self.sc_conv, x, s, self.sc_q)
+        return IntegerEval.add(h, sh, sc, ssc, self.act_out)
 
     def forward(self, x: torch.Tensor, s: torch.Tensor | None):
         h = self.act1(self.conv1(x, s))
@@ -107,8 +120,23 @@ class QResNet(nn.Module):
             out.append(x)
         return out
 
+    def forward_int(self, x: torch.Tensor) -> torch.Tensor:
+        """Exactly the exported integer graph's arithmetic (eval, quantized, no autograd; see IntegerEval)."""
+        xc, s = IntegerEval.quantize_input((x - self._mean) / self._std, self.inq)
+        xc, s = IntegerEval.conv(self.conv1, xc, s, self.act1)
+        if self.stem_kind == "imagenet":
+            xc = F.max_pool2d(xc, 3, 2, 1)  # on unsigned ints (zp 0): padding never wins the max
+        for b in self.blocks:
+            xc, s = b.forward_int(xc, s)
+        xc, s = IntegerEval.global_avg_pool(xc, s, self.pool_q)
+        return IntegerEval.linear(self.linear, xc, s)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: images in [0, 1], NCHW."""
+        if self.act1.a_bits != FLOAT_BITS and self.conv1.wbits != FLOAT_BITS and use_integer_path(self):
+            if uncalibrated(self):
+                raise QNNError(f"activation quantizers at {self.act1.a_bits} bits were never calibrated; train or calibrate first")
+            return self.forward_int(x)
         x, s = self._stem(x)
         for b in self.blocks:
             x, s = b(x, s)

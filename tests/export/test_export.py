@@ -13,7 +13,7 @@ from kernels.packing import pack, size_report, unpack
 from qnn.checkpoint import load_checkpoint
 from qnn.data import load_dataset
 from qnn.errors import QNNError
-from qnn.layers import ensure_calibrated_, set_bit_width_
+from qnn.layers import ensure_calibrated_, exact_integer_eval, set_bit_width_
 from qnn.models import create_model, list_models
 from tests.conftest import cli_error as _err, run_cli
 
@@ -36,6 +36,39 @@ def test_zoo_exports_fully_integer(name, bits, tmp_path):
     c = verify(p)
     assert c["fully_integer"], c
     assert c["ops"].get("QLinearConv", 0) >= 3 and c["ops"].get("QGemm") == 1
+    # every architecture's exact integer eval (max pool, projection shortcuts...) is the integer reference's, bit for
+    # bit, and ORT's at 2/4 bits. At 8 bits ORT's x86 u8s8 kernels can differ on these random-init weights (many
+    # |w| near 127 against activations near 255: consistent with int16 pair saturation); trained models matched
+    # on 10k images (results/parity.md), so 8 bits is held to the reference and to ORT's top-1 here.
+    x = torch.rand(3, 3, 64, 64) if name == "resnet18" else torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = m(x).numpy()
+    xn = normalise(x.numpy(), m.mean, m.std)
+    got = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": xn})[0]
+    if bits < 8:
+        assert np.array_equal(ref, got)
+    else:
+        assert np.array_equal(ref, IntegerInterpreter(p).run(xn)) and (ref.argmax(1) == got.argmax(1)).all()
+
+
+def test_integer_eval_keeps_gradients(trained_ckpt):
+    """With autograd on (attacks), eval runs the differentiable fake-quant form, within a few LSBs of the integers."""
+    m, _ = load_checkpoint(trained_ckpt)
+    set_bit_width_(m, 2)
+    m.eval()
+    x, _ = load_dataset("synthetic", "test", n_synthetic=2000).subset(16).tensors()
+    xg = x.clone().requires_grad_(True)
+    out = m(xg)
+    out.sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    with torch.no_grad():
+        exact = m(x)
+    lsb = float(m.linear.w_scale().max() * m.pool_q.scale())
+    assert torch.median((out.detach() - exact).abs()) <= 4 * lsb
+    with pytest.raises(QNNError, match="never calibrated"):
+        set_bit_width_(m, 5)
+        with torch.no_grad():
+            m(x)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -50,9 +83,13 @@ def test_parity_and_interpreter_bit_exact(trained_ckpt, bits, tmp_path):
     xn = normalise(x.numpy(), m.mean, m.std)
     sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"input": xn})[0]
+    # eval without autograd runs the integer graph's arithmetic: logits identical to ONNX Runtime's, not just close
+    assert np.array_equal(ref, got), f"max |diff| {np.abs(ref - got).max()}"
+    with torch.no_grad(), exact_integer_eval(False):  # the float fake-quant form: close, not identical
+        approx = m(x).numpy()
     lsb = float(m.linear.w_scale().max() * m.pool_q.scale())
-    assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.98
-    assert np.median(np.abs(ref - got)) <= 2 * lsb
+    assert (approx.argmax(1) == got.argmax(1)).mean() >= 0.95
+    assert np.median(np.abs(approx - got)) <= 4 * lsb
     interp = IntegerInterpreter(p).run(xn)
     assert np.array_equal(interp, got), "numpy integer interpreter differs from ONNX Runtime"
 

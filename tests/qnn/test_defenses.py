@@ -25,11 +25,53 @@ def test_qadtr_pool_is_updated_and_saved(tmp_path):
 
     out = tmp_path / "q"
     train(TrainConfig(model="small_cnn", bits=[2, 8], epochs=1, n_synthetic=256, batch_size=64, progress=False,
-                      out_dir=str(out), defense="qadtr"))
+                      out_dir=str(out), defense="qadtr", defense_args={"pool_size": 4}))
     st = torch.load(out / "last.pt", weights_only=True)["defense"]
     g = torch.Generator().manual_seed(0 + 4242)
     init = torch.rand(4, 3, 6, 6, generator=g)
     assert st["pool"].shape == init.shape and not torch.equal(st["pool"], init)
+
+
+def test_qadtr_per_image_refinement_raises_the_loss(trained_ckpt):
+    """A-QAPA's per-image step on top of the pool patch makes the patched images harder, inside the mask only."""
+    import torch
+    import torch.nn.functional as F
+
+    from qnn.attacks.patch import eot_warp
+    from qnn.checkpoint import load_checkpoint
+    from qnn.data import load_dataset
+    from qnn.layers import set_bit_width_
+
+    m, _ = load_checkpoint(trained_ckpt)
+    set_bit_width_(m, 4)
+    x, y = load_dataset("synthetic", "test", n_synthetic=2000).subset(64).tensors()
+    q = make_defense("qadtr", {"inner_steps": 2}, TrainConfig(model="small_cnn", bits=[4, 8]), m)
+    warped, mask = eot_warp(x, q.pool[0], q.mask, q.pcfg, torch.Generator().manual_seed(0))
+    delta = q.refine(m, x, y, warped, mask)
+    m.eval()
+    with torch.no_grad():
+        base = F.cross_entropy(m(x * (1 - mask) + warped * mask), y)
+        adv = F.cross_entropy(m(x * (1 - mask) + (warped + delta) * mask), y)
+    assert adv > base
+    assert ((warped + delta) >= 0).all() and ((warped + delta) <= 1).all()
+
+
+def test_qadtr_refresh_replaces_the_weakest_patch():
+    import torch
+
+    q = make_defense("qadtr", {"pool_size": 3, "refresh_every": 5}, TrainConfig(model="small_cnn", bits=[4]),
+                     create_model("small_cnn"))
+    q.patch_score = torch.tensor([0.5, 0.1, 0.9])
+    before = q.pool.clone()
+    m = create_model("small_cnn")
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    from qnn.layers import ensure_calibrated_, set_bit_width_
+
+    set_bit_width_(m, 4)
+    ensure_calibrated_(m, x)
+    m.train()
+    q.loss(m, x, y, 4, step=5)
+    assert torch.equal(q.pool[0], before[0]) and torch.equal(q.pool[2], before[2]) and not torch.equal(q.pool[1], before[1])
 
 
 
@@ -42,3 +84,7 @@ def test_defense_bad_inputs(tmp_path, capsys):
     cfg = TrainConfig(model="small_cnn")
     with pytest.raises(QNNError):
         make_defense("qadtr", {"pool_size": -3}, cfg, create_model("small_cnn"))
+    with pytest.raises(QNNError, match="inner_steps"):
+        make_defense("qadtr", {"inner_steps": -1}, cfg, create_model("small_cnn"))
+    with pytest.raises(QNNError, match="aqapa_signal"):
+        make_defense("qadtr", {"aqapa_signal": "magic"}, cfg, create_model("small_cnn"))
