@@ -52,6 +52,8 @@ def defenses(b: dict) -> dict[str, tuple[str, dict, list[int]]]:
         d["qadtr-no-aqapa"] = ("qadtr", {"no_aqapa": True}, bits)
         d["qadtr-no-gir"] = ("qadtr", {"no_gir": True}, bits)
         d["qadtr-fixed4 (no DBWT)"] = ("qadtr", {}, [4])
+        # PBAT at about QADT-R's training cost (2 inner steps instead of pbat_iters)
+        d["pbat-2steps (cost-matched)"] = ("pbat", {"iters": 2, "patch_size": SEEN["patch_shape"][0]}, bits)
     return d
 
 
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== evaluate {name}", flush=True)
         model, obj = load_checkpoint(rdir / "model.pt")
         hist = json.loads((rdir / "metrics.json").read_text())["history"]
-        ablation = name.startswith("qadtr-")
+        ablation = name.startswith("qadtr-") or "cost-matched" in name  # trained bit-widths only, no transfer
         entry = {"defense": dname, "defense_args": dargs, "trained_bits": bits,
                  "epoch_seconds": sum(h["epoch_seconds"] for h in hist) / len(hist),
                  "per_bits": evaluate_defense(model, bits, b, data, left_out=not ablation)}
