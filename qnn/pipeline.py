@@ -61,6 +61,12 @@ def cmd_pipeline(a) -> int:
     out = Path(a.out)
     if not a.resume:
         prepare_out_dir(out, a.overwrite, False)
+        if a.overwrite:  # the stage folders of an earlier run would otherwise be reused as if resumed
+            import shutil
+
+            for stage in ("qat", "qadtr"):
+                if (out / stage).is_dir():
+                    shutil.rmtree(out / stage)
     out.mkdir(parents=True, exist_ok=True)
     bits = parse_bits(a.bits)
     ebits = parse_bits(a.export_bits)

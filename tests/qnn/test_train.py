@@ -156,3 +156,19 @@ def test_init_from_shared_pretrained_weights(tmp_path):
     with pytest.raises(Exception, match="does not match|more blocks"):
         load_pretrained_cifar(create_model("resnet32"), str(w))
     save_checkpoint(tmp_path / "x.pt", m)
+
+
+def test_pipeline_overwrite_retrains_its_stages(tmp_path):
+    """`qnn pipeline --overwrite` starts afresh: the stage folders of an earlier run are not reused."""
+    import json
+
+    from tests.conftest import run_cli
+
+    out = tmp_path / "pipe"
+    args = ["pipeline", "--out", out, "--n-synthetic", 300, "--bits", "4,8", "--export-bits", "4", "--patch-iters", 2,
+            "--n-attack", 32, "--n-eval", 32]
+    assert run_cli(args + ["--epochs", 1]) == 0
+    assert run_cli(args + ["--epochs", 2, "--overwrite"]) == 0
+    for stage in ("qat", "qadtr"):
+        assert len(json.loads((out / stage / "metrics.json").read_text())["history"]) == 2
+    assert (out / "report.md").is_file()
