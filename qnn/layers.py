@@ -330,7 +330,7 @@ class IntegerEval:
 
     @staticmethod
     def quantize_input(x: torch.Tensor, q: ActQuant) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi, zp = q.qrange(8)
+        zp = q.qrange(8)[2]
         s = q.scale()
         return torch.clamp(torch.round(x / s) + zp, 0.0, 255.0) - zp, s
 
@@ -343,16 +343,10 @@ class IntegerEval:
     @staticmethod
     def conv(conv: "QConvBN", xc: torch.Tensor, s_x: torch.Tensor, q: ActQuant) -> tuple[torch.Tensor, torch.Tensor]:
         """QLinearConv: conv + int32 bias, requantized onto q's grid. Returns (centred ints, scale of q)."""
-        bn = conv.bn
-        inv = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        sign = torch.where(inv < 0, -1.0, 1.0)
-        w_int = conv.int_weight() * sign[:, None, None, None]
-        s_eff = conv.w_scale() * inv.abs()
-        s_bias = s_x * s_eff
-        b_int = torch.round((bn.bias - bn.running_mean * inv) / s_bias)
+        w_int, s_eff, b_int = conv.folded(s_x)
         acc = F.conv2d(xc, w_int, b_int, conv.stride, conv.padding)
         s_y = q.scale()
-        return IntegerEval.requant(acc, s_bias / s_y, q), s_y
+        return IntegerEval.requant(acc, s_x * s_eff / s_y, q), s_y
 
     @staticmethod
     def add(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, q: ActQuant) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,10 +366,7 @@ class IntegerEval:
     @staticmethod
     def linear(lin: "QLinear", xc: torch.Tensor, s_x: torch.Tensor) -> torch.Tensor:
         """QGemm with float output: float32(acc + int32 bias) * (s_x * s_w)."""
-        s_w = lin.w_scale()
-        s_bias = s_x * s_w
-        acc = F.linear(xc, lin.int_weight(), torch.round(lin.bias / s_bias))
-        return acc * s_bias
+        return F.linear(xc, lin.int_weight(), lin.int_bias(s_x)) * (s_x * lin.w_scale())
 
 
 def uncalibrated(model: nn.Module) -> bool:

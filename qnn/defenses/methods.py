@@ -141,8 +141,8 @@ class QADTR(Defense):
             self._pending = (k, patch)
         with torch.no_grad():
             wrong = (logits[:n_p].argmax(1) != y[:n_p]).float().mean().item() if n_p else 0.0
-            # ours: the patch's success = its error above the clean half's error at the same bit-width (an ASR
-            # estimate), so that bit-widths are not drawn more just because they are less accurate
+            # A-QAPA's per-bit signal: the patched half's error ('error', default) or, with aqapa_signal='asr', its
+            # error above the clean half's at the same bit-width (an ASR estimate; measured to starve 2 bits)
             clean_wrong = (logits[n_p:].argmax(1) != y[n_p:]).float().mean().item() if n_p < len(y) else 0.0
             success = (max(0.0, wrong - clean_wrong) / max(1e-6, 1.0 - clean_wrong)) if self.aqapa_signal == "asr" else wrong
             self.asr_ema[bits] = 0.9 * self.asr_ema.get(bits, 0.5) + 0.1 * success
