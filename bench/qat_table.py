@@ -29,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train-subset", type=int)
     ap.add_argument("--test-subset", type=int)
+    ap.add_argument("--residual-bits", type=int, default=8,
+                    help="also train the switchable model and the 2-bit model with the residual stream at >= this many "
+                         "bits (conv inputs stay at the bit-width); 0 = skip those rows")
+    ap.add_argument("--residual-epochs", type=int, default=None, help="epochs of the wide-residual runs (default: --epochs / --fixed-epochs)")
+    ap.add_argument("--distill", action="store_true",
+                    help="wide-residual runs: distil from the pretrained float model at quantized steps (qnn train --distill init)")
     ap.add_argument("--runs-dir", default="runs/qat_resnet20")
     ap.add_argument("--out", default="results/qat_resnet20")
     a = ap.parse_args(argv)
@@ -40,15 +46,24 @@ def main(argv: list[str] | None = None) -> int:
     from qnn.train import evaluate, train
 
     runs = {"float": [32], "switchable": [2, 4, 8, 32], "fixed8": [8], "fixed4": [4], "fixed2": [2]}
+    R = a.residual_bits
+    tag = (f"r{R}" + ("_kd" if a.distill else "") + (f"_e{a.residual_epochs}" if a.residual_epochs else "")) if R else ""
+    if R:
+        runs.update({f"switchable_{tag}": [2, 4, 8, 32], f"fixed2_{tag}": [2]})
     try:
         test = load_dataset("cifar10", "test", a.data_dir).subset(a.test_subset)
         results = {}
         for name, bits in runs.items():
             out = Path(a.runs_dir) / name
             if not (out / "model.pt").is_file():
+                epochs = a.fixed_epochs if name.startswith("fixed") else a.float_epochs if name == "float" else a.epochs
+                wide = bool(R) and name.endswith(tag)
+                if wide and a.residual_epochs:
+                    epochs = a.residual_epochs
                 cfg = TrainConfig(model="resnet20", dataset="cifar10", data_dir=a.data_dir, init=a.weights, bits=bits,
-                                  epochs=(a.fixed_epochs if name.startswith("fixed") else a.float_epochs if name == "float" else a.epochs), lr=a.lr, threads=a.threads, train_subset=a.train_subset,
-                                  test_subset=a.test_subset, out_dir=str(out), resume=True, eval_bits=bits)
+                                  epochs=epochs, lr=a.lr, threads=a.threads, train_subset=a.train_subset,
+                                  test_subset=a.test_subset, out_dir=str(out), resume=True, eval_bits=bits,
+                                  residual_bits=(R if wide else None), distill=("init" if wide and a.distill else None))
                 print(f"== training {name} (bits {bits})", flush=True)
                 train(cfg)
             model, obj = load_checkpoint(out / "model.pt")
@@ -66,9 +81,24 @@ def main(argv: list[str] | None = None) -> int:
         fixed = fl if b == "32" else results[f"fixed{b}"]["accuracy_pct"][b]
         rows.append([b, sw, fixed, sw - fl, fixed - fl])
     eps = {k: v["epochs"] for k, v in results.items()}
+    cmd = (f"python bench/qat_table.py --epochs {a.epochs} --float-epochs {a.float_epochs} --fixed-epochs {a.fixed_epochs} "
+           f"--lr {a.lr} --residual-bits {R}" + (f" --residual-epochs {a.residual_epochs}" if a.residual_epochs else "")
+           + (" --distill" if a.distill else ""))
     md = (f"Pretrained ResNet-20 fine-tuned on the shared (JPEG-decoded) CIFAR-10 (epochs per run: {eps}), "
-          f"test set n={len(test)}. Command: `python bench/qat_table.py --epochs {a.epochs} --float-epochs {a.float_epochs} --fixed-epochs {a.fixed_epochs} --lr {a.lr}`\n\n"
+          f"test set n={len(test)}. Command: `{cmd}`\n\n"
+          "Every tensor at the bit-width (first conv and classifier weights at 8 bits), residual stream included:\n\n"
           + markdown_table(["bits", "switchable {2,4,8,32} %", "separate model %", "switchable - float", "separate - float"], rows))
+    if R:
+        rrows = []
+        for b in ("32", "8", "4", "2"):
+            sw = results[f"switchable_{tag}"]["accuracy_pct"][b]
+            fixed = results[f"fixed2_{tag}"]["accuracy_pct"][b] if b == "2" else None
+            rrows.append([b, sw, "" if fixed is None else fixed, sw - fl, "" if fixed is None else fixed - fl])
+        md += (f"\n\nWide residual stream (`--residual-bits {R}`" + (", distilled from the float model" if a.distill else "")
+               + f", epochs {eps[f'switchable_{tag}']} / {eps[f'fixed2_{tag}']}): every conv input and weight at the bit-width, the residual "
+               f"adds, block outputs and pooled features at max(bits, {R}); fully integer in ONNX Runtime (the add runs "
+               "twice, once per output grid):\n\n"
+               + markdown_table(["bits", f"switchable r{R} %", f"separate 2-bit r{R} %", "switchable - float", "separate - float"], rrows))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(a.out + ".json", {"results": results, "n_test": len(test), "epochs": a.epochs, "lr": a.lr,
                                         "environment": environment(a.threads)})

@@ -143,13 +143,17 @@ def build_graph(model: torch.nn.Module, bits: int, fmt: str = "int", batch: int 
             raise QNNError(f"model has no calibrated {m.bits}-bit activation scales: it was not trained at {bits} bits")
     b = _Builder(fmt, bits)
     H = W = model.in_size
-    x = b.quantize("input", model.inq, _scale_of(model.inq))
-    y = _conv(b, model.conv1, x)
-    x = b.quantize(y, model.act1, _scale_of(model.act1))
+    xin = b.quantize("input", model.inq, _scale_of(model.inq))
+    x = b.quantize(_conv(b, model.conv1, xin), model.act1, _scale_of(model.act1))
+    split = getattr(model, "residual_bits", None) is not None
+    # a wide residual stream: the producing op is emitted twice, once per output quantizer (two fused QLinear ops)
+    xc = b.quantize(_conv(b, model.conv1, xin), model.act1_conv, _scale_of(model.act1_conv)) if split else x
     if model.stem_kind == "imagenet":
         x = QTensor(b.node("MaxPool", [x.name], "maxpool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]), x.scale, x.zp)
+        xc = QTensor(b.node("MaxPool", [xc.name], "maxpool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+                     xc.scale, xc.zp) if split else x
     for blk in model.blocks:
-        h = b.quantize(_conv(b, blk.conv1, x), blk.act1, _scale_of(blk.act1))
+        h = b.quantize(_conv(b, blk.conv1, xc), blk.act1, _scale_of(blk.act1))
         h = b.quantize(_conv(b, blk.conv2, h), blk.q2, _scale_of(blk.q2))
         if blk.shortcut_kind == "none":
             sc = x
@@ -162,7 +166,13 @@ def build_graph(model: torch.nn.Module, bits: int, fmt: str = "int", batch: int 
         else:
             sc = b.quantize(_conv(b, blk.sc_conv, x), blk.sc_q, _scale_of(blk.sc_q))
         s = b.node("Add", [b.dequant(h), b.dequant(sc)], "add")
-        x = b.quantize(s, blk.act_out, _scale_of(blk.act_out))
+        x_new = b.quantize(s, blk.act_out, _scale_of(blk.act_out))
+        if split:
+            s2 = b.node("Add", [b.dequant(h), b.dequant(sc)], "add")
+            xc = b.quantize(s2, blk.act_out_conv, _scale_of(blk.act_out_conv))
+        else:
+            xc = x_new
+        x = x_new
     p = b.node("GlobalAveragePool", [b.dequant(x)], "gap")
     pq = b.quantize(p, model.pool_q, _scale_of(model.pool_q))
     flat = QTensor(b.node("Flatten", [pq.name], "flatten", axis=1), pq.scale, pq.zp)
@@ -191,6 +201,7 @@ def export_model(model: torch.nn.Module, bits: int, fmt: str, out: str | Path, m
 
     m = build_graph(model, bits, fmt)
     md = {"qnn_version": __version__, "format": fmt, "w_bits": str(bits), "a_bits": str(bits),
+          "residual_bits": str(max(bits, model.residual_bits) if getattr(model, "residual_bits", None) else bits),
           "first_last_w_bits": str(model.conv1.fixed_w_bits or bits), "input_layout": "NCHW",
           "input_normalisation": json.dumps({"mean": list(model.mean), "std": list(model.std), "pixel_range": [0, 1]}),
           "input_shape": json.dumps([3, model.in_size, model.in_size]), "arch": getattr(model, "arch", "")}

@@ -32,6 +32,12 @@ def _add_train(sub) -> None:
     p.add_argument("--test-subset", dest="test_subset", type=int)
     p.add_argument("--eval-bits", dest="eval_bits")
     p.add_argument("--first-last-bits", dest="first_last_bits", type=int)
+    p.add_argument("--residual-bits", dest="residual_bits", type=int,
+                   help="ResNets: residual stream (adds, block outputs) at >= this many bits; conv inputs stay at the bit-width")
+    p.add_argument("--distill", help="knowledge distillation at quantized steps from a frozen float teacher: a checkpoint "
+                                     "path, or 'init' for the --init checkpoint")
+    p.add_argument("--distill-alpha", dest="distill_alpha", type=float)
+    p.add_argument("--distill-temp", dest="distill_temp", type=float)
     p.add_argument("--defense", help="none|qadtr|pbat|dwq")
     p.add_argument("--no-aqapa", action="store_true", help="QADT-R ablation: random (not optimised) patches")
     p.add_argument("--no-gir", action="store_true", help="QADT-R ablation: no gradient-inconsistency penalty")

@@ -54,7 +54,11 @@ class TrainConfig:
     test_subset: int | None = None
     n_synthetic: int | None = None
     first_last_bits: int | None = 8
+    residual_bits: int | None = None    # ResNets: keep the residual stream at >= this many bits (None: a_bits)
     eval_bits: list[int] | None = None
+    distill: str | None = None         # teacher for quantized steps: a float checkpoint, or "init" (= --init)
+    distill_alpha: float = 0.5          # loss = (1-alpha) CE + alpha T^2 KL(teacher || student)
+    distill_temp: float = 2.0
     defense: str = "none"
     defense_args: dict = field(default_factory=dict)
     device: str = "auto"
@@ -77,6 +81,16 @@ class TrainConfig:
             raise QNNError(f"lr must be > 0, got {self.lr}")
         if self.first_last_bits is not None and self.first_last_bits not in BIT_CHOICES:
             raise QNNError(f"first_last_bits {self.first_last_bits} not allowed; choose from 2..8 or 32")
+        if self.residual_bits is not None and self.residual_bits not in range(2, 9):
+            raise QNNError(f"residual_bits {self.residual_bits} not allowed; choose from 2..8")
+        if not (0.0 <= float(self.distill_alpha) <= 1.0):
+            raise QNNError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        if float(self.distill_temp) <= 0:
+            raise QNNError(f"distill_temp must be > 0, got {self.distill_temp}")
+        if self.distill and self.defense != "none":
+            raise QNNError("--distill works with plain QAT only (--defense none)")
+        if self.distill == "init" and not self.init:
+            raise QNNError("--distill init needs --init")
         for n in ("train_subset", "test_subset", "n_synthetic"):
             v = getattr(self, n)
             if v is not None and int(v) <= 0:

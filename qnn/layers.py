@@ -91,12 +91,14 @@ class ActQuant(nn.Module, SwitchableMixin):
     learned (LSQ). Our choice: one-batch init rather than Brevitas' 300-step statistics, which cost time.
     """
 
-    def __init__(self, kind: str = "unsigned", fixed_bits: int | None = None, input_range: tuple[float, float] | None = None):
+    def __init__(self, kind: str = "unsigned", fixed_bits: int | None = None, input_range: tuple[float, float] | None = None,
+                 min_bits: int | None = None):
         super().__init__()
         if kind not in ("unsigned", "shifted", "input"):
             raise ValueError(kind)
         self.kind = kind
         self.fixed_bits = fixed_bits
+        self.min_bits = min_bits  # quantized runs use max(a_bits, min_bits): e.g. a wider residual stream
         n = len(BIT_CHOICES)
         self.log_scale = nn.Parameter(torch.zeros(n))
         self.register_buffer("initialized", torch.zeros(n, dtype=torch.bool))
@@ -111,7 +113,10 @@ class ActQuant(nn.Module, SwitchableMixin):
 
     @property
     def bits(self) -> int:
-        return self.fixed_bits if (self.fixed_bits and self.a_bits != FLOAT_BITS) else self.a_bits
+        if self.a_bits == FLOAT_BITS:
+            return FLOAT_BITS
+        b = self.fixed_bits or self.a_bits
+        return max(b, self.min_bits) if self.min_bits else b
 
     def qrange(self, bits: int | None = None) -> tuple[float, float, float]:
         """(lo, hi, zero_point) of the integer grid at `bits`."""

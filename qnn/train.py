@@ -71,10 +71,33 @@ class BitSchedule:
         return random.Random(self.seed * 1_000_003 + step).choice(self.bits)
 
 
+def load_teacher(cfg: TrainConfig, num_classes: int, device: str) -> nn.Module | None:
+    """The frozen float teacher of --distill (a qnn checkpoint or an akamaster float checkpoint), run at 32 bits."""
+    if not cfg.distill:
+        return None
+    from dataclasses import replace
+
+    path = cfg.init if cfg.distill == "init" else cfg.distill
+    teacher = init_model(replace(cfg, init=path, residual_bits=None), num_classes).to(device)
+    set_bit_width_(teacher, FLOAT_BITS)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def distill_loss(ce: torch.Tensor, logits: torch.Tensor, t_logits: torch.Tensor, alpha: float, temp: float) -> torch.Tensor:
+    """(1-alpha) CE + alpha T^2 KL(softmax(t/T) || softmax(s/T)) (Hinton et al. 2015)."""
+    kl = F.kl_div(F.log_softmax(logits / temp, 1), F.log_softmax(t_logits / temp, 1), reduction="batchmean", log_target=True)
+    return (1 - alpha) * ce + alpha * temp * temp * kl
+
+
 def init_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     from qnn.models.resnet import load_pretrained_cifar
 
     kw = {"num_classes": num_classes, "first_last_bits": cfg.first_last_bits}
+    if cfg.residual_bits is not None:
+        kw["residual_bits"] = cfg.residual_bits
     if cfg.init:
         obj = load_torch_file(cfg.init)
         if isinstance(obj, dict) and obj.get("format", "").startswith("qnn-checkpoint"):
@@ -165,6 +188,7 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model = init_model(cfg, num_classes=len(train_ds.classes)).to(device)
     defense = make_defense(cfg.defense, cfg.defense_args, cfg, model)
+    teacher = load_teacher(cfg, len(train_ds.classes), device)
 
     steps_per_epoch = math.ceil(len(train_ds) // world / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
@@ -220,6 +244,10 @@ def train(cfg: TrainConfig) -> dict:
             set_bit_width_(model, bits)
             xb, yb = xb.to(device), yb.to(device)
             loss, logits = defense.loss(train_model, xb, yb, bits, step)
+            if teacher is not None and bits != FLOAT_BITS:
+                with torch.no_grad():
+                    t_logits = teacher(xb)
+                loss = distill_loss(loss, logits, t_logits, cfg.distill_alpha, cfg.distill_temp)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

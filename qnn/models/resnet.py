@@ -31,21 +31,31 @@ def _scale(q: ActQuant) -> torch.Tensor | None:
 
 
 class BasicBlock(nn.Module):
-    """conv-BN-ReLU-conv-BN (+shortcut) -ReLU; shortcut 'A' (subsample + zero-pad) or 'B' (1x1 conv + BN)."""
+    """conv-BN-ReLU-conv-BN (+shortcut) -ReLU; shortcut 'A' (subsample + zero-pad) or 'B' (1x1 conv + BN).
 
-    def __init__(self, cin: int, cout: int, stride: int, shortcut: str = "A"):
+    With `residual_bits` R the block keeps a wide residual stream: the add's inputs and its output `act_out` run at
+    max(a_bits, R), and a second quantizer `act_out_conv` takes the same sum at a_bits for the next block's first conv.
+    Every conv input stays at a_bits. In the integer graph the add is simply computed twice (two QLinearAdd nodes with
+    different output scales), so the stream stays integer end to end.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int, shortcut: str = "A", residual_bits: int | None = None):
         super().__init__()
+        r = residual_bits
         self.conv1 = QConvBN(cin, cout, 3, stride)
         self.act1 = ActQuant("unsigned")
         self.conv2 = QConvBN(cout, cout, 3, 1)
-        self.q2 = ActQuant("shifted")
+        self.q2 = ActQuant("shifted", min_bits=r)
         self.shortcut_kind = "none" if (stride == 1 and cin == cout) else shortcut
         self.pad = (cout - cin) // 2
         self.stride = stride
         if self.shortcut_kind == "B":
             self.sc_conv = QConvBN(cin, cout, 1, stride, padding=0)
-            self.sc_q = ActQuant("shifted")
-        self.act_out = ActQuant("unsigned")
+            self.sc_q = ActQuant("shifted", min_bits=r)
+        self.act_out = ActQuant("unsigned", min_bits=r)
+        self.split = r is not None
+        if self.split:
+            self.act_out_conv = ActQuant("unsigned")
 
     def shortcut(self, x: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
         if self.shortcut_kind == "none":
@@ -54,9 +64,12 @@ class BasicBlock(nn.Module):
             return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
         return self.sc_q(self.sc_conv(x, s))
 
-    def forward_int(self, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The integer graph of this block (centred integer tensors, see IntegerEval)."""
-        h, sh = IntegerEval.conv(self.conv1, x, s, self.act1)
+    def forward_int(self, x: torch.Tensor, s: torch.Tensor, xc: torch.Tensor, sc_: torch.Tensor):
+        """The integer graph of this block (centred integer tensors, see IntegerEval).
+
+        (x, s): the residual stream; (xc, sc_): the first conv's input (the same tensor unless residual_bits is set).
+        Returns (residual, its scale, next conv input, its scale)."""
+        h, sh = IntegerEval.conv(self.conv1, xc, sc_, self.act1)
         h, sh = IntegerEval.conv(self.conv2, h, sh, self.q2)
         if self.shortcut_kind == "none":
             sc, ssc = x, s
@@ -64,13 +77,23 @@ class BasicBlock(nn.Module):
             sc, ssc = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad)), s
         else:
             sc, ssc = IntegerEval.conv(self.sc_conv, x, s, self.sc_q)
-        return IntegerEval.add(h, sh, sc, ssc, self.act_out)
+        y, sy = IntegerEval.add(h, sh, sc, ssc, self.act_out)
+        if not self.split:
+            return y, sy, y, sy
+        yc, syc = IntegerEval.add(h, sh, sc, ssc, self.act_out_conv)
+        return y, sy, yc, syc
 
-    def forward(self, x: torch.Tensor, s: torch.Tensor | None):
-        h = self.act1(self.conv1(x, s))
+    def forward(self, x: torch.Tensor, s: torch.Tensor | None, xc: torch.Tensor | None = None, sc_: torch.Tensor | None = None):
+        """(residual, scale[, conv input, scale]) -> (residual, scale, next conv input, scale)."""
+        if xc is None:
+            xc, sc_ = x, s
+        h = self.act1(self.conv1(xc, sc_))
         h = self.q2(self.conv2(h, _scale(self.act1)))
-        y = self.act_out(h + self.shortcut(x, s))
-        return y, _scale(self.act_out)
+        z = h + self.shortcut(x, s)
+        y = self.act_out(z)
+        if not self.split:
+            return y, _scale(self.act_out), y, _scale(self.act_out)
+        return y, _scale(self.act_out), self.act_out_conv(z), _scale(self.act_out_conv)
 
 
 class QResNet(nn.Module):
@@ -80,11 +103,19 @@ class QResNet(nn.Module):
         stages: list of (channels, blocks, stride).
         stem: 'cifar' (3x3 conv) or 'imagenet' (7x7/2 conv + 3x3/2 max pool).
         first_last_bits: weight bits of the first conv and the classifier (8 by default; None = follow the body).
+        residual_bits: None (default) quantizes the residual stream at the body's activation bits; R keeps the stem
+            output, every residual add and the pooled features at max(a_bits, R) while every conv in the body still
+            takes a_bits inputs (see BasicBlock). Our option: a 2-bit residual stream (4 levels) is what costs most
+            accuracy at 2 bits.
     """
 
     def __init__(self, stages, stem: str = "cifar", shortcut: str = "A", num_classes: int = 10, stem_ch: int = 16,
-                 first_last_bits: int | None = 8, mean=IMAGENET_MEAN, std=IMAGENET_STD, in_size: int = 32):
+                 first_last_bits: int | None = 8, mean=IMAGENET_MEAN, std=IMAGENET_STD, in_size: int = 32,
+                 residual_bits: int | None = None):
         super().__init__()
+        if residual_bits is not None and residual_bits not in (2, 3, 4, 5, 6, 7, 8):
+            raise QNNError(f"residual_bits must be in 2..8 or None, got {residual_bits}")
+        self.residual_bits = residual_bits
         self.mean, self.std, self.in_size, self.num_classes = tuple(mean), tuple(std), in_size, num_classes
         # forward() takes pixels in [0, 1] (what patches live in); normalisation is the first op. The exported
         # integer graph starts after it (its input is the normalised image; the metadata carries mean/std).
@@ -94,41 +125,49 @@ class QResNet(nn.Module):
         k, st = (3, 1) if stem == "cifar" else (7, 2)
         self.stem_kind = stem
         self.conv1 = QConvBN(3, stem_ch, k, st, fixed_w_bits=first_last_bits)
-        self.act1 = ActQuant("unsigned")
+        self.act1 = ActQuant("unsigned", min_bits=residual_bits)
+        if residual_bits is not None:
+            self.act1_conv = ActQuant("unsigned")  # the stem output at a_bits, for the first block's conv
         blocks, cin = [], stem_ch
         for ch, n, stride in stages:
             for i in range(n):
-                blocks.append(BasicBlock(cin, ch, stride if i == 0 else 1, shortcut))
+                blocks.append(BasicBlock(cin, ch, stride if i == 0 else 1, shortcut, residual_bits))
                 cin = ch
         self.blocks = nn.ModuleList(blocks)
-        self.pool_q = ActQuant("unsigned")
+        self.pool_q = ActQuant("unsigned", min_bits=residual_bits)
         self.linear = QLinear(cin, num_classes, fixed_w_bits=first_last_bits)
 
-    def _stem(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _stem(self, x: torch.Tensor):
+        """-> (residual stream, scale, first conv input, scale)."""
         x = self.inq((x - self._mean) / self._std)
-        x = self.act1(self.conv1(x, _scale(self.inq)))
+        z = self.conv1(x, _scale(self.inq))
+        y = self.act1(z)
+        yc, sc = (self.act1_conv(z), _scale(self.act1_conv)) if self.residual_bits is not None else (y, _scale(self.act1))
         if self.stem_kind == "imagenet":
-            x = F.max_pool2d(x, 3, 2, 1)
-        return x, _scale(self.act1)
+            y = F.max_pool2d(y, 3, 2, 1)
+            yc = F.max_pool2d(yc, 3, 2, 1) if self.residual_bits is not None else y
+        return y, _scale(self.act1), yc, sc
 
     def features(self, x: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
-        """Activations after the stem and each block (for feature-map analyses)."""
-        x, s = self._stem(x)
+        """Activations (the residual stream) after the stem and each block (for feature-map analyses)."""
+        x, s, xc, sc = self._stem(x)
         out = [x]
         for b in self.blocks[:upto]:
-            x, s = b(x, s)
+            x, s, xc, sc = b(x, s, xc, sc)
             out.append(x)
         return out
 
     def forward_int(self, x: torch.Tensor) -> torch.Tensor:
         """Exactly the exported integer graph's arithmetic (eval, quantized, no autograd; see IntegerEval)."""
-        xc, s = IntegerEval.quantize_input((x - self._mean) / self._std, self.inq)
-        xc, s = IntegerEval.conv(self.conv1, xc, s, self.act1)
-        if self.stem_kind == "imagenet":
-            xc = F.max_pool2d(xc, 3, 2, 1)  # on unsigned ints (zp 0): padding never wins the max
+        xi, si = IntegerEval.quantize_input((x - self._mean) / self._std, self.inq)
+        xr, s = IntegerEval.conv(self.conv1, xi, si, self.act1)
+        xc, sc = IntegerEval.conv(self.conv1, xi, si, self.act1_conv) if self.residual_bits is not None else (xr, s)
+        if self.stem_kind == "imagenet":  # on unsigned ints (zp 0): padding never wins the max
+            xr = F.max_pool2d(xr, 3, 2, 1)
+            xc = F.max_pool2d(xc, 3, 2, 1) if self.residual_bits is not None else xr
         for b in self.blocks:
-            xc, s = b.forward_int(xc, s)
-        xc, s = IntegerEval.global_avg_pool(xc, s, self.pool_q)
+            xr, s, xc, sc = b.forward_int(xr, s, xc, sc)
+        xc, s = IntegerEval.global_avg_pool(xr, s, self.pool_q)
         return IntegerEval.linear(self.linear, xc, s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,9 +176,9 @@ class QResNet(nn.Module):
             if uncalibrated(self):
                 raise QNNError(f"activation quantizers at {self.act1.a_bits} bits were never calibrated; train or calibrate first")
             return self.forward_int(x)
-        x, s = self._stem(x)
+        x, s, xc, sc = self._stem(x)
         for b in self.blocks:
-            x, s = b(x, s)
+            x, s, xc, sc = b(x, s, xc, sc)
         x = self.pool_q(x.mean((2, 3)))
         return self.linear(x, _scale(self.pool_q))
 

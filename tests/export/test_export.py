@@ -51,6 +51,45 @@ def test_zoo_exports_fully_integer(name, bits, tmp_path):
         assert np.array_equal(ref, IntegerInterpreter(p).run(xn)) and (ref.argmax(1) == got.argmax(1)).all()
 
 
+@pytest.mark.parametrize("name", ["small_cnn", "resnet20", "resnet18"])
+def test_wide_residual_stream_is_integer_and_exact(name, tmp_path):
+    """residual_bits=8 at 2 bits: adds and block outputs on an 8-bit grid, every body conv input on a 2-bit grid;
+    the export stays fully integer and ORT computes exactly what the PyTorch model computes."""
+    torch.manual_seed(0)
+    kw = {"num_classes": 10, "in_size": 64} if name == "resnet18" else {}
+    m = create_model(name, residual_bits=8, **kw)
+    s = m.in_size
+    set_bit_width_(m, 2)
+    ensure_calibrated_(m, torch.rand(4, 3, s, s))
+    m.eval()
+    blk = m.blocks[-1]
+    assert (blk.act_out.bits, blk.q2.bits, blk.act1.bits, blk.act_out_conv.bits, m.act1.bits) == (8, 8, 2, 2, 8)
+    x = torch.rand(3, 3, s, s)
+    with torch.no_grad():
+        ref = m(x).numpy()
+        feats = m.features(x)
+    assert len(torch.unique(feats[-1])) > 4  # the residual stream has more than 2-bit levels
+    p = export_model(m, 2, "int", tmp_path / "m.onnx")
+    c = verify(p)
+    assert c["fully_integer"], c
+    import onnx
+    assert json.loads(json.dumps({e.key: e.value for e in onnx.load(p).metadata_props}))["residual_bits"] == "8"
+    xn = normalise(x.numpy(), m.mean, m.std)
+    got = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": xn})[0]
+    assert np.array_equal(ref, got)
+    assert np.array_equal(ref, IntegerInterpreter(p).run(xn))
+    # the option is part of the architecture: a checkpoint round-trip rebuilds it
+    from qnn.checkpoint import save_checkpoint
+    save_checkpoint(tmp_path / "c.pt", m)
+    m2, _ = load_checkpoint(tmp_path / "c.pt")
+    set_bit_width_(m2, 2)
+    m2.eval()
+    with torch.no_grad():
+        assert np.array_equal(m2(x).numpy(), ref)
+    with pytest.raises(QNNError, match="residual_bits"):
+        create_model(name, residual_bits=9, **kw)
+
+
 def test_integer_eval_keeps_gradients(trained_ckpt):
     """With autograd on (attacks), eval runs the differentiable fake-quant form, within a few LSBs of the integers."""
     m, _ = load_checkpoint(trained_ckpt)

@@ -172,3 +172,28 @@ def test_pipeline_overwrite_retrains_its_stages(tmp_path):
     for stage in ("qat", "qadtr"):
         assert len(json.loads((out / stage / "metrics.json").read_text())["history"]) == 2
     assert (out / "report.md").is_file()
+
+
+def test_distillation_from_a_float_teacher(tmp_path, capsys, trained_ckpt):
+    """--distill adds the teacher's soft targets at quantized steps: same seed and data, different weights; the
+    teacher is never trained; bad distillation options are one-line errors."""
+    from qnn.checkpoint import load_checkpoint
+    from qnn.train import distill_loss
+
+    base = dict(bits=[2, 32], epochs=1, init=str(trained_ckpt), **TINY)
+    train(TrainConfig(out_dir=str(tmp_path / "plain"), **base))
+    train(TrainConfig(out_dir=str(tmp_path / "kd"), distill="init", distill_alpha=0.9, **base))
+    a, _ = load_checkpoint(tmp_path / "plain" / "model.pt")
+    b, _ = load_checkpoint(tmp_path / "kd" / "model.pt")
+    assert not torch.equal(a.blocks[0].conv1.weight, b.blocks[0].conv1.weight)
+    teacher, _ = load_checkpoint(trained_ckpt)
+    assert not torch.equal(teacher.blocks[0].conv1.weight, b.blocks[0].conv1.weight)
+    # alpha=0 is plain cross-entropy; equal logits leave only (1-alpha) CE
+    s = torch.randn(8, 10)
+    assert torch.allclose(distill_loss(torch.tensor(2.0), s, s, 0.25, 3.0), torch.tensor(1.5))
+    assert distill_loss(torch.tensor(0.0), s, -s, 1.0, 1.0) > 0
+    args = ["train", "--model", "small_cnn", "--no-progress", "--out", tmp_path / "x"]
+    assert "distill_alpha" in _cli_err(args + ["--distill", trained_ckpt, "--distill-alpha", "1.5"], capsys)
+    assert "plain QAT" in _cli_err(args + ["--distill", trained_ckpt, "--defense", "pbat"], capsys)
+    assert "needs --init" in _cli_err(args + ["--distill", "init"], capsys)
+    assert "not found" in _cli_err(args + ["--distill", tmp_path / "missing.pt"], capsys)
