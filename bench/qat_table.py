@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
                          "bits (conv inputs stay at the bit-width); 0 = skip those rows")
     ap.add_argument("--residual-epochs", type=int, default=None, help="epochs of the wide-residual runs (default: --epochs / --fixed-epochs)")
     ap.add_argument("--distill", action="store_true",
-                    help="wide-residual runs: distil from the pretrained float model at quantized steps (qnn train --distill init)")
+                    help="wide-residual runs: distil at quantized steps from the float fine-tune of this table (qnn train --distill "
+                         "RUNS/float/model.pt); the pretrained weights score only ~81% on this JPEG-decoded data")
     ap.add_argument("--runs-dir", default="runs/qat_resnet20")
     ap.add_argument("--out", default="results/qat_resnet20")
     a = ap.parse_args(argv)
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = TrainConfig(model="resnet20", dataset="cifar10", data_dir=a.data_dir, init=a.weights, bits=bits,
                                   epochs=epochs, lr=a.lr, threads=a.threads, train_subset=a.train_subset,
                                   test_subset=a.test_subset, out_dir=str(out), resume=True, eval_bits=bits,
-                                  residual_bits=(R if wide else None), distill=("init" if wide and a.distill else None))
+                                  residual_bits=(R if wide else None), distill=(str(Path(a.runs_dir) / "float" / "model.pt") if wide and a.distill else None))
                 print(f"== training {name} (bits {bits})", flush=True)
                 train(cfg)
             model, obj = load_checkpoint(out / "model.pt")
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     eps = {k: v["epochs"] for k, v in results.items()}
     cmd = (f"python bench/qat_table.py --epochs {a.epochs} --float-epochs {a.float_epochs} --fixed-epochs {a.fixed_epochs} "
            f"--lr {a.lr} --residual-bits {R}" + (f" --residual-epochs {a.residual_epochs}" if a.residual_epochs else "")
-           + (" --distill" if a.distill else ""))
+           + (" --distill" if a.distill else "") + (f" --out {a.out}" if a.out != "results/qat_resnet20" else ""))
     md = (f"Pretrained ResNet-20 fine-tuned on the shared (JPEG-decoded) CIFAR-10 (epochs per run: {eps}), "
           f"test set n={len(test)}. Command: `{cmd}`\n\n"
           "Every tensor at the bit-width (first conv and classifier weights at 8 bits), residual stream included:\n\n"
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             sw = results[f"switchable_{tag}"]["accuracy_pct"][b]
             fixed = results[f"fixed2_{tag}"]["accuracy_pct"][b] if b == "2" else None
             rrows.append([b, sw, "" if fixed is None else fixed, sw - fl, "" if fixed is None else fixed - fl])
-        md += (f"\n\nWide residual stream (`--residual-bits {R}`" + (", distilled from the float model" if a.distill else "")
+        md += (f"\n\nWide residual stream (`--residual-bits {R}`" + (", distilled from the float fine-tune" if a.distill else "")
                + f", epochs {eps[f'switchable_{tag}']} / {eps[f'fixed2_{tag}']}): every conv input and weight at the bit-width, the residual "
                f"adds, block outputs and pooled features at max(bits, {R}); fully integer in ONNX Runtime (the add runs "
                "twice, once per output grid):\n\n"
