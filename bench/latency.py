@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--weight-type", default="auto", choices=["auto", "int8", "uint8"],
+                    help="integer weight container of the exported models (see qnn export --weight-type)")
     ap.add_argument("--out", default="results/latency")
     a = ap.parse_args(argv)
     import warnings
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             for b in [int(v) for v in a.bits.split(",")]:
                 set_bit_width_(model, b)
                 ensure_calibrated_(model, torch.rand(8, 3, size, size))
-                ipaths[b] = export_model(model, b, "int", Path(td) / f"{name}_int{b}.onnx")
+                ipaths[b] = export_model(model, b, "int", Path(td) / f"{name}_int{b}.onnx", weight_type=a.weight_type)
             for threads in [int(t) for t in a.threads.split(",")]:
                 torch.set_num_threads(threads)
                 so = ort.SessionOptions()
@@ -158,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
           + markdown_table(["model", "bits", "batch", "threads", "ORT int", "ORT float", "int speed-up", "PyTorch float",
                             "PyTorch fake-quant", "int MAC/s of peak"], rows))
     print(md)
-    atomic_write_json(a.out + ".json", {"results": results, "int8_peak_mac_per_s": peaks, "environment": environment()})
+    atomic_write_json(a.out + ".json", {"results": results, "int8_peak_mac_per_s": peaks, "weight_type": a.weight_type,
+                                       "environment": environment()})
     atomic_write_bytes(a.out + ".md", md.encode())
     _plot(results, a.out + ".png")
     return 0

@@ -24,6 +24,9 @@ def add_export(sub) -> None:
     p.add_argument("--bits", type=int, required=True)
     p.add_argument("--format", default="int", help="qonnx|qcdq|int")
     p.add_argument("--out", required=True)
+    p.add_argument("--weight-type", default="auto", choices=["auto", "int8", "uint8"],
+                   help="integer weight container (format int): auto = uint8 (zero point 128) for layers whose |w| > 64, "
+                        "which ORT's u8s8 kernels can saturate on x86 without VNNI, int8 for the rest")
 
 
 def cmd_export(a) -> int:
@@ -37,7 +40,7 @@ def cmd_export(a) -> int:
     model, obj, sha = _load_at_bits(a.checkpoint, a.bits)
     meta = {"source_checkpoint_sha256": sha, "class_names": obj.get("classes") or [str(i) for i in range(model.num_classes)],
             "trained_bits": obj.get("trained_bits", []), "defense": obj.get("defense", "none")}
-    out = export_model(model, a.bits, a.format, a.out, meta)
+    out = export_model(model, a.bits, a.format, a.out, meta, weight_type=a.weight_type)
     info = {"out": str(out), "format": a.format, "bits": a.bits}
     if a.format != "qonnx":
         info["census"] = verify(out)

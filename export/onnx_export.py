@@ -39,9 +39,17 @@ class QTensor:
     zp: int
 
 
+#: |w| above this can saturate ONNX Runtime's u8 x s8 kernels on x86 without AVX-VNNI (AVX2 / AVX-512BW use
+#: VPMADDUBSW, which adds two u8*s8 products into a saturating int16: 255 * 64 * 2 = 32640 is the largest safe pair)
+SATURATION_FREE_MAX_W = 64
+WEIGHT_TYPES = ("auto", "int8", "uint8")
+
+
 class _Builder:
-    def __init__(self, fmt: str, bits: int):
-        self.fmt, self.bits = fmt, bits
+    def __init__(self, fmt: str, bits: int, weight_type: str = "auto"):
+        if weight_type not in WEIGHT_TYPES:
+            raise QNNError(f"unknown weight type '{weight_type}'; choose from {', '.join(WEIGHT_TYPES)}")
+        self.fmt, self.bits, self.weight_type = fmt, bits, weight_type
         self.nodes: list = []
         self.inits: list = []
         self.n = 0
@@ -84,6 +92,12 @@ class _Builder:
     def weight(self, w_int: np.ndarray, s_eff: np.ndarray, bits: int) -> str:
         qm = 2 ** (bits - 1) - 1
         if self.fmt == "int":
+            # 'auto': uint8 weights (zero point 128, the same integers) where int8 ones could saturate ORT's u8s8 kernels
+            # on x86 without VNNI (its u8u8 kernels widen to int16 first: exact everywhere); int8 elsewhere (fastest)
+            u8 = self.weight_type == "uint8" or (self.weight_type == "auto" and np.abs(w_int).max() > SATURATION_FREE_MAX_W)
+            if u8:
+                return self.node("DequantizeLinear", [self.const((w_int + 128).astype(np.uint8), "w"), self.const(s_eff.astype(np.float32), "ws"),
+                                                      self.const(np.full(len(s_eff), 128, np.uint8), "wzp")], "wdq", axis=0)
             return self.node("DequantizeLinear", [self.const(w_int.astype(np.int8), "w"), self.const(s_eff.astype(np.float32), "ws"),
                                                   self.const(np.zeros(len(s_eff), np.int8), "wzp")], "wdq", axis=0)
         shape = (-1,) + (1,) * (w_int.ndim - 1)
@@ -130,8 +144,12 @@ def _scale_of(q: ActQuant) -> float:
     return float(q.scale().detach())
 
 
-def build_graph(model: torch.nn.Module, bits: int, fmt: str = "int", batch: int | str = "N") -> onnx.ModelProto:
-    """Build the ONNX model of `model` at `bits` (weights and activations; first/last layers per the model)."""
+def build_graph(model: torch.nn.Module, bits: int, fmt: str = "int", batch: int | str = "N",
+                weight_type: str = "auto") -> onnx.ModelProto:
+    """Build the ONNX model of `model` at `bits` (weights and activations; first/last layers per the model).
+
+    weight_type (format 'int'): 'int8', 'uint8' (zero point 128) or 'auto' (uint8 for layers whose |w| > 64, which
+    ORT's u8s8 kernels can saturate on x86 CPUs without VNNI; int8 for the others)."""
     if fmt not in FORMATS:
         raise QNNError(f"unknown export format '{fmt}'; choose from {', '.join(FORMATS)}")
     if not (2 <= bits <= 8):
@@ -141,7 +159,7 @@ def build_graph(model: torch.nn.Module, bits: int, fmt: str = "int", batch: int 
     for m in model.modules():
         if isinstance(m, ActQuant) and m.kind != "input" and not bool(m.initialized[m.bits - 2 if m.bits <= 8 else 7]):
             raise QNNError(f"model has no calibrated {m.bits}-bit activation scales: it was not trained at {bits} bits")
-    b = _Builder(fmt, bits)
+    b = _Builder(fmt, bits, weight_type)
     H = W = model.in_size
     xin = b.quantize("input", model.inq, _scale_of(model.inq))
     x = b.quantize(_conv(b, model.conv1, xin), model.act1, _scale_of(model.act1))
@@ -195,16 +213,18 @@ def build_graph(model: torch.nn.Module, bits: int, fmt: str = "int", batch: int 
     return m
 
 
-def export_model(model: torch.nn.Module, bits: int, fmt: str, out: str | Path, meta: dict | None = None) -> Path:
+def export_model(model: torch.nn.Module, bits: int, fmt: str, out: str | Path, meta: dict | None = None,
+                 weight_type: str = "auto") -> Path:
     """Build, check, attach metadata and write atomically. Returns the path."""
     from qnn.checkpoint import atomic_write_bytes
 
-    m = build_graph(model, bits, fmt)
+    m = build_graph(model, bits, fmt, weight_type=weight_type)
     md = {"qnn_version": __version__, "format": fmt, "w_bits": str(bits), "a_bits": str(bits),
           "residual_bits": str(max(bits, model.residual_bits) if getattr(model, "residual_bits", None) else bits),
           "first_last_w_bits": str(model.conv1.fixed_w_bits or bits), "input_layout": "NCHW",
           "input_normalisation": json.dumps({"mean": list(model.mean), "std": list(model.std), "pixel_range": [0, 1]}),
-          "input_shape": json.dumps([3, model.in_size, model.in_size]), "arch": getattr(model, "arch", "")}
+          "input_shape": json.dumps([3, model.in_size, model.in_size]), "arch": getattr(model, "arch", ""),
+          "weight_type": weight_type}
     md.update({k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (meta or {}).items()})
     for k, v in md.items():
         e = m.metadata_props.add()

@@ -82,6 +82,13 @@ class QADTR(Defense):
         self.scale_min = _get(a, "scale_min", 1.0)
         self.scale_max = _get(a, "scale_max", 1.0)
         self.rotation_max = _get(a, "rotation_max", 0.0)
+        # ours: A-QAPA's scale EOT on the pixel grid: each step pastes the pool patch resized (nearest, no blur) to a
+        # side drawn from `sizes` (e.g. "5,6,7,8"); empty = the patch's own size only
+        sz = a.get("sizes", "")
+        try:
+            self.sizes = [int(v) for v in (sz.split(",") if isinstance(sz, str) else sz) if str(v).strip()]
+        except ValueError:
+            raise QNNError(f"defense option sizes={sz!r} is not a comma-separated list of ints") from None
         self.no_aqapa = bool(a.get("no_aqapa", False))
         self.no_gir = bool(a.get("no_gir", False))
         if self.aqapa_signal not in ("asr", "error"):
@@ -95,6 +102,9 @@ class QADTR(Defense):
         if not (0 < self.frac_patched <= 1):
             raise QNNError(f"frac_patched must be in (0, 1], got {self.frac_patched}")
         H = W = getattr(model, "in_size", 32)
+        if any(not (0 < v <= H) for v in self.sizes):
+            raise QNNError(f"sizes must be in 1..{H}, got {self.sizes}")
+        self.image_size = (H, W)
         scale_max = min(self.scale_max, H / self.patch_size)
         self.pcfg = PatchConfig(patch_shape=(self.patch_size, self.patch_size), scale_min=min(self.scale_min, scale_max),
                                 scale_max=scale_max, rotation_max=self.rotation_max, image_size=(H, W))
@@ -129,7 +139,14 @@ class QADTR(Defense):
             patch.requires_grad_(False)
         else:
             patch = self.pool[k].clone().to(x).requires_grad_(True)
-        warped, m = eot_warp(x[:n_p], patch, self.mask.to(x), self.pcfg, gen)
+        pasted, mask, pcfg = patch, self.mask, self.pcfg
+        if self.sizes:
+            side = self.sizes[int(torch.randint(len(self.sizes), (1,), generator=gen))]
+            if side != self.patch_size:
+                pasted = F.interpolate(patch[None], size=(side, side), mode="nearest")[0]
+                mask = make_mask("square", side, side)
+                pcfg = PatchConfig(patch_shape=(side, side), image_size=self.image_size)
+        warped, m = eot_warp(x[:n_p], pasted, mask.to(x), pcfg, gen)
         delta = self.refine(model, x[:n_p], y[:n_p], warped.detach(), m.detach())
         xp = x[:n_p] * (1 - m) + (warped + delta) * m
         xin = torch.cat([xp, x[n_p:]], 0)

@@ -37,18 +37,53 @@ def test_zoo_exports_fully_integer(name, bits, tmp_path):
     assert c["fully_integer"], c
     assert c["ops"].get("QLinearConv", 0) >= 3 and c["ops"].get("QGemm") == 1
     # every architecture's exact integer eval (max pool, projection shortcuts...) is the integer reference's, bit for
-    # bit, and ORT's at 2/4 bits. At 8 bits ORT's x86 u8s8 kernels can differ on these random-init weights (many
-    # |w| near 127 against activations near 255: consistent with int16 pair saturation); trained models matched
-    # on 10k images (results/parity.md), so 8 bits is held to the reference and to ORT's top-1 here.
+    # bit, and ORT's (8 bits on the deep nets: see below). At 8 bits these random-init weights sit near +-127
+    # against activations near 255: int8 weights would saturate ORT's u8s8 kernels on x86 without VNNI; the
+    # exporter's default (uint8 weights where |w| > 64) removes that (ResNet-20/32 at 8 bits: exact on AVX2).
     x = torch.rand(3, 3, 64, 64) if name == "resnet18" else torch.rand(3, 3, 32, 32)
     with torch.no_grad():
         ref = m(x).numpy()
     xn = normalise(x.numpy(), m.mean, m.std)
     got = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": xn})[0]
-    if bits < 8:
-        assert np.array_equal(ref, got)
+    assert np.array_equal(ref, IntegerInterpreter(p).run(xn))
+    if bits == 8 and name in ("resnet18", "resnet44", "resnet56"):
+        # left open: on an AVX2-only x86 CPU, ORT differs from the exact arithmetic by a few output LSB on these deep
+        # random-init nets at 8 bits even with uint8 weights (seen on ResNet-18 and -56, max |logit diff| 0.005; a rounding difference in
+        # an ISA-specific kernel, not saturation); exact on AVX-512 VNNI. Held to ORT's top-1 and a small bound here.
+        assert (ref.argmax(1) == got.argmax(1)).all() and np.abs(ref - got).max() < 0.05
     else:
-        assert np.array_equal(ref, IntegerInterpreter(p).run(xn)) and (ref.argmax(1) == got.argmax(1)).all()
+        assert np.array_equal(ref, got)
+
+
+def test_weight_type_avoids_u8s8_saturation(tmp_path):
+    """A first conv whose integer weights are all +-127 on saturated (white / black) pixels: the worst case for
+    ORT's x86 u8s8 kernels without VNNI (int16 pair saturation). 'auto' stores it as uint8 (zero point 128) and keeps
+    the 4-bit body int8; ORT then matches the exact integer arithmetic bit for bit on any CPU."""
+    import onnx
+
+    m = _calibrated("resnet20", 4)
+    with torch.no_grad():
+        m.conv1.weight.copy_(torch.where(torch.rand_like(m.conv1.weight) < 0.5, -1.0, 1.0) * 10)
+        m.conv1.w_log_scale.data[:] = np.log(10 / 127)
+    assert m.conv1.int_weight().abs().max() == 127
+    x = (torch.rand(8, 3, 32, 32) > 0.5).float()
+    with torch.no_grad():
+        ref = m(x).numpy()
+    p = export_model(m, 4, "int", tmp_path / "m.onnx")
+    inits = {t.name: t for t in onnx.load(str(p)).graph.initializer}
+    wdq = [n for n in onnx.load(str(p)).graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("w_")]
+    types = [onnx.helper.tensor_dtype_to_np_dtype(inits[n.input[0]].data_type) for n in wdq]
+    assert types[0] == np.uint8 and types[-1] == np.uint8  # first conv, classifier (8-bit)
+    assert all(t == np.int8 for t in types[1:-1])           # 4-bit body
+    got = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": normalise(x.numpy(), m.mean, m.std)})[0]
+    assert np.array_equal(ref, got)
+    assert c_integer(p)
+    with pytest.raises(QNNError, match="weight type"):
+        build_graph(m, 4, "int", weight_type="int4")
+
+
+def c_integer(p) -> bool:
+    return verify(p)["fully_integer"]
 
 
 @pytest.mark.parametrize("name", ["small_cnn", "resnet20", "resnet18"])

@@ -145,8 +145,10 @@ def test_pixel_attacks_reduce_accuracy(model_and_data):
     x, y = xe[:100], ye[:100]
     acc = (predict(m, x) == y).float().mean()
     acc_f = (predict(m, fgsm(m, x, y, 8 / 255)) == y).float().mean()
-    acc_p = (predict(m, pgd_linf(m, x, y, 8 / 255, steps=5)) == y).float().mean()
-    assert acc_p <= acc_f <= acc and acc_p < acc - 0.1
+    acc_p = (predict(m, pgd_linf(m, x, y, 8 / 255, steps=10)) == y).float().mean()
+    # both attacks hurt; PGD-10 (step 2/255, random start) is at least about as strong as one FGSM step (it is not
+    # guaranteed to be stronger on every image set: 2 images of slack on 100)
+    assert acc_f < acc - 0.1 and acc_p < acc - 0.1 and acc_p <= acc_f + 0.02
 
 
 def test_adaptive_attacks_run(model_and_data):
