@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", help="comma-separated defense names to run")
+    ap.add_argument("--reuse", metavar="JSON", help="an earlier results JSON of this program: take the rows named by "
+                    "--reuse-names from it instead of re-running them (marked in the output with that run's git SHA and CPU)")
+    ap.add_argument("--reuse-names", default="", help="comma-separated defense names to take from --reuse")
     a = ap.parse_args(argv)
     if a.budget not in BUDGETS:
         print(f"defense_table: error: unknown budget '{a.budget}'; choose from {', '.join(BUDGETS)}", file=sys.stderr)
@@ -138,12 +142,41 @@ def main(argv: list[str] | None = None) -> int:
     names = defenses(b)
     if a.only:
         names = {k: v for k, v in names.items() if k in a.only.split(",")}
+    reused: dict[str, dict] = {}
+    if a.reuse:
+        try:
+            old = json.loads(Path(a.reuse).read_text())
+        except (OSError, ValueError) as e:
+            print(f"defense_table: error: cannot read --reuse file {a.reuse}: {e}", file=sys.stderr)
+            return 2
+        if old.get("budget") != a.budget:
+            print(f"defense_table: error: --reuse file is budget {old.get('budget')!r}, not {a.budget!r}", file=sys.stderr)
+            return 2
+        old_base = old["table"].get("none", {}).get("epoch_seconds")
+        env = old.get("environment", {})
+        for n in [v for v in a.reuse_names.split(",") if v]:
+            if n not in old["table"] or n not in names:
+                print(f"defense_table: error: --reuse-names: no row '{n}' in {a.reuse} or in this budget", file=sys.stderr)
+                return 2
+            e = dict(old["table"][n])
+            if "reused_from" in e:  # already a reused row: keep its provenance and cost
+                reused[n] = e
+                continue
+            e["cost_vs_qat"] = e["epoch_seconds"] / old_base if old_base else None
+            e["reused_from"] = {"file": a.reuse, "git_sha": env.get("git_sha"), "cpu_model": env.get("cpu_model"),
+                                "isa_flags": env.get("isa_flags")}
+            reused[n] = e
+        if "none" in reused:
+            print("defense_table: error: re-run 'none' (it is the cost and accuracy reference)", file=sys.stderr)
+            return 2
     def rdir_of(name: str) -> Path:
         return runs / name.replace(" ", "_").replace("(", "").replace(")", "")
 
     # training jobs: a per-bit defense is one fixed-precision model per evaluated bit-width ("name@bits")
     jobs: dict[str, tuple[str, dict, list[int], str]] = {}
     for name, (dname, dargs, bits) in names.items():
+        if name in reused:
+            continue
         if bits == PER_BIT:
             for eb in b["eval_bits"]:
                 jobs[f"{name}@{eb}"] = (dname, dargs, [eb], name)
@@ -188,21 +221,27 @@ def main(argv: list[str] | None = None) -> int:
         t["models"][job] = {"epoch_seconds": entry["epoch_seconds"], "run": str(rdir)}
         t["per_bits"].update(entry["per_bits"])
         t["epoch_seconds"] = sum(m["epoch_seconds"] for m in t["models"].values()) / len(t["models"])
+    table = {n: (reused[n] if n in reused else table[n]) for n in names if n in reused or n in table}
     base = table.get("none", {}).get("epoch_seconds")
     rows = []
     for name, e in table.items():
         for bits, r in e["per_bits"].items():
             rows.append([name, bits, r["clean_acc_pct"], r["seen_asr_pct"], r["unseen_asr_pct"],
-                         r.get("adaptive_asr_pct", "-"), (e["epoch_seconds"] / base) if base else "-"])
+                         r.get("adaptive_asr_pct", "-"),
+                         e["cost_vs_qat"] if e.get("cost_vs_qat") else ((e["epoch_seconds"] / base) if base else "-")])
     all_bits = [str(x) for x in b["eval_bits"] + b["left_out"]]
     pivot = [[bt] + [table[n]["per_bits"].get(bt, {}).get("unseen_asr_pct", "-") for n in table] for bt in all_bits]
     md = (f"Defense table, budget `{a.budget}` ({b['model']} on {b['dataset']}, {b['epochs']} epoch(s), "
           f"eval on {b['n_eval']} test images, patches {b['patch_iters']} iterations). "
-          f"Command: `python bench/defense_table.py --budget {a.budget}`\n\n"
+          f"Command: `python bench/defense_table.py {' '.join(shlex.quote(v) for v in (argv if argv is not None else sys.argv[1:]))}`\n\n"
           "`pbat` is the spec's baseline, PBAT at one fixed precision: its row at b bits is a separate PBAT model trained "
           "at b bits (its cost column is one such model; covering all bit-widths costs that times "
           f"{len(b['eval_bits'])}). `pbat+dbwt` (ours, a stronger baseline) is PBAT given DBWT: one switchable model.\n\n"
-          "Unseen-patch ASR % (mean of 10x10 square, 8x8 circle, fixed-corner 8x8), lower is better:\n\n"
+          + "".join(f"Row `{n}` is taken from an earlier run of this program (`{e['reused_from']['file']}`, git "
+                    f"{str(e['reused_from']['git_sha'])[:10]}, {e['reused_from']['cpu_model']} "
+                    f"{'/'.join(e['reused_from']['isa_flags'] or [])}): its code is unchanged since; its cost column is "
+                    "relative to that run's QAT.\n\n" for n, e in table.items() if "reused_from" in e)
+          + "Unseen-patch ASR % (mean of 10x10 square, 8x8 circle, fixed-corner 8x8), lower is better:\n\n"
           + markdown_table(["bits"] + list(table), pivot) + "\nAll figures:\n\n"
           + markdown_table(["defense", "bits", "clean %", "seen ASR %", "unseen ASR %", "adaptive ASR %",
                             "train s/epoch vs QAT"], rows))

@@ -83,8 +83,8 @@ class QADTR(Defense):
         self.scale_max = _get(a, "scale_max", 1.0)
         self.rotation_max = _get(a, "rotation_max", 0.0)
         # ours: A-QAPA's scale EOT on the pixel grid: each step pastes the pool patch resized (nearest, no blur) to a
-        # side drawn from `sizes` (e.g. "5,6,7,8"); empty = the patch's own size only
-        sz = a.get("sizes", "")
+        # side drawn from `sizes` (default 5..8 around the 6x6 patch: scale 0.83-1.33); "" = the patch's own size only
+        sz = a.get("sizes", "5,6,7,8" if self.patch_size == 6 else "")
         try:
             self.sizes = [int(v) for v in (sz.split(",") if isinstance(sz, str) else sz) if str(v).strip()]
         except ValueError:

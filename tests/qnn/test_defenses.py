@@ -88,3 +88,40 @@ def test_defense_bad_inputs(tmp_path, capsys):
         make_defense("qadtr", {"inner_steps": -1}, cfg, create_model("small_cnn"))
     with pytest.raises(QNNError, match="aqapa_signal"):
         make_defense("qadtr", {"aqapa_signal": "magic"}, cfg, create_model("small_cnn"))
+    with pytest.raises(QNNError, match="sizes"):
+        make_defense("qadtr", {"sizes": "5,40"}, cfg, create_model("small_cnn"))
+    with pytest.raises(QNNError, match="sizes"):
+        make_defense("qadtr", {"sizes": "5,x"}, cfg, create_model("small_cnn"))
+
+
+def test_qadtr_scale_eot_pastes_resized_patches_on_the_pixel_grid():
+    """A-QAPA's scale EOT (`sizes`): the 6x6 pool patch is pasted at the drawn side (here always 8), as an exact
+    nearest-neighbour copy on the pixel grid: 8x8 changed pixels per image, values taken from the pool patch."""
+    import torch
+    import torch.nn as nn
+
+    from qnn.layers import ensure_calibrated_, set_bit_width_
+
+    m = create_model("small_cnn")
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    set_bit_width_(m, 4)
+    ensure_calibrated_(m, x)
+    seen = []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = m
+
+        def forward(self, xin):
+            seen.append(xin.detach())
+            return self.m(xin)
+
+    q = make_defense("qadtr", {"sizes": "8", "inner_steps": 0, "frac_patched": 1.0, "no_gir": True},
+                     TrainConfig(model="small_cnn", bits=[4]), m)
+    m.train()
+    q.loss(Spy(), x, y, 4, step=3)
+    changed = (seen[-1] != x).any(1)  # N,H,W
+    assert (changed.sum((1, 2)) <= 64).all() and (changed.sum((1, 2)) >= 48).all()
+    vals = set(torch.unique(seen[-1].permute(0, 2, 3, 1)[changed], dim=0).flatten().tolist())
+    assert vals <= set(q.pool.flatten().tolist())
