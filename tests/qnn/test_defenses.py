@@ -121,7 +121,8 @@ def test_qadtr_scale_eot_pastes_resized_patches_on_the_pixel_grid():
                      TrainConfig(model="small_cnn", bits=[4]), m)
     m.train()
     q.loss(Spy(), x, y, 4, step=3)
-    changed = (seen[-1] != x).any(1)  # N,H,W
+    # (grid_sample on the snapped grid leaks ~5e-7 into the neighbouring pixels: far below one uint8 input level)
+    changed = ((seen[-1] - x).abs() > 1e-4).any(1)  # N,H,W
     assert (changed.sum((1, 2)) <= 64).all() and (changed.sum((1, 2)) >= 48).all()
-    vals = set(torch.unique(seen[-1].permute(0, 2, 3, 1)[changed], dim=0).flatten().tolist())
-    assert vals <= set(q.pool.flatten().tolist())
+    vals = seen[-1].permute(0, 2, 3, 1)[changed].flatten()
+    assert (vals[:, None] - q.pool.flatten()[None]).abs().min(1).values.max() < 1e-5
