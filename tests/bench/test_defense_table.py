@@ -26,3 +26,10 @@ def test_smoke_budget_end_to_end(tmp_path):
         assert set(e["per_bits"]) >= {"32", "8", "4", "2"} and (name == "pbat" or "3" in e["per_bits"])
         assert 0 <= e["per_bits"]["4"]["unseen_asr_pct"] <= 100 and "adaptive_asr_pct" in e["per_bits"]["2"]
     assert (tmp_path / "t.md").read_text().count("|") > 20 and (tmp_path / "t.png").is_file()
+
+
+def test_defense_cost_bad_options_exit_2(capsys):
+    from bench.defense_cost import main as cost_main
+
+    assert cost_main(["--variants", "qadtr:{not json"]) == 2
+    assert "bad options" in capsys.readouterr().err
