@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(b['eval_bits'])}). `pbat+dbwt` (ours, a stronger baseline) is PBAT given DBWT: one switchable model.\n\n"
           + "".join(f"Row `{n}` is taken from an earlier run of this program (`{e['reused_from']['file']}`, git "
                     f"{str(e['reused_from']['git_sha'])[:10]}, {e['reused_from']['cpu_model']} "
-                    f"{'/'.join(e['reused_from']['isa_flags'] or [])}): its code is unchanged since; its cost column is "
+                    f"{'/'.join(e['reused_from']['isa_flags'] or [])}), not re-run; its cost column is "
                     "relative to that run's QAT.\n\n" for n, e in table.items() if "reused_from" in e)
           + "Unseen-patch ASR % (mean of 10x10 square, 8x8 circle, fixed-corner 8x8), lower is better:\n\n"
           + markdown_table(["bits"] + list(table), pivot) + "\nAll figures:\n\n"

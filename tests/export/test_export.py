@@ -77,13 +77,9 @@ def test_weight_type_avoids_u8s8_saturation(tmp_path):
     assert all(t == np.int8 for t in types[1:-1])           # 4-bit body
     got = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": normalise(x.numpy(), m.mean, m.std)})[0]
     assert np.array_equal(ref, got)
-    assert c_integer(p)
+    assert verify(p)["fully_integer"]
     with pytest.raises(QNNError, match="weight type"):
         build_graph(m, 4, "int", weight_type="int4")
-
-
-def c_integer(p) -> bool:
-    return verify(p)["fully_integer"]
 
 
 @pytest.mark.parametrize("name", ["small_cnn", "resnet20", "resnet18"])
