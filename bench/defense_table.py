@@ -3,7 +3,7 @@ evaluated with the attack suite per bit-width.
 
     python bench/defense_table.py --budget smoke   # minutes on a CPU (CI-sized: small CNN, synthetic data)
     python bench/defense_table.py --budget cpu     # ResNet-20 from the shared pretrained weights on the shared CIFAR-10
-    python bench/defense_table.py --budget full    # paper-scale, for a GPU
+    python bench/defense_table.py --budget full    # paper-scale, for a GPU (--device auto picks CUDA when present)
 
 Per defense and bit-width (trained {32,8,4,2}; left out {3,5,6}, BN re-calibrated): clean accuracy, seen-patch ASR
 (the training configuration: 6x6 square, random placement), unseen-patch ASR (mean over other sizes / shapes /
@@ -62,10 +62,14 @@ def defenses(b: dict) -> dict[str, tuple[str, dict, list[int] | str]]:
         d["qadtr-fixed4 (no DBWT)"] = ("qadtr", {}, [4])
         # PBAT at about QADT-R's training cost (2 inner steps instead of pbat_iters)
         d["pbat-2steps (cost-matched)"] = ("pbat", {"iters": 2, "patch_size": SEEN["patch_shape"][0]}, bits)
+        # QADT-R given (less than) the training compute of the spec's PBAT, which needs one model per bit-width:
+        # 4 epochs x ~1.5 QAT epochs each, against 4 models x ~2.3 QAT epochs (the table's last column)
+        d["qadtr-4epochs (less compute than pbat)"] = ("qadtr", {"patch_size": SEEN["patch_shape"][0]}, bits,
+                                                          {"epochs": 4 * b["epochs"]})
     return d
 
 
-def evaluate_defense(model, trained_bits, b, data, seed=0, left_out=True, eval_bits=None) -> dict:
+def evaluate_defense(model, trained_bits, b, data, seed=0, left_out=True, eval_bits=None, device="cpu") -> dict:
     from qnn.attacks.patch import PatchConfig, evaluate_patch, optimize_universal_patch
     from qnn.layers import set_bit_width_
     from qnn.train import calibrate_, evaluate
@@ -75,15 +79,15 @@ def evaluate_defense(model, trained_bits, b, data, seed=0, left_out=True, eval_b
     eval_bits = list(eval_bits or b["eval_bits"])
     for bits in eval_bits + (b["left_out"] if left_out else []):
         if bits not in trained_bits and bits != 32:
-            calibrate_(model, train_ds, bits)
-        r = {"clean_acc_pct": evaluate(model, test_ds, [bits])[bits]}
+            calibrate_(model, train_ds, bits, device=device)
+        r = {"clean_acc_pct": evaluate(model, test_ds, [bits], device=device)[bits]}
 
         def asr(pc: dict, **kw) -> float:
             cfg = PatchConfig(iterations=b["patch_iters"], batch_size=b["patch_batch"], seed=seed, **pc, **kw)
             set_bit_width_(model, bits)
-            patch, _ = optimize_universal_patch(model, xa, ya, cfg)
+            patch, _ = optimize_universal_patch(model, xa, ya, cfg, device=device)
             set_bit_width_(model, bits)
-            return evaluate_patch(model, xe, ye, patch, cfg)["asr_pct"]
+            return evaluate_patch(model, xe, ye, patch, cfg, device=device)["asr_pct"]
 
         r["seen_asr_pct"] = asr(SEEN)
         r["unseen_asr_pct_each"] = [asr(u) for u in UNSEEN]
@@ -93,10 +97,10 @@ def evaluate_defense(model, trained_bits, b, data, seed=0, left_out=True, eval_b
     # adaptive: EOT over the defender's bit-width distribution, evaluated at every trained bit-width
     cfg = PatchConfig(iterations=b["patch_iters"], batch_size=b["patch_batch"], seed=seed,
                       eot_bits=[t for t in trained_bits], **SEEN)
-    patch, _ = optimize_universal_patch(model, xa, ya, cfg)
+    patch, _ = optimize_universal_patch(model, xa, ya, cfg, device=device)
     for bits in eval_bits:
         set_bit_width_(model, bits)
-        out[str(bits)]["adaptive_asr_pct"] = evaluate_patch(model, xe, ye, patch, cfg)["asr_pct"]
+        out[str(bits)]["adaptive_asr_pct"] = evaluate_patch(model, xe, ye, patch, cfg, device=device)["asr_pct"]
     return out
 
 
@@ -106,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs-dir", default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda: training and attacks")
     ap.add_argument("--only", help="comma-separated defense names to run")
     ap.add_argument("--reuse", metavar="JSON", help="an earlier results JSON of this program: take the rows named by "
                     "--reuse-names from it instead of re-running them (marked in the output with that run's git SHA and CPU)")
@@ -125,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     from qnn.train import train
 
     torch.set_num_threads(a.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     b = BUDGETS[a.budget]
     runs = Path(a.runs_dir or f"runs/defense_table_{a.budget}")
     out = a.out or f"results/defense_table_{a.budget}"
@@ -174,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # training jobs: a per-bit defense is one fixed-precision model per evaluated bit-width ("name@bits")
     jobs: dict[str, tuple[str, dict, list[int], str]] = {}
-    for name, (dname, dargs, bits) in names.items():
+    epochs_of = {name: (spec[3] if len(spec) > 3 else {}).get("epochs", b["epochs"]) for name, spec in names.items()}
+    for name, (dname, dargs, bits, *_) in names.items():
         if name in reused:
             continue
         if bits == PER_BIT:
@@ -183,14 +190,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             jobs[name] = (dname, dargs, bits, name)
     # phase 1: every training first, back to back, so that seconds per epoch are measured under the same load
-    for job, (dname, dargs, bits, _) in jobs.items():
+    for job, (dname, dargs, bits, name) in jobs.items():
         rdir = rdir_of(job)
         if not (rdir / "model.pt").is_file():
             print(f"== train {job}", flush=True)
             train(TrainConfig(model=b["model"], dataset=b["dataset"], data_dir=b["data_dir"], init=b["init"], bits=bits,
-                              epochs=b["epochs"], lr=b["lr"], batch_size=b["batch_size"], n_synthetic=b["n_synthetic"],
+                              epochs=epochs_of[name], lr=b["lr"], batch_size=b["batch_size"], n_synthetic=b["n_synthetic"],
                               train_subset=b["train_subset"], test_subset=b["n_eval"], out_dir=str(rdir), resume=True,
-                              defense=dname, defense_args=dargs, threads=a.threads, progress=sys.stderr.isatty()))
+                              defense=dname, defense_args=dargs, threads=a.threads, progress=sys.stderr.isatty(),
+                              device=device))
     # phase 2: the attack suite (ablations and per-bit models: their trained bit-widths only, no transfer matrix)
     for job, (dname, dargs, bits, name) in jobs.items():
         rdir = rdir_of(job)
@@ -201,15 +209,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"== evaluate {job}", flush=True)
             model, obj = load_checkpoint(rdir / "model.pt")
+            model = model.to(device)
             hist = json.loads((rdir / "metrics.json").read_text())["history"]
             ablation = name.startswith("qadtr-") or "cost-matched" in name or name == "pbat+dbwt" or per_bit
-            entry = {"defense": dname, "defense_args": dargs, "trained_bits": bits,
+            entry = {"defense": dname, "defense_args": dargs, "trained_bits": bits, "epochs": epochs_of[name],
                      "epoch_seconds": sum(h["epoch_seconds"] for h in hist) / len(hist),
                      "per_bits": evaluate_defense(model, bits, b, data, left_out=not ablation,
-                                                  eval_bits=bits if per_bit else None)}
+                                                  eval_bits=bits if per_bit else None, device=device)}
             if b["transfer"] and not ablation:
                 entry["transfer_6x6"] = transfer_matrix(model, xa, ya, xe, ye, PatchConfig(iterations=b["patch_iters"], **SEEN),
-                                                        [32, 8, 4, 2], [32, 8, 4, 2], progress=False)
+                                                        [32, 8, 4, 2], [32, 8, 4, 2], progress=False, device=device)
             atomic_write_json(res_file, entry)
         if not per_bit:
             table[name] = entry
@@ -217,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         # merge the fixed-precision models into one row per bit-width; cost = one model's seconds per epoch (training
         # every bit-width costs len(eval_bits) times that)
         t = table.setdefault(name, {"defense": dname, "defense_args": dargs, "trained_bits": "one fixed-precision model per bit-width",
-                                    "models": {}, "per_bits": {}})
+                                    "epochs": epochs_of[name], "models": {}, "per_bits": {}})
         t["models"][job] = {"epoch_seconds": entry["epoch_seconds"], "run": str(rdir)}
         t["per_bits"].update(entry["per_bits"])
         t["epoch_seconds"] = sum(m["epoch_seconds"] for m in t["models"].values()) / len(t["models"])
@@ -225,10 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     base = table.get("none", {}).get("epoch_seconds")
     rows = []
     for name, e in table.items():
+        per_epoch = e["cost_vs_qat"] if e.get("cost_vs_qat") else ((e["epoch_seconds"] / base) if base else None)
+        # total training compute in plain-QAT epochs: per-epoch ratio x epochs x models (per-bit defenses: one each)
+        total = per_epoch * e.get("epochs", b["epochs"]) * len(e.get("models") or [None]) if per_epoch else None
         for bits, r in e["per_bits"].items():
             rows.append([name, bits, r["clean_acc_pct"], r["seen_asr_pct"], r["unseen_asr_pct"],
-                         r.get("adaptive_asr_pct", "-"),
-                         e["cost_vs_qat"] if e.get("cost_vs_qat") else ((e["epoch_seconds"] / base) if base else "-")])
+                         r.get("adaptive_asr_pct", "-"), per_epoch if per_epoch else "-", total if total else "-"])
     all_bits = [str(x) for x in b["eval_bits"] + b["left_out"]]
     pivot = [[bt] + [table[n]["per_bits"].get(bt, {}).get("unseen_asr_pct", "-") for n in table] for bt in all_bits]
     md = (f"Defense table, budget `{a.budget}` ({b['model']} on {b['dataset']}, {b['epochs']} epoch(s), "
@@ -236,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
           f"Command: `python bench/defense_table.py {' '.join(shlex.quote(v) for v in (argv if argv is not None else sys.argv[1:]))}`\n\n"
           "`pbat` is the spec's baseline, PBAT at one fixed precision: its row at b bits is a separate PBAT model trained "
           "at b bits (its cost column is one such model; covering all bit-widths costs that times "
-          f"{len(b['eval_bits'])}). `pbat+dbwt` (ours, a stronger baseline) is PBAT given DBWT: one switchable model.\n\n"
+          f"{len(b['eval_bits'])}). `pbat+dbwt` (ours, a stronger baseline) is PBAT given DBWT: one switchable model. "
+          "The last column is a defense's whole training compute in plain-QAT epochs (per-epoch ratio x epochs x "
+          "models).\n\n"
           + "".join(f"Row `{n}` is taken from an earlier run of this program (`{e['reused_from']['file']}`, git "
                     f"{str(e['reused_from']['git_sha'])[:10]}, {e['reused_from']['cpu_model']} "
                     f"{'/'.join(e['reused_from']['isa_flags'] or [])}), not re-run; its cost column is "
@@ -244,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
           + "Unseen-patch ASR % (mean of 10x10 square, 8x8 circle, fixed-corner 8x8), lower is better:\n\n"
           + markdown_table(["bits"] + list(table), pivot) + "\nAll figures:\n\n"
           + markdown_table(["defense", "bits", "clean %", "seen ASR %", "unseen ASR %", "adaptive ASR %",
-                            "train s/epoch vs QAT"], rows))
+                            "train s/epoch vs QAT", "total train cost (QAT epochs)"], rows))
     print(md)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out + ".json", {"budget": a.budget, "settings": b, "table": table, "environment": environment(a.threads)})

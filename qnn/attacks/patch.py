@@ -337,6 +337,7 @@ def patched_images(model: nn.Module, x: torch.Tensor, y: torch.Tensor, patch: to
     mask = make_mask(cfg.shape, *cfg.patch_shape)
     if tuple(patch.shape) != (3, *cfg.patch_shape):
         raise QNNError(f"patch has shape {tuple(patch.shape)}, expected {(3, *cfg.patch_shape)}")
+    patch = patch.detach().to(x.device)  # a patch optimised on a GPU, pasted on CPU images
     loc = placement_locations(model, x, y, patch, cfg, device)
     return apply_patch(x, patch, mask, loc)
 

@@ -14,7 +14,7 @@ from qnn.layers import set_bit_width_
 def transfer_matrix(model: nn.Module, x_att: torch.Tensor, y_att: torch.Tensor, x_eval: torch.Tensor,
                     y_eval: torch.Tensor, cfg: PatchConfig, sources: list[int], targets: list[int],
                     patch_dir: str | Path | None = None, progress: bool = False,
-                    source_models: dict[str, nn.Module] | None = None) -> dict:
+                    source_models: dict[str, nn.Module] | None = None, device: str = "cpu") -> dict:
     """ASR (%) of a patch crafted at each source bit-width (or named source model) on each target bit-width."""
     rows: dict[str, dict] = {}
     srcs: list[tuple[str, nn.Module, int]] = [(str(b), model, b) for b in sources]
@@ -22,13 +22,13 @@ def transfer_matrix(model: nn.Module, x_att: torch.Tensor, y_att: torch.Tensor, 
         srcs.append((name, m, 32))
     for name, src_model, b in srcs:
         set_bit_width_(src_model, b)
-        patch, info = optimize_universal_patch(src_model, x_att, y_att, cfg, progress=progress)
+        patch, info = optimize_universal_patch(src_model, x_att, y_att, cfg, progress=progress, device=device)
         if patch_dir is not None:
             save_patch(Path(patch_dir) / f"patch_src{name}", patch, cfg, info)
         row = {}
         for t in targets:
             set_bit_width_(model, t)
-            row[str(t)] = evaluate_patch(model, x_eval, y_eval, patch, cfg)
+            row[str(t)] = evaluate_patch(model, x_eval, y_eval, patch, cfg, device=device)
         rows[name] = {"targets": row, "craft": info}
         print(f"source {name}: " + " ".join(f"{t}b ASR {r['asr_pct']:.1f}%" for t, r in row.items()), flush=True)
     return {"sources": [s[0] for s in srcs], "targets": [str(t) for t in targets], "rows": rows, "patch": cfg.to_dict()}

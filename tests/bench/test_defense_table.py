@@ -25,7 +25,8 @@ def test_smoke_budget_end_to_end(tmp_path):
     for name, e in t.items():
         assert set(e["per_bits"]) >= {"32", "8", "4", "2"} and (name == "pbat" or "3" in e["per_bits"])
         assert 0 <= e["per_bits"]["4"]["unseen_asr_pct"] <= 100 and "adaptive_asr_pct" in e["per_bits"]["2"]
-    assert (tmp_path / "t.md").read_text().count("|") > 20 and (tmp_path / "t.png").is_file()
+    md = (tmp_path / "t.md").read_text()
+    assert md.count("|") > 20 and "total train cost" in md and (tmp_path / "t.png").is_file()
 
 
 def test_defense_cost_bad_options_exit_2(capsys):
@@ -33,3 +34,14 @@ def test_defense_cost_bad_options_exit_2(capsys):
 
     assert cost_main(["--variants", "qadtr:{not json"]) == 2
     assert "bad options" in capsys.readouterr().err
+
+
+def test_cpu_budget_has_a_longer_qadtr_row_within_pbats_compute():
+    """The cpu/full tables add QADT-R trained 4x the epochs (still less compute than PBAT's four models)."""
+    from bench.defense_table import BUDGETS, defenses
+
+    for budget in ("cpu", "full"):
+        d = defenses(BUDGETS[budget])
+        dname, _, bits, extra = d["qadtr-4epochs (less compute than pbat)"]
+        assert dname == "qadtr" and bits == [2, 4, 8, 32] and extra == {"epochs": 4 * BUDGETS[budget]["epochs"]}
+    assert not any(len(v) > 3 for v in defenses(BUDGETS["smoke"]).values())

@@ -1,0 +1,54 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+SWEEP = str(ROOT / "bench" / "defense_sweep.py")
+
+
+def _run(*args, cwd=ROOT, timeout=900):
+    return subprocess.run([sys.executable, SWEEP, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+@pytest.mark.parametrize("grid,extra,msg", [
+    (None, [], "grid file not found"),
+    ("- {name: a, defense: none}\n- {name: a, defense: qadtr}\n", [], "appears twice"),
+    ("- {defense: none}\n", [], "needs 'name' and 'defense'"),
+    ("[unclosed\n", [], "not valid YAML"),
+    ("- {name: a, defense: none, bits: []}\n", [], "bits must be"),
+    ("- {name: a, defense: none}\n", ["--shard", "3/2"], "--shard"),
+    ("- {name: a, defense: none}\n", ["--seeds", "x"], "--seeds"),
+    ("- {name: a, defense: none}\n", ["--budget", "huge"], "unknown budget"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, grid, extra, msg):
+    g = tmp_path / "g.yaml"
+    if grid is not None:
+        g.write_text(grid)
+    r = _run("--grid", str(g), "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "o"), *extra, timeout=120)
+    assert r.returncode == 2 and msg in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_sharded_sweep_merges_per_bit_models_and_resumes(tmp_path):
+    """Two shards share the jobs; the report merges PBAT's per-bit models into one row; a re-run trains nothing."""
+    g = tmp_path / "g.yaml"
+    g.write_text("- {name: none, defense: none}\n"
+                 "- {name: pbat, defense: pbat, args: {iters: 1, patch_size: 6}, bits: per-bit}\n"
+                 "- {name: qadtr, defense: qadtr, args: {patch_size: 6}}\n")
+    common = ["--budget", "smoke", "--grid", str(g), "--seeds", "0", "--runs-dir", str(tmp_path / "runs")]
+    for shard in ("0/2", "1/2"):
+        r = _run(*common, "--shard", shard, "--out", str(tmp_path / "shard"))
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert not (tmp_path / "shard.json").exists()  # a shard reports but does not write the merged results
+    r = _run(*common, "--out", str(tmp_path / "all"))
+    assert r.returncode == 0 and "== train" not in r.stdout, r.stdout[-2000:]
+    s = json.loads((tmp_path / "all.json").read_text())["summary"]
+    assert list(s) == ["none", "pbat", "qadtr"]
+    assert set(s["pbat"]["per_bits"]) == {"32", "8", "4", "2"} and set(s["qadtr"]["per_bits"]) == {"32", "8", "4", "2"}
+    assert s["none"]["cost_vs_none"] == pytest.approx(1.0) and s["qadtr"]["cost_vs_none"] > 0
+    assert all(0 <= r["unseen_asr_pct"] <= 100 and r["n_seeds"] == 1 and r["unseen_asr_sd"] is None
+               for r in s["qadtr"]["per_bits"].values())
+    assert "| qadtr |" in (tmp_path / "all.md").read_text()
