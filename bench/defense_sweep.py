@@ -5,7 +5,8 @@ table's settings and attack suite, and report the mean (and spread) per setting.
     python bench/defense_sweep.py ... --shard 0/4      # one of 4 worker processes (e.g. 4 at once on one GPU)
     python bench/defense_sweep.py ... --report-only    # aggregate what the workers have finished
 
-A grid file is a YAML list of {name, defense, args: {...}, bits: [..] | per-bit}; `per-bit` trains one fixed-precision
+A grid file is a YAML list of {name, defense, args: {...}, bits: [..] | per-bit, epochs (optional: other than the
+budget's)}; `per-bit` trains one fixed-precision
 model per evaluated bit-width (the spec's PBAT). Evaluation is the table's (seen / unseen / adaptive universal patches
 on the budget's images, trained bit-widths only, no left-out bit-widths or transfer matrices, to keep it short).
 Each (setting, seed) is one job; finished trainings and evaluations are reused (resumable). Cost ratios are
@@ -52,6 +53,8 @@ def load_grid(path: str) -> list[dict]:
         g.setdefault("bits", [2, 4, 8, 32])
         if g["bits"] != PER_BIT and not (isinstance(g["bits"], list) and g["bits"]):
             raise QNNError(f"{p}: setting '{g['name']}': bits must be a non-empty list or '{PER_BIT}'")
+        if "epochs" in g and not (isinstance(g["epochs"], int) and g["epochs"] > 0):
+            raise QNNError(f"{p}: setting '{g['name']}': epochs must be a positive integer, got {g['epochs']!r}")
     return grid
 
 
@@ -84,7 +87,7 @@ def run_job(job: dict, b: dict, data, runs: Path, device: str, threads: int) -> 
     if not (rdir / "model.pt").is_file():
         print(f"== train {job['key']}", flush=True)
         train(TrainConfig(model=b["model"], dataset=b["dataset"], data_dir=b["data_dir"], init=b["init"], bits=job["bits"],
-                          epochs=b["epochs"], lr=b["lr"], batch_size=b["batch_size"], n_synthetic=b["n_synthetic"],
+                          epochs=job.get("epochs", b["epochs"]), lr=b["lr"], batch_size=b["batch_size"], n_synthetic=b["n_synthetic"],
                           train_subset=b["train_subset"], test_subset=b["n_eval"], out_dir=str(rdir), resume=True,
                           seed=job["seed"], defense=job["defense"], defense_args=job["args"], threads=threads,
                           progress=sys.stderr.isatty(), device=device))
@@ -94,6 +97,7 @@ def run_job(job: dict, b: dict, data, runs: Path, device: str, threads: int) -> 
     hist = json.loads((rdir / "metrics.json").read_text())["history"]
     bits = [x for x in job["bits"] if x in b["eval_bits"]]
     entry = {"name": job["name"], "defense": job["defense"], "args": job["args"], "trained_bits": job["bits"],
+             "epochs": job.get("epochs", b["epochs"]),
              "seed": job["seed"], "per_bit": job["per_bit"], "device": device,
              "epoch_seconds": sum(h["epoch_seconds"] for h in hist) / len(hist),
              "per_bits": evaluate_defense(model, job["bits"], b, data, seed=job["seed"], left_out=False,
@@ -102,7 +106,7 @@ def run_job(job: dict, b: dict, data, runs: Path, device: str, threads: int) -> 
     return entry
 
 
-def aggregate(grid: list[dict], runs: Path, eval_bits: list[int]) -> tuple[dict, str]:
+def aggregate(grid: list[dict], runs: Path, eval_bits: list[int], cost: bool = True) -> tuple[dict, str]:
     """Mean over seeds per setting and bit-width; per-bit settings merge their models' rows per seed first."""
     rows: dict[str, dict] = {}
     for f in sorted(runs.glob("*/s*/eval.json")):
@@ -128,7 +132,7 @@ def aggregate(grid: list[dict], runs: Path, eval_bits: list[int]) -> tuple[dict,
         base = rows.get("none", {}).get("per_seed", {})
         ratios = [statistics.fmean(ps["epoch_seconds"]) / statistics.fmean(base[sd]["epoch_seconds"])
                   for sd, ps in seeds.items() if sd in base]
-        s["cost_vs_none"] = statistics.fmean(ratios) if ratios else None
+        s["cost_vs_none"] = statistics.fmean(ratios) if ratios and cost else None
         summary[g["name"]] = s
     bits = list(map(str, eval_bits))
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
@@ -141,8 +145,8 @@ def aggregate(grid: list[dict], runs: Path, eval_bits: list[int]) -> tuple[dict,
         return f"{r[m]:.2f}" + (f" ±{sd:.1f}" if sd is not None else "") + (f" (n={r['n_seeds']})" if m == "unseen_asr_pct" else "")
 
     md = ("Unseen-patch ASR % (mean over seeds ± sd; lower is better):\n\n"
-          + markdown_table(["setting"] + [f"{bt}b" for bt in bits] + ["cost vs none"],
-                           [[n] + [cell(s, bt, "unseen_asr_pct") for bt in bits] + [fmt(s["cost_vs_none"])]
+          + markdown_table(["setting"] + [f"{bt}b" for bt in bits] + (["cost vs none"] if cost else []),
+                           [[n] + [cell(s, bt, "unseen_asr_pct") for bt in bits] + ([fmt(s["cost_vs_none"])] if cost else [])
                             for n, s in summary.items()])
           + "\nClean accuracy % / adaptive ASR % (means):\n\n"
           + markdown_table(["setting"] + [f"{bt}b clean" for bt in bits] + [f"{bt}b adaptive" for bt in bits],
@@ -164,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     ap.add_argument("--shard", default="0/1", help="i/n: run jobs i, i+n, i+2n, ... (n worker processes)")
     ap.add_argument("--report-only", action="store_true", help="aggregate finished jobs, train nothing")
+    ap.add_argument("--no-cost", action="store_true", help="leave the cost column out (jobs that shared the machine)")
     a = ap.parse_args(argv)
     from qnn.errors import QNNError
 
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"defense_sweep: job {job['key']} failed: {type(e).__name__}: {str(e)[:300]} "
                               f"(at {' | '.join(ln.strip() for ln in tb[-5:-1])})", flush=True)
                         failed.append(job["key"])
-        summary, md = aggregate(grid, runs, b["eval_bits"])
+        summary, md = aggregate(grid, runs, b["eval_bits"], cost=not a.no_cost)
     except QNNError as e:
         print(f"defense_sweep: error: {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ def _run(*args, cwd=ROOT, timeout=900):
     ("- {defense: none}\n", [], "needs 'name' and 'defense'"),
     ("[unclosed\n", [], "not valid YAML"),
     ("- {name: a, defense: none, bits: []}\n", [], "bits must be"),
+    ("- {name: a, defense: none, epochs: 0}\n", [], "epochs must be"),
     ("- {name: a, defense: none}\n", ["--shard", "3/2"], "--shard"),
     ("- {name: a, defense: none}\n", ["--seeds", "x"], "--seeds"),
     ("- {name: a, defense: none}\n", ["--budget", "huge"], "unknown budget"),
