@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, markdown_table  # noqa: E402
-from bench.defense_table import BUDGETS, PER_BIT, evaluate_defense  # noqa: E402
+from bench.defense_table import BUDGETS, PER_BIT, evaluate_defense, train_defense  # noqa: E402
 
 
 def load_grid(path: str) -> list[dict]:
@@ -77,8 +77,6 @@ def jobs_of(grid: list[dict], seeds: list[int], eval_bits: list[int]) -> list[di
 
 def run_job(job: dict, b: dict, data, runs: Path, device: str, threads: int) -> dict:
     from qnn.checkpoint import atomic_write_json, load_checkpoint
-    from qnn.config import TrainConfig
-    from qnn.train import train
 
     rdir = runs / job["key"]
     res = rdir / "eval.json"
@@ -86,11 +84,8 @@ def run_job(job: dict, b: dict, data, runs: Path, device: str, threads: int) -> 
         return json.loads(res.read_text())
     if not (rdir / "model.pt").is_file():
         print(f"== train {job['key']}", flush=True)
-        train(TrainConfig(model=b["model"], dataset=b["dataset"], data_dir=b["data_dir"], init=b["init"], bits=job["bits"],
-                          epochs=job.get("epochs", b["epochs"]), lr=b["lr"], batch_size=b["batch_size"], n_synthetic=b["n_synthetic"],
-                          train_subset=b["train_subset"], test_subset=b["n_eval"], out_dir=str(rdir), resume=True,
-                          seed=job["seed"], defense=job["defense"], defense_args=job["args"], threads=threads,
-                          progress=sys.stderr.isatty(), device=device))
+        train_defense(b, rdir, job["defense"], job["args"], job["bits"], job.get("epochs", b["epochs"]), threads, device,
+                      seed=job["seed"])
     print(f"== evaluate {job['key']}", flush=True)
     model, _ = load_checkpoint(rdir / "model.pt")
     model = model.to(device)

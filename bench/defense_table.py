@@ -69,6 +69,19 @@ def defenses(b: dict) -> dict[str, tuple[str, dict, list[int] | str]]:
     return d
 
 
+def train_defense(b: dict, rdir, dname: str, dargs: dict, bits: list[int], epochs: int, threads: int, device: str,
+                  seed: int = 0) -> None:
+    """Train one defense model with the budget's settings into rdir (resumable)."""
+    from qnn.config import TrainConfig
+    from qnn.train import train
+
+    train(TrainConfig(model=b["model"], dataset=b["dataset"], data_dir=b["data_dir"], init=b["init"], bits=bits,
+                      epochs=epochs, lr=b["lr"], batch_size=b["batch_size"], n_synthetic=b["n_synthetic"],
+                      train_subset=b["train_subset"], test_subset=b["n_eval"], out_dir=str(rdir), resume=True,
+                      seed=seed, defense=dname, defense_args=dargs, threads=threads, progress=sys.stderr.isatty(),
+                      device=device))
+
+
 def evaluate_defense(model, trained_bits, b, data, seed=0, left_out=True, eval_bits=None, device="cpu") -> dict:
     from qnn.attacks.patch import PatchConfig, evaluate_patch, optimize_universal_patch
     from qnn.layers import set_bit_width_
@@ -124,10 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     from qnn.attacks.transfer import transfer_matrix
     from qnn.attacks.patch import PatchConfig
     from qnn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
-    from qnn.config import TrainConfig
     from qnn.data import load_dataset
     from qnn.errors import QNNError
-    from qnn.train import train
 
     torch.set_num_threads(a.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
@@ -194,11 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         rdir = rdir_of(job)
         if not (rdir / "model.pt").is_file():
             print(f"== train {job}", flush=True)
-            train(TrainConfig(model=b["model"], dataset=b["dataset"], data_dir=b["data_dir"], init=b["init"], bits=bits,
-                              epochs=epochs_of[name], lr=b["lr"], batch_size=b["batch_size"], n_synthetic=b["n_synthetic"],
-                              train_subset=b["train_subset"], test_subset=b["n_eval"], out_dir=str(rdir), resume=True,
-                              defense=dname, defense_args=dargs, threads=a.threads, progress=sys.stderr.isatty(),
-                              device=device))
+            train_defense(b, rdir, dname, dargs, bits, epochs_of[name], a.threads, device)
     # phase 2: the attack suite (ablations and per-bit models: their trained bit-widths only, no transfer matrix)
     for job, (dname, dargs, bits, name) in jobs.items():
         rdir = rdir_of(job)
