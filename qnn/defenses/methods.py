@@ -89,6 +89,14 @@ class QADTR(Defense):
             self.sizes = [int(v) for v in (sz.split(",") if isinstance(sz, str) else sz) if str(v).strip()]
         except ValueError:
             raise QNNError(f"defense option sizes={sz!r} is not a comma-separated list of ints") from None
+        # ours: one pool per trained bit-width (A-QAPA's patches are crafted at the step's bit-width, and universal
+        # patches transfer only partly between bit-widths), or one pool shared by all bit-widths
+        self.pool_per_bit = bool(a.get("pool_per_bit", False))
+        # ours: 'batch' pastes one pool patch on every patched image of a step; 'image' draws a pool patch per image
+        # (every pool patch then gets a gradient, hence an update, at every step)
+        self.pool_assign = str(a.get("pool_assign", "batch"))
+        if self.pool_assign not in ("batch", "image"):
+            raise QNNError(f"pool_assign must be 'batch' or 'image', got {self.pool_assign!r}")
         self.no_aqapa = bool(a.get("no_aqapa", False))
         self.no_gir = bool(a.get("no_gir", False))
         if self.aqapa_signal not in ("asr", "error"):
@@ -110,10 +118,14 @@ class QADTR(Defense):
                                 scale_max=scale_max, rotation_max=self.rotation_max, image_size=(H, W))
         self.mask = make_mask("square", self.patch_size, self.patch_size)
         g = torch.Generator().manual_seed(cfg.seed + 4242)
-        self.pool = torch.rand(self.pool_size, 3, self.patch_size, self.patch_size, generator=g)
         self.bits = list(cfg.bits)
+        n_pools = len(self.bits) if self.pool_per_bit else 1
+        self.pool = torch.rand(n_pools, self.pool_size, 3, self.patch_size, self.patch_size, generator=g)
         self.asr_ema = {b: 0.5 for b in self.bits}
-        self.patch_score = torch.zeros(self.pool_size)
+        self.patch_score = torch.zeros(n_pools, self.pool_size)
+
+    def _pool_index(self, bits: int) -> int:
+        return self.bits.index(bits) if self.pool_per_bit and bits in self.bits else 0
 
     # A-QAPA's adaptive bit-width sampling, folded into DBWT: bit-widths where patches succeed get drawn more.
     def choose_bits(self, step: int, scheduled: int) -> int:
@@ -127,23 +139,27 @@ class QADTR(Defense):
 
     def loss(self, model, x, y, bits, step):
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        pi = self._pool_index(bits)
         if self.refresh_every and step and step % self.refresh_every == 0 and not self.no_aqapa:
             # the patch that fools the model least starts again from noise (keeps the pool diverse)
-            weak = int(self.patch_score.argmin())
-            self.pool[weak] = torch.rand(self.pool[weak].shape, generator=gen)
-            self.patch_score[weak] = self.patch_score.mean()
+            weak = int(self.patch_score[pi].argmin())
+            self.pool[pi, weak] = torch.rand(self.pool[pi, weak].shape, generator=gen)
+            self.patch_score[pi, weak] = self.patch_score[pi].mean()
         n_p = _mixed_batch(x, self.frac_patched)
-        k = int(torch.randint(self.pool_size, (1,), generator=gen))
-        if self.no_aqapa:
-            patch = torch.rand(3, self.patch_size, self.patch_size, generator=gen).to(x)
-            patch.requires_grad_(False)
+        if self.pool_assign == "image":
+            k = torch.randint(self.pool_size, (n_p,), generator=gen)
         else:
-            patch = self.pool[k].clone().to(x).requires_grad_(True)
-        pasted, mask, pcfg = patch, self.mask, self.pcfg
+            k = torch.randint(self.pool_size, (1,), generator=gen).expand(n_p)
+        if self.no_aqapa:  # ablation: a fresh random patch per step instead of the optimised pool
+            patch = torch.rand(1, 3, self.patch_size, self.patch_size, generator=gen).to(x)
+            k = torch.zeros_like(k)
+        else:
+            patch = self.pool[pi].clone().to(x).requires_grad_(True)
+        pasted, mask, pcfg = patch[k.to(x.device)], self.mask, self.pcfg
         if self.sizes:
             side = self.sizes[int(torch.randint(len(self.sizes), (1,), generator=gen))]
             if side != self.patch_size:
-                pasted = F.interpolate(patch[None], size=(side, side), mode="nearest")[0]
+                pasted = F.interpolate(pasted, size=(side, side), mode="nearest")
                 mask = make_mask("square", side, side)
                 pcfg = PatchConfig(patch_shape=(side, side), image_size=self.image_size)
         warped, m = eot_warp(x[:n_p], pasted, mask.to(x), pcfg, gen)
@@ -155,7 +171,7 @@ class QADTR(Defense):
         if patch.requires_grad:
             # the pool gets d(loss)/d(patch) from the same backward: register a hook to capture it
             patch.retain_grad()
-            self._pending = (k, patch)
+            self._pending = (pi, patch)
         with torch.no_grad():
             wrong = (logits[:n_p].argmax(1) != y[:n_p]).float().mean().item() if n_p else 0.0
             # A-QAPA's per-bit signal: the patched half's error ('error', default) or, with aqapa_signal='asr', its
@@ -163,7 +179,11 @@ class QADTR(Defense):
             clean_wrong = (logits[n_p:].argmax(1) != y[n_p:]).float().mean().item() if n_p < len(y) else 0.0
             success = (max(0.0, wrong - clean_wrong) / max(1e-6, 1.0 - clean_wrong)) if self.aqapa_signal == "asr" else wrong
             self.asr_ema[bits] = 0.9 * self.asr_ema.get(bits, 0.5) + 0.1 * success
-            self.patch_score[k] = 0.9 * self.patch_score[k] + 0.1 * wrong
+            if n_p:
+                wrong_i = (logits[:n_p].argmax(1) != y[:n_p]).float().cpu()
+                for kk in k.unique().tolist():
+                    sel = k == kk
+                    self.patch_score[pi, kk] = 0.9 * self.patch_score[pi, kk] + 0.1 * wrong_i[sel].mean()
         if not self.no_gir and self.lambda_gir > 0 and len(self.bits) > 1 and step % self.gir_every == 0:
             loss = loss + self.lambda_gir * self.gir(model, xp[: self.gir_batch].detach(), y[: min(n_p, self.gir_batch)], bits, gen)
         return loss, logits
@@ -200,23 +220,29 @@ class QADTR(Defense):
         pend = getattr(self, "_pending", None)
         if pend is None:
             return
-        k, patch = pend
+        pi, patch = pend
         self._pending = None
         if patch.grad is None:
             return
-        g = patch.grad.detach().cpu()
+        g = patch.grad.detach().cpu()  # (pool_size, 3, P, P): zero for pool patches not pasted this step
         if self.gir_noise > 0:
-            g = g + self.gir_noise * g.abs().mean() * torch.randn_like(g)
-        self.pool[k] = (self.pool[k] + self.step_size * g.sign()).clamp(0, 1)
+            used = (g != 0).flatten(1).any(1)
+            g[used] = g[used] + self.gir_noise * g[used].abs().mean() * torch.randn_like(g[used])
+        self.pool[pi] = (self.pool[pi] + self.step_size * g.sign()).clamp(0, 1)
 
     def state_dict(self) -> dict:
         return {"pool": self.pool, "asr_ema": {str(k): v for k, v in self.asr_ema.items()}, "patch_score": self.patch_score}
 
     def load_state_dict(self, st: dict) -> None:
         if st:
-            self.pool = st["pool"].clone()
+            pool, score = st["pool"].clone(), st["patch_score"].clone()
+            if pool.dim() == 4:  # checkpoints from before per-bit pools: one shared pool
+                pool, score = pool[None], score[None]
+            if pool.shape != self.pool.shape:
+                raise QNNError(f"defense state: patch pool of shape {tuple(pool.shape)} does not match this "
+                               f"configuration's {tuple(self.pool.shape)}")
+            self.pool, self.patch_score = pool, score
             self.asr_ema = {int(k): v for k, v in st["asr_ema"].items()}
-            self.patch_score = st["patch_score"].clone()
 
 
 @register_defense("pbat")

@@ -28,7 +28,7 @@ def test_qadtr_pool_is_updated_and_saved(tmp_path):
                       out_dir=str(out), defense="qadtr", defense_args={"pool_size": 4}))
     st = torch.load(out / "last.pt", weights_only=True)["defense"]
     g = torch.Generator().manual_seed(0 + 4242)
-    init = torch.rand(4, 3, 6, 6, generator=g)
+    init = torch.rand(1, 4, 3, 6, 6, generator=g)
     assert st["pool"].shape == init.shape and not torch.equal(st["pool"], init)
 
 
@@ -46,7 +46,7 @@ def test_qadtr_per_image_refinement_raises_the_loss(trained_ckpt):
     set_bit_width_(m, 4)
     x, y = load_dataset("synthetic", "test", n_synthetic=2000).subset(64).tensors()
     q = make_defense("qadtr", {"inner_steps": 2}, TrainConfig(model="small_cnn", bits=[4, 8]), m)
-    warped, mask = eot_warp(x, q.pool[0], q.mask, q.pcfg, torch.Generator().manual_seed(0))
+    warped, mask = eot_warp(x, q.pool[0, 0], q.mask, q.pcfg, torch.Generator().manual_seed(0))
     delta = q.refine(m, x, y, warped, mask)
     m.eval()
     with torch.no_grad():
@@ -61,8 +61,8 @@ def test_qadtr_refresh_replaces_the_weakest_patch():
 
     q = make_defense("qadtr", {"pool_size": 3, "refresh_every": 5}, TrainConfig(model="small_cnn", bits=[4]),
                      create_model("small_cnn"))
-    q.patch_score = torch.tensor([0.5, 0.1, 0.9])
-    before = q.pool.clone()
+    q.patch_score = torch.tensor([[0.5, 0.1, 0.9]])
+    before = q.pool[0].clone()
     m = create_model("small_cnn")
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
     from qnn.layers import ensure_calibrated_, set_bit_width_
@@ -71,7 +71,66 @@ def test_qadtr_refresh_replaces_the_weakest_patch():
     ensure_calibrated_(m, x)
     m.train()
     q.loss(m, x, y, 4, step=5)
-    assert torch.equal(q.pool[0], before[0]) and torch.equal(q.pool[2], before[2]) and not torch.equal(q.pool[1], before[1])
+    pool = q.pool[0]
+    assert torch.equal(pool[0], before[0]) and torch.equal(pool[2], before[2]) and not torch.equal(pool[1], before[1])
+
+
+def _one_step(args: dict, bits: int, step: int = 1):
+    import torch
+
+    from qnn.layers import ensure_calibrated_, set_bit_width_
+
+    torch.manual_seed(0)
+    m = create_model("small_cnn")
+    x, y = torch.rand(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    for b in (2, 8):
+        set_bit_width_(m, b)
+        ensure_calibrated_(m, x)
+    set_bit_width_(m, bits)
+    q = make_defense("qadtr", {"no_gir": True, "inner_steps": 0, **args}, TrainConfig(model="small_cnn", bits=[2, 8]), m)
+    before = q.pool.clone()
+    m.train()
+    loss, _ = q.loss(m, x, y, bits, step=step)
+    loss.backward()
+    q.after_step()
+    return before, q.pool
+
+
+def test_qadtr_per_bit_pools_update_only_the_steps_bit_width():
+    """pool_per_bit: one pool per trained bit-width; a step at 8 bits moves a patch of the 8-bit pool only."""
+    import torch
+
+    before, after = _one_step({"pool_per_bit": True, "pool_size": 2}, bits=8)
+    assert after.shape == (2, 2, 3, 6, 6)
+    assert torch.equal(after[0], before[0])  # the 2-bit pool
+    assert not torch.equal(after[1], before[1])
+
+
+def test_qadtr_per_image_assignment_updates_every_pool_patch():
+    """pool_assign='image': each patched image draws its own pool patch, so one step updates every patch; with
+    'batch' one patch is pasted on all images and only it moves."""
+    import torch
+
+    before, after = _one_step({"pool_assign": "image", "pool_size": 3}, bits=2)
+    assert all(not torch.equal(after[0, k], before[0, k]) for k in range(3))
+    before, after = _one_step({"pool_assign": "batch", "pool_size": 3}, bits=2)
+    assert sum(not torch.equal(after[0, k], before[0, k]) for k in range(3)) == 1
+    with pytest.raises(QNNError, match="pool_assign"):
+        make_defense("qadtr", {"pool_assign": "magic"}, TrainConfig(model="small_cnn"), create_model("small_cnn"))
+
+
+def test_qadtr_state_from_a_shared_pool_checkpoint_loads():
+    """Checkpoints written before per-bit pools (pool (S,3,P,P)) resume; a pool of another shape is refused."""
+    import torch
+
+    q = make_defense("qadtr", {"pool_size": 2}, TrainConfig(model="small_cnn", bits=[2, 8]), create_model("small_cnn"))
+    old = {"pool": torch.rand(2, 3, 6, 6), "asr_ema": {"2": 0.3, "8": 0.1}, "patch_score": torch.zeros(2)}
+    q.load_state_dict(old)
+    assert torch.equal(q.pool[0], old["pool"])
+    q2 = make_defense("qadtr", {"pool_size": 2, "pool_per_bit": True}, TrainConfig(model="small_cnn", bits=[2, 8]),
+                      create_model("small_cnn"))
+    with pytest.raises(QNNError, match="patch pool"):
+        q2.load_state_dict(old)
 
 
 
