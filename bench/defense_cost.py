@@ -2,9 +2,13 @@
 defense table's `cpu` settings: ResNet-20 from the shared pretrained weights, 20k CIFAR-10 images, batch 128).
 
     python bench/defense_cost.py [--variants 'qadtr;qadtr:{"gir_every": 32}'] [--threads 2]
+    python bench/defense_cost.py --steps 60     # interleaved: step 1 of every variant, then step 2, ...
 
 Each variant is NAME or NAME:JSON (defense options). Prints and writes seconds per epoch and the ratio to QAT
 (results/defense_cost.{json,md}). Cost ratios move with the machine and its load: compare within one run only.
+On a machine whose speed drifts (shared cloud cores: plain QAT measured 104 s and 125 s per epoch in two runs here),
+`--steps N` is the steadier measure: every variant trains N steps on the same batches, one step of each in turn (the
+order rotates every step), so a slow spell costs them all alike; s/epoch is then the mean step time x steps per epoch.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,7 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-subset", type=int, default=20000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="results/defense_cost")
+    ap.add_argument("--steps", type=int, default=0, help="N > 0: N interleaved steps per variant instead of whole epochs")
+    ap.add_argument("--warmup", type=int, default=3, help="interleaved steps per variant left out of the mean")
     a = ap.parse_args(argv)
+    if a.steps < 0 or (a.steps and a.steps <= a.warmup):
+        print(f"defense_cost: error: --steps must be 0 or more than --warmup ({a.warmup}), got {a.steps}", file=sys.stderr)
+        return 2
     variants = [("none", {})]
     for v in [s for s in a.variants.split(";") if s.strip()]:
         name, _, js = v.partition(":")
@@ -40,31 +48,86 @@ def main(argv: list[str] | None = None) -> int:
     from qnn.checkpoint import atomic_write_bytes, atomic_write_json
     from qnn.config import TrainConfig
     from qnn.errors import QNNError
-    from qnn.train import train
 
+    cfgs = [TrainConfig(model="resnet20", dataset="cifar10", data_dir=a.data_dir, init=a.init, bits=[2, 4, 8, 32],
+                        epochs=1, lr=0.02, batch_size=128, train_subset=a.train_subset, test_subset=200,
+                        defense=name, defense_args=opts, threads=a.threads, progress=False) for name, opts in variants]
+    try:
+        secs = interleaved(cfgs, a.steps, a.warmup) if a.steps else [whole_epoch(c) for c in cfgs]
+    except QNNError as e:
+        print(f"defense_cost: error: {e}", file=sys.stderr)
+        return 2
     rows, res = [], []
-    with tempfile.TemporaryDirectory() as td:
-        for i, (name, opts) in enumerate(variants):
-            try:
-                r = train(TrainConfig(model="resnet20", dataset="cifar10", data_dir=a.data_dir, init=a.init,
-                                      bits=[2, 4, 8, 32], epochs=1, lr=0.02, batch_size=128, train_subset=a.train_subset,
-                                      test_subset=200, out_dir=f"{td}/{i}", defense=name, defense_args=opts,
-                                      threads=a.threads, progress=False))
-            except QNNError as e:
-                print(f"defense_cost: error: {e}", file=sys.stderr)
-                return 2
-            sec = r["history"][-1]["epoch_seconds"]
-            res.append({"defense": name, "options": opts, "epoch_seconds": sec, "ratio_vs_qat": sec / res[0]["epoch_seconds"] if res else 1.0})
-            rows.append([name, json.dumps(opts), sec, res[-1]["ratio_vs_qat"]])
-            print(f"{name} {json.dumps(opts)}: {sec:.1f} s/epoch ({res[-1]['ratio_vs_qat']:.2f}x QAT)", flush=True)
-    md = (f"Defense training cost, one epoch each, back to back. Command: `python bench/defense_cost.py "
-          f"--variants '{a.variants}' --threads {a.threads}`\n\n"
+    for (name, opts), sec in zip(variants, secs):
+        res.append({"defense": name, "options": opts, "epoch_seconds": sec, "ratio_vs_qat": sec / secs[0]})
+        rows.append([name, json.dumps(opts), sec, res[-1]["ratio_vs_qat"]])
+        print(f"{name} {json.dumps(opts)}: {sec:.1f} s/epoch ({res[-1]['ratio_vs_qat']:.2f}x QAT)", flush=True)
+    how = (f"{a.steps} interleaved steps per variant (first {a.warmup} left out), s/epoch = mean step time x steps per "
+           "epoch" if a.steps else "one epoch each, back to back")
+    cmd = f"python bench/defense_cost.py --variants '{a.variants}' --threads {a.threads}" + (
+        f" --steps {a.steps} --warmup {a.warmup}" if a.steps else "")
+    md = (f"Defense training cost, {how}. Command: `{cmd}`\n\n"
           + markdown_table(["defense", "options", "s / epoch", "ratio vs QAT"], rows))
     print(md)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(a.out + ".json", {"results": res, "environment": environment(a.threads)})
+    atomic_write_json(a.out + ".json", {"results": res, "command": cmd, "steps": a.steps, "warmup": a.warmup,
+                                        "environment": environment(a.threads)})
     atomic_write_bytes(a.out + ".md", md.encode())
     return 0
+
+
+def whole_epoch(cfg) -> float:
+    """Seconds of one real training epoch (qnn.train.train) of this configuration."""
+    import tempfile
+    from dataclasses import replace
+
+    from qnn.train import train
+
+    with tempfile.TemporaryDirectory() as td:
+        return train(replace(cfg, out_dir=td))["history"][-1]["epoch_seconds"]
+
+
+def interleaved(cfgs: list, steps: int, warmup: int) -> list[float]:
+    """Estimated seconds per epoch of each configuration from `steps` training steps taken in turn (rotating order)."""
+    import math
+    import time
+
+    import torch
+
+    from qnn.data import iterate_batches, load_dataset
+    from qnn.defenses import make_defense
+    from qnn.layers import ensure_calibrated_, set_bit_width_
+    from qnn.train import BitSchedule, init_model, train_step
+
+    c0 = cfgs[0]
+    torch.set_num_threads(c0.threads)
+    ds = load_dataset(c0.dataset, "train", c0.data_dir, seed=c0.seed, n_synthetic=c0.n_synthetic).subset(c0.train_subset)
+    per_epoch = math.ceil(len(ds) / c0.batch_size)
+    batches = []
+    for xb, yb in iterate_batches(ds, c0.batch_size, True, True, c0.seed, 0, 0, 1):
+        batches.append((xb, yb))
+        if len(batches) == steps:
+            break
+    runs = []
+    for c in cfgs:
+        torch.manual_seed(c.seed)
+        model = init_model(c, num_classes=len(ds.classes))
+        for b in c.bits:
+            set_bit_width_(model, b)
+            ensure_calibrated_(model, batches[0][0])
+        model.train()
+        defense = make_defense(c.defense, c.defense_args, c, model)
+        opt = torch.optim.SGD(list(model.parameters()) + defense.extra_parameters(), lr=c.lr, momentum=c.momentum,
+                              weight_decay=c.weight_decay, nesterov=True)
+        runs.append((model, defense, opt, BitSchedule(c.bits, c.schedule, c.seed, per_epoch), []))
+    for i, (xb, yb) in enumerate(batches):
+        for j in range(len(runs)):
+            model, defense, opt, sched, times = runs[(i + j) % len(runs)]
+            bits = defense.choose_bits(i, sched(i))
+            t0 = time.perf_counter()
+            train_step(model, model, defense, opt, xb, yb, bits, i)
+            times.append(time.perf_counter() - t0)
+    return [sum(t[warmup:]) / len(t[warmup:]) * per_epoch for *_, t in runs]
 
 
 if __name__ == "__main__":

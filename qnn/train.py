@@ -241,17 +241,8 @@ def train(cfg: TrainConfig) -> dict:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             bits = defense.choose_bits(step, sched_bits(step))
-            set_bit_width_(model, bits)
             xb, yb = xb.to(device), yb.to(device)
-            loss, logits = defense.loss(train_model, xb, yb, bits, step)
-            if teacher is not None and bits != FLOAT_BITS:
-                with torch.no_grad():
-                    t_logits = teacher(xb)
-                loss = distill_loss(loss, logits, t_logits, cfg.distill_alpha, cfg.distill_temp)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            defense.after_step()
+            loss, logits = train_step(model, train_model, defense, opt, xb, yb, bits, step, teacher, cfg)
             loss_sum += loss.item() * len(yb)
             n_seen += len(yb)
             correct += (logits.argmax(1) == yb).sum().item()
@@ -283,9 +274,26 @@ def train(cfg: TrainConfig) -> dict:
     return {**run_info, "history": history, "final": final}
 
 
+def train_step(model: nn.Module, train_model: nn.Module, defense, opt: torch.optim.Optimizer, xb: torch.Tensor,
+               yb: torch.Tensor, bits: int, step: int, teacher: nn.Module | None = None,
+               cfg: TrainConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step at `bits` with the defense's loss (and distillation when a teacher is given)."""
+    set_bit_width_(model, bits)
+    loss, logits = defense.loss(train_model, xb, yb, bits, step)
+    if teacher is not None and bits != FLOAT_BITS:
+        with torch.no_grad():
+            t_logits = teacher(xb)
+        loss = distill_loss(loss, logits, t_logits, cfg.distill_alpha, cfg.distill_temp)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    defense.after_step()
+    return loss, logits
+
+
 def ce_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits = model(xb)
     return F.cross_entropy(logits, yb), logits
 
 
-__all__ = ["train", "evaluate", "calibrate_", "BitSchedule", "FLOAT_BITS"]
+__all__ = ["train", "train_step", "evaluate", "calibrate_", "BitSchedule", "FLOAT_BITS"]

@@ -95,6 +95,8 @@ class QADTR(Defense):
         # ours: 'batch' pastes one pool patch on every patched image of a step; 'image' draws a pool patch per image
         # (every pool patch then gets a gradient, hence an update, at every step)
         self.pool_assign = str(a.get("pool_assign", "batch"))
+        # ours: with `sizes`, each patched image draws its own side (True) or one side per step (False)
+        self.size_per_image = bool(a.get("size_per_image", False))
         if self.pool_assign not in ("batch", "image"):
             raise QNNError(f"pool_assign must be 'batch' or 'image', got {self.pool_assign!r}")
         self.no_aqapa = bool(a.get("no_aqapa", False))
@@ -146,7 +148,7 @@ class QADTR(Defense):
             self.pool[pi, weak] = torch.rand(self.pool[pi, weak].shape, generator=gen)
             self.patch_score[pi, weak] = self.patch_score[pi].mean()
         n_p = _mixed_batch(x, self.frac_patched)
-        if self.pool_assign == "image":
+        if self.pool_assign == "image" and not self.no_aqapa:
             k = torch.randint(self.pool_size, (n_p,), generator=gen)
         else:
             k = torch.randint(self.pool_size, (1,), generator=gen).expand(n_p)
@@ -156,7 +158,9 @@ class QADTR(Defense):
         else:
             patch = self.pool[pi].clone().to(x).requires_grad_(True)
         pasted, mask, pcfg = patch[k.to(x.device)], self.mask, self.pcfg
-        if self.sizes:
+        if self.sizes and self.size_per_image and n_p:
+            pasted, mask, pcfg = self._sized_per_image(pasted, gen)
+        elif self.sizes:
             side = self.sizes[int(torch.randint(len(self.sizes), (1,), generator=gen))]
             if side != self.patch_size:
                 pasted = F.interpolate(pasted, size=(side, side), mode="nearest")
@@ -187,6 +191,22 @@ class QADTR(Defense):
         if not self.no_gir and self.lambda_gir > 0 and len(self.bits) > 1 and step % self.gir_every == 0:
             loss = loss + self.lambda_gir * self.gir(model, xp[: self.gir_batch].detach(), y[: min(n_p, self.gir_batch)], bits, gen)
         return loss, logits
+
+    def _sized_per_image(self, pasted: torch.Tensor, gen: torch.Generator):
+        """Scale EOT per image: patch i resized (nearest) to its own side from `sizes`, at a random offset inside a
+        canvas of the largest side, with a per-image mask (the canvas is then placed like any patch)."""
+        n, big = len(pasted), max(self.sizes)
+        sides = torch.tensor(self.sizes)[torch.randint(len(self.sizes), (n,), generator=gen)]
+        off = (torch.rand(n, 2, generator=gen) * (big - sides + 1)[:, None]).long()
+        canv, masks = [], []
+        for i in range(n):
+            s, (oy, ox) = int(sides[i]), off[i].tolist()
+            pi = F.interpolate(pasted[i:i + 1], size=(s, s), mode="nearest") if s != pasted.shape[-1] else pasted[i:i + 1]
+            pad = (ox, big - s - ox, oy, big - s - oy)
+            canv.append(F.pad(pi, pad))
+            masks.append(F.pad(torch.ones(1, 1, s, s), pad))
+        return (torch.cat(canv), torch.cat(masks).to(pasted),
+                PatchConfig(patch_shape=(big, big), image_size=self.image_size))
 
     def refine(self, model, x, y, warped, m) -> torch.Tensor:
         """Per-image signed-gradient steps inside the (warped) patch, started from the pool's universal patch, at the

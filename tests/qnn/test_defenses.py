@@ -185,3 +185,39 @@ def test_qadtr_scale_eot_pastes_resized_patches_on_the_pixel_grid():
     assert (changed.sum((1, 2)) <= 64).all() and (changed.sum((1, 2)) >= 48).all()
     vals = seen[-1].permute(0, 2, 3, 1)[changed].flatten()
     assert (vals[:, None] - q.pool.flatten()[None]).abs().min(1).values.max() < 1e-5
+
+
+def test_qadtr_size_per_image_pastes_each_image_at_its_own_side():
+    """size_per_image: with sizes 5 and 8 every patched image carries either a 5x5 or an 8x8 copy of a pool patch
+    (both sides occur in one batch), and the pool still gets the gradient."""
+    import torch
+    import torch.nn as nn
+
+    from qnn.layers import ensure_calibrated_, set_bit_width_
+
+    m = create_model("small_cnn")
+    x, y = torch.rand(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    set_bit_width_(m, 4)
+    ensure_calibrated_(m, x)
+    seen = []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = m
+
+        def forward(self, xin):
+            seen.append(xin.detach())
+            return self.m(xin)
+
+    q = make_defense("qadtr", {"sizes": "5,8", "size_per_image": True, "inner_steps": 0, "frac_patched": 1.0,
+                               "no_gir": True}, TrainConfig(model="small_cnn", bits=[4]), m)
+    before = q.pool.clone()
+    m.train()
+    loss, _ = q.loss(Spy(), x, y, 4, step=3)
+    changed = ((seen[-1] - x).abs() > 1e-4).any(1).sum((1, 2))
+    small, large = (changed <= 25) & (changed >= 16), (changed <= 64) & (changed >= 48)
+    assert (small | large).all() and small.any() and large.any()
+    loss.backward()
+    q.after_step()
+    assert not torch.equal(q.pool, before)
