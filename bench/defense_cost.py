@@ -97,21 +97,23 @@ def interleaved(cfgs: list, steps: int, warmup: int) -> list[float]:
     from qnn.data import iterate_batches, load_dataset
     from qnn.defenses import make_defense
     from qnn.layers import ensure_calibrated_, set_bit_width_
-    from qnn.train import BitSchedule, init_model, train_step
+    from qnn.train import BitSchedule, _device, init_model, train_step
 
     c0 = cfgs[0]
+    dev = _device(c0)
+    sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
     torch.set_num_threads(c0.threads)
     ds = load_dataset(c0.dataset, "train", c0.data_dir, seed=c0.seed, n_synthetic=c0.n_synthetic).subset(c0.train_subset)
     per_epoch = math.ceil(len(ds) / c0.batch_size)
     batches = []
     for xb, yb in iterate_batches(ds, c0.batch_size, True, True, c0.seed, 0, 0, 1):
-        batches.append((xb, yb))
+        batches.append((xb.to(dev), yb.to(dev)))
         if len(batches) == steps:
             break
     runs = []
     for c in cfgs:
         torch.manual_seed(c.seed)
-        model = init_model(c, num_classes=len(ds.classes))
+        model = init_model(c, num_classes=len(ds.classes)).to(dev)
         for b in c.bits:
             set_bit_width_(model, b)
             ensure_calibrated_(model, batches[0][0])
@@ -124,8 +126,10 @@ def interleaved(cfgs: list, steps: int, warmup: int) -> list[float]:
         for j in range(len(runs)):
             model, defense, opt, sched, times = runs[(i + j) % len(runs)]
             bits = defense.choose_bits(i, sched(i))
+            sync()
             t0 = time.perf_counter()
             train_step(model, model, defense, opt, xb, yb, bits, i)
+            sync()
             times.append(time.perf_counter() - t0)
     return [sum(t[warmup:]) / len(t[warmup:]) * per_epoch for *_, t in runs]
 

@@ -81,7 +81,13 @@ def run_job(job: dict, b: dict, data, runs: Path, device: str, threads: int) -> 
     rdir = runs / job["key"]
     res = rdir / "eval.json"
     if res.is_file():
-        return json.loads(res.read_text())
+        done = json.loads(res.read_text())
+        if done.get("args") != job["args"]:
+            from qnn.errors import QNNError
+
+            raise QNNError(f"{rdir} was run with options {done.get('args')}, not {job['args']}: rename the setting "
+                           "or move that folder away")
+        return done
     if not (rdir / "model.pt").is_file():
         print(f"== train {job['key']}", flush=True)
         train_defense(b, rdir, job["defense"], job["args"], job["bits"], job.get("epochs", b["epochs"]), threads, device,

@@ -27,15 +27,18 @@ from bench.common import environment, markdown_table  # noqa: E402
 BUDGETS = {
     "smoke": dict(model="small_cnn", dataset="synthetic", data_dir=None, init=None, epochs=1, n_synthetic=600,
                   train_subset=None, batch_size=64, lr=0.05, n_eval=100, n_attack=100, patch_iters=5, patch_batch=32,
-                  eval_bits=[32, 8, 4, 2], left_out=[3], ablations=False, pbat_iters=3, dwq_steps=2, transfer=False),
+                  eval_bits=[32, 8, 4, 2], left_out=[3], ablations=False, pbat_iters=3, dwq_steps=2, transfer=False,
+                  cost_steps=4),
     "cpu": dict(model="resnet20", dataset="cifar10", data_dir="../shared/data/cifar10",
                 init="../shared/data/weights/resnet20-12fca82f.th", epochs=1, n_synthetic=None, train_subset=20000,
                 batch_size=128, lr=0.02, n_eval=2000, n_attack=500, patch_iters=40, patch_batch=64,
-                eval_bits=[32, 8, 4, 2], left_out=[3, 5, 6], ablations=True, pbat_iters=5, dwq_steps=3, transfer=True),
+                eval_bits=[32, 8, 4, 2], left_out=[3, 5, 6], ablations=True, pbat_iters=5, dwq_steps=3, transfer=True,
+                cost_steps=40),
     "full": dict(model="resnet20", dataset="cifar10", data_dir="../shared/data/cifar10",
                  init="../shared/data/weights/resnet20-12fca82f.th", epochs=30, n_synthetic=None, train_subset=None,
                  batch_size=128, lr=0.05, n_eval=10000, n_attack=2000, patch_iters=500, patch_batch=128,
-                 eval_bits=[32, 8, 4, 2], left_out=[3, 5, 6], ablations=True, pbat_iters=25, dwq_steps=7, transfer=True),
+                 eval_bits=[32, 8, 4, 2], left_out=[3, 5, 6], ablations=True, pbat_iters=25, dwq_steps=7, transfer=True,
+                 cost_steps=100),
 }
 SEEN = dict(patch_shape=(6, 6), shape="square", placement="random")
 UNSEEN = [dict(patch_shape=(10, 10), shape="square", placement="random"),
@@ -69,17 +72,36 @@ def defenses(b: dict) -> dict[str, tuple[str, dict, list[int] | str]]:
     return d
 
 
+def budget_config(b: dict, dname: str, dargs: dict, bits: list[int], epochs: int, threads: int, device: str,
+                  seed: int = 0, out_dir: str = "unused"):
+    """The TrainConfig of one defense under the budget's settings."""
+    from qnn.config import TrainConfig
+
+    return TrainConfig(model=b["model"], dataset=b["dataset"], data_dir=b["data_dir"], init=b["init"], bits=bits,
+                       epochs=epochs, lr=b["lr"], batch_size=b["batch_size"], n_synthetic=b["n_synthetic"],
+                       train_subset=b["train_subset"], test_subset=b["n_eval"], out_dir=out_dir, resume=True,
+                       seed=seed, defense=dname, defense_args=dargs, threads=threads, progress=sys.stderr.isatty(),
+                       device=device)
+
+
 def train_defense(b: dict, rdir, dname: str, dargs: dict, bits: list[int], epochs: int, threads: int, device: str,
                   seed: int = 0) -> None:
     """Train one defense model with the budget's settings into rdir (resumable)."""
-    from qnn.config import TrainConfig
     from qnn.train import train
 
-    train(TrainConfig(model=b["model"], dataset=b["dataset"], data_dir=b["data_dir"], init=b["init"], bits=bits,
-                      epochs=epochs, lr=b["lr"], batch_size=b["batch_size"], n_synthetic=b["n_synthetic"],
-                      train_subset=b["train_subset"], test_subset=b["n_eval"], out_dir=str(rdir), resume=True,
-                      seed=seed, defense=dname, defense_args=dargs, threads=threads, progress=sys.stderr.isatty(),
-                      device=device))
+    train(budget_config(b, dname, dargs, bits, epochs, threads, device, seed, str(rdir)))
+
+
+def interleaved_cost(b: dict, names: dict, threads: int, device: str) -> dict[str, float]:
+    """Seconds per epoch vs plain QAT of QADT-R and of one PBAT model (at 4 bits), measured interleaved: the same
+    `cost_steps` batches, one step of each in turn (bench/defense_cost.py --steps), so machine drift between the
+    table's trainings does not enter the ratio."""
+    from bench.defense_cost import interleaved
+
+    rows = {"none": names["none"][:3], "qadtr": names["qadtr"][:3], "pbat (one 4-bit model)": names["pbat"][:2] + ([4],)}
+    cfgs = [budget_config(b, d, a, (bits if bits != PER_BIT else [4]), 1, threads, device) for d, a, bits in rows.values()]
+    secs = interleaved(cfgs, b["cost_steps"], warmup=min(3, b["cost_steps"] // 4))
+    return {n: s / secs[0] for n, s in zip(rows, secs)}
 
 
 def evaluate_defense(model, trained_bits, b, data, seed=0, left_out=True, eval_bits=None, device="cpu") -> dict:
@@ -238,6 +260,15 @@ def main(argv: list[str] | None = None) -> int:
         t["per_bits"].update(entry["per_bits"])
         t["epoch_seconds"] = sum(m["epoch_seconds"] for m in t["models"].values()) / len(t["models"])
     table = {n: (reused[n] if n in reused else table[n]) for n in names if n in reused or n in table}
+    cost_il = None
+    if b.get("cost_steps") and {"none", "qadtr", "pbat"} <= set(names):
+        cost_file = runs / f"cost_interleaved_{b['cost_steps']}.json"
+        if cost_file.is_file():
+            cost_il = json.loads(cost_file.read_text())
+        else:
+            print(f"== cost: {b['cost_steps']} interleaved steps each", flush=True)
+            cost_il = interleaved_cost(b, names, a.threads, device)
+            atomic_write_json(cost_file, cost_il)
     base = table.get("none", {}).get("epoch_seconds")
     rows = []
     for name, e in table.items():
@@ -261,13 +292,18 @@ def main(argv: list[str] | None = None) -> int:
                     f"{str(e['reused_from']['git_sha'])[:10]}, {e['reused_from']['cpu_model']} "
                     f"{'/'.join(e['reused_from']['isa_flags'] or [])}), not re-run; its cost column is "
                     "relative to that run's QAT.\n\n" for n, e in table.items() if "reused_from" in e)
+          + (f"Training cost measured interleaved ({b['cost_steps']} steps of each on the same batches, one step of "
+             "each in turn, so that the machine's drift between the trainings below does not enter the ratio): "
+             + ", ".join(f"{n} {v:.2f}x" for n, v in cost_il.items()) + " QAT's seconds per epoch. The "
+             "table's cost columns come from each training's own wall time.\n\n" if cost_il else "")
           + "Unseen-patch ASR % (mean of 10x10 square, 8x8 circle, fixed-corner 8x8), lower is better:\n\n"
           + markdown_table(["bits"] + list(table), pivot) + "\nAll figures:\n\n"
           + markdown_table(["defense", "bits", "clean %", "seen ASR %", "unseen ASR %", "adaptive ASR %",
                             "train s/epoch vs QAT", "total train cost (QAT epochs)"], rows))
     print(md)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out + ".json", {"budget": a.budget, "settings": b, "table": table, "environment": environment(a.threads)})
+    atomic_write_json(out + ".json", {"budget": a.budget, "settings": b, "table": table, "cost_interleaved_vs_qat": cost_il,
+                                      "environment": environment(a.threads)})
     atomic_write_bytes(out + ".md", md.encode())
     _plot(table, out + ".png")
     return 0

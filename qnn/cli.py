@@ -43,6 +43,8 @@ def _add_train(sub) -> None:
     p.add_argument("--no-gir", action="store_true", help="QADT-R ablation: no gradient-inconsistency penalty")
     p.add_argument("--lambda-gir", dest="lambda_gir", type=float)
     p.add_argument("--pool-size", dest="pool_size", type=int)
+    p.add_argument("--defense-arg", dest="defense_arg", action="append", metavar="KEY=VALUE",
+                   help="any defense option (repeatable), e.g. --defense-arg pool_per_bit=false --defense-arg adapt_temp=0.2")
     p.add_argument("--device")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training forward")
     p.add_argument("--out", dest="out_dir")
@@ -62,6 +64,13 @@ def cmd_train(a) -> int:
         v = over.pop(k, None)
         if v is not None and v is not False:
             dargs[k] = v
+    for kv in over.pop("defense_arg", None) or []:
+        key, eq, val = kv.partition("=")
+        if not eq or not key.strip():
+            raise QNNError(f"--defense-arg expects KEY=VALUE, got {kv!r}")
+        import yaml
+
+        dargs[key.strip()] = yaml.safe_load(val) if val.strip() else None
     cfg = build(TrainConfig, file_cfg, over)
     cfg.defense_args = dargs
     from qnn.defenses import make_defense  # validate defense + args before any work

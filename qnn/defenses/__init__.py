@@ -30,6 +30,8 @@ class Defense:
     """Base: plain QAT (cross-entropy at the step's bit-width)."""
 
     name = "none"
+    #: the defense options this defense reads (anything else given is refused: a typo must not pass silently)
+    options: tuple[str, ...] = ()
 
     def __init__(self, args: dict, cfg, model: nn.Module):
         self.args, self.cfg = dict(args), cfg
@@ -60,4 +62,9 @@ register_defense("none")(Defense)
 def make_defense(name: str, args: dict, cfg, model: nn.Module) -> Defense:
     if name not in list_defenses():
         raise QNNError(f"unknown defense '{name}'; choose from {', '.join(list_defenses())}")
-    return _DEFENSES[name](args, cfg, model)
+    cls = _DEFENSES[name]
+    unknown = sorted(set(args or {}) - set(cls.options))
+    if unknown:
+        raise QNNError(f"unknown option(s) for defense '{name}': {', '.join(unknown)}; "
+                       f"known: {', '.join(cls.options) or 'none'}")
+    return cls(args, cfg, model)

@@ -60,6 +60,11 @@ class _FrozenEval:
 class QADTR(Defense):
     """QADT-R: a persistent patch pool optimised inside the quantized model (A-QAPA), DBWT, GIR."""
 
+    options = ("pool_size", "patch_size", "patch_step", "lambda_gir", "gir_every", "gir_batch", "gir_noise",
+               "frac_patched", "adapt_alpha", "adapt_temp", "inner_steps", "inner_step", "aqapa_signal",
+               "refresh_every", "scale_min", "scale_max", "rotation_max", "sizes", "pool_per_bit", "pool_assign",
+               "size_per_image", "no_aqapa", "no_gir")
+
     def __init__(self, args: dict, cfg, model: nn.Module):
         super().__init__(args, cfg, model)
         a = self.args
@@ -89,12 +94,12 @@ class QADTR(Defense):
             self.sizes = [int(v) for v in (sz.split(",") if isinstance(sz, str) else sz) if str(v).strip()]
         except ValueError:
             raise QNNError(f"defense option sizes={sz!r} is not a comma-separated list of ints") from None
-        # ours: one pool per trained bit-width (A-QAPA's patches are crafted at the step's bit-width, and universal
-        # patches transfer only partly between bit-widths), or one pool shared by all bit-widths
-        self.pool_per_bit = bool(a.get("pool_per_bit", False))
-        # ours: 'batch' pastes one pool patch on every patched image of a step; 'image' draws a pool patch per image
-        # (every pool patch then gets a gradient, hence an update, at every step)
-        self.pool_assign = str(a.get("pool_assign", "batch"))
+        # ours: one pool per trained bit-width (default; A-QAPA's patches are crafted at the step's bit-width, and
+        # universal patches transfer only partly between bit-widths), or one pool shared by all bit-widths
+        self.pool_per_bit = bool(a.get("pool_per_bit", True))
+        # ours: 'image' (default) draws a pool patch per patched image, so every patch of the step's pool gets a
+        # gradient, hence an update, at every step; 'batch' pastes one pool patch on all patched images of a step
+        self.pool_assign = str(a.get("pool_assign", "image"))
         # ours: with `sizes`, each patched image draws its own side (True) or one side per step (False)
         self.size_per_image = bool(a.get("size_per_image", False))
         if self.pool_assign not in ("batch", "image"):
@@ -270,6 +275,8 @@ class PBAT(Defense):
     """PBAT (Rao, Stutz, Schiele 2020): per-image patches at random locations, signed-gradient ascent, then train
     on them. Half of each batch is patched (ours: keeps clean accuracy comparable with QADT-R)."""
 
+    options = ("iters", "patch_step", "patch_size", "frac_patched")
+
     def __init__(self, args: dict, cfg, model: nn.Module):
         super().__init__(args, cfg, model)
         self.iters = _get(self.args, "iters", 25, int)
@@ -303,6 +310,8 @@ class PBAT(Defense):
 class DWQ(Defense):
     """Double-Win Quant (Fu et al. 2021): random-precision training (switchable BN, the DBWT draw) + PGD (L-inf)
     adversarial training at the drawn precision. Half of each batch adversarial (ours)."""
+
+    options = ("eps", "pgd_steps", "alpha", "frac_patched")
 
     def __init__(self, args: dict, cfg, model: nn.Module):
         super().__init__(args, cfg, model)

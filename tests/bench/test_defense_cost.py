@@ -16,5 +16,3 @@ def test_interleaved_cost_gives_one_epoch_estimate_per_variant():
 def test_defense_cost_bad_input(capsys):
     assert defense_cost.main(["--steps", "2", "--warmup", "3"]) == 2
     assert "--steps" in capsys.readouterr().err
-    assert defense_cost.main(["--variants", "qadtr:{bad json"]) == 2
-    assert "bad options" in capsys.readouterr().err

@@ -53,3 +53,22 @@ def test_sharded_sweep_merges_per_bit_models_and_resumes(tmp_path):
     assert all(0 <= r["unseen_asr_pct"] <= 100 and r["n_seeds"] == 1 and r["unseen_asr_sd"] is None
                for r in s["qadtr"]["per_bits"].values())
     assert "| qadtr |" in (tmp_path / "all.md").read_text()
+
+
+def test_a_finished_job_run_with_other_options_is_refused(tmp_path):
+    """A cached job folder whose recorded options differ from the grid's is stale: refused, not silently reused."""
+    import json
+
+    import pytest
+
+    from bench.defense_sweep import run_job
+    from qnn.errors import QNNError
+
+    d = tmp_path / "qadtr" / "s0"
+    d.mkdir(parents=True)
+    (d / "eval.json").write_text(json.dumps({"args": {"pool_size": 2}, "per_bits": {}}))
+    job = {"key": "qadtr/s0", "name": "qadtr", "defense": "qadtr", "args": {"pool_size": 4}, "bits": [2, 32], "seed": 0}
+    with pytest.raises(QNNError, match="other options|was run with options"):
+        run_job(job, {}, None, tmp_path, "cpu", 1)
+    job["args"] = {"pool_size": 2}
+    assert run_job(job, {}, None, tmp_path, "cpu", 1)["args"] == {"pool_size": 2}

@@ -27,6 +27,10 @@ def test_smoke_budget_end_to_end(tmp_path):
         assert 0 <= e["per_bits"]["4"]["unseen_asr_pct"] <= 100 and "adaptive_asr_pct" in e["per_bits"]["2"]
     md = (tmp_path / "t.md").read_text()
     assert md.count("|") > 20 and "total train cost" in md and (tmp_path / "t.png").is_file()
+    # the interleaved cost measurement: QAT is its own reference, the others are ratios to it
+    cost = json.loads((tmp_path / "t.json").read_text())["cost_interleaved_vs_qat"]
+    assert cost["none"] == 1.0 and set(cost) == {"none", "qadtr", "pbat (one 4-bit model)"} and cost["qadtr"] > 0
+    assert "measured interleaved" in md
 
 
 def test_defense_cost_bad_options_exit_2(capsys):

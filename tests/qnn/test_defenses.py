@@ -28,7 +28,7 @@ def test_qadtr_pool_is_updated_and_saved(tmp_path):
                       out_dir=str(out), defense="qadtr", defense_args={"pool_size": 4}))
     st = torch.load(out / "last.pt", weights_only=True)["defense"]
     g = torch.Generator().manual_seed(0 + 4242)
-    init = torch.rand(1, 4, 3, 6, 6, generator=g)
+    init = torch.rand(2, 4, 3, 6, 6, generator=g)  # default: one pool per trained bit-width
     assert st["pool"].shape == init.shape and not torch.equal(st["pool"], init)
 
 
@@ -123,11 +123,12 @@ def test_qadtr_state_from_a_shared_pool_checkpoint_loads():
     """Checkpoints written before per-bit pools (pool (S,3,P,P)) resume; a pool of another shape is refused."""
     import torch
 
-    q = make_defense("qadtr", {"pool_size": 2}, TrainConfig(model="small_cnn", bits=[2, 8]), create_model("small_cnn"))
+    q = make_defense("qadtr", {"pool_size": 2, "pool_per_bit": False}, TrainConfig(model="small_cnn", bits=[2, 8]),
+                     create_model("small_cnn"))
     old = {"pool": torch.rand(2, 3, 6, 6), "asr_ema": {"2": 0.3, "8": 0.1}, "patch_score": torch.zeros(2)}
     q.load_state_dict(old)
     assert torch.equal(q.pool[0], old["pool"])
-    q2 = make_defense("qadtr", {"pool_size": 2, "pool_per_bit": True}, TrainConfig(model="small_cnn", bits=[2, 8]),
+    q2 = make_defense("qadtr", {"pool_size": 2}, TrainConfig(model="small_cnn", bits=[2, 8]),
                       create_model("small_cnn"))
     with pytest.raises(QNNError, match="patch pool"):
         q2.load_state_dict(old)
@@ -151,6 +152,14 @@ def test_defense_bad_inputs(tmp_path, capsys):
         make_defense("qadtr", {"sizes": "5,40"}, cfg, create_model("small_cnn"))
     with pytest.raises(QNNError, match="sizes"):
         make_defense("qadtr", {"sizes": "5,x"}, cfg, create_model("small_cnn"))
+    # a misspelt option is refused, not ignored
+    with pytest.raises(QNNError, match="unknown option.*pool_per_bits"):
+        make_defense("qadtr", {"pool_per_bits": True}, cfg, create_model("small_cnn"))
+    with pytest.raises(QNNError, match="unknown option.*inner_steps"):
+        make_defense("pbat", {"inner_steps": 2}, cfg, create_model("small_cnn"))
+    assert "unknown option" in _err(base + ["--defense", "qadtr", "--defense-arg", "adapt_tmp=0.2"], capsys)
+    assert "KEY=VALUE" in _err(base + ["--defense", "qadtr", "--defense-arg", "adapt_temp"], capsys)
+    assert "pool_assign" in _err(base + ["--defense", "qadtr", "--defense-arg", "pool_assign=magic"], capsys)
 
 
 def test_qadtr_scale_eot_pastes_resized_patches_on_the_pixel_grid():
