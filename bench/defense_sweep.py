@@ -107,15 +107,32 @@ def run_job(job: dict, b: dict, data, runs: Path, device: str, threads: int) -> 
     return entry
 
 
-def aggregate(grid: list[dict], runs: Path, eval_bits: list[int], cost: bool = True) -> tuple[dict, str]:
-    """Mean over seeds per setting and bit-width; per-bit settings merge their models' rows per seed first."""
+def _seeds_found(runs: Path, g: dict, eval_bits: list[int]) -> list[int]:
+    keys = {j["key"].split("/")[0] for j in jobs_of([g], [0], eval_bits)}
+    return sorted({int(d.name[1:]) for k in keys for d in (runs / k).glob("s*") if d.name[1:].isdigit()})
+
+
+def aggregate(grid: list[dict], runs: Path, eval_bits: list[int], cost: bool = True,
+              seeds: list[int] | None = None) -> tuple[dict, str]:
+    """Mean over seeds per setting and bit-width; per-bit settings merge their models' rows per seed first. Reads
+    exactly the grid's job folders (for `seeds`, all seeds found when None): a folder of another grid that shares a
+    setting's name is the same job; one run with other options is refused (as run_job does)."""
+    from qnn.errors import QNNError
+
     rows: dict[str, dict] = {}
-    for f in sorted(runs.glob("*/s*/eval.json")):
-        e = json.loads(f.read_text())
-        r = rows.setdefault(e["name"], {"per_seed": {}})
-        ps = r["per_seed"].setdefault(str(e["seed"]), {"per_bits": {}, "epoch_seconds": []})
-        ps["per_bits"].update(e["per_bits"])
-        ps["epoch_seconds"].append(e["epoch_seconds"])
+    for g in grid:
+        for job in jobs_of([g], seeds if seeds is not None else _seeds_found(runs, g, eval_bits), eval_bits):
+            f = runs / job["key"] / "eval.json"
+            if not f.is_file():
+                continue
+            e = json.loads(f.read_text())
+            if e.get("args") != g["args"]:
+                raise QNNError(f"{f.parent} was run with options {e.get('args')}, not {g['args']}: rename the setting "
+                               "or move that folder away")
+            r = rows.setdefault(g["name"], {"per_seed": {}})
+            ps = r["per_seed"].setdefault(str(job["seed"]), {"per_bits": {}, "epoch_seconds": []})
+            ps["per_bits"].update(e["per_bits"])
+            ps["epoch_seconds"].append(e["epoch_seconds"])
     metrics = ["clean_acc_pct", "unseen_asr_pct", "seen_asr_pct", "adaptive_asr_pct"]
     summary = {}
     for g in grid:
@@ -217,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"defense_sweep: job {job['key']} failed: {type(e).__name__}: {str(e)[:300]} "
                               f"(at {' | '.join(ln.strip() for ln in tb[-5:-1])})", flush=True)
                         failed.append(job["key"])
-        summary, md = aggregate(grid, runs, b["eval_bits"], cost=not a.no_cost)
+        summary, md = aggregate(grid, runs, b["eval_bits"], cost=not a.no_cost, seeds=seeds)
     except QNNError as e:
         print(f"defense_sweep: error: {e}", file=sys.stderr)
         return 2
