@@ -162,16 +162,16 @@ def test_defense_bad_inputs(tmp_path, capsys):
     assert "pool_assign" in _err(base + ["--defense", "qadtr", "--defense-arg", "pool_assign=magic"], capsys)
 
 
-def test_qadtr_scale_eot_pastes_resized_patches_on_the_pixel_grid():
-    """A-QAPA's scale EOT (`sizes`): the 6x6 pool patch is pasted at the drawn side (here always 8), as an exact
-    nearest-neighbour copy on the pixel grid: 8x8 changed pixels per image, values taken from the pool patch."""
+def _patched_step(args: dict, n: int):
+    """One QADT-R loss at 4 bits on a small CNN, all images patched, no refinement or GIR: returns the images, the
+    batch the model was fed, the defense (pool before the step: `before`) and the loss."""
     import torch
     import torch.nn as nn
 
     from qnn.layers import ensure_calibrated_, set_bit_width_
 
     m = create_model("small_cnn")
-    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    x, y = torch.rand(n, 3, 32, 32), torch.randint(0, 10, (n,))
     set_bit_width_(m, 4)
     ensure_calibrated_(m, x)
     seen = []
@@ -185,14 +185,22 @@ def test_qadtr_scale_eot_pastes_resized_patches_on_the_pixel_grid():
             seen.append(xin.detach())
             return self.m(xin)
 
-    q = make_defense("qadtr", {"sizes": "8", "inner_steps": 0, "frac_patched": 1.0, "no_gir": True},
+    q = make_defense("qadtr", {"inner_steps": 0, "frac_patched": 1.0, "no_gir": True, **args},
                      TrainConfig(model="small_cnn", bits=[4]), m)
+    q.before = q.pool.clone()
     m.train()
-    q.loss(Spy(), x, y, 4, step=3)
+    loss, _ = q.loss(Spy(), x, y, 4, step=3)
+    return x, seen[-1], q, loss
+
+
+def test_qadtr_scale_eot_pastes_resized_patches_on_the_pixel_grid():
+    """A-QAPA's scale EOT (`sizes`): the 6x6 pool patch is pasted at the drawn side (here always 8), as an exact
+    nearest-neighbour copy on the pixel grid: 8x8 changed pixels per image, values taken from the pool patch."""
+    x, fed, q, _ = _patched_step({"sizes": "8"}, 16)
     # (grid_sample on the snapped grid leaks ~5e-7 into the neighbouring pixels: far below one uint8 input level)
-    changed = ((seen[-1] - x).abs() > 1e-4).any(1)  # N,H,W
+    changed = ((fed - x).abs() > 1e-4).any(1)  # N,H,W
     assert (changed.sum((1, 2)) <= 64).all() and (changed.sum((1, 2)) >= 48).all()
-    vals = seen[-1].permute(0, 2, 3, 1)[changed].flatten()
+    vals = fed.permute(0, 2, 3, 1)[changed].flatten()
     assert (vals[:, None] - q.pool.flatten()[None]).abs().min(1).values.max() < 1e-5
 
 
@@ -200,33 +208,11 @@ def test_qadtr_size_per_image_pastes_each_image_at_its_own_side():
     """size_per_image: with sizes 5 and 8 every patched image carries either a 5x5 or an 8x8 copy of a pool patch
     (both sides occur in one batch), and the pool still gets the gradient."""
     import torch
-    import torch.nn as nn
 
-    from qnn.layers import ensure_calibrated_, set_bit_width_
-
-    m = create_model("small_cnn")
-    x, y = torch.rand(32, 3, 32, 32), torch.randint(0, 10, (32,))
-    set_bit_width_(m, 4)
-    ensure_calibrated_(m, x)
-    seen = []
-
-    class Spy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = m
-
-        def forward(self, xin):
-            seen.append(xin.detach())
-            return self.m(xin)
-
-    q = make_defense("qadtr", {"sizes": "5,8", "size_per_image": True, "inner_steps": 0, "frac_patched": 1.0,
-                               "no_gir": True}, TrainConfig(model="small_cnn", bits=[4]), m)
-    before = q.pool.clone()
-    m.train()
-    loss, _ = q.loss(Spy(), x, y, 4, step=3)
-    changed = ((seen[-1] - x).abs() > 1e-4).any(1).sum((1, 2))
+    x, fed, q, loss = _patched_step({"sizes": "5,8", "size_per_image": True}, 32)
+    changed = ((fed - x).abs() > 1e-4).any(1).sum((1, 2))
     small, large = (changed <= 25) & (changed >= 16), (changed <= 64) & (changed >= 48)
     assert (small | large).all() and small.any() and large.any()
     loss.backward()
     q.after_step()
-    assert not torch.equal(q.pool, before)
+    assert not torch.equal(q.pool, q.before)
