@@ -96,8 +96,7 @@ def interleaved(cfgs: list, steps: int, warmup: int) -> list[float]:
 
     from qnn.data import iterate_batches, load_dataset
     from qnn.defenses import make_defense
-    from qnn.layers import ensure_calibrated_, set_bit_width_
-    from qnn.train import BitSchedule, _device, init_model, train_step
+    from qnn.train import BitSchedule, _device, init_model, init_scales_, make_optimizer, train_step
 
     c0 = cfgs[0]
     dev = _device(c0)
@@ -114,13 +113,10 @@ def interleaved(cfgs: list, steps: int, warmup: int) -> list[float]:
     for c in cfgs:
         torch.manual_seed(c.seed)
         model = init_model(c, num_classes=len(ds.classes)).to(dev)
-        for b in c.bits:
-            set_bit_width_(model, b)
-            ensure_calibrated_(model, batches[0][0])
+        init_scales_(model, c.bits, batches[0][0])
         model.train()
         defense = make_defense(c.defense, c.defense_args, c, model)
-        opt = torch.optim.SGD(list(model.parameters()) + defense.extra_parameters(), lr=c.lr, momentum=c.momentum,
-                              weight_decay=c.weight_decay, nesterov=True)
+        opt = make_optimizer(c, model, defense)
         runs.append((model, defense, opt, BitSchedule(c.bits, c.schedule, c.seed, per_epoch), []))
     for i, (xb, yb) in enumerate(batches):
         for j in range(len(runs)):

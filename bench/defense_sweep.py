@@ -75,19 +75,24 @@ def jobs_of(grid: list[dict], seeds: list[int], eval_bits: list[int]) -> list[di
     return out
 
 
+def _finished(res: Path, args: dict) -> dict:
+    """A job's recorded evaluation; refused when it was run with other options (a stale folder)."""
+    from qnn.errors import QNNError
+
+    done = json.loads(res.read_text())
+    if done.get("args") != args:
+        raise QNNError(f"{res.parent} was run with options {done.get('args')}, not {args}: rename the setting "
+                       "or move that folder away")
+    return done
+
+
 def run_job(job: dict, b: dict, data, runs: Path, device: str, threads: int) -> dict:
     from qnn.checkpoint import atomic_write_json, load_checkpoint
 
     rdir = runs / job["key"]
     res = rdir / "eval.json"
     if res.is_file():
-        done = json.loads(res.read_text())
-        if done.get("args") != job["args"]:
-            from qnn.errors import QNNError
-
-            raise QNNError(f"{rdir} was run with options {done.get('args')}, not {job['args']}: rename the setting "
-                           "or move that folder away")
-        return done
+        return _finished(res, job["args"])
     if not (rdir / "model.pt").is_file():
         print(f"== train {job['key']}", flush=True)
         train_defense(b, rdir, job["defense"], job["args"], job["bits"], job.get("epochs", b["epochs"]), threads, device,
@@ -117,18 +122,13 @@ def aggregate(grid: list[dict], runs: Path, eval_bits: list[int], cost: bool = T
     """Mean over seeds per setting and bit-width; per-bit settings merge their models' rows per seed first. Reads
     exactly the grid's job folders (for `seeds`, all seeds found when None): a folder of another grid that shares a
     setting's name is the same job; one run with other options is refused (as run_job does)."""
-    from qnn.errors import QNNError
-
     rows: dict[str, dict] = {}
     for g in grid:
         for job in jobs_of([g], seeds if seeds is not None else _seeds_found(runs, g, eval_bits), eval_bits):
             f = runs / job["key"] / "eval.json"
             if not f.is_file():
                 continue
-            e = json.loads(f.read_text())
-            if e.get("args") != g["args"]:
-                raise QNNError(f"{f.parent} was run with options {e.get('args')}, not {g['args']}: rename the setting "
-                               "or move that folder away")
+            e = _finished(f, g["args"])
             r = rows.setdefault(g["name"], {"per_seed": {}})
             ps = r["per_seed"].setdefault(str(job["seed"]), {"per_bits": {}, "epoch_seconds": []})
             ps["per_bits"].update(e["per_bits"])

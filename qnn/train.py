@@ -193,8 +193,7 @@ def train(cfg: TrainConfig) -> dict:
     steps_per_epoch = math.ceil(len(train_ds) // world / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     sched_bits = BitSchedule(cfg.bits, cfg.schedule, cfg.seed, total)
-    params = list(model.parameters()) + defense.extra_parameters()
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    opt = make_optimizer(cfg, model, defense)
     # No weight decay on quantizer scales (log domain) would be cleaner; decay on them is small, kept for simplicity.
     lr_at = lambda step: cfg.lr * (min(1.0, (step + 1) / (cfg.warmup_epochs * steps_per_epoch)) if cfg.warmup_epochs else 1.0) \
         * 0.5 * (1 + math.cos(math.pi * step / total))  # noqa: E731
@@ -210,14 +209,8 @@ def train(cfg: TrainConfig) -> dict:
         raise QNNError(f"--resume: {out} has no last.pt to resume from")
 
     if start_epoch == 0:
-        # initialise every trained bit-width's quantizer scales on one batch, so even a bit-width the schedule
-        # has not drawn yet is usable (and the draw order does not change the initial scales)
-        from qnn.layers import ensure_calibrated_
-
         xb0, _ = next(iterate_batches(train_ds, cfg.batch_size, True, False, cfg.seed, 0, rank, world))
-        for b in cfg.bits:
-            set_bit_width_(model, b)
-            ensure_calibrated_(model, xb0.to(device))
+        init_scales_(model, cfg.bits, xb0.to(device))
     train_model: nn.Module = torch.compile(model) if cfg.compile else model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -272,6 +265,22 @@ def train(cfg: TrainConfig) -> dict:
 
         dist.barrier()
     return {**run_info, "history": history, "final": final}
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module, defense) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum over the model's and the defense's parameters."""
+    params = list(model.parameters()) + defense.extra_parameters()
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+
+
+def init_scales_(model: nn.Module, bits: list[int], xb: torch.Tensor) -> None:
+    """Initialise every trained bit-width's quantizer scales on one batch, so even a bit-width the schedule has not
+    drawn yet is usable (and the draw order does not change the initial scales)."""
+    from qnn.layers import ensure_calibrated_
+
+    for b in bits:
+        set_bit_width_(model, b)
+        ensure_calibrated_(model, xb)
 
 
 def train_step(model: nn.Module, train_model: nn.Module, defense, opt: torch.optim.Optimizer, xb: torch.Tensor,

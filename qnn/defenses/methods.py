@@ -182,17 +182,15 @@ class QADTR(Defense):
             patch.retain_grad()
             self._pending = (pi, patch)
         with torch.no_grad():
-            wrong = (logits[:n_p].argmax(1) != y[:n_p]).float().mean().item() if n_p else 0.0
+            wrong_i = (logits[:n_p].argmax(1) != y[:n_p]).float().cpu()
+            wrong = wrong_i.mean().item() if n_p else 0.0
             # A-QAPA's per-bit signal: the patched half's error ('error', default) or, with aqapa_signal='asr', its
             # error above the clean half's at the same bit-width (an ASR estimate; measured to starve 2 bits)
             clean_wrong = (logits[n_p:].argmax(1) != y[n_p:]).float().mean().item() if n_p < len(y) else 0.0
             success = (max(0.0, wrong - clean_wrong) / max(1e-6, 1.0 - clean_wrong)) if self.aqapa_signal == "asr" else wrong
             self.asr_ema[bits] = 0.9 * self.asr_ema.get(bits, 0.5) + 0.1 * success
-            if n_p:
-                wrong_i = (logits[:n_p].argmax(1) != y[:n_p]).float().cpu()
-                for kk in k.unique().tolist():
-                    sel = k == kk
-                    self.patch_score[pi, kk] = 0.9 * self.patch_score[pi, kk] + 0.1 * wrong_i[sel].mean()
+            for kk in k.unique().tolist():  # each pasted pool patch: the error rate of the images that carried it
+                self.patch_score[pi, kk] = 0.9 * self.patch_score[pi, kk] + 0.1 * wrong_i[k == kk].mean()
         if not self.no_gir and self.lambda_gir > 0 and len(self.bits) > 1 and step % self.gir_every == 0:
             loss = loss + self.lambda_gir * self.gir(model, xp[: self.gir_batch].detach(), y[: min(n_p, self.gir_batch)], bits, gen)
         return loss, logits
@@ -206,9 +204,9 @@ class QADTR(Defense):
         canv, masks = [], []
         for i in range(n):
             s, (oy, ox) = int(sides[i]), off[i].tolist()
-            pi = F.interpolate(pasted[i:i + 1], size=(s, s), mode="nearest") if s != pasted.shape[-1] else pasted[i:i + 1]
+            p = F.interpolate(pasted[i:i + 1], size=(s, s), mode="nearest") if s != pasted.shape[-1] else pasted[i:i + 1]
             pad = (ox, big - s - ox, oy, big - s - oy)
-            canv.append(F.pad(pi, pad))
+            canv.append(F.pad(p, pad))
             masks.append(F.pad(torch.ones(1, 1, s, s), pad))
         return (torch.cat(canv), torch.cat(masks).to(pasted),
                 PatchConfig(patch_shape=(big, big), image_size=self.image_size))
