@@ -46,6 +46,18 @@ UNSEEN = [dict(patch_shape=(10, 10), shape="square", placement="random"),
           dict(patch_shape=(8, 8), shape="square", placement="fixed")]
 
 
+def unseen_label(u: dict) -> str:
+    """'10x10 sq', '8x8 circ', '8x8 sq fixed': a short name of one unseen patch configuration."""
+    h, w = u["patch_shape"]
+    return f"{h}x{w} {u['shape'][:4].replace('squa', 'sq')}" + (" fixed" if u["placement"] == "fixed" else "")
+
+
+def unseen_each(entry: dict, bits: str, i: int) -> str:
+    """One defense's ASR on unseen configuration i at `bits`, formatted ('-' where not measured)."""
+    each = entry["per_bits"].get(bits, {}).get("unseen_asr_pct_each")
+    return f"{each[i]:.1f}" if each else "-"
+
+
 #: defenses trained as one fixed-precision model per evaluated bit-width (the spec's PBAT: "at one fixed bit-width")
 PER_BIT = "per-bit"
 
@@ -280,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
                          r.get("adaptive_asr_pct", "-"), per_epoch if per_epoch else "-", total if total else "-"])
     all_bits = [str(x) for x in b["eval_bits"] + b["left_out"]]
     pivot = [[bt] + [table[n]["per_bits"].get(bt, {}).get("unseen_asr_pct", "-") for n in table] for bt in all_bits]
+    # the unseen mean hides which configuration a defense fails on: one row per defense, a column per (bits, config)
+    by_cfg_head = ["defense"] + [f"{bt}b {unseen_label(u)}" for bt in b["eval_bits"] for u in UNSEEN]
+    by_cfg = [[n] + [unseen_each(e, str(bt), i) for bt in b["eval_bits"] for i in range(len(UNSEEN))]
+              for n, e in table.items()]
     md = (f"Defense table, budget `{a.budget}` ({b['model']} on {b['dataset']}, {b['epochs']} epoch(s), "
           f"eval on {b['n_eval']} test images, patches {b['patch_iters']} iterations). "
           f"Command: `python bench/defense_table.py {' '.join(shlex.quote(v) for v in (argv if argv is not None else sys.argv[1:]))}`\n\n"
@@ -297,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
              + ", ".join(f"{n} {v:.2f}x" for n, v in cost_il.items()) + " QAT's seconds per epoch. The "
              "table's cost columns come from each training's own wall time.\n\n" if cost_il else "")
           + "Unseen-patch ASR % (mean of 10x10 square, 8x8 circle, fixed-corner 8x8), lower is better:\n\n"
-          + markdown_table(["bits"] + list(table), pivot) + "\nAll figures:\n\n"
+          + markdown_table(["bits"] + list(table), pivot)
+          + "\nUnseen-patch ASR % by configuration, trained bit-widths:\n\n" + markdown_table(by_cfg_head, by_cfg)
+          + "\nAll figures:\n\n"
           + markdown_table(["defense", "bits", "clean %", "seen ASR %", "unseen ASR %", "adaptive ASR %",
                             "train s/epoch vs QAT", "total train cost (QAT epochs)"], rows))
     print(md)

@@ -63,7 +63,7 @@ class QADTR(Defense):
     options = ("pool_size", "patch_size", "patch_step", "lambda_gir", "gir_every", "gir_batch", "gir_noise",
                "frac_patched", "adapt_alpha", "adapt_temp", "inner_steps", "inner_step", "aqapa_signal",
                "refresh_every", "scale_min", "scale_max", "rotation_max", "sizes", "pool_per_bit", "pool_assign",
-               "size_per_image", "no_aqapa", "no_gir")
+               "size_per_image", "pool_init_iters", "pool_init_images", "pool_init_step", "no_aqapa", "no_gir")
 
     def __init__(self, args: dict, cfg, model: nn.Module):
         super().__init__(args, cfg, model)
@@ -102,6 +102,16 @@ class QADTR(Defense):
         self.pool_assign = str(a.get("pool_assign", "image"))
         # ours: with `sizes`, each patched image draws its own side (True) or one side per step (False)
         self.size_per_image = bool(a.get("size_per_image", False))
+        # ours: A-QAPA's warm start. Before the first step the pool (each bit-width's, with pool_per_bit) is optimised
+        # `pool_init_iters` signed steps of `pool_init_step` on the first batch's first `pool_init_images` images,
+        # at its bit-width with frozen weights, so that training meets real universal patches from its first step
+        # (0 = the pool starts as noise). A one-off cost, inside the first epoch's time.
+        self.pool_init_iters = _get(a, "pool_init_iters", 0, int)
+        self.pool_init_images = _get(a, "pool_init_images", 64, int)
+        self.pool_init_step = _get(a, "pool_init_step", 0.1)
+        if self.pool_init_iters < 0 or self.pool_init_images <= 0 or self.pool_init_step <= 0:
+            raise QNNError("pool_init_iters must be >= 0, pool_init_images and pool_init_step > 0")
+        self._pool_ready = self.pool_init_iters == 0
         if self.pool_assign not in ("batch", "image"):
             raise QNNError(f"pool_assign must be 'batch' or 'image', got {self.pool_assign!r}")
         self.no_aqapa = bool(a.get("no_aqapa", False))
@@ -145,6 +155,8 @@ class QADTR(Defense):
         return rnd.choices(self.bits, weights=w)[0]
 
     def loss(self, model, x, y, bits, step):
+        if not self._pool_ready and not self.no_aqapa:
+            self._init_pool(model, x, y, bits)
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
         pi = self._pool_index(bits)
         if self.refresh_every and step and step % self.refresh_every == 0 and not self.no_aqapa:
@@ -194,6 +206,28 @@ class QADTR(Defense):
         if not self.no_gir and self.lambda_gir > 0 and len(self.bits) > 1 and step % self.gir_every == 0:
             loss = loss + self.lambda_gir * self.gir(model, xp[: self.gir_batch].detach(), y[: min(n_p, self.gir_batch)], bits, gen)
         return loss, logits
+
+    def _init_pool(self, model, x, y, bits) -> None:
+        """A-QAPA's warm start (see `pool_init_iters`): universal-patch steps for every pool, each at its own
+        bit-width (a shared pool cycles through the trained bit-widths), images split evenly among the pool's patches."""
+        base = model.module if hasattr(model, "module") else model
+        gen = torch.Generator().manual_seed(self.cfg.seed * 31 + 17)
+        n = min(len(x), self.pool_init_images)
+        xs, ys = x[:n], y[:n]
+        k = (torch.arange(n) % self.pool_size).to(x.device)
+        plan = [(i, [b]) for i, b in enumerate(self.bits)] if self.pool_per_bit else [(0, self.bits)]
+        for pi, blist in plan:
+            pool = self.pool[pi].clone().to(x)
+            for it in range(self.pool_init_iters):
+                set_bit_width_(base, blist[it % len(blist)])
+                with _FrozenEval(model, xs) as fm:
+                    p = pool.requires_grad_(True)
+                    warped, m = eot_warp(xs, p[k], self.mask.to(x), self.pcfg, gen)
+                    g, = torch.autograd.grad(F.cross_entropy(fm(xs * (1 - m) + warped * m), ys), p)
+                pool = (pool.detach() + self.pool_init_step * g.sign()).clamp(0, 1)
+            self.pool[pi] = pool.cpu()
+        set_bit_width_(base, bits)
+        self._pool_ready = True
 
     def _sized_per_image(self, pasted: torch.Tensor, gen: torch.Generator):
         """Scale EOT per image: patch i resized (nearest) to its own side from `sizes`, at a random offset inside a
@@ -254,7 +288,8 @@ class QADTR(Defense):
         self.pool[pi] = (self.pool[pi] + self.step_size * g.sign()).clamp(0, 1)
 
     def state_dict(self) -> dict:
-        return {"pool": self.pool, "asr_ema": {str(k): v for k, v in self.asr_ema.items()}, "patch_score": self.patch_score}
+        return {"pool": self.pool, "asr_ema": {str(k): v for k, v in self.asr_ema.items()}, "patch_score": self.patch_score,
+                "pool_ready": self._pool_ready}
 
     def load_state_dict(self, st: dict) -> None:
         if st:
@@ -265,6 +300,7 @@ class QADTR(Defense):
                 raise QNNError(f"defense state: patch pool of shape {tuple(pool.shape)} does not match this "
                                f"configuration's {tuple(self.pool.shape)}")
             self.pool, self.patch_score = pool, score
+            self._pool_ready = bool(st.get("pool_ready", True))  # checkpoints from before the warm start: trained pool
             self.asr_ema = {int(k): v for k, v in st["asr_ema"].items()}
 
 

@@ -119,6 +119,46 @@ def test_qadtr_per_image_assignment_updates_every_pool_patch():
         make_defense("qadtr", {"pool_assign": "magic"}, TrainConfig(model="small_cnn"), create_model("small_cnn"))
 
 
+def test_qadtr_pool_warm_start_gives_stronger_patches_once(trained_ckpt):
+    """pool_init_iters: before the first step every per-bit pool is optimised at its own bit-width (its patches then
+    fool the model more than the noise they start from); the bit-width is restored, and a resumed pool is kept."""
+    import torch
+    import torch.nn.functional as F
+
+    from qnn.attacks.patch import eot_warp
+    from qnn.checkpoint import load_checkpoint
+    from qnn.data import load_dataset
+    from qnn.layers import set_bit_width_
+
+    m, _ = load_checkpoint(trained_ckpt)
+    x, y = load_dataset("synthetic", "test", n_synthetic=2000).subset(64).tensors()
+    args = {"pool_init_iters": 8, "pool_size": 2, "no_gir": True, "inner_steps": 0}
+    q = make_defense("qadtr", args, TrainConfig(model="small_cnn", bits=[4, 8]), m)
+    noise = q.pool.clone()
+    set_bit_width_(m, 4)
+    m.train()
+    q.loss(m, x, y, 4, step=0)
+    assert m.current_bits[0] == 4
+    m.eval()
+    for pi, b in enumerate([4, 8]):
+        set_bit_width_(m, b)
+        for k in range(2):
+            losses = []
+            for pool in (noise, q.pool):
+                warped, mask = eot_warp(x, pool[pi, k], q.mask, q.pcfg, torch.Generator().manual_seed(1))
+                with torch.no_grad():
+                    losses.append(F.cross_entropy(m(x * (1 - mask) + warped * mask), y))
+            assert losses[1] > losses[0]
+    q2 = make_defense("qadtr", args, TrainConfig(model="small_cnn", bits=[4, 8]), m)
+    q2.load_state_dict(q.state_dict())
+    set_bit_width_(m, 8)
+    m.train()
+    q2.loss(m, x, y, 8, step=1)  # no second warm start: the loaded pool is untouched (no after_step)
+    assert torch.equal(q2.pool, q.pool)
+    with pytest.raises(QNNError, match="pool_init"):
+        make_defense("qadtr", {"pool_init_iters": -1}, TrainConfig(model="small_cnn"), create_model("small_cnn"))
+
+
 def test_qadtr_state_from_a_shared_pool_checkpoint_loads():
     """Checkpoints written before per-bit pools (pool (S,3,P,P)) resume; a pool of another shape is refused."""
     import torch
