@@ -27,6 +27,11 @@ def test_smoke_budget_end_to_end(tmp_path):
         assert 0 <= e["per_bits"]["4"]["unseen_asr_pct"] <= 100 and "adaptive_asr_pct" in e["per_bits"]["2"]
     md = (tmp_path / "t.md").read_text()
     assert md.count("|") > 20 and "total train cost" in md and (tmp_path / "t.png").is_file()
+    # the unseen mean split by configuration: the qadtr row's 4-bit cells are its three per-configuration ASRs
+    section = md.split("by configuration")[1].split("All figures")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| qadtr |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 1 + 3 * 4 and cells[7:10] == [f"{v:.1f}" for v in t["qadtr"]["per_bits"]["4"]["unseen_asr_pct_each"]]
     # the interleaved cost measurement: QAT is its own reference, the others are ratios to it
     cost = json.loads((tmp_path / "t.json").read_text())["cost_interleaved_vs_qat"]
     assert cost["none"] == 1.0 and set(cost) == {"none", "qadtr", "pbat (one 4-bit model)"} and cost["qadtr"] > 0
