@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, markdown_table  # noqa: E402
-from bench.defense_table import BUDGETS, PER_BIT, evaluate_defense, train_defense  # noqa: E402
+from bench.defense_table import BUDGETS, PER_BIT, UNSEEN, evaluate_defense, train_defense, unseen_each, unseen_label  # noqa: E402
 
 
 def load_grid(path: str) -> list[dict]:
@@ -146,6 +146,10 @@ def aggregate(grid: list[dict], runs: Path, eval_bits: list[int], cost: bool = T
                 s["per_bits"][bt] = {m: statistics.fmean(v) for m, v in vals.items()} | {
                     "unseen_asr_sd": statistics.stdev(vals["unseen_asr_pct"]) if len(vals["unseen_asr_pct"]) > 1 else None,
                     "n_seeds": len(vals["unseen_asr_pct"])}
+                each = [ps["per_bits"][bt]["unseen_asr_pct_each"] for ps in seeds.values()
+                        if "unseen_asr_pct_each" in ps["per_bits"].get(bt, {})]
+                if each:  # the unseen mean split by configuration (mean over seeds of each)
+                    s["per_bits"][bt]["unseen_asr_pct_each"] = [statistics.fmean(v) for v in zip(*each)]
         # cost: per seed, this setting's mean seconds per epoch over the none setting's of the same seed
         base = rows.get("none", {}).get("per_seed", {})
         ratios = [statistics.fmean(ps["epoch_seconds"]) / statistics.fmean(base[sd]["epoch_seconds"])
@@ -169,6 +173,10 @@ def aggregate(grid: list[dict], runs: Path, eval_bits: list[int], cost: bool = T
           + "\nClean accuracy % / adaptive ASR % (means):\n\n"
           + markdown_table(["setting"] + [f"{bt}b clean" for bt in bits] + [f"{bt}b adaptive" for bt in bits],
                            [[n] + [cell(s, bt, "clean_acc_pct") for bt in bits] + [cell(s, bt, "adaptive_asr_pct") for bt in bits]
+                            for n, s in summary.items()])
+          + "\nUnseen-patch ASR % by configuration (means over seeds):\n\n"
+          + markdown_table(["setting"] + [f"{bt}b {unseen_label(u)}" for bt in bits for u in UNSEEN],
+                           [[n] + [unseen_each(s, bt, i) for bt in bits for i in range(len(UNSEEN))]
                             for n, s in summary.items()]))
     return summary, md
 

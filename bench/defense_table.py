@@ -49,7 +49,8 @@ UNSEEN = [dict(patch_shape=(10, 10), shape="square", placement="random"),
 def unseen_label(u: dict) -> str:
     """'10x10 sq', '8x8 circ', '8x8 sq fixed': a short name of one unseen patch configuration."""
     h, w = u["patch_shape"]
-    return f"{h}x{w} {u['shape'][:4].replace('squa', 'sq')}" + (" fixed" if u["placement"] == "fixed" else "")
+    shape = {"square": "sq", "circle": "circ"}.get(u["shape"], u["shape"])
+    return f"{h}x{w} {shape}" + (" fixed" if u["placement"] == "fixed" else "")
 
 
 def unseen_each(entry: dict, bits: str, i: int) -> str:

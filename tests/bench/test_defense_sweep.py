@@ -72,3 +72,20 @@ def test_a_finished_job_run_with_other_options_is_refused(tmp_path):
         run_job(job, {}, None, tmp_path, "cpu", 1)
     job["args"] = {"pool_size": 2}
     assert run_job(job, {}, None, tmp_path, "cpu", 1)["args"] == {"pool_size": 2}
+
+
+def test_report_splits_unseen_asr_by_configuration_averaged_over_seeds(tmp_path):
+    """aggregate(): each unseen configuration's ASR is averaged over seeds and printed, a column per (bits, config)."""
+    from bench.defense_sweep import aggregate
+
+    each = {0: [30.0, 10.0, 2.0], 1: [20.0, 14.0, 4.0]}
+    for seed, e in each.items():
+        d = tmp_path / "q" / f"s{seed}"
+        d.mkdir(parents=True)
+        r = {"clean_acc_pct": 80.0, "seen_asr_pct": 5.0, "adaptive_asr_pct": 6.0, "unseen_asr_pct": sum(e) / 3,
+             "unseen_asr_pct_each": e}
+        (d / "eval.json").write_text(json.dumps({"args": {}, "per_bits": {"4": r}, "epoch_seconds": 1.0}))
+    grid = [{"name": "q", "defense": "qadtr", "args": {}, "bits": [4]}]
+    summary, md = aggregate(grid, tmp_path, [4], cost=False, seeds=[0, 1])
+    assert summary["q"]["per_bits"]["4"]["unseen_asr_pct_each"] == pytest.approx([25.0, 12.0, 3.0])
+    assert "| 4b 10x10 sq | 4b 8x8 circ | 4b 8x8 sq fixed |" in md and "| q | 25.0 | 12.0 | 3.0 |" in md
