@@ -63,7 +63,7 @@ class QADTR(Defense):
     options = ("pool_size", "patch_size", "patch_step", "lambda_gir", "gir_every", "gir_batch", "gir_noise",
                "frac_patched", "adapt_alpha", "adapt_temp", "inner_steps", "inner_step", "aqapa_signal",
                "refresh_every", "scale_min", "scale_max", "rotation_max", "sizes", "pool_per_bit", "pool_assign",
-               "size_per_image", "pool_init_iters", "pool_init_images", "pool_init_step", "no_aqapa", "no_gir")
+               "size_per_image", "refine_pool", "pool_init_iters", "pool_init_images", "pool_init_step", "no_aqapa", "no_gir")
 
     def __init__(self, args: dict, cfg, model: nn.Module):
         super().__init__(args, cfg, model)
@@ -102,6 +102,10 @@ class QADTR(Defense):
         self.pool_assign = str(a.get("pool_assign", "image"))
         # ours: with `sizes`, each patched image draws its own side (True) or one side per step (False)
         self.size_per_image = bool(a.get("size_per_image", False))
+        # ours: the refine pass's first input gradient (computed anyway, at the step's bit-width with frozen weights)
+        # is carried back through the paste onto the pool patches, which take a signed step from it before training
+        # uses them: two pool updates per training step instead of one, for the cost of the paste's backward
+        self.refine_pool = bool(a.get("refine_pool", False))
         # ours: A-QAPA's warm start. Before the first step the pool (each bit-width's, with pool_per_bit) is optimised
         # `pool_init_iters` signed steps of `pool_init_step` on the first batch's first `pool_init_images` images,
         # at its bit-width with frozen weights, so that training meets real universal patches from its first step
@@ -184,7 +188,14 @@ class QADTR(Defense):
                 mask = make_mask("square", side, side)
                 pcfg = PatchConfig(patch_shape=(side, side), image_size=self.image_size)
         warped, m = eot_warp(x[:n_p], pasted, mask.to(x), pcfg, gen)
-        delta = self.refine(model, x[:n_p], y[:n_p], warped.detach(), m.detach())
+        delta, g0 = self.refine(model, x[:n_p], y[:n_p], warped.detach(), m.detach())
+        if self.refine_pool and g0 is not None and patch.requires_grad:
+            # A-QAPA's extra pool step (see refine_pool): d(attack loss)/d(pool) through the paste, then a signed step;
+            # the per-image delta keeps its own start (this step's pool + delta, as refined)
+            gp, = torch.autograd.grad(warped, patch, grad_outputs=g0 * m.detach(), retain_graph=True)
+            used = gp.flatten(1).abs().sum(1) > 0
+            upd = self.step_size * gp.detach().sign().cpu()
+            self.pool[pi][used.cpu()] = (self.pool[pi] + upd)[used.cpu()].clamp(0, 1)
         xp = x[:n_p] * (1 - m) + (warped + delta) * m
         xin = torch.cat([xp, x[n_p:]], 0)
         logits = model(xin)
@@ -248,16 +259,18 @@ class QADTR(Defense):
     def refine(self, model, x, y, warped, m) -> torch.Tensor:
         """Per-image signed-gradient steps inside the (warped) patch, started from the pool's universal patch, at the
         drawn bit-width with frozen weights. Ours: the pool carries what is universal across images and steps, these
-        few steps what is specific to each image (what PBAT's 25 steps buy, at a fraction of the cost)."""
-        delta = torch.zeros_like(warped)
+        few steps what is specific to each image (what PBAT's 25 steps buy, at a fraction of the cost). Returns the
+        delta and the first step's input gradient (None without steps)."""
+        delta, g0 = torch.zeros_like(warped), None
         if self.inner_steps == 0 or len(x) == 0:
-            return delta
+            return delta, g0
         with _FrozenEval(model, x) as fm:
-            for _ in range(self.inner_steps):
+            for i in range(self.inner_steps):
                 p = (warped + delta).requires_grad_(True)
                 g, = torch.autograd.grad(F.cross_entropy(fm(x * (1 - m) + p * m), y), p)
+                g0 = g if i == 0 else g0
                 delta = ((warped + delta + self.inner_step * g.sign()).clamp(0, 1) - warped).detach()
-        return delta
+        return delta, g0
 
     def gir(self, model, xp, y, bits, gen) -> torch.Tensor:
         """Penalty on positive cosine agreement of input gradients (inside the patch's pixels) at two bit-widths."""

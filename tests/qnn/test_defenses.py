@@ -47,13 +47,46 @@ def test_qadtr_per_image_refinement_raises_the_loss(trained_ckpt):
     x, y = load_dataset("synthetic", "test", n_synthetic=2000).subset(64).tensors()
     q = make_defense("qadtr", {"inner_steps": 2}, TrainConfig(model="small_cnn", bits=[4, 8]), m)
     warped, mask = eot_warp(x, q.pool[0, 0], q.mask, q.pcfg, torch.Generator().manual_seed(0))
-    delta = q.refine(m, x, y, warped, mask)
+    delta, g0 = q.refine(m, x, y, warped, mask)
+    assert g0.shape == warped.shape and (g0 * (mask < 1e-3)).abs().max() < 1e-4 * g0.abs().max()  # inside the patch
     m.eval()
     with torch.no_grad():
         base = F.cross_entropy(m(x * (1 - mask) + warped * mask), y)
         adv = F.cross_entropy(m(x * (1 - mask) + (warped + delta) * mask), y)
     assert adv > base
     assert ((warped + delta) >= 0).all() and ((warped + delta) <= 1).all()
+
+
+def test_qadtr_refine_pool_steps_the_pool_towards_a_stronger_patch(trained_ckpt):
+    """refine_pool: the refine pass's gradient takes a signed step on the pool before training (no other pool
+    changes before after_step), and the stepped patch fools the frozen model more than the one it came from."""
+    import torch
+    import torch.nn.functional as F
+
+    from qnn.attacks.patch import eot_warp
+    from qnn.checkpoint import load_checkpoint
+    from qnn.data import load_dataset
+    from qnn.layers import set_bit_width_
+
+    m, _ = load_checkpoint(trained_ckpt)
+    set_bit_width_(m, 4)
+    x, y = load_dataset("synthetic", "test", n_synthetic=2000).subset(128).tensors()
+    losses = {}
+    for on in (False, True):
+        q = make_defense("qadtr", {"refine_pool": on, "pool_size": 1, "sizes": "", "no_gir": True, "frac_patched": 1.0,
+                                   "patch_step": 0.2}, TrainConfig(model="small_cnn", bits=[4, 8]), m)
+        before = q.pool.clone()
+        m.train()
+        q.loss(m, x, y, 4, step=0)
+        changed = not torch.equal(q.pool, before)
+        assert changed == on and torch.equal(q.pool[1], before[1])  # only the step's bit-width's pool
+        m.eval()
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(1)
+            warped, mask = eot_warp(x, q.pool[0, 0], q.mask, q.pcfg, gen)
+            losses[on] = F.cross_entropy(m(x * (1 - mask) + warped * mask), y).item()
+        q._pending = None
+    assert losses[True] > losses[False]
 
 
 def test_qadtr_refresh_replaces_the_weakest_patch():
