@@ -76,6 +76,8 @@ def defenses(b: dict) -> dict[str, tuple[str, dict, list[int] | str]]:
         d["qadtr-no-aqapa"] = ("qadtr", {"no_aqapa": True}, bits)
         d["qadtr-no-gir"] = ("qadtr", {"no_gir": True}, bits)
         d["qadtr-fixed4 (no DBWT)"] = ("qadtr", {}, [4])
+        # QADT-R's adversary in PBAT's setting: one fixed-precision model per bit-width (no DBWT, hence no GIR)
+        d["qadtr-per-bit (no DBWT)"] = ("qadtr", {}, PER_BIT)
         # PBAT at about QADT-R's training cost (2 inner steps instead of pbat_iters)
         d["pbat-2steps (cost-matched)"] = ("pbat", {"iters": 2, "patch_size": SEEN["patch_shape"][0]}, bits)
         # QADT-R given (less than) the training compute of the spec's PBAT, which needs one model per bit-width:
