@@ -54,3 +54,13 @@ def test_cpu_budget_has_a_longer_qadtr_row_within_pbats_compute():
         dname, _, bits, extra = d["qadtr-4epochs (less compute than pbat)"]
         assert dname == "qadtr" and bits == [2, 4, 8, 32] and extra == {"epochs": 4 * BUDGETS[budget]["epochs"]}
     assert not any(len(v) > 3 for v in defenses(BUDGETS["smoke"]).values())
+
+
+def test_cpu_budget_has_qadtr_per_bit_beside_pbat():
+    """The no-DBWT ablation at every bit-width: one QADT-R model per precision, as the spec's PBAT is trained."""
+    from bench.defense_table import BUDGETS, PER_BIT, defenses
+
+    for budget in ("cpu", "full"):
+        d = defenses(BUDGETS[budget])
+        assert d["qadtr-per-bit (no DBWT)"] == ("qadtr", {}, PER_BIT) and d["pbat"][2] == PER_BIT
+    assert "qadtr-per-bit (no DBWT)" not in defenses(BUDGETS["smoke"])
