@@ -192,7 +192,7 @@ class QADTR(Defense):
         if self.refine_pool and g0 is not None and patch.requires_grad:
             # A-QAPA's extra pool step (see refine_pool): d(attack loss)/d(pool) through the paste, then a signed step;
             # the per-image delta keeps its own start (this step's pool + delta, as refined)
-            gp, = torch.autograd.grad(warped, patch, grad_outputs=g0 * m.detach(), retain_graph=True)
+            gp, = torch.autograd.grad(warped, patch, grad_outputs=g0, retain_graph=True)  # g0 is zero off the mask
             used = gp.flatten(1).abs().sum(1) > 0
             upd = self.step_size * gp.detach().sign().cpu()
             self.pool[pi][used.cpu()] = (self.pool[pi] + upd)[used.cpu()].clamp(0, 1)
@@ -256,7 +256,7 @@ class QADTR(Defense):
         return (torch.cat(canv), torch.cat(masks).to(pasted),
                 PatchConfig(patch_shape=(big, big), image_size=self.image_size))
 
-    def refine(self, model, x, y, warped, m) -> torch.Tensor:
+    def refine(self, model, x, y, warped, m) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-image signed-gradient steps inside the (warped) patch, started from the pool's universal patch, at the
         drawn bit-width with frozen weights. Ours: the pool carries what is universal across images and steps, these
         few steps what is specific to each image (what PBAT's 25 steps buy, at a fraction of the cost). Returns the
