@@ -193,9 +193,7 @@ class QADTR(Defense):
             # A-QAPA's extra pool step (see refine_pool): d(attack loss)/d(pool) through the paste, then a signed step;
             # the per-image delta keeps its own start (this step's pool + delta, as refined)
             gp, = torch.autograd.grad(warped, patch, grad_outputs=g0, retain_graph=True)  # g0 is zero off the mask
-            used = gp.flatten(1).abs().sum(1) > 0
-            upd = self.step_size * gp.detach().sign().cpu()
-            self.pool[pi][used.cpu()] = (self.pool[pi] + upd)[used.cpu()].clamp(0, 1)
+            self._step_pool(pi, gp.detach().cpu())  # pool patches not pasted this step get a zero gradient: unchanged
         xp = x[:n_p] * (1 - m) + (warped + delta) * m
         xin = torch.cat([xp, x[n_p:]], 0)
         logits = model(xin)
@@ -268,7 +266,8 @@ class QADTR(Defense):
             for i in range(self.inner_steps):
                 p = (warped + delta).requires_grad_(True)
                 g, = torch.autograd.grad(F.cross_entropy(fm(x * (1 - m) + p * m), y), p)
-                g0 = g if i == 0 else g0
+                if i == 0:
+                    g0 = g
                 delta = ((warped + delta + self.inner_step * g.sign()).clamp(0, 1) - warped).detach()
         return delta, g0
 
@@ -298,6 +297,10 @@ class QADTR(Defense):
         if self.gir_noise > 0:
             used = (g != 0).flatten(1).any(1)
             g[used] = g[used] + self.gir_noise * g[used].abs().mean() * torch.randn_like(g[used])
+        self._step_pool(pi, g)
+
+    def _step_pool(self, pi: int, g: torch.Tensor) -> None:
+        """One signed-gradient ascent step of pool `pi` (patches with a zero gradient stay where they are)."""
         self.pool[pi] = (self.pool[pi] + self.step_size * g.sign()).clamp(0, 1)
 
     def state_dict(self) -> dict:
