@@ -71,7 +71,7 @@ def test_qadtr_refine_pool_steps_the_pool_towards_a_stronger_patch(trained_ckpt)
     m, _ = load_checkpoint(trained_ckpt)
     set_bit_width_(m, 4)
     x, y = load_dataset("synthetic", "test", n_synthetic=2000).subset(128).tensors()
-    losses = {}
+    patches = {}
     for on in (False, True):
         q = make_defense("qadtr", {"refine_pool": on, "pool_size": 1, "sizes": "", "no_gir": True, "frac_patched": 1.0,
                                    "patch_step": 0.2}, TrainConfig(model="small_cnn", bits=[4, 8]), m)
@@ -80,12 +80,13 @@ def test_qadtr_refine_pool_steps_the_pool_towards_a_stronger_patch(trained_ckpt)
         q.loss(m, x, y, 4, step=0)
         changed = not torch.equal(q.pool, before)
         assert changed == on and torch.equal(q.pool[1], before[1])  # only the step's bit-width's pool
-        m.eval()
+        patches[on] = q.pool[0, 0].clone()
+    m.eval()  # both patches against the same model (the loss calls above updated its BatchNorm statistics)
+    losses = {}
+    for on, patch in patches.items():
         with torch.no_grad():
-            gen = torch.Generator().manual_seed(1)
-            warped, mask = eot_warp(x, q.pool[0, 0], q.mask, q.pcfg, gen)
+            warped, mask = eot_warp(x, patch, q.mask, q.pcfg, torch.Generator().manual_seed(1))
             losses[on] = F.cross_entropy(m(x * (1 - mask) + warped * mask), y).item()
-        q._pending = None
     assert losses[True] > losses[False]
 
 
