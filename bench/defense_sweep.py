@@ -46,9 +46,10 @@ def load_grid(path: str) -> list[dict]:
     for g in grid:
         if not isinstance(g, dict) or "name" not in g or "defense" not in g:
             raise QNNError(f"{p}: every setting needs 'name' and 'defense', got {g!r}")
-        if g["name"] in seen:
-            raise QNNError(f"{p}: setting name '{g['name']}' appears twice")
-        seen.add(g["name"])
+        if slug(g["name"]) in seen:  # two names with one run folder would overwrite each other's runs
+            raise QNNError(f"{p}: setting name '{g['name']}' appears twice (or differs from another only in "
+                           f"characters its run folder replaces by '_')")
+        seen.add(slug(g["name"]))
         g.setdefault("args", {})
         g.setdefault("bits", [2, 4, 8, 32])
         if g["bits"] != PER_BIT and not (isinstance(g["bits"], list) and g["bits"]):

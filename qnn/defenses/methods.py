@@ -62,7 +62,7 @@ class QADTR(Defense):
 
     options = ("pool_size", "patch_size", "patch_step", "lambda_gir", "gir_every", "gir_batch", "gir_noise",
                "frac_patched", "adapt_alpha", "adapt_temp", "inner_steps", "inner_step", "aqapa_signal",
-               "refresh_every", "scale_min", "scale_max", "rotation_max", "sizes", "pool_per_bit", "pool_assign",
+               "refresh_every", "scale_min", "scale_max", "rotation_max", "sizes", "pool_per_bit", "pool_groups", "pool_assign",
                "size_per_image", "refine_pool", "pool_init_iters", "pool_init_images", "pool_init_step", "no_aqapa", "no_gir")
 
     def __init__(self, args: dict, cfg, model: nn.Module):
@@ -97,6 +97,9 @@ class QADTR(Defense):
         # ours: one pool per trained bit-width (default; A-QAPA's patches are crafted at the step's bit-width, and
         # universal patches transfer only partly between bit-widths), or one pool shared by all bit-widths
         self.pool_per_bit = bool(a.get("pool_per_bit", True))
+        # ours: `pool_groups` ("32+8,4,2") lets bit-widths whose patches transfer share a pool, so that a pool of
+        # rarely drawn bit-widths gets the updates of all its members' steps; unset = pool_per_bit's grouping
+        self.pool_groups = self._parse_groups(a.get("pool_groups"), list(cfg.bits))
         # ours: 'image' (default) draws a pool patch per patched image, so every patch of the step's pool gets a
         # gradient, hence an update, at every step; 'batch' pastes one pool patch on all patched images of a step
         self.pool_assign = str(a.get("pool_assign", "image"))
@@ -106,7 +109,7 @@ class QADTR(Defense):
         # is carried back through the paste onto the pool patches, which take a signed step from it before training
         # uses them: two pool updates per training step instead of one, for the cost of the paste's backward
         self.refine_pool = bool(a.get("refine_pool", False))
-        # ours: A-QAPA's warm start. Before the first step the pool (each bit-width's, with pool_per_bit) is optimised
+        # ours: A-QAPA's warm start. Before the first step every pool (each of pool_groups) is optimised
         # `pool_init_iters` signed steps of `pool_init_step` on the first batch's first `pool_init_images` images,
         # at its bit-width with frozen weights, so that training meets real universal patches from its first step
         # (0 = the pool starts as noise). A one-off cost, inside the first epoch's time.
@@ -140,13 +143,25 @@ class QADTR(Defense):
         self.mask = make_mask("square", self.patch_size, self.patch_size)
         g = torch.Generator().manual_seed(cfg.seed + 4242)
         self.bits = list(cfg.bits)
-        n_pools = len(self.bits) if self.pool_per_bit else 1
+        n_pools = len(self.pool_groups)
         self.pool = torch.rand(n_pools, self.pool_size, 3, self.patch_size, self.patch_size, generator=g)
         self.asr_ema = {b: 0.5 for b in self.bits}
         self.patch_score = torch.zeros(n_pools, self.pool_size)
 
+    def _parse_groups(self, spec, bits: list[int]) -> list[list[int]]:
+        if spec is None or spec == "":
+            return [[b] for b in bits] if self.pool_per_bit else [list(bits)]
+        try:
+            groups = [[int(v) for v in g.split("+")] for g in str(spec).split(",") if g.strip()]
+        except ValueError:
+            raise QNNError(f"pool_groups={spec!r} is not like '32+8,4,2' (bit-widths joined by '+', groups by ',')") from None
+        flat = [b for g in groups for b in g]
+        if sorted(flat) != sorted(bits):
+            raise QNNError(f"pool_groups={spec!r} must name every trained bit-width {sorted(bits)} exactly once")
+        return groups
+
     def _pool_index(self, bits: int) -> int:
-        return self.bits.index(bits) if self.pool_per_bit and bits in self.bits else 0
+        return next((i for i, g in enumerate(self.pool_groups) if bits in g), 0)
 
     # A-QAPA's adaptive bit-width sampling, folded into DBWT: bit-widths where patches succeed get drawn more.
     def choose_bits(self, step: int, scheduled: int) -> int:
@@ -224,7 +239,7 @@ class QADTR(Defense):
         n = min(len(x), self.pool_init_images)
         xs, ys = x[:n], y[:n]
         k = (torch.arange(n) % self.pool_size).to(x.device)
-        plan = [(i, [b]) for i, b in enumerate(self.bits)] if self.pool_per_bit else [(0, self.bits)]
+        plan = list(enumerate(self.pool_groups))
         for pi, blist in plan:
             pool = self.pool[pi].clone().to(x)
             for it in range(self.pool_init_iters):

@@ -16,6 +16,7 @@ def _run(*args, cwd=ROOT, timeout=900):
 @pytest.mark.parametrize("grid,extra,msg", [
     (None, [], "grid file not found"),
     ("- {name: a, defense: none}\n- {name: a, defense: qadtr}\n", [], "appears twice"),
+    ('- {name: "q g=1+2,3", defense: none}\n- {name: "q g=1+2+3", defense: qadtr}\n', [], "appears twice"),
     ("- {defense: none}\n", [], "needs 'name' and 'defense'"),
     ("[unclosed\n", [], "not valid YAML"),
     ("- {name: a, defense: none, bits: []}\n", [], "bits must be"),

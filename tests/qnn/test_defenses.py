@@ -109,7 +109,7 @@ def test_qadtr_refresh_replaces_the_weakest_patch():
     assert torch.equal(pool[0], before[0]) and torch.equal(pool[2], before[2]) and not torch.equal(pool[1], before[1])
 
 
-def _one_step(args: dict, bits: int, step: int = 1):
+def _one_step(args: dict, bits: int, step: int = 1, train_bits=(2, 8)):
     import torch
 
     from qnn.layers import ensure_calibrated_, set_bit_width_
@@ -117,11 +117,12 @@ def _one_step(args: dict, bits: int, step: int = 1):
     torch.manual_seed(0)
     m = create_model("small_cnn")
     x, y = torch.rand(32, 3, 32, 32), torch.randint(0, 10, (32,))
-    for b in (2, 8):
+    for b in train_bits:
         set_bit_width_(m, b)
         ensure_calibrated_(m, x)
     set_bit_width_(m, bits)
-    q = make_defense("qadtr", {"no_gir": True, "inner_steps": 0, **args}, TrainConfig(model="small_cnn", bits=[2, 8]), m)
+    q = make_defense("qadtr", {"no_gir": True, "inner_steps": 0, **args},
+                     TrainConfig(model="small_cnn", bits=list(train_bits)), m)
     before = q.pool.clone()
     m.train()
     loss, _ = q.loss(m, x, y, bits, step=step)
@@ -138,6 +139,20 @@ def test_qadtr_per_bit_pools_update_only_the_steps_bit_width():
     assert after.shape == (2, 2, 3, 6, 6)
     assert torch.equal(after[0], before[0])  # the 2-bit pool
     assert not torch.equal(after[1], before[1])
+
+
+def test_qadtr_pool_groups_share_a_pool_between_bit_widths():
+    """pool_groups='8+4,2': 8 and 4 bits share pool 0, so a 4-bit step moves it and leaves the 2-bit pool alone;
+    a grouping that misses or repeats a trained bit-width, or is not '+'/',' separated ints, is refused."""
+    import torch
+
+    before, after = _one_step({"pool_groups": "8+4,2", "pool_size": 2}, bits=4, train_bits=(2, 4, 8))
+    assert after.shape == (2, 2, 3, 6, 6)
+    assert not torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+    cfg = TrainConfig(model="small_cnn", bits=[2, 4, 8])
+    for bad in ("8+4", "8+4,2,4", "8+4,x"):
+        with pytest.raises(QNNError, match="pool_groups"):
+            make_defense("qadtr", {"pool_groups": bad}, cfg, create_model("small_cnn"))
 
 
 def test_qadtr_per_image_assignment_updates_every_pool_patch():
