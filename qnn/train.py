@@ -136,10 +136,14 @@ def calibrate_(model: nn.Module, ds: ArrayDataset, bits: int, n_batches: int = 2
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None
-    for i, (xb, _) in enumerate(iterate_batches(ds, batch_size, shuffle=True, aug=False, seed=1234)):
-        if i >= n_batches:
-            break
-        model(xb.to(device))
+    # the scale init samples activations with torch's global RNG: seed it here, so that a left-out bit-width's
+    # calibration does not depend on what ran before it (the caller's RNG state is restored afterwards)
+    with torch.random.fork_rng(devices=[] if str(device).startswith("cpu") else None):
+        torch.manual_seed(1234)
+        for i, (xb, _) in enumerate(iterate_batches(ds, batch_size, shuffle=True, aug=False, seed=1234)):
+            if i >= n_batches:
+                break
+            model(xb.to(device))
     for bn, m in zip(bns, saved):
         bn.momentum = m
     model.eval()

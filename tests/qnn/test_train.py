@@ -197,3 +197,24 @@ def test_distillation_from_a_float_teacher(tmp_path, capsys, trained_ckpt):
     assert "plain QAT" in _cli_err(args + ["--distill", trained_ckpt, "--defense", "pbat"], capsys)
     assert "needs --init" in _cli_err(args + ["--distill", "init"], capsys)
     assert "not found" in _cli_err(args + ["--distill", tmp_path / "missing.pt"], capsys)
+
+
+def test_calibrate_left_out_bit_width_does_not_depend_on_the_global_rng(trained_ckpt):
+    """calibrate_ gives a never-trained bit-width the same BN statistics and scales whatever torch's RNG state is
+    (the scale init samples activations), and leaves the caller's RNG state as it was."""
+    import torch
+
+    from qnn.checkpoint import load_checkpoint
+    from qnn.data import load_dataset
+    from qnn.train import calibrate_
+
+    train = load_dataset("synthetic", "train", None, n_synthetic=600)
+    states = []
+    for seed in (0, 1):
+        m, _ = load_checkpoint(trained_ckpt)
+        torch.manual_seed(seed)
+        before = torch.random.get_rng_state()
+        calibrate_(m, train, 3)
+        assert torch.equal(torch.random.get_rng_state(), before)
+        states.append(m.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
