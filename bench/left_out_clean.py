@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([name, ",".join(map(str, sorted(per)))]
                     + [f"{s[str(bt)]['mean']:.2f}" + ("" if s[str(bt)]["diff_vs_baseline"] is None
                                                        else f" ({s[str(bt)]['diff_vs_baseline']:+.2f})") for bt in bits])
-    cmd = "python bench/left_out_clean.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python bench/left_out_clean.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     md = (f"Clean accuracy % at bit-widths left out of training (BN re-calibrated), budget `{a.budget}` "
           f"({b['n_eval']} test images), mean over seeds; in brackets the mean paired difference to `{a.baseline}` "
           f"of the same seeds. Command: `{cmd}`\n\n"
