@@ -99,6 +99,7 @@ class QADTR(Defense):
         self.pool_per_bit = bool(a.get("pool_per_bit", True))
         # ours: `pool_groups` ("32+8,4,2") lets bit-widths whose patches transfer share a pool, so that a pool of
         # rarely drawn bit-widths gets the updates of all its members' steps; unset = pool_per_bit's grouping
+        # (screened on the cpu budget: sharing made unseen ASR worse, results/defense_sweep_qadtr_pool_groups.md)
         self.pool_groups = self._parse_groups(a.get("pool_groups"), list(cfg.bits))
         # ours: 'image' (default) draws a pool patch per patched image, so every patch of the step's pool gets a
         # gradient, hence an update, at every step; 'batch' pastes one pool patch on all patched images of a step
