@@ -6,6 +6,7 @@ table's settings and attack suite, and report the mean (and spread) per setting.
     python bench/defense_sweep.py ... --report-only    # aggregate what the workers have finished
 
 A grid file is a YAML list of {name, defense, args: {...}, bits: [..] | per-bit, epochs (optional: other than the
+budget's), train: {lr, schedule, residual_bits, warmup_epochs} (optional: training settings other than the
 budget's)}; `per-bit` trains one fixed-precision
 model per evaluated bit-width (the spec's PBAT). Evaluation is the table's (seen / unseen / adaptive universal patches
 on the budget's images, trained bit-widths only, no left-out bit-widths or transfer matrices, to keep it short).
@@ -25,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, markdown_table  # noqa: E402
-from bench.defense_table import BUDGETS, PER_BIT, UNSEEN, evaluate_defense, train_defense, unseen_each, unseen_label  # noqa: E402
+from bench.defense_table import (BUDGETS, PER_BIT, TRAIN_OVERRIDES, UNSEEN, evaluate_defense, train_defense,  # noqa: E402
+                                  unseen_each, unseen_label)
 
 
 def load_grid(path: str) -> list[dict]:
@@ -51,6 +53,10 @@ def load_grid(path: str) -> list[dict]:
                            f"characters its run folder replaces by '_')")
         seen.add(slug(g["name"]))
         g.setdefault("args", {})
+        g.setdefault("train", {})
+        bad = sorted(set(g["train"]) - set(TRAIN_OVERRIDES)) if isinstance(g["train"], dict) else ["(not a mapping)"]
+        if bad:
+            raise QNNError(f"{p}: setting '{g['name']}': train may change only {', '.join(TRAIN_OVERRIDES)}, got {', '.join(bad)}")
         g.setdefault("bits", [2, 4, 8, 32])
         if g["bits"] != PER_BIT and not (isinstance(g["bits"], list) and g["bits"]):
             raise QNNError(f"{p}: setting '{g['name']}': bits must be a non-empty list or '{PER_BIT}'")
@@ -76,14 +82,14 @@ def jobs_of(grid: list[dict], seeds: list[int], eval_bits: list[int]) -> list[di
     return out
 
 
-def _finished(res: Path, args: dict) -> dict:
+def _finished(res: Path, args: dict, train_over: dict | None = None) -> dict:
     """A job's recorded evaluation; refused when it was run with other options (a stale folder)."""
     from qnn.errors import QNNError
 
     done = json.loads(res.read_text())
-    if done.get("args") != args:
-        raise QNNError(f"{res.parent} was run with options {done.get('args')}, not {args}: rename the setting "
-                       "or move that folder away")
+    if done.get("args") != args or done.get("train", {}) != (train_over or {}):
+        raise QNNError(f"{res.parent} was run with options {done.get('args')} (training {done.get('train', {})}), "
+                       f"not {args} (training {train_over or {}}): rename the setting or move that folder away")
     return done
 
 
@@ -93,17 +99,18 @@ def run_job(job: dict, b: dict, data, runs: Path, device: str, threads: int) -> 
     rdir = runs / job["key"]
     res = rdir / "eval.json"
     if res.is_file():
-        return _finished(res, job["args"])
+        return _finished(res, job["args"], job.get("train"))
     if not (rdir / "model.pt").is_file():
         print(f"== train {job['key']}", flush=True)
         train_defense(b, rdir, job["defense"], job["args"], job["bits"], job.get("epochs", b["epochs"]), threads, device,
-                      seed=job["seed"])
+                      seed=job["seed"], train_over=job.get("train"))
     print(f"== evaluate {job['key']}", flush=True)
     model, _ = load_checkpoint(rdir / "model.pt")
     model = model.to(device)
     hist = json.loads((rdir / "metrics.json").read_text())["history"]
     bits = [x for x in job["bits"] if x in b["eval_bits"]]
-    entry = {"name": job["name"], "defense": job["defense"], "args": job["args"], "trained_bits": job["bits"],
+    entry = {"name": job["name"], "defense": job["defense"], "args": job["args"], "train": job.get("train", {}),
+             "trained_bits": job["bits"],
              "epochs": job.get("epochs", b["epochs"]),
              "seed": job["seed"], "per_bit": job["per_bit"], "device": device,
              "epoch_seconds": sum(h["epoch_seconds"] for h in hist) / len(hist),
@@ -129,7 +136,7 @@ def aggregate(grid: list[dict], runs: Path, eval_bits: list[int], cost: bool = T
             f = runs / job["key"] / "eval.json"
             if not f.is_file():
                 continue
-            e = _finished(f, g["args"])
+            e = _finished(f, g["args"], g.get("train"))
             r = rows.setdefault(g["name"], {"per_seed": {}})
             ps = r["per_seed"].setdefault(str(job["seed"]), {"per_bits": {}, "epoch_seconds": []})
             ps["per_bits"].update(e["per_bits"])

@@ -87,24 +87,29 @@ def defenses(b: dict) -> dict[str, tuple[str, dict, list[int] | str]]:
     return d
 
 
+#: training settings a sweep setting may change from the budget's (`train: {lr: 0.05}` in a grid file)
+TRAIN_OVERRIDES = ("lr", "schedule", "residual_bits", "warmup_epochs")
+
+
 def budget_config(b: dict, dname: str, dargs: dict, bits: list[int], epochs: int, threads: int, device: str,
-                  seed: int = 0, out_dir: str = "unused"):
-    """The TrainConfig of one defense under the budget's settings."""
+                  seed: int = 0, out_dir: str = "unused", train_over: dict | None = None):
+    """The TrainConfig of one defense under the budget's settings (`train_over`: some of TRAIN_OVERRIDES changed)."""
     from qnn.config import TrainConfig
 
-    return TrainConfig(model=b["model"], dataset=b["dataset"], data_dir=b["data_dir"], init=b["init"], bits=bits,
-                       epochs=epochs, lr=b["lr"], batch_size=b["batch_size"], n_synthetic=b["n_synthetic"],
-                       train_subset=b["train_subset"], test_subset=b["n_eval"], out_dir=out_dir, resume=True,
-                       seed=seed, defense=dname, defense_args=dargs, threads=threads, progress=sys.stderr.isatty(),
-                       device=device)
+    kw = dict(model=b["model"], dataset=b["dataset"], data_dir=b["data_dir"], init=b["init"], bits=bits,
+              epochs=epochs, lr=b["lr"], batch_size=b["batch_size"], n_synthetic=b["n_synthetic"],
+              train_subset=b["train_subset"], test_subset=b["n_eval"], out_dir=out_dir, resume=True,
+              seed=seed, defense=dname, defense_args=dargs, threads=threads, progress=sys.stderr.isatty(),
+              device=device)
+    return TrainConfig(**{**kw, **(train_over or {})})
 
 
 def train_defense(b: dict, rdir, dname: str, dargs: dict, bits: list[int], epochs: int, threads: int, device: str,
-                  seed: int = 0) -> None:
+                  seed: int = 0, train_over: dict | None = None) -> None:
     """Train one defense model with the budget's settings into rdir (resumable)."""
     from qnn.train import train
 
-    train(budget_config(b, dname, dargs, bits, epochs, threads, device, seed, str(rdir)))
+    train(budget_config(b, dname, dargs, bits, epochs, threads, device, seed, str(rdir), train_over))
 
 
 def interleaved_cost(b: dict, names: dict, threads: int, device: str) -> dict[str, float]:

@@ -20,7 +20,18 @@ from qnn.attacks.patch import PatchConfig, apply_patch, eot_warp, make_mask, ran
 from qnn.attacks.pixel import pgd_linf
 from qnn.defenses import Defense, register_defense
 from qnn.errors import QNNError
-from qnn.layers import ensure_calibrated_, set_bit_width_
+from qnn.layers import BIT_CHOICES, bit_index, ensure_calibrated_, set_bit_width_
+
+
+def tie_bn_affine_(model: nn.Module, source_bits: int) -> None:
+    """Make every switchable BN of `model` share one (gamma, beta) across bit-widths, those of `source_bits`."""
+    src = bit_index(source_bits)
+    for mod in model.modules():
+        bns = getattr(mod, "bns", None)
+        if isinstance(bns, nn.ModuleList) and len(bns) == len(BIT_CHOICES):
+            for i, bn in enumerate(bns):
+                if i != src:
+                    bn.weight, bn.bias = bns[src].weight, bns[src].bias
 
 
 def _get(args: dict, key: str, default, cast=float):
@@ -63,7 +74,7 @@ class QADTR(Defense):
     options = ("pool_size", "patch_size", "patch_step", "lambda_gir", "gir_every", "gir_batch", "gir_noise",
                "frac_patched", "adapt_alpha", "adapt_temp", "inner_steps", "inner_step", "aqapa_signal",
                "refresh_every", "scale_min", "scale_max", "rotation_max", "sizes", "pool_per_bit", "pool_groups", "pool_assign",
-               "size_per_image", "refine_pool", "pool_init_iters", "pool_init_images", "pool_init_step", "no_aqapa", "no_gir")
+               "size_per_image", "refine_pool", "pool_init_iters", "pool_init_images", "pool_init_step", "split_bits", "shared_bn_affine", "no_aqapa", "no_gir")
 
     def __init__(self, args: dict, cfg, model: nn.Module):
         super().__init__(args, cfg, model)
@@ -120,6 +131,18 @@ class QADTR(Defense):
         if self.pool_init_iters < 0 or self.pool_init_images <= 0 or self.pool_init_step <= 0:
             raise QNNError("pool_init_iters must be >= 0, pool_init_images and pool_init_step > 0")
         self._pool_ready = self.pool_init_iters == 0
+        # ours: DBWT over sub-batches. Every step runs every trained bit-width, each on its share of the batch (the
+        # shares follow A-QAPA's draw weights), and sums the losses before one backward: every pool, every switchable
+        # BN and the shared weights get every bit-width's signal at every step, for a plain step's images
+        # (screened on the cpu budget: no better than one bit-width per step, and 1.71x QAT against 1.53x in a 20-step
+        # interleaved measure; results/defense_sweep_qadtr_split.md)
+        self.split_bits = bool(a.get("split_bits", False))
+        # ours: switchable BN keeps per-bit-width statistics (the spec) but one affine (gamma, beta) shared by all
+        # bit-widths, so what a step at one bit-width learns in the affine holds at the others (ties the model's
+        # BatchNorm parameters in place; the trained values start from the widest bit-width's)
+        self.shared_bn_affine = bool(a.get("shared_bn_affine", False))
+        if self.shared_bn_affine:
+            tie_bn_affine_(model, max(cfg.bits))
         if self.pool_assign not in ("batch", "image"):
             raise QNNError(f"pool_assign must be 'batch' or 'image', got {self.pool_assign!r}")
         self.no_aqapa = bool(a.get("no_aqapa", False))
@@ -174,10 +197,44 @@ class QADTR(Defense):
         w = [math.exp(self.asr_ema[b] / self.adapt_temp) for b in self.bits]
         return rnd.choices(self.bits, weights=w)[0]
 
+    def _draw_weights(self) -> list[float]:
+        """A-QAPA's probability of each trained bit-width: adapt_alpha of softmax(ASR EMA / temp), the rest uniform."""
+        K = len(self.bits)
+        if self.no_aqapa or K == 1:
+            return [1.0 / K] * K
+        w = [math.exp(self.asr_ema[b] / self.adapt_temp) for b in self.bits]
+        return [(1 - self.adapt_alpha) / K + self.adapt_alpha * v / sum(w) for v in w]
+
+    def split_sizes(self, n: int) -> list[int]:
+        """split_bits: images of an n-image batch per trained bit-width (largest remainder of n x draw weights)."""
+        share = [n * p for p in self._draw_weights()]
+        sizes = [int(v) for v in share]
+        for i in sorted(range(len(share)), key=lambda i: share[i] - sizes[i], reverse=True)[: n - sum(sizes)]:
+            sizes[i] += 1
+        return sizes
+
     def loss(self, model, x, y, bits, step):
         if not self._pool_ready and not self.no_aqapa:
             self._init_pool(model, x, y, bits)
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        self._pending = []
+        if not self.split_bits or len(self.bits) == 1:
+            return self._loss_at(model, x, y, bits, step, gir=True)
+        base = model.module if hasattr(model, "module") else model
+        total, outs, lo = 0.0, [], 0
+        for b, nb in zip(self.bits, self.split_sizes(len(x))):
+            if nb == 0:
+                continue
+            set_bit_width_(base, b)
+            lb, logits = self._loss_at(model, x[lo:lo + nb], y[lo:lo + nb], b, step, gir=(b == bits))
+            total = total + lb * (nb / len(x))
+            outs.append(logits)
+            lo += nb
+        set_bit_width_(base, bits)
+        return total, torch.cat(outs, 0)
+
+    def _loss_at(self, model, x, y, bits, step, gir: bool):
+        """The loss of one batch (or split_bits' sub-batch) at `bits` (the model already at `bits`)."""
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step + (1_009 * bits if self.split_bits else 0))
         pi = self._pool_index(bits)
         if self.refresh_every and step and step % self.refresh_every == 0 and not self.no_aqapa:
             # the patch that fools the model least starts again from noise (keeps the pool diverse)
@@ -217,7 +274,7 @@ class QADTR(Defense):
         if patch.requires_grad:
             # the pool gets d(loss)/d(patch) from the same backward: register a hook to capture it
             patch.retain_grad()
-            self._pending = (pi, patch)
+            self._pending.append((pi, patch))
         with torch.no_grad():
             wrong_i = (logits[:n_p].argmax(1) != y[:n_p]).float().cpu()
             wrong = wrong_i.mean().item() if n_p else 0.0
@@ -228,7 +285,7 @@ class QADTR(Defense):
             self.asr_ema[bits] = 0.9 * self.asr_ema.get(bits, 0.5) + 0.1 * success
             for kk in k.unique().tolist():  # each pasted pool patch: the error rate of the images that carried it
                 self.patch_score[pi, kk] = 0.9 * self.patch_score[pi, kk] + 0.1 * wrong_i[k == kk].mean()
-        if not self.no_gir and self.lambda_gir > 0 and len(self.bits) > 1 and step % self.gir_every == 0:
+        if gir and not self.no_gir and self.lambda_gir > 0 and len(self.bits) > 1 and step % self.gir_every == 0:
             loss = loss + self.lambda_gir * self.gir(model, xp[: self.gir_batch].detach(), y[: min(n_p, self.gir_batch)], bits, gen)
         return loss, logits
 
@@ -302,18 +359,15 @@ class QADTR(Defense):
         return F.relu(cos).mean()  # ours: only agreement is penalised (anti-aligned gradients are fine)
 
     def after_step(self) -> None:
-        pend = getattr(self, "_pending", None)
-        if pend is None:
-            return
-        pi, patch = pend
-        self._pending = None
-        if patch.grad is None:
-            return
-        g = patch.grad.detach().cpu()  # (pool_size, 3, P, P): zero for pool patches not pasted this step
-        if self.gir_noise > 0:
-            used = (g != 0).flatten(1).any(1)
-            g[used] = g[used] + self.gir_noise * g[used].abs().mean() * torch.randn_like(g[used])
-        self._step_pool(pi, g)
+        pending, self._pending = getattr(self, "_pending", None) or [], []
+        for pi, patch in pending:
+            if patch.grad is None:
+                continue
+            g = patch.grad.detach().cpu()  # (pool_size, 3, P, P): zero for pool patches not pasted this step
+            if self.gir_noise > 0:
+                used = (g != 0).flatten(1).any(1)
+                g[used] = g[used] + self.gir_noise * g[used].abs().mean() * torch.randn_like(g[used])
+            self._step_pool(pi, g)
 
     def _step_pool(self, pi: int, g: torch.Tensor) -> None:
         """One signed-gradient ascent step of pool `pi` (patches with a zero gradient stay where they are)."""

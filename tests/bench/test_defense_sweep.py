@@ -21,6 +21,7 @@ def _run(*args, cwd=ROOT, timeout=900):
     ("[unclosed\n", [], "not valid YAML"),
     ("- {name: a, defense: none, bits: []}\n", [], "bits must be"),
     ("- {name: a, defense: none, epochs: 0}\n", [], "epochs must be"),
+    ("- {name: a, defense: none, train: {batch_size: 8}}\n", [], "train may change only"),
     ("- {name: a, defense: none}\n", ["--shard", "3/2"], "--shard"),
     ("- {name: a, defense: none}\n", ["--seeds", "x"], "--seeds"),
     ("- {name: a, defense: none}\n", ["--budget", "huge"], "unknown budget"),
@@ -73,6 +74,19 @@ def test_a_finished_job_run_with_other_options_is_refused(tmp_path):
         run_job(job, {}, None, tmp_path, "cpu", 1)
     job["args"] = {"pool_size": 2}
     assert run_job(job, {}, None, tmp_path, "cpu", 1)["args"] == {"pool_size": 2}
+    job["train"] = {"lr": 0.05}  # same defense options, other training settings: stale too
+    with pytest.raises(QNNError, match="was run with options"):
+        run_job(job, {}, None, tmp_path, "cpu", 1)
+
+
+def test_train_overrides_reach_the_training_config():
+    """A setting's `train: {lr: ...}` changes the budget's TrainConfig for that setting only."""
+    from bench.defense_table import BUDGETS, budget_config
+
+    b = BUDGETS["smoke"]
+    assert budget_config(b, "none", {}, [4], 1, 1, "cpu").lr == b["lr"]
+    assert budget_config(b, "none", {}, [4], 1, 1, "cpu", train_over={"lr": 0.3}).lr == 0.3
+    assert budget_config(b, "none", {}, [2, 4], 1, 1, "cpu", train_over={"schedule": "round_robin"}).schedule == "round_robin"
 
 
 def test_report_splits_unseen_asr_by_configuration_averaged_over_seeds(tmp_path):

@@ -155,6 +155,22 @@ def test_qadtr_pool_groups_share_a_pool_between_bit_widths():
             make_defense("qadtr", {"pool_groups": bad}, cfg, create_model("small_cnn"))
 
 
+def test_qadtr_split_bits_runs_every_bit_width_in_one_step():
+    """split_bits: one step runs each trained bit-width on its share of the batch, so every per-bit pool moves and
+    the logits cover the whole batch in order; the shares follow A-QAPA's draw weights (more where patches succeed)."""
+    import torch
+
+    before, after = _one_step({"split_bits": True, "pool_size": 2}, bits=8, train_bits=(2, 4, 8))
+    assert all(not torch.equal(after[i], before[i]) for i in range(3))
+    before, after = _one_step({"pool_size": 2}, bits=8, train_bits=(2, 4, 8))
+    assert sum(not torch.equal(after[i], before[i]) for i in range(3)) == 1  # without: the step's pool only
+    q = make_defense("qadtr", {"split_bits": True}, TrainConfig(model="small_cnn", bits=[2, 4, 8]), create_model("small_cnn"))
+    assert sorted(q.split_sizes(32)) == [10, 11, 11]
+    q.asr_ema = {2: 0.6, 4: 0.2, 8: 0.2}
+    sizes = q.split_sizes(128)
+    assert sum(sizes) == 128 and sizes[0] > 2 * sizes[1] and abs(sizes[1] - sizes[2]) <= 1
+
+
 def test_qadtr_per_image_assignment_updates_every_pool_patch():
     """pool_assign='image': each patched image draws its own pool patch, so one step updates every patch; with
     'batch' one patch is pasted on all images and only it moves."""
