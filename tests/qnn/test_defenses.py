@@ -171,6 +171,29 @@ def test_qadtr_split_bits_runs_every_bit_width_in_one_step():
     assert sum(sizes) == 128 and sizes[0] > 2 * sizes[1] and abs(sizes[1] - sizes[2]) <= 1
 
 
+def test_qadtr_shared_bn_affine_ties_gamma_beta_but_not_statistics():
+    """shared_bn_affine: every switchable BN's bit-widths share one (gamma, beta), taken from the widest trained
+    bit-width; running statistics stay per bit-width; without the option nothing is tied."""
+    import torch
+
+    from qnn.layers import QConvBN, bit_index
+
+    m = create_model("small_cnn")
+    conv = next(mod for mod in m.modules() if isinstance(mod, QConvBN))
+    with torch.no_grad():
+        for i, bn in enumerate(conv.bns):
+            bn.weight.fill_(float(i + 1))
+    make_defense("qadtr", {}, TrainConfig(model="small_cnn", bits=[2, 8]), m)
+    assert conv.bns[0].weight is not conv.bns[1].weight
+    n_before = sum(p.numel() for p in m.parameters())
+    make_defense("qadtr", {"shared_bn_affine": True}, TrainConfig(model="small_cnn", bits=[2, 8]), m)
+    src = conv.bns[bit_index(8)]
+    assert all(bn.weight is src.weight and bn.bias is src.bias for bn in conv.bns)
+    assert float(conv.bns[bit_index(2)].weight[0]) == bit_index(8) + 1  # the 8-bit values, not the 2-bit ones
+    assert conv.bns[0].running_mean is not conv.bns[1].running_mean
+    assert sum(p.numel() for p in m.parameters()) < n_before
+
+
 def test_qadtr_per_image_assignment_updates_every_pool_patch():
     """pool_assign='image': each patched image draws its own pool patch, so one step updates every patch; with
     'batch' one patch is pasted on all images and only it moves."""
