@@ -139,7 +139,8 @@ class QADTR(Defense):
         self.split_bits = bool(a.get("split_bits", False))
         # ours: switchable BN keeps per-bit-width statistics (the spec) but one affine (gamma, beta) shared by all
         # bit-widths, so what a step at one bit-width learns in the affine holds at the others (ties the model's
-        # BatchNorm parameters in place; the trained values start from the widest bit-width's)
+        # BatchNorm parameters in place; the trained values start from the widest bit-width's). Screened on the cpu
+        # budget: worse at 32 bits, no better elsewhere (results/defense_sweep_qadtr_bn.md)
         self.shared_bn_affine = bool(a.get("shared_bn_affine", False))
         if self.shared_bn_affine:
             tie_bn_affine_(model, max(cfg.bits))
