@@ -104,3 +104,15 @@ def test_report_splits_unseen_asr_by_configuration_averaged_over_seeds(tmp_path)
     summary, md = aggregate(grid, tmp_path, [4], cost=False, seeds=[0, 1])
     assert summary["q"]["per_bits"]["4"]["unseen_asr_pct_each"] == pytest.approx([25.0, 12.0, 3.0])
     assert "| 4b 10x10 sq | 4b 8x8 circ | 4b 8x8 sq fixed |" in md and "| q | 25.0 | 12.0 | 3.0 |" in md
+
+
+@pytest.mark.parametrize("grid", sorted((ROOT / "bench" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_committed_grid_loads(grid):
+    """The grids in bench/sweeps/ are commands the README and results cite: each must pass load_grid's checks,
+    and each setting's defense options must be ones its defense reads."""
+    from bench.defense_sweep import load_grid
+    from qnn.defenses import _DEFENSES, list_defenses
+
+    for g in load_grid(str(grid)):
+        assert g["defense"] in list_defenses()
+        assert set(g["args"]) <= set(_DEFENSES[g["defense"]].options), (g["name"], g["args"])
