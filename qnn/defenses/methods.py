@@ -34,6 +34,11 @@ def tie_bn_affine_(model: nn.Module, source_bits: int) -> None:
                     bn.weight, bn.bias = bns[src].weight, bns[src].bias
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model itself when wrapped for data parallelism (DDP's .module), else the model."""
+    return model.module if hasattr(model, "module") else model
+
+
 def _get(args: dict, key: str, default, cast=float):
     v = args.get(key, default)
     try:
@@ -50,7 +55,7 @@ class _FrozenEval:
     """Context: the (unwrapped) model in eval mode with parameters frozen, for crafting training-time attacks."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor):
-        self.m = model.module if hasattr(model, "module") else model
+        self.m = _unwrap(model)
         ensure_calibrated_(self.m, x)
 
     def __enter__(self) -> nn.Module:
@@ -134,8 +139,8 @@ class QADTR(Defense):
         # ours: DBWT over sub-batches. Every step runs every trained bit-width, each on its share of the batch (the
         # shares follow A-QAPA's draw weights), and sums the losses before one backward: every pool, every switchable
         # BN and the shared weights get every bit-width's signal at every step, for a plain step's images
-        # (screened on the cpu budget: no better than one bit-width per step, and 1.71x QAT against 1.53x in a 20-step
-        # interleaved measure; results/defense_sweep_qadtr_split.md)
+        # (screened on the cpu budget: no better than one bit-width per step, and 1.60x QAT against 1.36x in a 20-step
+        # interleaved measure; results/defense_sweep_qadtr_split.md, results/defense_cost_split.md)
         self.split_bits = bool(a.get("split_bits", False))
         # ours: switchable BN keeps per-bit-width statistics (the spec) but one affine (gamma, beta) shared by all
         # bit-widths, so what a step at one bit-width learns in the affine holds at the others (ties the model's
@@ -172,6 +177,7 @@ class QADTR(Defense):
         self.pool = torch.rand(n_pools, self.pool_size, 3, self.patch_size, self.patch_size, generator=g)
         self.asr_ema = {b: 0.5 for b in self.bits}
         self.patch_score = torch.zeros(n_pools, self.pool_size)
+        self._pending: list[tuple[int, torch.Tensor]] = []  # (pool index, pasted pool) awaiting this step's gradient
 
     def _parse_groups(self, spec, bits: list[int]) -> list[list[int]]:
         if spec is None or spec == "":
@@ -195,15 +201,18 @@ class QADTR(Defense):
         rnd = random.Random(self.cfg.seed * 7_777 + step)
         if rnd.random() >= self.adapt_alpha:
             return scheduled
-        w = [math.exp(self.asr_ema[b] / self.adapt_temp) for b in self.bits]
-        return rnd.choices(self.bits, weights=w)[0]
+        return rnd.choices(self.bits, weights=self._adaptive_weights())[0]
+
+    def _adaptive_weights(self) -> list[float]:
+        """A-QAPA's unnormalised preference per trained bit-width: exp(ASR EMA / temp)."""
+        return [math.exp(self.asr_ema[b] / self.adapt_temp) for b in self.bits]
 
     def _draw_weights(self) -> list[float]:
         """A-QAPA's probability of each trained bit-width: adapt_alpha of softmax(ASR EMA / temp), the rest uniform."""
         K = len(self.bits)
         if self.no_aqapa or K == 1:
             return [1.0 / K] * K
-        w = [math.exp(self.asr_ema[b] / self.adapt_temp) for b in self.bits]
+        w = self._adaptive_weights()
         return [(1 - self.adapt_alpha) / K + self.adapt_alpha * v / sum(w) for v in w]
 
     def split_sizes(self, n: int) -> list[int]:
@@ -220,7 +229,7 @@ class QADTR(Defense):
         self._pending = []
         if not self.split_bits or len(self.bits) == 1:
             return self._loss_at(model, x, y, bits, step, gir=True)
-        base = model.module if hasattr(model, "module") else model
+        base = _unwrap(model)
         total, outs, lo = 0.0, [], 0
         for b, nb in zip(self.bits, self.split_sizes(len(x))):
             if nb == 0:
@@ -293,7 +302,7 @@ class QADTR(Defense):
     def _init_pool(self, model, x, y, bits) -> None:
         """A-QAPA's warm start (see `pool_init_iters`): universal-patch steps for every pool, each at its own
         bit-width (a shared pool cycles through the trained bit-widths), images split evenly among the pool's patches."""
-        base = model.module if hasattr(model, "module") else model
+        base = _unwrap(model)
         gen = torch.Generator().manual_seed(self.cfg.seed * 31 + 17)
         n = min(len(x), self.pool_init_images)
         xs, ys = x[:n], y[:n]
@@ -351,16 +360,16 @@ class QADTR(Defense):
         b2 = others[int(torch.randint(len(others), (1,), generator=gen))]
         grads = []
         for b in (bits, b2):
-            set_bit_width_(model.module if hasattr(model, "module") else model, b)
+            set_bit_width_(_unwrap(model), b)
             xr = xp.clone().requires_grad_(True)
             g, = torch.autograd.grad(F.cross_entropy(model(xr), y), xr, create_graph=True)
             grads.append(g.flatten(1))
-        set_bit_width_(model.module if hasattr(model, "module") else model, bits)
+        set_bit_width_(_unwrap(model), bits)
         cos = F.cosine_similarity(grads[0], grads[1], dim=1, eps=1e-12)
         return F.relu(cos).mean()  # ours: only agreement is penalised (anti-aligned gradients are fine)
 
     def after_step(self) -> None:
-        pending, self._pending = getattr(self, "_pending", None) or [], []
+        pending, self._pending = self._pending, []
         for pi, patch in pending:
             if patch.grad is None:
                 continue
