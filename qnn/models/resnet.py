@@ -229,7 +229,10 @@ def load_pretrained_cifar(model: QResNet, path: str) -> QResNet:
     if not isinstance(sd, dict):
         raise QNNError(f"{path}: not a state dict checkpoint")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    n_blocks = len(model.blocks)
+    n_blocks = len(getattr(model, "blocks", ()))
+    if n_blocks < 3 or n_blocks % 3:
+        raise QNNError(f"{path}: pretrained CIFAR ResNet weights fit only a CIFAR ResNet (resnet20/32/44/56), "
+                       f"not {type(model).__name__}")
     per_stage = n_blocks // 3
     own = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}
