@@ -344,3 +344,33 @@ def test_qadtr_size_per_image_pastes_each_image_at_its_own_side():
     loss.backward()
     q.after_step()
     assert not torch.equal(q.pool, q.before)
+
+
+def test_qadtr_distill_adds_the_widest_bit_widths_soft_targets_below_it_only():
+    """distill: a step below the widest trained bit-width adds a KL term towards that bit-width's predictions on the
+    clean images (so its loss grows and the model is left at the step's bit-width); at the widest bit-width nothing
+    changes; a negative weight or a non-positive temperature is refused."""
+    import torch
+
+    from qnn.layers import ensure_calibrated_, get_bit_width, set_bit_width_
+
+    def loss_of(args, bits):
+        torch.manual_seed(0)
+        m = create_model("small_cnn")
+        x, y = torch.rand(32, 3, 32, 32), torch.randint(0, 10, (32,))
+        for b in (2, 8):
+            set_bit_width_(m, b)
+            ensure_calibrated_(m, x)
+        set_bit_width_(m, bits)
+        q = make_defense("qadtr", {"no_gir": True, "inner_steps": 0, **args}, TrainConfig(model="small_cnn", bits=[2, 8]), m)
+        m.eval()  # batch-independent BN, so that the two runs see the same logits
+        loss, _ = q.loss(m, x, y, bits, step=1)
+        return float(loss), get_bit_width(m)[0]
+
+    plain2, _ = loss_of({}, 2)
+    kd2, left_at = loss_of({"distill": 1.0}, 2)
+    assert kd2 > plain2 + 1e-4 and left_at == 2
+    assert loss_of({}, 8)[0] == pytest.approx(loss_of({"distill": 1.0}, 8)[0])
+    for bad in ({"distill": -0.1}, {"distill_temp": 0}):
+        with pytest.raises(QNNError, match="distill"):
+            make_defense("qadtr", bad, TrainConfig(model="small_cnn", bits=[2, 8]), create_model("small_cnn"))

@@ -8,6 +8,7 @@ import torch
 
 from qnn.checkpoint import load_checkpoint, save_checkpoint
 from qnn.config import TrainConfig
+from qnn.errors import QNNError
 from qnn.models import create_model
 from qnn.train import BitSchedule, train
 from tests.conftest import ROOT, run_cli
@@ -155,6 +156,8 @@ def test_init_from_shared_pretrained_weights(tmp_path):
     m = load_pretrained_cifar(create_model("resnet20"), str(w))
     with pytest.raises(Exception, match="does not match|more blocks"):
         load_pretrained_cifar(create_model("resnet32"), str(w))
+    with pytest.raises(QNNError, match="fit only a CIFAR ResNet"):  # not a ZeroDivisionError from a 2-block model
+        load_pretrained_cifar(create_model("small_cnn"), str(w))
     save_checkpoint(tmp_path / "x.pt", m)
 
 
