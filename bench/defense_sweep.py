@@ -256,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from qnn.checkpoint import atomic_write_bytes, atomic_write_json
 
-    head = (f"Defense sweep, budget `{a.budget}` ({b['model']}, {b['epochs']} epoch(s) on {b['train_subset'] or 'all'} "
+    own = [f"{g['name']}: {g['epochs']}" for g in grid if g.get("epochs", b["epochs"]) != b["epochs"]]
+    epochs = f"{b['epochs']} epoch(s)" + (f" unless a setting says otherwise ({'; '.join(own)})" if own else "")
+    head = (f"Defense sweep, budget `{a.budget}` ({b['model']}, {epochs} on {b['train_subset'] or 'all'} "
             f"training images, eval on {b['n_eval']} test images, patches {b['patch_iters']} iterations), grid "
             f"`{a.grid}`, seeds {a.seeds}. Command: `python bench/defense_sweep.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n")
     print(head + md)

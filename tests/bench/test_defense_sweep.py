@@ -116,3 +116,12 @@ def test_every_committed_grid_loads(grid):
     for g in load_grid(str(grid)):
         assert g["defense"] in list_defenses()
         assert set(g["args"]) <= set(_DEFENSES[g["defense"]].options), (g["name"], g["args"])
+
+
+def test_report_header_names_settings_with_their_own_epochs(tmp_path):
+    g = tmp_path / "g.yaml"
+    g.write_text("- {name: a, defense: none}\n- {name: b, defense: qadtr, epochs: 3}\n")
+    r = _run("--grid", str(g), "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "o"), "--report-only",
+             timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "1 epoch(s) unless a setting says otherwise (b: 3)" in (tmp_path / "o.md").read_text()
