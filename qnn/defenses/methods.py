@@ -138,7 +138,8 @@ class QADTR(Defense):
         # without gradient at that bit-width), weight `distill` (0 = off), temperature `distill_temp`; meant to make the
         # low-bit paths follow the full-precision one instead of pulling the shared weights their own way. Screened on
         # the cpu budget, seed 1 (results/defense_sweep_qadtr_distill.md): distill=1 was worse at 32/8/2 bits and
-        # cost 1.4-2.6 points of clean accuracy at 32/8/4 bits, hence off by default
+        # cost 1.4-2.6 points of clean accuracy at 32/8/4 bits, hence off by default. The teacher pass runs in training
+        # mode, so it also moves the widest bit-width's BatchNorm statistics (on clean training images)
         self.distill = _get(a, "distill", 0.0)
         self.distill_temp = _get(a, "distill_temp", 1.0)
         if self.distill < 0 or self.distill_temp <= 0:

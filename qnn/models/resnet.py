@@ -232,7 +232,7 @@ def load_pretrained_cifar(model: QResNet, path: str) -> QResNet:
     n_blocks = len(getattr(model, "blocks", ()))
     if n_blocks < 3 or n_blocks % 3:
         raise QNNError(f"{path}: pretrained CIFAR ResNet weights fit only a CIFAR ResNet (resnet20/32/44/56), "
-                       f"not {type(model).__name__}")
+                       f"not a model with {n_blocks} residual blocks")
     per_stage = n_blocks // 3
     own = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}
