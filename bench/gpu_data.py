@@ -51,8 +51,10 @@ def main(argv=None) -> int:
     (out / "weights").mkdir(parents=True, exist_ok=True)
     with np.load(src / "train.npz") as tr:
         n, k = b["train_subset"] or len(tr["y"]), b["n_attack"]
-        write_npz(out / "cifar10" / "train.npz", x=np.concatenate([tr["x"][:n], tr["x"][-k:]]),
-                  y=np.concatenate([tr["y"][:n], tr["y"][-k:]]))
+        if n + k >= len(tr["y"]):  # the whole set already holds both (and must not repeat the attack images)
+            n, k = len(tr["y"]), 0
+        keep = np.r_[0:n, len(tr["y"]) - k:len(tr["y"])]
+        write_npz(out / "cifar10" / "train.npz", x=tr["x"][keep], y=tr["y"][keep])
     with np.load(src / "test.npz") as te:
         write_npz(out / "cifar10" / "test.npz", x=te["x"][: b["n_eval"]], y=te["y"][: b["n_eval"]])
     shutil.copy(b["init"], out / "weights" / Path(b["init"]).name)
