@@ -3,7 +3,7 @@
 # each cut off after T seconds, then the report. Data: `python bench/gpu_data.py --out .gpudata` here, then carry
 # .gpudata. Writes to $OUT: the report (md/json), the workers' logs, the evaluations, and the trained models (three
 # tars, to evaluate here whatever was cut off during evaluation).
-#   N=15 T=460 GRID=bench/sweeps/equal_epochs4.yaml SEEDS=0,1,2 bash bench/gpu_sweep.sh
+#   N=15 T=470 GRID=bench/sweeps/equal_epochs4.yaml SEEDS=0,1,2 bash bench/gpu_sweep.sh
 BUDGET=${BUDGET:-cpu}; GRID=${GRID:?set GRID}; SEEDS=${SEEDS:-0,1,2}; N=${N:-12}; T=${T:-420}
 DEVICE=${DEVICE:-cuda}; OUT=${OUT:-/tmp/out}; PY=${PY:-python3}; NAME=$(basename "$GRID" .yaml)
 mkdir -p "$OUT" runs
