@@ -7,8 +7,9 @@ table's settings and attack suite, and report the mean (and spread) per setting.
 
 A grid file is a YAML list of {name, defense, args: {...}, bits: [..] | per-bit, epochs (optional: other than the
 budget's), train: {lr, schedule, residual_bits, warmup_epochs} (optional: training settings other than the
-budget's)}; `per-bit` trains one fixed-precision
-model per evaluated bit-width (the spec's PBAT). Evaluation is the table's (seen / unseen / adaptive universal patches
+budget's), deploy: true (optional: evaluate the model at every evaluated bit-width, not only those it was trained
+at, BatchNorm re-calibrated at the others; its adaptive patch is EOT over all of them)}; `per-bit` trains one
+fixed-precision model per evaluated bit-width (the spec's PBAT). Evaluation is the table's (seen / unseen / adaptive universal patches
 on the budget's images, trained bit-widths only, no left-out bit-widths or transfer matrices, to keep it short).
 Each (setting, seed) is one job; finished trainings and evaluations are reused (resumable). Cost ratios are
 seconds per epoch against the sweep's own `none` setting of the same seed, and only mean something when the jobs did
@@ -60,6 +61,10 @@ def load_grid(path: str) -> list[dict]:
         g.setdefault("bits", [2, 4, 8, 32])
         if g["bits"] != PER_BIT and not (isinstance(g["bits"], list) and g["bits"]):
             raise QNNError(f"{p}: setting '{g['name']}': bits must be a non-empty list or '{PER_BIT}'")
+        g.setdefault("deploy", False)
+        if not isinstance(g["deploy"], bool) or (g["deploy"] and g["bits"] == PER_BIT):
+            raise QNNError(f"{p}: setting '{g['name']}': deploy must be true or false (and needs a bits list, not "
+                           f"'{PER_BIT}'), got {g['deploy']!r}")
         if "epochs" in g and not (isinstance(g["epochs"], int) and g["epochs"] > 0):
             raise QNNError(f"{p}: setting '{g['name']}': epochs must be a positive integer, got {g['epochs']!r}")
     return grid
@@ -82,14 +87,16 @@ def jobs_of(grid: list[dict], seeds: list[int], eval_bits: list[int]) -> list[di
     return out
 
 
-def _finished(res: Path, args: dict, train_over: dict | None = None) -> dict:
+def _finished(res: Path, args: dict, train_over: dict | None = None, deploy: bool = False) -> dict:
     """A job's recorded evaluation; refused when it was run with other options (a stale folder)."""
     from qnn.errors import QNNError
 
     done = json.loads(res.read_text())
-    if done.get("args") != args or done.get("train", {}) != (train_over or {}):
-        raise QNNError(f"{res.parent} was run with options {done.get('args')} (training {done.get('train', {})}), "
-                       f"not {args} (training {train_over or {}}): rename the setting or move that folder away")
+    was_deployed = bool(done.get("deployed_bits"))
+    if done.get("args") != args or done.get("train", {}) != (train_over or {}) or was_deployed != bool(deploy):
+        raise QNNError(f"{res.parent} was run with options {done.get('args')} (training {done.get('train', {})}, "
+                       f"deploy {was_deployed}), not {args} (training {train_over or {}}, deploy {bool(deploy)}): "
+                       "rename the setting or move that folder away")
     return done
 
 
@@ -99,7 +106,7 @@ def run_job(job: dict, b: dict, data, runs: Path, device: str, threads: int) -> 
     rdir = runs / job["key"]
     res = rdir / "eval.json"
     if res.is_file():
-        return _finished(res, job["args"], job.get("train"))
+        return _finished(res, job["args"], job.get("train"), job.get("deploy", False))
     if not (rdir / "model.pt").is_file():
         print(f"== train {job['key']}", flush=True)
         train_defense(b, rdir, job["defense"], job["args"], job["bits"], job.get("epochs", b["epochs"]), threads, device,
@@ -108,14 +115,15 @@ def run_job(job: dict, b: dict, data, runs: Path, device: str, threads: int) -> 
     model, _ = load_checkpoint(rdir / "model.pt")
     model = model.to(device)
     hist = json.loads((rdir / "metrics.json").read_text())["history"]
-    bits = [x for x in job["bits"] if x in b["eval_bits"]]
+    deploy = bool(job.get("deploy"))
+    bits = list(b["eval_bits"]) if deploy else [x for x in job["bits"] if x in b["eval_bits"]]
     entry = {"name": job["name"], "defense": job["defense"], "args": job["args"], "train": job.get("train", {}),
-             "trained_bits": job["bits"],
+             "trained_bits": job["bits"], "deployed_bits": bits if deploy else None,
              "epochs": job.get("epochs", b["epochs"]),
              "seed": job["seed"], "per_bit": job["per_bit"], "device": device,
              "epoch_seconds": sum(h["epoch_seconds"] for h in hist) / len(hist),
              "per_bits": evaluate_defense(model, job["bits"], b, data, seed=job["seed"], left_out=False,
-                                          eval_bits=bits, device=device)}
+                                          eval_bits=bits, device=device, adaptive_bits=bits if deploy else None)}
     atomic_write_json(res, entry)
     return entry
 
@@ -136,7 +144,7 @@ def aggregate(grid: list[dict], runs: Path, eval_bits: list[int], cost: bool = T
             f = runs / job["key"] / "eval.json"
             if not f.is_file():
                 continue
-            e = _finished(f, g["args"], g.get("train"))
+            e = _finished(f, g["args"], g.get("train"), g.get("deploy", False))
             r = rows.setdefault(g["name"], {"per_seed": {}})
             ps = r["per_seed"].setdefault(str(job["seed"]), {"per_bits": {}, "epoch_seconds": []})
             ps["per_bits"].update(e["per_bits"])

@@ -61,6 +61,8 @@ def unseen_each(entry: dict, bits: str, i: int) -> str:
 
 #: defenses trained as one fixed-precision model per evaluated bit-width (the spec's PBAT: "at one fixed bit-width")
 PER_BIT = "per-bit"
+#: the table's row of one full-precision PBAT model evaluated (deployed) at every bit-width
+PBAT_FP = "pbat-fp (one 32-bit model, every bit-width)"
 
 
 def defenses(b: dict) -> dict[str, tuple[str, dict, list[int] | str]]:
@@ -73,6 +75,10 @@ def defenses(b: dict) -> dict[str, tuple[str, dict, list[int] | str]]:
     if b["ablations"]:
         # ours, stronger than the spec's baseline: PBAT given DBWT (one switchable model, random bit-width per step)
         d["pbat+dbwt"] = ("pbat", {"iters": b["pbat_iters"], "patch_size": SEEN["patch_shape"][0]}, bits)
+        # the spec's other reading of PBAT ("at one fixed bit-width or full precision") and, we think, the abstract's
+        # "quantization shift": one full-precision PBAT model deployed at every bit-width (BN re-calibrated at each,
+        # as for left-out bit-widths); its adaptive attack is EOT over the bit-widths it is deployed at
+        d[PBAT_FP] = ("pbat", {"iters": b["pbat_iters"], "patch_size": SEEN["patch_shape"][0]}, [32], {"deploy": True})
         d["qadtr-no-aqapa"] = ("qadtr", {"no_aqapa": True}, bits)
         d["qadtr-no-gir"] = ("qadtr", {"no_gir": True}, bits)
         d["qadtr-fixed4 (no DBWT)"] = ("qadtr", {}, [4])
@@ -124,7 +130,10 @@ def interleaved_cost(b: dict, names: dict, threads: int, device: str) -> dict[st
     return {n: s / secs[0] for n, s in zip(rows, secs)}
 
 
-def evaluate_defense(model, trained_bits, b, data, seed=0, left_out=True, eval_bits=None, device="cpu") -> dict:
+def evaluate_defense(model, trained_bits, b, data, seed=0, left_out=True, eval_bits=None, device="cpu",
+                     adaptive_bits=None) -> dict:
+    """Clean accuracy, seen / unseen / adaptive ASR per bit-width (BN re-calibrated at bit-widths not trained).
+    The adaptive patch is EOT over `adaptive_bits` (default: the trained bit-widths, the defender's distribution)."""
     from qnn.attacks.patch import PatchConfig, evaluate_patch, optimize_universal_patch
     from qnn.layers import set_bit_width_
     from qnn.train import calibrate_, evaluate
@@ -151,7 +160,7 @@ def evaluate_defense(model, trained_bits, b, data, seed=0, left_out=True, eval_b
         print(f"  {bits} bits: clean {r['clean_acc_pct']:.1f}  seen {r['seen_asr_pct']:.1f}  unseen {r['unseen_asr_pct']:.1f}", flush=True)
     # adaptive: EOT over the defender's bit-width distribution, evaluated at every trained bit-width
     cfg = PatchConfig(iterations=b["patch_iters"], batch_size=b["patch_batch"], seed=seed,
-                      eot_bits=[t for t in trained_bits], **SEEN)
+                      eot_bits=list(adaptive_bits or trained_bits), **SEEN)
     patch, _ = optimize_universal_patch(model, xa, ya, cfg, device=device)
     for bits in eval_bits:
         set_bit_width_(model, bits)
@@ -234,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     # training jobs: a per-bit defense is one fixed-precision model per evaluated bit-width ("name@bits")
     jobs: dict[str, tuple[str, dict, list[int], str]] = {}
     epochs_of = {name: (spec[3] if len(spec) > 3 else {}).get("epochs", b["epochs"]) for name, spec in names.items()}
+    deploy_of = {name: bool((spec[3] if len(spec) > 3 else {}).get("deploy")) for name, spec in names.items()}
     for name, (dname, dargs, bits, *_) in names.items():
         if name in reused:
             continue
@@ -264,7 +274,10 @@ def main(argv: list[str] | None = None) -> int:
             entry = {"defense": dname, "defense_args": dargs, "trained_bits": bits, "epochs": epochs_of[name],
                      "epoch_seconds": sum(h["epoch_seconds"] for h in hist) / len(hist),
                      "per_bits": evaluate_defense(model, bits, b, data, left_out=not ablation,
-                                                  eval_bits=bits if per_bit else None, device=device)}
+                                                  eval_bits=bits if per_bit else None, device=device,
+                                                  adaptive_bits=b["eval_bits"] if deploy_of[name] else None)}
+            if deploy_of[name]:
+                entry["deployed_bits"] = b["eval_bits"] + b["left_out"]
             if b["transfer"] and not ablation:
                 entry["transfer_6x6"] = transfer_matrix(model, xa, ya, xe, ye, PatchConfig(iterations=b["patch_iters"], **SEEN),
                                                         [32, 8, 4, 2], [32, 8, 4, 2], progress=False, device=device)
@@ -310,7 +323,10 @@ def main(argv: list[str] | None = None) -> int:
           "`pbat` is the spec's baseline, PBAT at one fixed precision: its row at b bits is a separate PBAT model trained "
           "at b bits (its cost column is one such model; covering all bit-widths costs that times "
           f"{len(b['eval_bits'])}). `pbat+dbwt` (ours, a stronger baseline) is PBAT given DBWT: one switchable model. "
-          "The last column is a defense's whole training compute in plain-QAT epochs (per-epoch ratio x epochs x "
+          + (f"`{PBAT_FP}` is the spec's other reading of PBAT: one PBAT model trained at full precision and deployed "
+             "at every bit-width (BatchNorm re-calibrated at each; adaptive patch: EOT over the bit-widths it is "
+             "deployed at). " if PBAT_FP in table else "")
+          + "The last column is a defense's whole training compute in plain-QAT epochs (per-epoch ratio x epochs x "
           "models).\n\n"
           + "".join(f"Row `{n}` is taken from an earlier run of this program (`{e['reused_from']['file']}`, git "
                     f"{str(e['reused_from']['git_sha'])[:10]}, {e['reused_from']['cpu_model']} "

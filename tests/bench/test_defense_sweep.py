@@ -22,6 +22,8 @@ def _run(*args, cwd=ROOT, timeout=900):
     ("- {name: a, defense: none, bits: []}\n", [], "bits must be"),
     ("- {name: a, defense: none, epochs: 0}\n", [], "epochs must be"),
     ("- {name: a, defense: none, train: {batch_size: 8}}\n", [], "train may change only"),
+    ("- {name: a, defense: none, deploy: 1}\n", [], "deploy must be"),
+    ("- {name: a, defense: pbat, bits: per-bit, deploy: true}\n", [], "deploy must be"),
     ("- {name: a, defense: none}\n", ["--shard", "3/2"], "--shard"),
     ("- {name: a, defense: none}\n", ["--seeds", "x"], "--seeds"),
     ("- {name: a, defense: none}\n", ["--budget", "huge"], "unknown budget"),
@@ -125,3 +127,25 @@ def test_report_header_names_settings_with_their_own_epochs(tmp_path):
              timeout=120)
     assert r.returncode == 0, r.stderr
     assert "1 epoch(s) unless a setting says otherwise (b: 3)" in (tmp_path / "o.md").read_text()
+
+
+def test_deploy_evaluates_one_model_at_every_bit_width(tmp_path):
+    """`deploy: true`: a model trained at 32 bits only is evaluated at every evaluated bit-width (BN re-calibrated),
+    with the adaptive patch EOT over all of them; the same folder under deploy: false is refused as stale."""
+    from bench.defense_sweep import aggregate, load_grid
+
+    g = tmp_path / "g.yaml"
+    g.write_text("- {name: fp, defense: none, bits: [32], deploy: true}\n")
+    common = ["--budget", "smoke", "--grid", str(g), "--seeds", "0", "--runs-dir", str(tmp_path / "runs"),
+              "--no-cost", "--out", str(tmp_path / "o")]
+    r = _run(*common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    e = json.loads((tmp_path / "runs" / "fp" / "s0" / "eval.json").read_text())
+    assert e["trained_bits"] == [32] and e["deployed_bits"] == [32, 8, 4, 2]
+    assert set(e["per_bits"]) == {"32", "8", "4", "2"}
+    assert all("adaptive_asr_pct" in v and 0 <= v["unseen_asr_pct"] <= 100 for v in e["per_bits"].values())
+    # the low-bit rows are the 32-bit model re-calibrated, not copies of its 32-bit figures
+    assert e["per_bits"]["2"]["clean_acc_pct"] != e["per_bits"]["32"]["clean_acc_pct"]
+    g.write_text("- {name: fp, defense: none, bits: [32]}\n")
+    with pytest.raises(Exception, match="deploy True"):
+        aggregate(load_grid(str(g)), tmp_path / "runs", [32, 8, 4, 2], cost=False, seeds=[0])

@@ -64,3 +64,14 @@ def test_cpu_budget_has_qadtr_per_bit_beside_pbat():
         d = defenses(BUDGETS[budget])
         assert d["qadtr-per-bit (no DBWT)"] == ("qadtr", {}, PER_BIT) and d["pbat"][2] == PER_BIT
     assert "qadtr-per-bit (no DBWT)" not in defenses(BUDGETS["smoke"])
+
+
+def test_cpu_budget_has_one_full_precision_pbat_deployed_at_every_bit_width():
+    """The spec's other reading of PBAT (one full-precision model) sits beside the per-bit PBAT models."""
+    from bench.defense_table import BUDGETS, PBAT_FP, defenses
+
+    for budget in ("cpu", "full"):
+        d = defenses(BUDGETS[budget])
+        assert d[PBAT_FP][0] == "pbat" and d[PBAT_FP][2] == [32] and d[PBAT_FP][3] == {"deploy": True}
+        assert d[PBAT_FP][1] == d["pbat"][1]  # same PBAT options as the per-bit models
+    assert PBAT_FP not in defenses(BUDGETS["smoke"])
