@@ -2,6 +2,7 @@
 measured in one run, and the ratio fake-quant / float. Target: ratio <= 1.25 at every bit-width.
 
     python bench/train_speed.py --threads 2 [--compile]
+    python bench/train_speed.py --device cuda --profile   # on a GPU; --profile adds the 4-bit step's top operators
 
 Warm-up steps first (scale init, allocator), then the median of timed steps. Writes results/train_speed.{json,md}.
 """
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import environment, markdown_table  # noqa: E402
 
 
-def step_time(model, x, y, bits: int, warmup: int, iters: int, compile_: bool) -> float:
+def step_time(model, x, y, bits: int, warmup: int, iters: int, compile_: bool, sync=lambda: None) -> float:
     import torch
     import torch.nn.functional as F
 
@@ -31,13 +32,49 @@ def step_time(model, x, y, bits: int, warmup: int, iters: int, compile_: bool) -
     fwd = torch.compile(model) if compile_ else model
     ts = []
     for i in range(warmup + iters):
+        sync()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(fwd(x), y).backward()
         opt.step()
+        sync()
         if i >= warmup:
             ts.append(time.perf_counter() - t0)
     return statistics.median(ts) * 1e3
+
+
+def model_at(create_model, dev: str, bits: int, x):
+    """A fresh ResNet-20 at `bits`, scales initialised (first forward) and their state seen once (second)."""
+    from qnn.layers import set_bit_width_
+
+    model = create_model("resnet20").to(dev)
+    set_bit_width_(model, bits)
+    model.train()
+    model(x)
+    model(x)
+    return model
+
+
+def profile_step(model, x, y) -> dict:
+    """torch.profiler over five training steps: the operator table, and device-to-host copies per step (each one is a
+    host sync: the CPU waits for the device's queue to drain, so kernel launches stop overlapping)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+    with profile(activities=acts) as p:
+        for _ in range(5):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+    ev = p.key_averages()
+    d2h = sum(e.count for e in ev if e.key == "aten::_local_scalar_dense")
+    sort = "self_cuda_time_total" if x.is_cuda else "self_cpu_time_total"
+    return {"host_syncs": d2h // 5, "table": ev.table(sort_by=sort, row_limit=15, max_name_column_width=40)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,30 +84,46 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (fuses the elementwise work)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    ap.add_argument("--profile", action="store_true", help="also print the top operators of five 4-bit steps "
+                    "(torch.profiler) and how many device-to-host copies (host syncs) one step makes")
     ap.add_argument("--out", default="results/train_speed")
     a = ap.parse_args(argv)
     import torch
+
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        print("train_speed: error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
 
     from qnn.checkpoint import atomic_write_bytes, atomic_write_json
     from qnn.models import create_model
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    x, y = torch.rand(a.batch, 3, 32, 32), torch.randint(0, 10, (a.batch,))
+    x, y = torch.rand(a.batch, 3, 32, 32).to(dev), torch.randint(0, 10, (a.batch,)).to(dev)
     res = {}
     for bits in (32, 8, 4, 2):
-        model = create_model("resnet20")
-        res[bits] = step_time(model, x, y, bits, a.warmup, a.iters, a.compile)
+        model = create_model("resnet20").to(dev)
+        res[bits] = step_time(model, x, y, bits, a.warmup, a.iters, a.compile, sync)
         print(f"{'float' if bits == 32 else f'{bits}-bit'}: {res[bits]:.1f} ms/step", flush=True)
+    prof = profile_step(model_at(create_model, dev, 4, x), x, y) if a.profile else None
     rows = [[("float" if b == 32 else f"W{b}A{b}"), ms, ms / res[32]] for b, ms in res.items()]
-    md = (f"ResNet-20 training step, batch {a.batch}, {a.threads} threads, median of {a.iters} "
+    where = f"{a.threads} threads" if dev == "cpu" else f"{dev} ({torch.cuda.get_device_name()})"
+    md = (f"ResNet-20 training step, batch {a.batch}, {where}, median of {a.iters} "
           f"(compile={a.compile}). Command: `python bench/train_speed.py --threads {a.threads} --iters {a.iters}"
-          f"{' --compile' if a.compile else ''}`\n\n" + markdown_table(["precision", "ms / step", "ratio vs float"], rows))
+          f"{' --compile' if a.compile else ''}{'' if dev == 'cpu' else f' --device {a.device}'}`\n\n"
+          + markdown_table(["precision", "ms / step", "ratio vs float"], rows)
+          + (f"\nOne 4-bit step makes {prof['host_syncs']} device-to-host copies (host syncs). Top operators of five "
+             f"4-bit steps:\n\n```\n{prof['table']}\n```\n" if prof else ""))
     print(md)
-    out = a.out + ("_compiled" if a.compile else "")
+    out = a.out + ("_compiled" if a.compile else "") + ("" if dev == "cpu" else "_cuda")
     atomic_write_json(out + ".json", {"ms_per_step": {str(k): v for k, v in res.items()},
                                       "ratio": {str(k): v / res[32] for k, v in res.items()}, "batch": a.batch,
-                                      "iters": a.iters, "compile": a.compile, "environment": environment(a.threads)})
+                                      "iters": a.iters, "compile": a.compile, "device": dev,
+                                      "host_syncs_per_4bit_step": prof["host_syncs"] if prof else None,
+                                      "environment": environment(a.threads)})
     atomic_write_bytes(out + ".md", md.encode())
     return 0
 

@@ -68,6 +68,27 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, lo: float, hi: float, grad_
     return _FakeQuant.apply(x, scale, lo, hi, grad_factor)
 
 
+def _known_init(mod: nn.Module, buf_name: str, idx: int) -> bool:
+    """Whether slot `idx` of the boolean buffer `buf_name` (a quantizer scale initialised) is set. The buffer lives on
+    the model's device: reading it on a GPU is a host sync, once per quantizer and forward, which stalls the launch
+    queue. A slot once seen set is remembered on the host (slots are only ever set, never cleared, except by loading a
+    state dict, which forgets what was remembered: see `_forget_init`)."""
+    known = mod.__dict__.setdefault("_init_known", set())
+    if (buf_name, idx) in known:
+        return True
+    if bool(getattr(mod, buf_name)[idx]):
+        known.add((buf_name, idx))
+        return True
+    return False
+
+
+def _forget_init(mod: nn.Module, *args, **kwargs) -> None:
+    """load_state_dict pre-hook: the loaded buffers may say otherwise than what the host remembered of them
+    (`_known_init`, ActQuant's input zero point)."""
+    mod.__dict__.pop("_init_known", None)
+    mod.__dict__.pop("_zp_host", None)
+
+
 class SwitchableMixin:
     """Everything that carries per-bit-width state; `set_bit_width_` walks these."""
 
@@ -102,6 +123,7 @@ class ActQuant(nn.Module, SwitchableMixin):
         n = len(BIT_CHOICES)
         self.log_scale = nn.Parameter(torch.zeros(n))
         self.register_buffer("initialized", torch.zeros(n, dtype=torch.bool))
+        self.register_load_state_dict_pre_hook(_forget_init)
         if kind == "input":
             assert input_range is not None
             lo, hi = input_range
@@ -125,7 +147,9 @@ class ActQuant(nn.Module, SwitchableMixin):
             return 0.0, float(2**b - 1), 0.0
         if self.kind == "shifted":
             return float(-(2 ** (b - 1))), float(2 ** (b - 1) - 1), float(2 ** (b - 1))
-        zp = float(self.input_zp)
+        zp = self.__dict__.get("_zp_host")  # the buffer's value kept on the host (a device read is a sync)
+        if zp is None:
+            zp = self.__dict__["_zp_host"] = float(self.input_zp)
         return -zp, 255.0 - zp, zp
 
     def scale(self, bits: int | None = None) -> torch.Tensor:
@@ -158,7 +182,7 @@ class ActQuant(nn.Module, SwitchableMixin):
             return F.relu(x) if self.kind == "unsigned" else x
         b = 8 if self.kind == "input" else self.bits
         idx = bit_index(b)
-        if not bool(self.initialized[idx]):
+        if not _known_init(self, "initialized", idx):
             if not self.training:
                 raise QNNError(f"activation quantizer at {b} bits was never calibrated; train or calibrate first")
             self._init_scale(x, idx)
@@ -198,6 +222,7 @@ class _QWeightMixin(SwitchableMixin):
         self.fixed_w_bits = fixed_w_bits
         self.w_log_scale = nn.Parameter(torch.zeros(len(BIT_CHOICES), out_ch))
         self.register_buffer("w_initialized", torch.zeros(len(BIT_CHOICES), dtype=torch.bool))
+        self.register_load_state_dict_pre_hook(_forget_init)
 
     @property
     def wbits(self) -> int:
@@ -212,7 +237,7 @@ class _QWeightMixin(SwitchableMixin):
     def w_scale(self, bits: int | None = None) -> torch.Tensor:
         b = self.wbits if bits is None else bits
         idx = bit_index(b)
-        if not bool(self.w_initialized[idx]):
+        if not _known_init(self, "w_initialized", idx):
             with torch.no_grad():
                 self.w_log_scale.data[idx] = torch.log(_mse_weight_scale(self.weight, self.w_qmax(b)))
                 self.w_initialized[idx] = True
@@ -378,7 +403,7 @@ def uncalibrated(model: nn.Module) -> bool:
     """True when some activation quantizer has no scale yet at the model's current bit-width."""
     for m in model.modules():
         if isinstance(m, ActQuant) and m.kind != "input" and m.a_bits != FLOAT_BITS:
-            if not bool(m.initialized[bit_index(m.bits)]):
+            if not _known_init(m, "initialized", bit_index(m.bits)):
                 return True
     return False
 

@@ -91,3 +91,28 @@ def test_per_bitwidth_batchnorm_is_separate():
     m(x * 3)
     assert torch.equal(m.blocks[0].conv1.bns[BIT_CHOICES.index(8)].running_mean, before8)
     assert not torch.equal(m.blocks[0].conv1.bns[BIT_CHOICES.index(4)].running_mean, before4)
+
+
+def test_remembered_scale_init_is_forgotten_when_a_state_dict_loads():
+    """Quantizers remember on the host which scales are initialised (no device read per forward); loading a state dict
+    whose scales are not initialised must bring back the 'never calibrated' error, not run on a stale scale."""
+    from qnn.layers import ActQuant
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 5, 5)
+    q = ActQuant()
+    q.switch_(4, 4)
+    q.train()
+    q(x)  # initialises the 4-bit scale
+    q.eval()
+    q(x)
+    q.load_state_dict(ActQuant().state_dict())
+    with pytest.raises(QNNError, match="never calibrated"):
+        q(x)
+    m = create_model("resnet20")
+    set_bit_width_(m, 4)
+    conv = next(mm for mm in m.modules() if isinstance(mm, QConvBN))
+    conv.w_scale()  # initialised from the weights
+    conv.w_log_scale.data.zero_()
+    conv.load_state_dict({**conv.state_dict(), "w_initialized": torch.zeros_like(conv.w_initialized)})
+    assert not torch.equal(conv.w_scale(), torch.ones_like(conv.w_scale()))  # re-initialised, not the stale exp(0)
