@@ -43,11 +43,12 @@ def step_time(model, x, y, bits: int, warmup: int, iters: int, compile_: bool, s
     return statistics.median(ts) * 1e3
 
 
-def model_at(create_model, dev: str, bits: int, x):
-    """A fresh ResNet-20 at `bits`, scales initialised (first forward) and their state seen once (second)."""
+def model_at(bits: int, x):
+    """A fresh ResNet-20 at `bits` on x's device, scales initialised (first forward) and their state seen once (second)."""
     from qnn.layers import set_bit_width_
+    from qnn.models import create_model
 
-    model = create_model("resnet20").to(dev)
+    model = create_model("resnet20").to(x.device)
     set_bit_width_(model, bits)
     model.train()
     model(x)
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         model = create_model("resnet20").to(dev)
         res[bits] = step_time(model, x, y, bits, a.warmup, a.iters, a.compile, sync)
         print(f"{'float' if bits == 32 else f'{bits}-bit'}: {res[bits]:.1f} ms/step", flush=True)
-    prof = profile_step(model_at(create_model, dev, 4, x), x, y) if a.profile else None
+    prof = profile_step(model_at(4, x), x, y) if a.profile else None
     rows = [[("float" if b == 32 else f"W{b}A{b}"), ms, ms / res[32]] for b, ms in res.items()]
     where = f"{a.threads} threads" if dev == "cpu" else f"{dev} ({torch.cuda.get_device_name()})"
     md = (f"ResNet-20 training step, batch {a.batch}, {where}, median of {a.iters} "
