@@ -79,7 +79,7 @@ class QADTR(Defense):
     options = ("pool_size", "patch_size", "patch_step", "lambda_gir", "gir_every", "gir_batch", "gir_noise",
                "frac_patched", "adapt_alpha", "adapt_temp", "inner_steps", "inner_step", "aqapa_signal",
                "refresh_every", "scale_min", "scale_max", "rotation_max", "sizes", "pool_per_bit", "pool_groups", "pool_assign",
-               "size_per_image", "refine_pool", "pool_init_iters", "pool_init_images", "pool_init_step", "split_bits", "shared_bn_affine", "distill", "distill_temp", "no_aqapa", "no_gir")
+               "size_per_image", "refine_pool", "pool_init_iters", "pool_init_images", "pool_init_step", "pool_mix", "split_bits", "shared_bn_affine", "distill", "distill_temp", "no_aqapa", "no_gir")
 
     def __init__(self, args: dict, cfg, model: nn.Module):
         super().__init__(args, cfg, model)
@@ -147,6 +147,12 @@ class QADTR(Defense):
         if self.pool_init_iters < 0 or self.pool_init_images <= 0 or self.pool_init_step <= 0:
             raise QNNError("pool_init_iters must be >= 0, pool_init_images and pool_init_step > 0")
         self._pool_ready = self.pool_init_iters == 0
+        # ours: PBAT's diversity inside A-QAPA. Each patched image starts, with probability `pool_mix`, from a fresh
+        # uniform-noise patch instead of its pool patch (then takes the same per-image refine steps); 0 = every patched
+        # image starts from the pool. Fresh patches give the pool no gradient and no score.
+        self.pool_mix = _get(a, "pool_mix", 0.0)
+        if not (0 <= self.pool_mix < 1):
+            raise QNNError(f"pool_mix must be in [0, 1), got {self.pool_mix}")
         # ours: DBWT over sub-batches. Every step runs every trained bit-width, each on its share of the batch (the
         # shares follow A-QAPA's draw weights), and sums the losses before one backward: every pool, every switchable
         # BN and the shared weights get every bit-width's signal at every step, for a plain step's images
@@ -273,6 +279,11 @@ class QADTR(Defense):
         else:
             patch = self.pool[pi].clone().to(x).requires_grad_(True)
         pasted, mask, pcfg = patch[k.to(x.device)], self.mask, self.pcfg
+        from_pool = torch.ones(n_p, dtype=torch.bool)
+        if self.pool_mix > 0 and not self.no_aqapa and n_p:
+            from_pool = torch.rand(n_p, generator=gen) >= self.pool_mix
+            noise = torch.rand(pasted.shape, generator=gen).to(x)
+            pasted = torch.where(from_pool.to(x.device)[:, None, None, None], pasted, noise)
         if self.sizes and self.size_per_image and n_p:
             pasted, mask, pcfg = self._sized_per_image(pasted, gen)
         elif self.sizes:
@@ -314,8 +325,8 @@ class QADTR(Defense):
             clean_wrong = (logits[n_p:].argmax(1) != y[n_p:]).float().mean().item() if n_p < len(y) else 0.0
             success = (max(0.0, wrong - clean_wrong) / max(1e-6, 1.0 - clean_wrong)) if self.aqapa_signal == "asr" else wrong
             self.asr_ema[bits] = 0.9 * self.asr_ema.get(bits, 0.5) + 0.1 * success
-            for kk in k.unique().tolist():  # each pasted pool patch: the error rate of the images that carried it
-                self.patch_score[pi, kk] = 0.9 * self.patch_score[pi, kk] + 0.1 * wrong_i[k == kk].mean()
+            for kk in k[from_pool].unique().tolist():  # each pasted pool patch: the error rate of its images
+                self.patch_score[pi, kk] = 0.9 * self.patch_score[pi, kk] + 0.1 * wrong_i[(k == kk) & from_pool].mean()
         if gir and not self.no_gir and self.lambda_gir > 0 and len(self.bits) > 1 and step % self.gir_every == 0:
             loss = loss + self.lambda_gir * self.gir(model, xp[: self.gir_batch].detach(), y[: min(n_p, self.gir_batch)], bits, gen)
         return loss, logits

@@ -207,6 +207,21 @@ def test_qadtr_per_image_assignment_updates_every_pool_patch():
         make_defense("qadtr", {"pool_assign": "magic"}, TrainConfig(model="small_cnn"), create_model("small_cnn"))
 
 
+def test_qadtr_pool_mix_starts_images_from_noise_that_gives_the_pool_nothing():
+    """pool_mix: a patched image starts from fresh noise with that probability; such images send no gradient to the
+    pool, so with almost every image fresh the pool barely moves, while without pool_mix every patch moves."""
+    import torch
+
+    before, after = _one_step({"pool_assign": "image", "pool_size": 3, "pool_mix": 0.97}, bits=2)
+    moved = sum(not torch.equal(after[0, k], before[0, k]) for k in range(3))
+    before0, after0 = _one_step({"pool_assign": "image", "pool_size": 3}, bits=2)
+    assert sum(not torch.equal(after0[0, k], before0[0, k]) for k in range(3)) == 3
+    assert moved < 3
+    for bad in (-0.1, 1.0):
+        with pytest.raises(QNNError, match="pool_mix"):
+            make_defense("qadtr", {"pool_mix": bad}, TrainConfig(model="small_cnn"), create_model("small_cnn"))
+
+
 def test_qadtr_pool_warm_start_gives_stronger_patches_once(trained_ckpt):
     """pool_init_iters: before the first step every per-bit pool is optimised at its own bit-width (its patches then
     fool the model more than the noise they start from); the bit-width is restored, and a resumed pool is kept."""
