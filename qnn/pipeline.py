@@ -147,7 +147,9 @@ def _report_md(rep: dict, bits, ebits) -> str:
     lines = [f"# qnn pipeline report\n", f"{c['model']} on {c['dataset']}, training bit-widths {bits}, {c['epochs']} epochs, "
              f"{c['patch_size']}x{c['patch_size']} universal patch ({c['patch_iters']} iterations), eval on {c['n_eval']} "
              f"images; total {rep['seconds'] / 60:.1f} min. Versions: torch {rep['versions']['torch']}, onnxruntime "
-             f"{rep['versions']['onnxruntime']}, git {rep['versions']['git_sha']}.\n",
+             f"{rep['versions']['onnxruntime']}, git {rep['versions']['git_sha']}"
+             f"{' with local changes' if rep['versions'].get('git_dirty') else ''}, code hash "
+             f"{rep['versions'].get('code_hash')}.\n",
              "## Fake-quant (PyTorch), per bit-width\n", "| model | bits | clean % | patch ASR % |", "|---|---|---|---|"]
     for n, m in rep["models"].items():
         for b in bits:

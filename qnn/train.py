@@ -42,13 +42,30 @@ def versions() -> dict:
         bv = None
     import subprocess
 
+    here = Path(__file__).parent
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+                             cwd=here, timeout=5).stdout.strip() or None
+        # tracked files that differ from that commit: the SHA alone then does not name the code that ran
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, cwd=here, timeout=10).stdout.strip()) if sha else None
     except Exception:
-        sha = None
+        sha, dirty = None, None
     return {"qnn": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "brevitas": bv,
-            "numpy": np.__version__, "python": platform.python_version(), "git_sha": sha}
+            "numpy": np.__version__, "python": platform.python_version(), "git_sha": sha, "git_dirty": dirty,
+            "code_hash": code_hash(here.parent)}
+
+
+def code_hash(root: Path, folders=("qnn", "export", "kernels", "bench")) -> str:
+    """sha256 (first 12 hex digits) over the Python sources of the project's folders under `root`, names included:
+    names the code that produced a result even where git's record is missing or stale (a copied working tree)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for folder in folders:
+        for f in sorted((root / folder).rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
 
 
 class BitSchedule:

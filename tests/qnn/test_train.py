@@ -174,7 +174,13 @@ def test_pipeline_overwrite_retrains_its_stages(tmp_path):
     assert run_cli(args + ["--epochs", 2, "--overwrite"]) == 0
     for stage in ("qat", "qadtr"):
         assert len(json.loads((out / stage / "metrics.json").read_text())["history"]) == 2
-    assert (out / "report.md").is_file()
+    assert "code hash " + versions_code_hash() in (out / "report.md").read_text()
+
+
+def versions_code_hash() -> str:
+    from qnn.train import versions
+
+    return versions()["code_hash"]
 
 
 def test_distillation_from_a_float_teacher(tmp_path, capsys, trained_ckpt):
@@ -221,3 +227,26 @@ def test_calibrate_left_out_bit_width_does_not_depend_on_the_global_rng(trained_
         assert torch.equal(torch.random.get_rng_state(), before)
         states.append(m.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_code_hash_names_the_sources_and_runs_record_it(tmp_path):
+    """versions() records a hash of the project's Python sources beside the git SHA (a copied working tree can carry
+    a stale .git); the hash changes with a file's content or name, and ignores other files."""
+    from pathlib import Path
+
+    from qnn.train import code_hash, versions
+
+    (tmp_path / "qnn").mkdir()
+    f = tmp_path / "qnn" / "a.py"
+    f.write_text("x = 1\n")
+    h0 = code_hash(tmp_path)
+    (tmp_path / "qnn" / "notes.md").write_text("ignored")
+    assert code_hash(tmp_path) == h0
+    f.write_text("x = 2\n")
+    h1 = code_hash(tmp_path)
+    assert h1 != h0
+    f.rename(tmp_path / "qnn" / "b.py")
+    assert code_hash(tmp_path) not in (h0, h1)
+    v = versions()
+    assert v["code_hash"] == code_hash(Path(__file__).resolve().parents[2]) and len(v["code_hash"]) == 12
+    assert "git_dirty" in v
