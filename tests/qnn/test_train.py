@@ -174,13 +174,9 @@ def test_pipeline_overwrite_retrains_its_stages(tmp_path):
     assert run_cli(args + ["--epochs", 2, "--overwrite"]) == 0
     for stage in ("qat", "qadtr"):
         assert len(json.loads((out / stage / "metrics.json").read_text())["history"]) == 2
-    assert "code hash " + versions_code_hash() in (out / "report.md").read_text()
-
-
-def versions_code_hash() -> str:
     from qnn.train import versions
 
-    return versions()["code_hash"]
+    assert "code hash " + versions()["code_hash"] in (out / "report.md").read_text()
 
 
 def test_distillation_from_a_float_teacher(tmp_path, capsys, trained_ckpt):
