@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import glob
 import hashlib
+import io
 import json
+import math
 import os
 import platform
 import resource
@@ -39,31 +41,96 @@ class EdgeError(Exception):
     pass
 
 
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+class Bundle:
+    """A verified bundle folder. The rule, for every file the runner reads: it is named in the manifest's `files`
+    with its sha256, its name is a plain file name inside the folder (no path separator, no '..', not absolute, not a
+    symlink, resolving inside the folder), and its hash is checked before it is used. Files are read once, hashed,
+    and the bytes that were hashed are the bytes used. A manifest that lacks any of this is refused."""
 
+    ROLES = ("model", "eval", "expected")
 
-def check_bundle(d: str) -> dict:
-    if not os.path.isdir(d):
-        raise EdgeError(f"bundle dir not found: {d}")
-    mp = os.path.join(d, "manifest.json")
-    if not os.path.isfile(mp):
-        raise EdgeError(f"{d}: not a bundle (no manifest.json)")
-    try:
-        man = json.load(open(mp))
-    except ValueError as e:
-        raise EdgeError(f"{mp}: unreadable manifest: {e}") from None
-    for f, h in man.get("files", {}).items():
-        p = os.path.join(d, f)
+    def __init__(self, d: str):
+        if not os.path.isdir(d):
+            raise EdgeError(f"bundle dir not found: {d}")
+        self.dir = os.path.realpath(d)
+        try:
+            man = json.loads(self._read_plain("manifest.json"))
+        except ValueError as e:
+            raise EdgeError(f"{d}: unreadable manifest.json: {str(e)[:120]}") from None
+        if not isinstance(man, dict):
+            raise EdgeError(f"{d}: manifest.json must be a JSON object, got {type(man).__name__}")
+        files = man.get("files")
+        if not isinstance(files, dict) or not files:
+            raise EdgeError(f"{d}: manifest has no 'files' list of sha256s; every file must be listed and hashed")
+        for name, h in files.items():
+            if not (isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h)):
+                raise EdgeError(f"{d}: manifest entry {name!r} has no valid sha256")
+        for role in self.ROLES:
+            if not isinstance(man.get(role), str) or man[role] not in files:
+                raise EdgeError(f"{d}: manifest's '{role}' must name a file listed (and hashed) in 'files'")
+        self.manifest, self.hashes, self.data = man, dict(files), {}
+        for name in sorted(files):  # every listed file is verified before anything is used
+            data = self._read_plain(name)
+            if hashlib.sha256(data).hexdigest() != files[name]:
+                raise EdgeError(f"sha256 of {name} does not match the manifest (tampered or corrupt)")
+            self.data[name] = data
+
+    def _read_plain(self, name) -> bytes:
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+                or "\0" in name or os.path.isabs(name):
+            raise EdgeError(f"bundle file name {name!r} is not a plain file name inside the bundle")
+        p = os.path.join(self.dir, name)
+        if os.path.islink(p) or os.path.dirname(os.path.realpath(p)) != self.dir:
+            raise EdgeError(f"bundle file {name!r} is a link or leads outside the bundle")
         if not os.path.isfile(p):
-            raise EdgeError(f"bundle file missing: {f}")
-        if sha256(p) != h:
-            raise EdgeError(f"sha256 of {f} does not match the manifest (tampered or corrupt)")
-    return man
+            raise EdgeError(f"bundle file missing: {name}")
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+
+    def read(self, name: str) -> bytes:
+        """The verified bytes of a file listed in the manifest; an unlisted name is refused."""
+        if name not in self.data:
+            raise EdgeError(f"bundle file {name!r} is not listed (with its sha256) in the manifest")
+        return self.data[name]
+
+    def npz(self, name: str) -> dict:
+        data = self.read(name)
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except Exception as e:  # a corrupt zip raises zipfile.BadZipFile, a bad header ValueError, ...
+            raise EdgeError(f"{name}: unreadable npz: {str(e)[:120]}") from None
+
+    def json(self, name: str):
+        data = self.read(name)
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise EdgeError(f"{name}: unreadable JSON: {str(e)[:120]}") from None
+
+    def path(self, name: str) -> str:
+        """Where a verified file lies (for messages and results; it is never re-read from there)."""
+        self.read(name)
+        return os.path.join(self.dir, name)
+
+
+def check_output_path(path: str, bundle: "Bundle", what: str) -> None:
+    """An output file must be writable where it is asked for, and must not replace a file of the bundle."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise EdgeError(f"{what} {path} is a folder; give a file name")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise EdgeError(f"{what} {path}: folder {parent} does not exist or is not writable")
+    if os.path.realpath(parent) == bundle.dir and (os.path.basename(path) in bundle.data
+                                                   or os.path.basename(path) == "manifest.json"):
+        raise EdgeError(f"{what} {path} would replace a file of the bundle; write it elsewhere")
+
+
+def _number(v, name: str, lo: float, hi: float) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+        raise EdgeError(f"{name} must be a finite number in [{lo}, {hi}], got {v!r}")
+    return float(v)
 
 
 def cpu_report() -> dict:
@@ -87,7 +154,7 @@ def cpu_report() -> dict:
             "qemu_cpu": os.environ.get("QEMU_CPU")}
 
 
-def make_session(model_path: str, threads: int, profile: bool = False):
+def make_session(model: bytes, threads: int, profile: bool = False):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     so.intra_op_num_threads = threads
@@ -96,14 +163,14 @@ def make_session(model_path: str, threads: int, profile: bool = False):
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "edge")
     try:
-        return ort.InferenceSession(model_path, so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise EdgeError(f"{model_path}: onnxruntime cannot load the model: {str(e).splitlines()[0][:160]}") from None
+        raise EdgeError(f"onnxruntime cannot load the model: {str(e).splitlines()[0][:160]}") from None
 
 
-def executed_ops(model_path: str, x: np.ndarray) -> dict:
+def executed_ops(model: bytes, x: np.ndarray) -> dict:
     """Op types ORT actually executed (from its profiler), and the float compute ops among them."""
-    s = make_session(model_path, 1, profile=True)
+    s = make_session(model, 1, profile=True)
     s.run(None, {s.get_inputs()[0].name: x})
     prof = s.end_profiling()
     ops: dict = {}
@@ -168,20 +235,49 @@ def asr(clean_pred, adv_pred, y, targeted, target):
     return 100.0 * float((adv_pred[ok] != y[ok]).mean()) if ok.any() else 0.0
 
 
+def _expected(preds: dict, key: str, n: int) -> np.ndarray:
+    p = preds.get(key)
+    if p is None or p.shape != (n,):
+        raise EdgeError(f"expected_predictions.npz: '{key}' missing or not one prediction per image")
+    return p
+
+
+def _checked_patch(name: str, z: dict, x_shape) -> tuple:
+    """(patch, mask, loc) of a bundled patch, checked: finite pixels in [0, 1], shapes that fit the images."""
+    patch, mask, loc = z.get("patch"), z.get("mask"), z.get("loc")
+    if patch is None or mask is None or loc is None:
+        raise EdgeError(f"patch_{name}.npz: needs patch, mask and loc arrays")
+    n, _, H, W = x_shape
+    if patch.ndim != 3 or patch.shape[0] != 3 or mask.shape[-2:] != patch.shape[1:] or loc.shape != (n, 2):
+        raise EdgeError(f"patch_{name}.npz: shapes patch {patch.shape}, mask {mask.shape}, loc {loc.shape} do not "
+                        f"fit {n} images")
+    if not (np.isfinite(patch).all() and np.isfinite(mask).all()) or patch.min() < 0 or patch.max() > 1:
+        raise EdgeError(f"patch_{name}.npz: patch pixels must be finite and in [0, 1]")
+    ph, pw = patch.shape[1:]
+    if not np.issubdtype(loc.dtype, np.integer) or (loc < 0).any() or (loc[:, 0] > H - ph).any() \
+            or (loc[:, 1] > W - pw).any():
+        raise EdgeError(f"patch_{name}.npz: patch locations outside the {H}x{W} images")
+    return patch.astype(np.float32), mask, loc
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not a usage block
+        raise EdgeError(f"{message} (see --help)")
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Run a qnn edge bundle with ONNX Runtime (integer model).")
+    ap = _Parser(description="Run a qnn edge bundle with ONNX Runtime (integer model).")
     ap.add_argument("--bundle", required=True)
     ap.add_argument("--threads", default=None, help="intra-op threads (default: all cores)")
     ap.add_argument("--batch", type=int, default=32, help="larger batch for latency/throughput (batch 1 always runs)")
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--tolerance", type=float, help="override the bundle's accuracy/ASR tolerance (points)")
+    ap.add_argument("--warmup", type=int, default=10, help="untimed runs before each latency measurement")
+    ap.add_argument("--iters", type=int, default=50, help="timed runs at batch 1 (half as many at --batch)")
+    ap.add_argument("--tolerance", type=float, help="override the bundle's accuracy/ASR tolerance (points, 0-100)")
     ap.add_argument("--skip-latency", action="store_true", help="correctness only (e.g. under emulation)")
     ap.add_argument("--save-logits", help="write integer logits (npz) for cross-platform comparison")
     ap.add_argument("--json", help="write the result JSON here")
-    a = ap.parse_args(argv)
     try:
-        return _run(a)
+        return _run(ap.parse_args(argv))
     except EdgeError as e:
         print(f"run_edge: error: {e}", file=sys.stderr)
         return 2
@@ -194,48 +290,65 @@ def _run(a) -> int:
         raise EdgeError(f"--threads must be a positive integer, got {a.threads!r}") from None
     if threads <= 0 or threads > 1024:
         raise EdgeError(f"--threads must be in 1..1024, got {threads}")
-    if a.batch <= 0:
-        raise EdgeError(f"--batch must be > 0, got {a.batch}")
-    d = a.bundle
-    man = check_bundle(d)
-    exp = json.load(open(os.path.join(d, man["expected"])))
-    tol = a.tolerance if a.tolerance is not None else float(exp.get("tolerance_pct", 0.5))
-    model_path = os.path.join(d, man["model"])
-    sess = make_session(model_path, threads)
+    if a.batch <= 0 or a.iters <= 0 or a.warmup < 0:
+        raise EdgeError(f"--batch and --iters must be > 0 and --warmup >= 0, got {a.batch}, {a.iters}, {a.warmup}")
+    bundle = Bundle(a.bundle)
+    for path, what in ((a.json, "--json"), (a.save_logits, "--save-logits")):
+        if path:
+            check_output_path(path, bundle, what)
+    man = bundle.manifest
+    exp = bundle.json(man["expected"])
+    if not isinstance(exp, dict) or not isinstance(exp.get("patches"), dict):
+        raise EdgeError(f"{man['expected']}: expected results must be an object with a 'patches' mapping")
+    tol = _number(a.tolerance if a.tolerance is not None else exp.get("tolerance_pct", 0.5), "tolerance", 0.0, 100.0)
+    model = bundle.read(man["model"])
+    sess = make_session(model, threads)
     meta = sess.get_modelmeta().custom_metadata_map
-    norm = json.loads(meta.get("input_normalisation", "{}"))
-    with np.load(os.path.join(d, man["eval"]), allow_pickle=False) as z:
-        x_u8, y = z["x"], z["y"].astype(np.int64)
+    try:
+        norm = json.loads(meta.get("input_normalisation", "{}"))
+        mean, std = (np.asarray(norm[k], np.float32).reshape(1, 3, 1, 1) for k in ("mean", "std"))
+    except (ValueError, KeyError, TypeError):
+        raise EdgeError("model metadata has no valid input_normalisation (mean and std of 3 channels)") from None
+    ev = bundle.npz(man["eval"])
+    x_u8, y = ev.get("x"), ev.get("y")
+    if x_u8 is None or y is None or x_u8.dtype != np.uint8 or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) \
+            or len(y) != len(x_u8) or len(y) == 0:
+        raise EdgeError(f"{man['eval']}: needs uint8 images x (NHWC) and one integer label y per image")
+    y = y.astype(np.int64)
     in_shape = sess.get_inputs()[0].shape
     if len(x_u8.shape) != 4 or list(in_shape[1:]) != [x_u8.shape[3], x_u8.shape[1], x_u8.shape[2]]:
         raise EdgeError(f"model input shape {in_shape} disagrees with the bundled data {list(x_u8.shape)} (NHWC)")
-    x = normalise(x_u8, norm["mean"], norm["std"])
     x01 = x_u8.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)
-    census = executed_ops(model_path, x[:2])
+    x = ((x01 - mean) / std).astype(np.float32)
+    census = executed_ops(model, x[:2])
     logits = run_batches(sess, x)
+    n_cls = exp.get("num_classes", int(y.max()) + 1)
+    if logits.ndim != 2 or logits.shape[0] != len(y) or logits.shape[1] != n_cls or logits.shape[1] <= y.max():
+        raise EdgeError(f"model output shape {list(logits.shape)} does not fit {len(y)} images of {n_cls} classes")
     pred = logits.argmax(1)
-    with np.load(os.path.join(d, "expected_predictions.npz"), allow_pickle=False) as z:
-        exp_pred = {k: z[k] for k in z.files}
-    res = {"bundle": os.path.abspath(d), "platform": cpu_report(), "threads": threads,
-           "optimisation_level": "ORT_ENABLE_EXTENDED", "model_bytes": os.path.getsize(model_path),
-           "bits": exp["bits"], "n_images": int(len(y)), "graph": census, "tolerance_pct": tol}
+    exp_pred = bundle.npz("expected_predictions.npz")
+    res = {"bundle": bundle.dir, "platform": cpu_report(), "threads": threads,
+           "optimisation_level": "ORT_ENABLE_EXTENDED", "model_bytes": len(model),
+           "bits": exp.get("bits"), "n_images": int(len(y)), "graph": census, "tolerance_pct": tol}
     acc_int = 100.0 * float((pred == y).mean())
-    rows = [("clean accuracy %", exp["clean_acc_pct"], acc_int, 100.0 * float((pred == exp_pred["clean"]).mean()))]
+    rows = [("clean accuracy %", _number(exp.get("clean_acc_pct"), "clean_acc_pct", 0, 100), acc_int,
+             100.0 * float((pred == _expected(exp_pred, "clean", len(y))).mean()))]
     all_logits = {"clean": logits}
     for name, e in exp["patches"].items():
-        with np.load(os.path.join(d, f"patch_{name}.npz"), allow_pickle=False) as z:
-            xp01 = apply_patch(x01, z["patch"], z["mask"], z["loc"])
-        m = np.asarray(norm["mean"], np.float32).reshape(1, 3, 1, 1)
-        s = np.asarray(norm["std"], np.float32).reshape(1, 3, 1, 1)
-        lp = run_batches(sess, ((xp01 - m) / s).astype(np.float32))
+        z = bundle.npz(f"patch_{name}.npz")
+        xp01 = apply_patch(x01, *_checked_patch(name, z, x01.shape))
+        lp = run_batches(sess, ((xp01 - mean) / std).astype(np.float32))
         all_logits[f"patch_{name}"] = lp
         ap_ = lp.argmax(1)
-        rows.append((f"ASR % [{name}]", e["asr_pct"], asr(pred, ap_, y, e["targeted"], e["target_class"]),
-                     100.0 * float((ap_ == exp_pred[f"patch_{name}"]).mean())))
+        if not isinstance(e, dict):
+            raise EdgeError(f"expected results of patch {name!r} must be an object")
+        rows.append((f"ASR % [{name}]", _number(e.get("asr_pct"), f"asr_pct of {name}", 0, 100),
+                     asr(pred, ap_, y, bool(e.get("targeted")), e.get("target_class")),
+                     100.0 * float((ap_ == _expected(exp_pred, f"patch_{name}", len(y))).mean())))
     res["comparison"] = [{"metric": r[0], "fake_quant": r[1], "integer": r[2], "top1_agreement_pct": r[3],
                           "abs_diff": abs(r[1] - r[2])} for r in rows]
     if a.save_logits:
-        np.savez(a.save_logits, **all_logits)
+        _write_atomic(a.save_logits, lambda f: np.savez(f, **all_logits))
     if not a.skip_latency:
         res["latency"] = [latency(sess, x, 1, a.warmup, a.iters), latency(sess, x, a.batch, max(2, a.warmup // 2), max(5, a.iters // 2))]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -259,11 +372,21 @@ def _run(a) -> int:
             print(f"| {l['batch']} | {l['p50_ms']:.3f} | {l['p90_ms']:.3f} | {l['p99_ms']:.3f} | {l['throughput_img_s']:.1f} |")
     print(f"\npeak RSS {res['peak_rss_mb']:.1f} MB; tolerance {tol} points: {'PASS' if ok else 'FAIL'}")
     if a.json:
-        tmp = a.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=2)
-        os.replace(tmp, a.json)
+        _write_atomic(a.json, lambda f: f.write(json.dumps(res, indent=2).encode()))
     return 0 if ok else 1
+
+
+def _write_atomic(path: str, write) -> None:
+    """Write beside, then rename into place: an earlier file survives a crash mid-write."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".run_edge.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 if __name__ == "__main__":

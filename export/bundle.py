@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -27,23 +26,36 @@ def _npz_bytes(**arrays) -> bytes:
 def build_bundle(model, bits: int, out_dir: str | Path, x_uint8: np.ndarray, y: np.ndarray,
                  patches: list[tuple[str, torch.Tensor, object]], checkpoint_sha: str | None = None,
                  tolerance_pct: float = 0.5, overwrite: bool = False) -> Path:
-    """Write the bundle. `patches`: (name, patch (3,h,w), PatchConfig) evaluated at fixed per-image locations."""
+    """Write the bundle. `patches`: (name, patch (3,h,w), PatchConfig) evaluated at fixed per-image locations.
+    Built beside `out_dir` and swapped in when complete and checked: an earlier bundle survives a failure."""
+    from qnn.outputs import RunLock, StagedDir
+
+    stage = StagedDir(out_dir, overwrite=overwrite, what="bundle")
+    for name, patch, cfg in patches:  # validated before anything is written
+        if not isinstance(name, str) or not name or any(c in name for c in "/\\\0") or name.startswith("."):
+            raise QNNError(f"patch name {name!r} is not a plain file name")
+        if tuple(patch.shape) != (3, *cfg.patch_shape) or not bool(((patch >= 0) & (patch <= 1)).all()):
+            raise QNNError(f"patch '{name}': expected finite pixels in [0, 1] of shape {(3, *cfg.patch_shape)}")
+    with RunLock(stage.out):
+        out = stage.prepare()
+        _write_bundle(model, bits, out, x_uint8, y, patches, checkpoint_sha, tolerance_pct)
+        check_manifest(out)
+        return stage.publish()
+
+
+def _write_bundle(model, bits, out: Path, x_uint8, y, patches, checkpoint_sha, tolerance_pct) -> None:
     from export.onnx_export import export_model
     from qnn.attacks.patch import asr_metrics, make_mask, placement_locations, apply_patch, predict
     from qnn.data import to_tensor
     from qnn.layers import set_bit_width_
 
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise QNNError(f"bundle dir {out} is not empty; pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
     export_model(model, bits, "int", out / "model.onnx", meta={"source_checkpoint_sha256": checkpoint_sha or ""})
     set_bit_width_(model, bits)
     model.eval()
     x = to_tensor(x_uint8)
     yt = torch.as_tensor(y)
     clean_pred = predict(model, x).numpy()
-    expected = {"bits": bits, "n_images": int(len(y)), "clean_acc_pct": float(100 * (clean_pred == y).mean()),
+    expected = {"bits": bits, "n_images": int(len(y)), "num_classes": int(model.num_classes), "clean_acc_pct": float(100 * (clean_pred == y).mean()),
                 "tolerance_pct": tolerance_pct, "patches": {}}
     atomic_write_bytes(out / "eval.npz", _npz_bytes(x=x_uint8, y=np.asarray(y, np.int64)))
     pred_arrays = {"clean": clean_pred.astype(np.int64)}
@@ -62,18 +74,14 @@ def build_bundle(model, bits: int, out_dir: str | Path, x_uint8: np.ndarray, y: 
     files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST)
     atomic_write_json(out / MANIFEST, {"format": "qnn-edge-bundle-v1", "model": "model.onnx", "eval": "eval.npz",
                                        "expected": "expected.json", "files": {f: sha256_file(out / f) for f in files}})
-    return out
 
 
 def check_manifest(bundle: str | Path) -> dict:
-    """Raise QNNError if the manifest is missing or any file's sha256 differs."""
-    d = Path(bundle)
-    if not (d / MANIFEST).is_file():
-        raise QNNError(f"{d}: not a bundle (no {MANIFEST})")
-    man = json.loads((d / MANIFEST).read_text())
-    for f, h in man["files"].items():
-        if not (d / f).is_file():
-            raise QNNError(f"{d}: bundle file missing: {f}")
-        if sha256_file(d / f) != h:
-            raise QNNError(f"{d}: sha256 of {f} does not match the manifest (tampered or corrupt)")
-    return man
+    """Raise QNNError unless the bundle passes the edge runner's own rule (bench/run_edge.py `Bundle`): every file
+    listed with its sha256, plain names inside the folder, no links, hashes matching. Returns the manifest."""
+    from bench.run_edge import Bundle, EdgeError
+
+    try:
+        return Bundle(str(bundle)).manifest
+    except EdgeError as e:
+        raise QNNError(f"{bundle}: {e}") from None

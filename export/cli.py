@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from qnn.errors import QNNError
+from qnn.outputs import check_output
+from qnn.validate import arg_int
 
 
 def _load_at_bits(ckpt: str, bits: int):
@@ -21,7 +24,7 @@ def _load_at_bits(ckpt: str, bits: int):
 def add_export(sub) -> None:
     p = sub.add_parser("export", help="export one bit-width to QONNX, QCDQ or integer ONNX")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--bits", type=int, required=True)
+    p.add_argument("--bits", type=arg_int(2, 8), required=True, help="bit-width to export, 2..8 (one the model was trained at)")
     p.add_argument("--format", default="int", help="qonnx|qcdq|int")
     p.add_argument("--out", required=True)
     p.add_argument("--weight-type", default="auto", choices=["auto", "int8", "uint8"],
@@ -35,8 +38,7 @@ def cmd_export(a) -> int:
 
     if a.format not in FORMATS:
         raise QNNError(f"unknown format '{a.format}'; choose from {', '.join(FORMATS)}")
-    if not (2 <= a.bits <= 8):
-        raise QNNError(f"integer export needs bits in 2..8, got {a.bits}")
+    check_output(a.out, "file", (a.checkpoint,))
     model, obj, sha = _load_at_bits(a.checkpoint, a.bits)
     meta = {"source_checkpoint_sha256": sha, "class_names": obj.get("classes") or [str(i) for i in range(model.num_classes)],
             "trained_bits": obj.get("trained_bits", []), "defense": obj.get("defense", "none")}
@@ -45,6 +47,10 @@ def cmd_export(a) -> int:
     if a.format != "qonnx":
         info["census"] = verify(out)
     print(json.dumps(info, indent=2))
+    if a.format != "qonnx" and not info["census"]["fully_integer"]:
+        print(f"qnn: export: {out} is NOT fully integer: float compute ops {info['census']['float_compute_ops']}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -71,10 +77,10 @@ def cmd_verify(a) -> int:
 def add_bundle(sub) -> None:
     p = sub.add_parser("bundle", help="edge bundle: integer model, eval set, patches, fake-quant results, manifest")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--bits", type=int, required=True)
+    p.add_argument("--bits", type=arg_int(2, 8), required=True, help="bit-width to deploy, 2..8")
     p.add_argument("--dataset", default="synthetic")
     p.add_argument("--data-dir")
-    p.add_argument("--n", type=int, default=500, help="evaluation images in the bundle")
+    p.add_argument("--n", type=arg_int(1), default=500, help="evaluation images in the bundle")
     p.add_argument("--patch", action="append", default=[], help="patch .npz from `qnn attack` (repeatable)")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
@@ -83,15 +89,17 @@ def add_bundle(sub) -> None:
 def cmd_bundle(a) -> int:
     from export.bundle import build_bundle
     from qnn.attacks.patch import load_patch
-    from qnn.data import load_dataset
+    from qnn.data import check_data_fits, load_dataset
 
+    check_output(a.out, "dir", (a.checkpoint, a.data_dir, *a.patch))
     model, obj, sha = _load_at_bits(a.checkpoint, a.bits)
-    if a.n <= 0:
-        raise QNNError("--n must be > 0")
     ds = load_dataset(a.dataset, "test", a.data_dir).subset(a.n)
+    check_data_fits(model, ds, "bundle images")
     patches = []
     for p in a.patch:
         t, cfg = load_patch(p)
+        if cfg.image_size != tuple(ds.x.shape[1:3]):
+            raise QNNError(f"{p}: patch made for {cfg.image_size} images, the bundle's are {tuple(ds.x.shape[1:3])}")
         patches.append((Path(p).stem, t, cfg))
     out = build_bundle(model, a.bits, a.out, ds.x, ds.y, patches, sha, overwrite=a.overwrite)
     print(json.dumps({"bundle": str(out)}))

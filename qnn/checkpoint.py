@@ -84,14 +84,35 @@ def load_checkpoint(path: str | Path, expect_arch: str | None = None) -> tuple[n
     obj = load_torch_file(path)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise QNNError(f"{path}: not a qnn checkpoint (format key missing); float weights go through --init")
-    arch = obj.get("arch")
+    arch, kwargs, sd = obj.get("arch"), obj.get("arch_kwargs", {}), obj.get("state_dict")
+    if not isinstance(arch, str):
+        raise QNNError(f"{path}: checkpoint names no model architecture (arch is {arch!r})")
     if expect_arch is not None and arch != expect_arch:
         raise QNNError(f"{path}: checkpoint is of model '{arch}', expected '{expect_arch}'")
-    model = create_model(arch, **obj.get("arch_kwargs", {}))
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise QNNError(f"{path}: arch_kwargs must be a mapping of argument names, got {type(kwargs).__name__}")
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise QNNError(f"{path}: checkpoint has no state_dict of tensors")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise QNNError(f"{path}: non-finite (NaN/inf) values in {len(bad)} tensor(s), e.g. {bad[0]}; the model diverged "
+                       f"or the file was altered")
+    if "trained_bits" in obj:
+        from qnn.config import parse_bits
+
+        try:
+            obj["trained_bits"] = parse_bits(obj["trained_bits"])
+        except QNNError as e:
+            raise QNNError(f"{path}: trained_bits: {e}") from None
     try:
-        model.load_state_dict(obj["state_dict"], strict=True)
+        model = create_model(arch, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise QNNError(f"{path}: arch_kwargs do not fit model '{arch}': {str(e).splitlines()[0][:160]}") from None
+    try:
+        model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise QNNError(f"{path}: state dict does not fit model '{arch}': {str(e).splitlines()[0][:160]}") from None
+        detail = " ".join(str(e).split()).replace(f"Error(s) in loading state_dict for {type(model).__name__}: ", "")
+        raise QNNError(f"{path}: state dict does not fit model '{arch}': {detail[:240]}") from None
     return model, obj
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from qnn.errors import QNNError
+from qnn.validate import arg_float, arg_int
 
 
 def _add_train(sub) -> None:
@@ -22,27 +22,30 @@ def _add_train(sub) -> None:
     p.add_argument("--init", help="float checkpoint (akamaster layout) or qnn checkpoint to start from")
     p.add_argument("--bits", help="bit-width or set, e.g. 4 or 2,4,8,32 (32 = float)")
     p.add_argument("--schedule", help="DBWT schedule: fixed|random|round_robin|curriculum")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", dest="weight_decay", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--train-subset", dest="train_subset", type=int)
-    p.add_argument("--test-subset", dest="test_subset", type=int)
-    p.add_argument("--eval-bits", dest="eval_bits")
-    p.add_argument("--first-last-bits", dest="first_last_bits", type=int)
-    p.add_argument("--residual-bits", dest="residual_bits", type=int,
+    p.add_argument("--epochs", type=arg_int(1), help="training epochs (default 2)")
+    p.add_argument("--batch-size", dest="batch_size", type=arg_int(1), help="images per step (default 128)")
+    p.add_argument("--lr", type=arg_float(0, 100, lo_open=True), help="peak SGD learning rate, cosine decay (default 0.05)")
+    p.add_argument("--weight-decay", dest="weight_decay", type=arg_float(0, 1), help="L2 weight decay (default 5e-4)")
+    p.add_argument("--seed", type=arg_int(0), help="seed of data order, augmentation and bit-width draws (default 0)")
+    p.add_argument("--threads", type=arg_int(1, 1024), help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--train-subset", dest="train_subset", type=arg_int(1), help="train on the first N images only")
+    p.add_argument("--test-subset", dest="test_subset", type=arg_int(1), help="evaluate on the first N test images only")
+    p.add_argument("--eval-bits", dest="eval_bits", help="bit-widths evaluated after each epoch (default: --bits)")
+    p.add_argument("--first-last-bits", dest="first_last_bits", type=arg_int(2, 32),
+                   help="weight bits of the first conv and the classifier (default 8; 32 = float)")
+    p.add_argument("--residual-bits", dest="residual_bits", type=arg_int(2, 8),
                    help="ResNets: residual stream (adds, block outputs) at >= this many bits; conv inputs stay at the bit-width")
     p.add_argument("--distill", help="knowledge distillation at quantized steps from a frozen float teacher: a checkpoint "
                                      "path, or 'init' for the --init checkpoint")
-    p.add_argument("--distill-alpha", dest="distill_alpha", type=float)
-    p.add_argument("--distill-temp", dest="distill_temp", type=float)
+    p.add_argument("--distill-alpha", dest="distill_alpha", type=arg_float(0, 1),
+                   help="weight of the distillation term, in [0, 1] (default 0.5)")
+    p.add_argument("--distill-temp", dest="distill_temp", type=arg_float(0, 100, lo_open=True),
+                   help="distillation temperature (default 2)")
     p.add_argument("--defense", help="none|qadtr|pbat|dwq")
     p.add_argument("--no-aqapa", action="store_true", help="QADT-R ablation: random (not optimised) patches")
     p.add_argument("--no-gir", action="store_true", help="QADT-R ablation: no gradient-inconsistency penalty")
-    p.add_argument("--lambda-gir", dest="lambda_gir", type=float)
-    p.add_argument("--pool-size", dest="pool_size", type=int)
+    p.add_argument("--lambda-gir", dest="lambda_gir", type=arg_float(0, 100), help="QADT-R: weight of the GIR penalty")
+    p.add_argument("--pool-size", dest="pool_size", type=arg_int(1, 1024), help="QADT-R: patches in the A-QAPA pool")
     p.add_argument("--defense-arg", dest="defense_arg", action="append", metavar="KEY=VALUE",
                    help="any defense option (repeatable), e.g. --defense-arg pool_per_bit=false --defense-arg adapt_temp=0.2")
     p.add_argument("--device")
@@ -59,7 +62,10 @@ def cmd_train(a) -> int:
 
     file_cfg = load_yaml(a.config) if a.config else {}
     over = {k: v for k, v in vars(a).items() if k not in ("cmd", "config", "func")}
-    dargs = dict(file_cfg.pop("defense_args", {}) or {})
+    dargs = file_cfg.pop("defense_args", None) or {}
+    if not isinstance(dargs, dict):
+        raise QNNError(f"defense_args must be a mapping of option: value, got {dargs!r}")
+    dargs = dict(dargs)
     for k in ("no_aqapa", "no_gir", "lambda_gir", "pool_size"):
         v = over.pop(k, None)
         if v is not None and v is not False:
@@ -88,21 +94,25 @@ def _add_eval(sub) -> None:
     p.add_argument("--dataset", default="synthetic")
     p.add_argument("--data-dir")
     p.add_argument("--bits", default="32,8,4,2")
-    p.add_argument("--subset", type=int)
+    p.add_argument("--subset", type=arg_int(1), help="evaluate on the first N test images")
     p.add_argument("--calibrate", action="store_true", help="recompute BN/scales for bit-widths never trained")
     p.add_argument("--json", help="write the result here")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=arg_int(0), default=0)
 
 
 def cmd_eval(a) -> int:
     from qnn.checkpoint import atomic_write_json, load_checkpoint
     from qnn.config import parse_bits
-    from qnn.data import load_dataset
+    from qnn.data import check_data_fits, load_dataset
+    from qnn.outputs import check_output
     from qnn.train import calibrate_, evaluate, versions
 
     bits = parse_bits(a.bits)
+    if a.json:
+        check_output(a.json, "file", (a.checkpoint, a.data_dir))
     model, obj = load_checkpoint(a.checkpoint)
     test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed).subset(a.subset)
+    check_data_fits(model, test, "test set")
     trained = obj.get("trained_bits", [])
     missing = [b for b in bits if b not in trained and b != 32]
     if missing and not a.calibrate:
@@ -122,8 +132,15 @@ def cmd_eval(a) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option as one line (QNNError), not as a usage block."""
+
+    def error(self, message: str):
+        raise QNNError(f"{self.prog.removeprefix('qnn').strip() or 'qnn'}: {message} (see {self.prog} --help)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="qnn", description=__doc__.splitlines()[0])
+    ap = _Parser(prog="qnn", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_train(sub)
     _add_eval(sub)
@@ -131,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, (adder, fn) in _extra_commands().items():
         adder(sub)
         cmds[name] = fn
-    a = ap.parse_args(argv)
     try:
+        a = ap.parse_args(argv)
         return cmds[a.cmd](a)
     except QNNError as e:
         print(f"qnn: error: {e}", file=sys.stderr)

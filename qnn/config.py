@@ -9,6 +9,7 @@ from typing import Any
 
 from qnn.errors import QNNError
 from qnn.layers import BIT_CHOICES
+from qnn.validate import check_field_types, check_float, check_int
 
 SCHEDULES = ("fixed", "random", "round_robin", "curriculum")
 
@@ -20,6 +21,8 @@ def parse_bits(v: Any) -> list[int]:
     if isinstance(v, str):
         v = [p for p in v.replace(" ", "").split(",") if p]
     try:
+        if any(isinstance(b, (bool, float)) for b in v):
+            raise ValueError
         bits = [int(b) for b in v]
     except (TypeError, ValueError):
         raise QNNError(f"bit-widths must be integers, got {v!r}") from None
@@ -28,7 +31,27 @@ def parse_bits(v: Any) -> list[int]:
     bad = [b for b in bits if b not in BIT_CHOICES]
     if bad:
         raise QNNError(f"bit-width(s) {bad} not allowed; choose from 2..8 or 32")
+    dup = sorted({b for b in bits if bits.count(b) > 1})
+    if dup:
+        raise QNNError(f"bit-width(s) {dup} given more than once in {bits}; list each once")
     return bits
+
+
+def check_device(device: str) -> None:
+    """'auto', 'cpu', 'cuda' or 'cuda:N', and a CUDA device only where one is present."""
+    import re
+
+    import torch
+
+    if device in ("auto", "cpu"):
+        return
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if not m:
+        raise QNNError(f"unknown device '{device}'; choose auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise QNNError(f"device '{device}' asked for, but this machine has no CUDA GPU (use --device cpu)")
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        raise QNNError(f"device '{device}' does not exist: {torch.cuda.device_count()} GPU(s) here")
 
 
 @dataclass
@@ -66,6 +89,7 @@ class TrainConfig:
     compile: bool = False               # torch.compile the training forward (fuses fake-quant elementwise work)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         self.bits = parse_bits(self.bits)
         if self.eval_bits is not None:
             self.eval_bits = parse_bits(self.eval_bits)
@@ -73,28 +97,35 @@ class TrainConfig:
             raise QNNError(f"unknown schedule '{self.schedule}'; choose from {', '.join(SCHEDULES)}")
         if self.schedule == "fixed" and len(self.bits) != 1:
             self.schedule = "random"  # a set of bit-widths means DBWT; 'fixed' is for one bit-width
-        if int(self.epochs) <= 0:
-            raise QNNError(f"epochs must be > 0, got {self.epochs}")
-        if int(self.batch_size) <= 0:
-            raise QNNError(f"batch size must be > 0, got {self.batch_size}")
-        if self.lr <= 0:
-            raise QNNError(f"lr must be > 0, got {self.lr}")
+        check_int("epochs", self.epochs, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("seed", self.seed, 0, 2**63 - 1)
+        check_float("lr", self.lr, 0.0, 100.0, lo_open=True)
+        check_float("momentum", self.momentum, 0.0, 0.999)
+        check_float("weight_decay", self.weight_decay, 0.0, 1.0)
+        check_float("warmup_epochs", self.warmup_epochs, 0.0, float(self.epochs))
+        check_float("distill_alpha", self.distill_alpha, 0.0, 1.0)
+        check_float("distill_temp", self.distill_temp, 0.0, 100.0, lo_open=True)
+        if self.threads is not None:
+            check_int("threads", self.threads, 1, 1024)
         if self.first_last_bits is not None and self.first_last_bits not in BIT_CHOICES:
             raise QNNError(f"first_last_bits {self.first_last_bits} not allowed; choose from 2..8 or 32")
         if self.residual_bits is not None and self.residual_bits not in range(2, 9):
             raise QNNError(f"residual_bits {self.residual_bits} not allowed; choose from 2..8")
-        if not (0.0 <= float(self.distill_alpha) <= 1.0):
-            raise QNNError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
-        if float(self.distill_temp) <= 0:
-            raise QNNError(f"distill_temp must be > 0, got {self.distill_temp}")
         if self.distill and self.defense != "none":
             raise QNNError("--distill works with plain QAT only (--defense none)")
         if self.distill == "init" and not self.init:
             raise QNNError("--distill init needs --init")
         for n in ("train_subset", "test_subset", "n_synthetic"):
-            v = getattr(self, n)
-            if v is not None and int(v) <= 0:
-                raise QNNError(f"{n} must be > 0, got {v}")
+            if getattr(self, n) is not None:
+                check_int(n, getattr(self, n), 1)
+        if not isinstance(self.defense_args, dict):
+            raise QNNError(f"defense_args must be a mapping of option: value, got {self.defense_args!r}")
+        check_device(self.device)
+        from qnn.models import list_models
+
+        if self.model not in list_models():
+            raise QNNError(f"unknown model '{self.model}'; available: {', '.join(list_models())}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

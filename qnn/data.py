@@ -36,10 +36,17 @@ class ArrayDataset:
     def __post_init__(self) -> None:
         if self.x.ndim != 4 or self.x.shape[-1] != 3 or self.x.dtype != np.uint8:
             raise QNNError(f"images must be uint8 NHWC RGB, got {self.x.dtype} {self.x.shape}")
-        if len(self.x) != len(self.y):
-            raise QNNError(f"{len(self.x)} images but {len(self.y)} labels")
+        y = np.asarray(self.y)
+        if y.ndim != 1 or y.dtype == np.bool_ or not np.issubdtype(y.dtype, np.integer):
+            raise QNNError(f"labels must be a 1-D integer array, got {y.dtype} {y.shape}")
+        if len(self.x) != len(y):
+            raise QNNError(f"{len(self.x)} images but {len(y)} labels")
         if len(self.x) == 0:
             raise QNNError("dataset is empty")
+        if y.min() < 0 or y.max() >= len(self.classes):
+            raise QNNError(f"labels must be in 0..{len(self.classes) - 1} ({len(self.classes)} classes), "
+                           f"found {int(y.min())}..{int(y.max())}")
+        self.y = y.astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -47,10 +54,22 @@ class ArrayDataset:
     def subset(self, n: int | None, start: int = 0) -> "ArrayDataset":
         if n is None:
             return self
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0 or start < 0:
+            raise QNNError(f"subset size must be a positive integer, got {n!r}")
         return ArrayDataset(self.x[start:start + n], self.y[start:start + n], self.classes)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return to_tensor(self.x), torch.as_tensor(self.y, dtype=torch.long)
+
+
+def check_data_fits(model, ds: ArrayDataset, what: str = "data") -> None:
+    """The images have the size the model takes, and every label is one of the model's classes."""
+    size = getattr(model, "in_size", None)
+    if size is not None and tuple(ds.x.shape[1:3]) != (size, size):
+        raise QNNError(f"{what}: images are {ds.x.shape[1]}x{ds.x.shape[2]}, the model takes {size}x{size}")
+    n_cls = getattr(model, "num_classes", None)
+    if n_cls is not None and int(ds.y.max()) >= n_cls:
+        raise QNNError(f"{what}: label {int(ds.y.max())} is outside the model's {n_cls} classes")
 
 
 def to_tensor(x_uint8: np.ndarray) -> torch.Tensor:
@@ -136,7 +155,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if "data" not in d or "labels" not in d:
         raise QNNError(f"{path}: not a CIFAR batch (no data/labels)")
     x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(x), np.asarray(d["labels"], dtype=np.int64)
+    return np.ascontiguousarray(x), np.asarray(d["labels"])  # dtype kept: ArrayDataset refuses float labels
 
 
 def load_cifar10(data_dir: str | Path, split: str) -> ArrayDataset:
@@ -150,16 +169,23 @@ def load_cifar10(data_dir: str | Path, split: str) -> ArrayDataset:
     if npz.is_file():
         try:
             with np.load(npz, allow_pickle=False) as z:
-                x, y = z["x"], z["y"].astype(np.int64)
+                x, y = z["x"], z["y"]
         except Exception as e:
             raise QNNError(f"{npz}: unreadable npz: {str(e)[:120]}") from None
-        return ArrayDataset(x, y, CIFAR10_CLASSES)
+        return _cifar(ArrayDataset(x, y, CIFAR10_CLASSES), npz)
     for cand in (root / "cifar-10-batches-py", root):
         names = ["test_batch"] if split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
         if all((cand / n).is_file() for n in names):
             parts = [_read_cifar_batch(cand / n) for n in names]
-            return ArrayDataset(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), CIFAR10_CLASSES)
+            return _cifar(ArrayDataset(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                                       CIFAR10_CLASSES), cand)
     raise QNNError(f"{root}: no CIFAR-10 found (expected {split}.npz or cifar-10-batches-py/); use --download")
+
+
+def _cifar(ds: ArrayDataset, src: Path) -> ArrayDataset:
+    if ds.x.shape[1:3] != (32, 32):
+        raise QNNError(f"{src}: CIFAR-10 images are 32x32, these are {ds.x.shape[1]}x{ds.x.shape[2]}")
+    return ds
 
 
 def download_cifar10(cache_dir: str | Path) -> Path:

@@ -16,6 +16,10 @@ import time
 from pathlib import Path
 
 from qnn.errors import QNNError
+from qnn.validate import arg_int
+
+CONFIG = "pipeline_config.json"
+RESUME_IGNORED = ("out", "overwrite", "resume", "threads")
 
 
 def add_parser(sub) -> None:
@@ -26,15 +30,15 @@ def add_parser(sub) -> None:
     p.add_argument("--init", help="float checkpoint to start from (e.g. the shared ResNet-20 weights)")
     p.add_argument("--bits", default="2,4,8,32", help="training bit-width set")
     p.add_argument("--export-bits", default="4,8", help="bit-widths exported and deployed")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--n-synthetic", type=int, default=4000)
-    p.add_argument("--train-subset", type=int)
-    p.add_argument("--patch-size", type=int, default=8)
-    p.add_argument("--patch-iters", type=int, default=100)
-    p.add_argument("--n-attack", type=int, default=500)
-    p.add_argument("--n-eval", type=int, default=500)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=arg_int(1), default=4, help="training epochs of each model (default 4)")
+    p.add_argument("--n-synthetic", type=arg_int(1), default=4000, help="synthetic training images (default 4000)")
+    p.add_argument("--train-subset", type=arg_int(1), help="train on the first N images only")
+    p.add_argument("--patch-size", type=arg_int(1), default=8, help="side of the square patch in pixels (default 8)")
+    p.add_argument("--patch-iters", type=arg_int(1), default=100, help="patch optimisation steps (default 100)")
+    p.add_argument("--n-attack", type=arg_int(1), default=500, help="training images the patch is crafted on (default 500)")
+    p.add_argument("--n-eval", type=arg_int(1), default=500, help="test images scored (default 500)")
+    p.add_argument("--threads", type=arg_int(1, 1024), default=2, help="CPU threads (default 2)")
+    p.add_argument("--seed", type=arg_int(0), default=0)
     p.add_argument("--out", default="runs/pipeline")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", action="store_true", help="reuse finished stages of an interrupted run")
@@ -47,39 +51,59 @@ def _stage(msg: str) -> None:
 def cmd_pipeline(a) -> int:
     import torch
 
-    from export.bundle import build_bundle
-    from export.onnx_export import export_model
-    from export.verify import verify
-    from qnn.attacks.patch import PatchConfig, evaluate_patch, optimize_universal_patch, save_patch
-    from qnn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, sha256_file
+    from qnn.attacks.patch import PatchConfig
+    from qnn.checkpoint import atomic_write_json
     from qnn.config import TrainConfig, parse_bits
     from qnn.data import load_dataset
-    from qnn.layers import set_bit_width_
-    from qnn.train import evaluate, prepare_out_dir, train, versions
+    from qnn.outputs import RunLock, StagedDir, check_output
+    from qnn.train import versions
 
     torch.set_num_threads(a.threads)
-    out = Path(a.out)
-    if not a.resume:
-        prepare_out_dir(out, a.overwrite, False)
-        if a.overwrite:  # the stage folders of an earlier run would otherwise be reused as if resumed
-            import shutil
-
-            for stage in ("qat", "qadtr"):
-                if (out / stage).is_dir():
-                    shutil.rmtree(out / stage)
-    out.mkdir(parents=True, exist_ok=True)
+    # everything is validated before any output is touched
+    config = {k: v for k, v in vars(a).items() if k not in ("func", "cmd")}
+    stage = StagedDir(check_output(a.out, "dir", (a.init, a.data_dir)), a.overwrite, a.resume, "pipeline run")
     bits = parse_bits(a.bits)
     ebits = parse_bits(a.export_bits)
     for b in ebits:
         if b not in bits or b > 8:
             raise QNNError(f"export bit-width {b} must be in the training set {bits} and <= 8")
+    TrainConfig(model=a.model, dataset=a.dataset, data_dir=a.data_dir, init=a.init, bits=bits, epochs=a.epochs)
+    if stage.resuming and (stage.work / CONFIG).is_file():
+        saved = json.loads((stage.work / CONFIG).read_text())
+        diff = sorted(k for k in set(saved) | set(config) if k not in RESUME_IGNORED and saved.get(k) != config.get(k))
+        if diff:
+            raise QNNError(f"--resume: {stage.work} was started with other settings: " + ", ".join(
+                f"{k} (saved {saved.get(k)!r}, now {config.get(k)!r})" for k in diff) + "; use the same settings or --overwrite")
     t_start = time.perf_counter()
     test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed, n_synthetic=a.n_synthetic)
     train_ds = load_dataset(a.dataset, "train", a.data_dir, seed=a.seed, n_synthetic=a.n_synthetic)
+    if a.n_attack >= len(train_ds):
+        raise QNNError(f"--n-attack {a.n_attack} must be smaller than the {len(train_ds)} training images")
     xe, ye = test.subset(a.n_eval).tensors()
     xa, ya = train_ds.subset(a.n_attack, start=len(train_ds) - a.n_attack).tensors()
-    report = {"config": vars(a).copy(), "versions": versions(), "models": {}}
-    report["config"].pop("func", None)
+    PatchConfig(patch_shape=(a.patch_size, a.patch_size), iterations=a.patch_iters, image_size=tuple(xe.shape[-2:]))
+    report = {"config": config, "versions": versions(), "models": {}}
+    with RunLock(stage.out):
+        out = stage.prepare()
+        atomic_write_json(out / CONFIG, config)
+        ok = _run_stages(a, out, bits, ebits, test, xe, ye, xa, ya, report, t_start)
+        final = stage.publish()
+    print(f"report: {final / 'report.md'} ({'all deployment checks passed' if ok else 'SOME DEPLOYMENT CHECKS FAILED'})")
+    return 0 if ok else 1
+
+
+def _run_stages(a, out: Path, bits, ebits, test, xe, ye, xa, ya, report: dict, t_start: float) -> bool:
+    """Train (each model skipped when its model.pt exists: resume is stage by stage), attack, export, bundle,
+    run_edge, report; everything into `out`. Returns whether every deployment check passed."""
+    from export.bundle import build_bundle
+    from export.onnx_export import export_model
+    from export.verify import verify
+    from qnn.attacks.patch import PatchConfig, evaluate_patch, optimize_universal_patch, save_patch
+    from qnn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, sha256_file
+    from qnn.config import TrainConfig
+    from qnn.data import check_data_fits
+    from qnn.layers import set_bit_width_
+    from qnn.train import evaluate, train
 
     for name, defense in (("qat", "none"), ("qadtr", "qadtr")):
         _stage(f"train {name} ({a.model}, bits {bits}, {a.epochs} epochs, defense {defense})")
@@ -90,6 +114,7 @@ def cmd_pipeline(a) -> int:
                               test_subset=a.n_eval, seed=a.seed, out_dir=str(rdir), resume=True, defense=defense,
                               threads=a.threads, progress=sys.stderr.isatty()))
         model, obj = load_checkpoint(rdir / "model.pt")
+        check_data_fits(model, test, "test set")
         hist = json.loads((rdir / "metrics.json").read_text())["history"]
         acc = evaluate(model, test.subset(a.n_eval), bits)
         m = {"clean_acc_pct": {str(k): v for k, v in acc.items()},
@@ -137,9 +162,7 @@ def cmd_pipeline(a) -> int:
     atomic_write_bytes(out / "report.md", md.encode())
     _report_png(report, bits, out / "report.png")
     print(md)
-    ok = all(d["edge_pass"] and d["fully_integer"] for m in report["models"].values() for d in m["deploy"].values())
-    print(f"report: {out / 'report.md'} ({'all deployment checks passed' if ok else 'SOME DEPLOYMENT CHECKS FAILED'})")
-    return 0 if ok else 1
+    return all(d["edge_pass"] and d["fully_integer"] for m in report["models"].values() for d in m["deploy"].values())
 
 
 def _report_md(rep: dict, bits, ebits) -> str:

@@ -10,6 +10,8 @@ Runbook:
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import platform
@@ -25,10 +27,11 @@ import torch.nn.functional as F
 from qnn import __version__
 from qnn.checkpoint import atomic_torch_save, atomic_write_json, load_checkpoint, load_torch_file, save_checkpoint
 from qnn.config import TrainConfig
-from qnn.data import ArrayDataset, iterate_batches, load_dataset
+from qnn.data import ArrayDataset, check_data_fits, iterate_batches, load_dataset
 from qnn.errors import QNNError
 from qnn.layers import FLOAT_BITS, set_bit_width_
 from qnn.models import create_model
+from qnn.outputs import RunLock, StagedDir, check_output
 
 
 def versions() -> dict:
@@ -182,15 +185,17 @@ def _device(cfg: TrainConfig) -> str:
     return cfg.device
 
 
-def prepare_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
-    earlier = out.exists() and any(out.iterdir())
-    if earlier and not (overwrite or resume):
-        raise QNNError(f"output dir {out} holds an earlier run; pass --overwrite to replace it or --resume to continue")
-    if earlier and overwrite and not resume:
-        for f in ("last.pt", "model.pt", "metrics.json", "config.json"):
-            if (out / f).exists():
-                (out / f).unlink()
-    out.mkdir(parents=True, exist_ok=True)
+RESUME_IGNORED = ("out_dir", "resume", "overwrite", "progress", "threads", "device", "compile")
+
+
+def check_resume_config(saved: dict, cfg: TrainConfig, where: Path) -> None:
+    """A resumed run must have the settings it started with (operational keys aside): name the keys that differ."""
+    now = cfg.to_dict()
+    diff = sorted(k for k in set(saved) | set(now) if k not in RESUME_IGNORED and saved.get(k) != now.get(k))
+    if diff:
+        shown = ", ".join(f"{k} (saved {saved.get(k)!r}, now {now.get(k)!r})" for k in diff)
+        raise QNNError(f"--resume: {where} was started with other settings: {shown}; resume with the same settings "
+                       f"or start again with --overwrite")
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -201,15 +206,38 @@ def train(cfg: TrainConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     rank, world = _dist_info()
     device = _device(cfg)
-    out = Path(cfg.out_dir)
-    if rank == 0:
-        prepare_out_dir(out, cfg.overwrite, cfg.resume)
+    # everything is validated (outputs, data, model, defense, teacher) before any output is touched
+    inputs = (cfg.init, cfg.distill if cfg.distill != "init" else None, cfg.data_dir)
+    stage = StagedDir(check_output(cfg.out_dir, "dir", inputs), cfg.overwrite, cfg.resume, "training run")
     train_ds = load_dataset(cfg.dataset, "train", cfg.data_dir, seed=cfg.seed, n_synthetic=cfg.n_synthetic).subset(cfg.train_subset)
     test_ds = load_dataset(cfg.dataset, "test", cfg.data_dir, seed=cfg.seed, n_synthetic=cfg.n_synthetic).subset(cfg.test_subset)
     torch.manual_seed(cfg.seed)
     model = init_model(cfg, num_classes=len(train_ds.classes)).to(device)
+    check_data_fits(model, train_ds, "training set")
+    check_data_fits(model, test_ds, "test set")
     defense = make_defense(cfg.defense, cfg.defense_args, cfg, model)
     teacher = load_teacher(cfg, len(train_ds.classes), device)
+    with RunLock(stage.out) if rank == 0 else contextlib.nullcontext():
+        if rank == 0:
+            stage.prepare()
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # rank 0 has laid out the folder; every rank now reads the same one
+        result = _train_in(cfg, stage, model, defense, teacher, train_ds, test_ds, rank, world, device)
+        if rank == 0:
+            stage.publish()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return result
+
+
+def _train_in(cfg: TrainConfig, stage: StagedDir, model: nn.Module, defense, teacher, train_ds: ArrayDataset,
+              test_ds: ArrayDataset, rank: int, world: int, device: str) -> dict:
+    """The training loop, writing into the staged folder `stage.work`."""
+    out = stage.work
 
     steps_per_epoch = math.ceil(len(train_ds) // world / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
@@ -222,12 +250,20 @@ def train(cfg: TrainConfig) -> dict:
     start_epoch, history = 0, []
     if cfg.resume and (out / "last.pt").is_file():
         st = load_torch_file(out / "last.pt")
-        model.load_state_dict(st["state_dict"])
-        opt.load_state_dict(st["optimizer"])
+        if not isinstance(st, dict) or not {"state_dict", "optimizer", "epoch", "history"} <= set(st):
+            raise QNNError(f"--resume: {out / 'last.pt'} is not a training state (state_dict, optimizer, epoch)")
+        saved = st.get("config")
+        if saved is None and (out / "config.json").is_file():  # states written before configs were kept in them
+            saved = json.loads((out / "config.json").read_text()).get("config")
+        if saved:
+            check_resume_config(saved, cfg, out)
+        try:
+            model.load_state_dict(st["state_dict"])
+            opt.load_state_dict(st["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise QNNError(f"--resume: {out / 'last.pt'} does not fit this model: {' '.join(str(e).split())[:200]}") from None
         defense.load_state_dict(st.get("defense", {}))
         start_epoch, history = st["epoch"], st["history"]
-    elif cfg.resume and rank == 0 and not (out / "last.pt").is_file() and any(out.glob("*.json")):
-        raise QNNError(f"--resume: {out} has no last.pt to resume from")
 
     if start_epoch == 0:
         xb0, _ = next(iterate_batches(train_ds, cfg.batch_size, True, False, cfg.seed, 0, rank, world))
@@ -257,7 +293,11 @@ def train(cfg: TrainConfig) -> dict:
             bits = defense.choose_bits(step, sched_bits(step))
             xb, yb = xb.to(device), yb.to(device)
             loss, logits = train_step(model, train_model, defense, opt, xb, yb, bits, step, teacher, cfg)
-            loss_sum += loss.item() * len(yb)
+            loss_val = loss.item()
+            if not math.isfinite(loss_val):
+                raise QNNError(f"training diverged: loss is {loss_val} at epoch {epoch + 1}, step {i + 1} ({bits} bits, "
+                               f"lr {lr_at(step):.3g}); no model.pt written, the last finished epoch stays in {out}")
+            loss_sum += loss_val * len(yb)
             n_seen += len(yb)
             correct += (logits.argmax(1) == yb).sum().item()
             if bar is not None:
@@ -275,16 +315,13 @@ def train(cfg: TrainConfig) -> dict:
             print(f"epoch {epoch + 1}/{cfg.epochs} loss {rec['train_loss']:.4f} " +
                   " ".join(f"acc@{k}={v:.2f}" for k, v in acc.items()) + f" ({sec:.1f}s)", flush=True)
             atomic_torch_save({"state_dict": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                               "history": history, "defense": defense.state_dict()}, out / "last.pt")
+                               "history": history, "defense": defense.state_dict(), "config": cfg.to_dict()},
+                              out / "last.pt")
             atomic_write_json(out / "metrics.json", {**run_info, "history": history})
     final = history[-1] if history else {}
     if rank == 0:
         save_checkpoint(out / "model.pt", model, {"trained_bits": cfg.bits, "defense": cfg.defense,
                                                   "dataset": cfg.dataset, "final": final, "config": cfg.to_dict()})
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
     return {**run_info, "history": history, "final": final}
 
 

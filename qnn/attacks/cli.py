@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 from qnn.errors import QNNError
+from qnn.outputs import RunLock, StagedDir, check_output
+from qnn.validate import arg_float, arg_int
 
 ATTACKS = ("universal", "lavan", "per_image", "fgsm", "pgd")
 
@@ -22,29 +24,31 @@ def add_parser(sub) -> None:
     p.add_argument("--bits", default="32,8,4,2", help="bit-widths to evaluate on (and craft on, unless --source-bits)")
     p.add_argument("--source-bits", help="craft at these bit-widths and evaluate on every --bits: a transfer matrix")
     p.add_argument("--source-checkpoint", help="craft on this other checkpoint (float) too")
-    p.add_argument("--patch-size", type=int, help="square side in pixels (e.g. 6)")
-    p.add_argument("--patch-frac", type=float, help="patch area as a fraction of the image (0.035 = 6x6 on CIFAR)")
+    p.add_argument("--patch-size", type=arg_int(1), help="square side in pixels (default 6)")
+    p.add_argument("--patch-frac", type=arg_float(0, 1, lo_open=True),
+                   help="patch area as a fraction of the image (0.035 = 6x6 on CIFAR); overrides --patch-size")
     p.add_argument("--shape", default="square")
     p.add_argument("--placement", default="random")
-    p.add_argument("--iterations", type=int, default=500)
-    p.add_argument("--step", type=float, default=0.05)
+    p.add_argument("--iterations", type=arg_int(1), default=500, help="optimisation steps (default 500)")
+    p.add_argument("--step", type=arg_float(0, 1000, lo_open=True), default=0.05,
+                   help="signed-gradient step or Adam learning rate (default 0.05)")
     p.add_argument("--optimizer", default="sign")
-    p.add_argument("--eot-samples", type=int, default=1)
-    p.add_argument("--restarts", type=int, default=1)
-    p.add_argument("--scale-min", type=float, default=1.0)
-    p.add_argument("--scale-max", type=float, default=1.0)
-    p.add_argument("--rotation-max", type=float, default=0.0)
+    p.add_argument("--eot-samples", type=arg_int(1), default=1, help="transformations per image per step (default 1)")
+    p.add_argument("--restarts", type=arg_int(1), default=1, help="patches optimised in parallel, best kept (default 1)")
+    p.add_argument("--scale-min", type=arg_float(0, 10, lo_open=True), default=1.0, help="EOT scale range, low (default 1)")
+    p.add_argument("--scale-max", type=arg_float(0, 10, lo_open=True), default=1.0, help="EOT scale range, high (default 1)")
+    p.add_argument("--rotation-max", type=arg_float(0, 180), default=0.0, help="EOT rotation, degrees (default 0)")
     p.add_argument("--targeted", action="store_true")
-    p.add_argument("--target-class", type=int, default=0)
+    p.add_argument("--target-class", type=arg_int(0), default=0)
     p.add_argument("--adaptive", choices=["eot", "ensemble"], help="EOT over the defender's bit-widths / ensemble")
-    p.add_argument("--eps", type=float, default=8 / 255)
-    p.add_argument("--n-attack", type=int, default=1000, help="training images the universal patch is optimised on")
-    p.add_argument("--n-eval", type=int, default=1000, help="test images ASR is measured on")
+    p.add_argument("--eps", type=arg_float(0, 1, lo_open=True), default=8 / 255, help="L-inf budget of fgsm/pgd (default 8/255)")
+    p.add_argument("--n-attack", type=arg_int(1), default=1000, help="training images the universal patch is optimised on")
+    p.add_argument("--n-eval", type=arg_int(1), default=1000, help="test images ASR is measured on")
     p.add_argument("--patch", help="evaluate this saved patch (.npz) instead of optimising one")
     p.add_argument("--suite", help="seen | unseen | path to a suite YAML: evaluate every configuration in it")
     p.add_argument("--analysis", action="store_true", help="gradient alignment + feature maps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int)
+    p.add_argument("--seed", type=arg_int(0), default=0)
+    p.add_argument("--threads", type=arg_int(1, 1024))
     p.add_argument("--out", required=True, help="output directory (results JSON/MD, patches, PNGs)")
     p.add_argument("--overwrite", action="store_true")
 
@@ -57,13 +61,26 @@ def suite_configs(name: str) -> dict:
         p = Path(__file__).resolve().parents[1] / "configs" / f"suite_{name}.yaml"
     if not p.is_file():
         raise QNNError(f"unknown suite '{name}': give seen, unseen or a YAML file")
-    return load_yaml(p)
+    suite = load_yaml(p)
+    from dataclasses import fields
+
+    from qnn.attacks.patch import PatchConfig
+
+    known = {f.name for f in fields(PatchConfig)}
+    pcs = suite.get("patches")
+    if not isinstance(pcs, list) or not pcs or not all(isinstance(pc, dict) for pc in pcs):
+        raise QNNError(f"{p}: 'patches' must be a non-empty list of patch settings")
+    for pc in pcs:
+        unknown = sorted(set(pc) - known)
+        if unknown:
+            raise QNNError(f"{p}: unknown patch setting(s) {unknown}; allowed: {sorted(known)}")
+    return suite
 
 
 def _patch_cfg(a, num_classes: int, image_size, **over):
     from qnn.attacks.patch import PatchConfig
 
-    kw = dict(patch_frac=a.patch_frac, patch_shape=(a.patch_size, a.patch_size) if a.patch_size else (6, 6),
+    kw = dict(patch_frac=a.patch_frac, patch_shape=(a.patch_size, a.patch_size) if a.patch_size is not None else (6, 6),
               shape=a.shape, placement=a.placement, iterations=a.iterations, step=a.step, optimizer=a.optimizer,
               eot_samples=a.eot_samples, restarts=a.restarts, scale_min=a.scale_min, scale_max=a.scale_max,
               rotation_max=a.rotation_max, targeted=a.targeted or a.attack == "lavan", target_class=a.target_class,
@@ -75,32 +92,33 @@ def _patch_cfg(a, num_classes: int, image_size, **over):
 
 
 def cmd_attack(a) -> int:
-    from qnn.attacks.patch import (evaluate_patch, load_patch, optimize_universal_patch, per_image_patch_attack,
-                                   asr_metrics, predict, save_patch)
-    from qnn.attacks.pixel import fgsm, pgd_linf
-    from qnn.attacks.transfer import heatmap_png, transfer_matrix
+    from qnn.attacks.patch import load_patch
     from qnn.checkpoint import atomic_write_json, load_checkpoint
     from qnn.config import parse_bits
-    from qnn.data import load_dataset
-    from qnn.layers import set_bit_width_
+    from qnn.data import check_data_fits, load_dataset
     from qnn.train import versions
 
     if a.attack not in ATTACKS:
         raise QNNError(f"unknown attack '{a.attack}'; choose from {', '.join(ATTACKS)}")
     if a.threads:
         torch.set_num_threads(a.threads)
-    out = Path(a.out)
-    if out.exists() and any(out.iterdir()) and not a.overwrite:
-        raise QNNError(f"output dir {out} holds earlier results; pass --overwrite")
+    inputs = (a.checkpoint, a.source_checkpoint, a.patch, a.data_dir)
+    stage = StagedDir(check_output(a.out, "dir", inputs), overwrite=a.overwrite, what="attack result")
     bits = parse_bits(a.bits)
     model, obj = load_checkpoint(a.checkpoint)
     n_cls = model.num_classes
     test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed)
-    if a.n_eval <= 0 or a.n_attack <= 0:
-        raise QNNError("evaluation set is empty: --n-eval and --n-attack must be > 0")
+    check_data_fits(model, test, "test set")
     xe, ye = test.subset(a.n_eval).tensors()
     size = tuple(xe.shape[-2:])
     cfg = _patch_cfg(a, n_cls, size)  # validates patch options before any heavy work
+    if a.patch:
+        load_patch(a.patch)
+    if a.suite:
+        for pc in suite_configs(a.suite)["patches"]:
+            _patch_cfg(a, n_cls, size, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in pc.items()})
+    if a.source_checkpoint:
+        load_checkpoint(a.source_checkpoint)
     train = load_dataset(a.dataset, "train", a.data_dir, seed=a.seed)
     xa, ya = train.subset(a.n_attack).tensors()
     res: dict = {"checkpoint": a.checkpoint, "attack": a.attack, "n_eval": len(xe), "versions": versions(), "results": {}}
@@ -109,7 +127,26 @@ def cmd_attack(a) -> int:
         cfg.eot_bits = list(trained)
     elif a.adaptive == "ensemble":
         cfg.ensemble_bits = list(trained)
-    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(stage.out):
+        out = stage.prepare()
+        _attack(a, model, cfg, bits, xa, ya, xe, ye, out, res)
+        atomic_write_json(out / "result.json", res)
+        stage.publish()
+    print(json.dumps({"out": str(stage.out / "result.json")}))
+    return 0
+
+
+def _attack(a, model, cfg, bits, xa, ya, xe, ye, out: Path, res: dict) -> None:
+    """Run the attack `a` asks for, writing patches and figures into `out` and figures into `res`."""
+    from qnn.attacks.patch import (evaluate_patch, load_patch, optimize_universal_patch, per_image_patch_attack,
+                                   asr_metrics, predict, save_patch)
+    from qnn.attacks.pixel import fgsm, pgd_linf
+    from qnn.attacks.transfer import heatmap_png, transfer_matrix
+    from qnn.checkpoint import load_checkpoint
+    from qnn.config import parse_bits
+    from qnn.layers import set_bit_width_
+
+    n_cls, size = model.num_classes, tuple(xe.shape[-2:])
 
     if a.attack in ("fgsm", "pgd"):
         for b in bits:
@@ -175,9 +212,6 @@ def cmd_attack(a) -> int:
         for b in bits:
             save_feature_maps(model, xe[:1], xpn[:1], b, out / f"features_{b}b.png")
     res["patch_config"] = cfg.to_dict()
-    atomic_write_json(out / "result.json", res)
-    print(json.dumps({"out": str(out / "result.json")}))
-    return 0
 
 
 COMMANDS = {"attack": (add_parser, cmd_attack)}

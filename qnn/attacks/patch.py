@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from qnn.errors import QNNError
 from qnn.layers import set_bit_width_
+from qnn.validate import check_field_types, check_float
 
 SHAPES = ("square", "circle", "rect")
 PLACEMENTS = ("random", "fixed", "optimized")
@@ -51,6 +52,11 @@ class PatchConfig:
     ensemble_bits: list[int] | None = None   # adaptive: sum the loss over these bit-widths every step
 
     def __post_init__(self) -> None:
+        check_field_types(self)
+        for n in ("step", "aspect"):
+            check_float(n, getattr(self, n), 0.0, 1e3, lo_open=True)
+        for n in ("scale_min", "scale_max", "rotation_max"):
+            check_float(n, getattr(self, n))
         H, W = self.image_size
         if self.shape not in SHAPES:
             raise QNNError(f"unknown patch shape '{self.shape}'; choose from {', '.join(SHAPES)}")
@@ -384,14 +390,19 @@ def load_patch(path: str | Path, expect_shape: tuple[int, int] | None = None) ->
             cfg_d = json.loads(str(z["config"]))
     except Exception as e:
         raise QNNError(f"{p}: not a patch file ({type(e).__name__})") from None
-    cfg_d["patch_frac"] = None
-    cfg_d["patch_shape"] = tuple(cfg_d["patch_shape"])
-    cfg_d["image_size"] = tuple(cfg_d["image_size"])
-    cfg = PatchConfig(**cfg_d)
+    try:
+        cfg_d["patch_frac"] = None
+        cfg_d["patch_shape"] = tuple(cfg_d["patch_shape"])
+        cfg_d["image_size"] = tuple(cfg_d["image_size"])
+        cfg = PatchConfig(**cfg_d)
+    except (TypeError, KeyError, ValueError) as e:
+        raise QNNError(f"{p}: malformed patch config ({type(e).__name__}: {str(e)[:100]})") from None
+    except QNNError as e:
+        raise QNNError(f"{p}: patch config: {e}") from None
     if patch.dim() != 3 or patch.shape[0] != 3 or tuple(patch.shape[1:]) != tuple(cfg.patch_shape):
         raise QNNError(f"{p}: patch array has shape {tuple(patch.shape)}, config says {(3, *cfg.patch_shape)}")
     if expect_shape is not None and tuple(patch.shape[1:]) != tuple(expect_shape):
         raise QNNError(f"{p}: patch is {tuple(patch.shape[1:])}, expected {tuple(expect_shape)}")
-    if float(patch.min()) < 0 or float(patch.max()) > 1:
-        raise QNNError(f"{p}: patch values outside [0, 1]")
+    if not bool(((patch >= 0) & (patch <= 1)).all()):  # NaN fails both comparisons
+        raise QNNError(f"{p}: patch values must be finite and in [0, 1]")
     return patch, cfg

@@ -41,10 +41,25 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _get(args: dict, key: str, default, cast=float):
     v = args.get(key, default)
+    if v is None:
+        return None
+    if isinstance(v, bool) or (cast is int and isinstance(v, float)):
+        raise QNNError(f"defense option {key}={v!r} is not a {cast.__name__}")
     try:
-        return cast(v) if v is not None else None
+        v = cast(v)
     except (TypeError, ValueError):
         raise QNNError(f"defense option {key}={v!r} is not a {cast.__name__}") from None
+    if not math.isfinite(v):
+        raise QNNError(f"defense option {key}={v!r} must be a finite number")
+    return v
+
+
+def _check_ranges(values: dict) -> None:
+    """{option: (value, low, high)}; None = unbounded. One line naming the first option out of its range."""
+    for name, (v, lo, hi) in values.items():
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise QNNError(f"defense option {name} must be {rng}, got {v}")
 
 
 def _mixed_batch(x: torch.Tensor, frac_patched: float) -> int:
@@ -180,6 +195,11 @@ class QADTR(Defense):
             raise QNNError(f"lambda_gir must be >= 0, got {self.lambda_gir}")
         if not (0 < self.frac_patched <= 1):
             raise QNNError(f"frac_patched must be in (0, 1], got {self.frac_patched}")
+        _check_ranges({"patch_size": (self.patch_size, 1, None), "gir_every": (self.gir_every, 1, None),
+                       "gir_batch": (self.gir_batch, 1, None), "patch_step": (self.step_size, 1e-12, None),
+                       "gir_noise": (self.gir_noise, 0, None), "adapt_alpha": (self.adapt_alpha, 0, 1),
+                       "adapt_temp": (self.adapt_temp, 1e-12, None), "inner_step": (self.inner_step, 0, None),
+                       "refresh_every": (self.refresh_every, 0, None)})
         H = W = getattr(model, "in_size", 32)
         if any(not (0 < v <= H) for v in self.sizes):
             raise QNNError(f"sizes must be in 1..{H}, got {self.sizes}")
@@ -447,6 +467,7 @@ class PBAT(Defense):
         self.frac_patched = _get(self.args, "frac_patched", 0.5)
         if self.iters <= 0:
             raise QNNError(f"PBAT iterations must be > 0, got {self.iters}")
+        _check_ranges({"patch_step": (self.step_size, 1e-12, None), "frac_patched": (self.frac_patched, 1e-12, 1)})
         H = getattr(model, "in_size", 32)
         self.pcfg = PatchConfig(patch_shape=(self.patch_size, self.patch_size), iterations=self.iters,
                                 step=self.step_size, image_size=(H, H))
@@ -483,6 +504,7 @@ class DWQ(Defense):
         self.frac_adv = _get(self.args, "frac_patched", 0.5)
         if self.eps < 0 or self.pgd_steps <= 0:
             raise QNNError("DWQ needs eps >= 0 and pgd_steps > 0")
+        _check_ranges({"alpha": (self.alpha, 1e-12, None), "frac_patched": (self.frac_adv, 1e-12, 1)})
 
     def loss(self, model, x, y, bits, step):
         n_a = _mixed_batch(x, self.frac_adv)

@@ -199,7 +199,7 @@ def test_verify_fails_on_float_model(tmp_path):
 
 def test_export_bad_inputs(trained_ckpt, tmp_path, capsys):
     assert "no 3-bit state" in _err(["export", "--checkpoint", trained_ckpt, "--bits", "3", "--out", tmp_path / "a.onnx"], capsys)
-    assert "2..8" in _err(["export", "--checkpoint", trained_ckpt, "--bits", "16", "--out", tmp_path / "a.onnx"], capsys)
+    assert "[2, 8]" in _err(["export", "--checkpoint", trained_ckpt, "--bits", "16", "--out", tmp_path / "a.onnx"], capsys)
     assert "unknown format" in _err(["export", "--checkpoint", trained_ckpt, "--bits", "4", "--format", "tflite", "--out", tmp_path / "a.onnx"], capsys)
     assert not (tmp_path / "a.onnx").exists()
     run_cli(["export", "--checkpoint", trained_ckpt, "--bits", "4", "--out", tmp_path / "m.onnx"])

@@ -110,10 +110,10 @@ def test_patch_files_roundtrip_and_wrong_shape(tmp_path):
 def test_attack_cli_and_bad_inputs(trained_ckpt, tmp_path, capsys):
     base = ["attack", "--checkpoint", trained_ckpt, "--iterations", "3", "--n-attack", "64", "--n-eval", "64"]
     assert "larger than" in _err(base + ["--patch-size", "33", "--out", tmp_path / "a"], capsys)
-    assert "(0, 1)" in _err(base + ["--patch-frac", "1.5", "--out", tmp_path / "a"], capsys)
+    assert "--patch-frac" in _err(base + ["--patch-frac", "1.5", "--out", tmp_path / "a"], capsys)
     assert "unknown patch shape" in _err(base + ["--shape", "hex", "--out", tmp_path / "a"], capsys)
     assert "out of range" in _err(base + ["--targeted", "--target-class", "11", "--out", tmp_path / "a"], capsys)
-    assert "empty" in _err(base[:-2] + ["--n-eval", "0", "--out", tmp_path / "a"], capsys)
+    assert "--n-eval" in _err(base[:-2] + ["--n-eval", "0", "--out", tmp_path / "a"], capsys)
     rc = run_cli(base + ["--bits", "8,2", "--out", tmp_path / "ok"])
     assert rc == 0
     capsys.readouterr()

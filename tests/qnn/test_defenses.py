@@ -281,8 +281,10 @@ def test_qadtr_state_from_a_shared_pool_checkpoint_loads():
 def test_defense_bad_inputs(tmp_path, capsys):
     base = ["train", "--model", "small_cnn", "--no-progress", "--out", tmp_path / "x"]
     assert "unknown defense" in _err(base + ["--defense", "magic"], capsys)
-    assert "lambda_gir" in _err(base + ["--defense", "qadtr", "--lambda-gir", "-1"], capsys)
-    assert "pool size" in _err(base + ["--defense", "qadtr", "--pool-size", "0"], capsys)
+    assert "--lambda-gir" in _err(base + ["--defense", "qadtr", "--lambda-gir", "-1"], capsys)
+    assert "--pool-size" in _err(base + ["--defense", "qadtr", "--pool-size", "0"], capsys)
+    assert "lambda_gir" in _err(base + ["--defense", "qadtr", "--defense-arg", "lambda_gir=-1"], capsys)
+    assert "pool size" in _err(base + ["--defense", "qadtr", "--defense-arg", "pool_size=0"], capsys)
     assert "empty" in _err(base + ["--defense", "qadtr", "--bits", ""], capsys)
     cfg = TrainConfig(model="small_cnn")
     with pytest.raises(QNNError):

@@ -23,13 +23,16 @@ def test_resume_reaches_same_weights(tmp_path):
     stopped = tmp_path / "stopped"
     cfg = TrainConfig(bits=[2, 4, 8, 32], epochs=2, out_dir=str(stopped), **TINY)
     _train_epochs(cfg, stop_after=1)
-    assert torch.load(stopped / "last.pt", weights_only=True)["epoch"] == 1
+    # an unfinished run lives beside its output folder, which appears only when the run has finished
+    assert not stopped.exists()
+    assert torch.load(tmp_path / "stopped.partial" / "last.pt", weights_only=True)["epoch"] == 1
     cfg.resume = True
     train(cfg)
     a = torch.load(full / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(stopped / "model.pt", weights_only=True)["state_dict"]
     for k in a:
         assert torch.equal(a[k], b[k]), f"resumed run differs at {k}"
+    assert not (tmp_path / "stopped.partial").exists()
 
 
 def _train_epochs(cfg, stop_after):
@@ -82,7 +85,7 @@ def _cli_err(args, capsys):
 
 def test_cli_bad_inputs(tmp_path, capsys, trained_ckpt):
     base = ["train", "--model", "small_cnn", "--no-progress"]
-    assert "batch size" in _cli_err(base + ["--batch-size", "0", "--out", tmp_path / "a"], capsys)
+    assert "--batch-size" in _cli_err(base + ["--batch-size", "0", "--out", tmp_path / "a"], capsys)
     assert "epochs" in _cli_err(base + ["--epochs", "-1", "--out", tmp_path / "a"], capsys)
     assert "not allowed" in _cli_err(base + ["--bits", "9", "--out", tmp_path / "a"], capsys)
     assert "empty" in _cli_err(base + ["--bits", ",", "--out", tmp_path / "a"], capsys)
@@ -111,7 +114,7 @@ def test_output_dir_never_overwritten(tmp_path, capsys):
     args = ["train", "--model", "small_cnn", "--bits", "4", "--epochs", "1", "--no-progress", "--out", out]
     train(TrainConfig(bits=[4], epochs=1, out_dir=str(out), **TINY))
     before = (out / "model.pt").read_bytes()
-    assert "earlier run" in _cli_err(args, capsys)
+    assert "holds an earlier" in _cli_err(args, capsys)
     assert (out / "model.pt").read_bytes() == before
 
 
@@ -198,7 +201,7 @@ def test_distillation_from_a_float_teacher(tmp_path, capsys, trained_ckpt):
     assert torch.allclose(distill_loss(torch.tensor(2.0), s, s, 0.25, 3.0), torch.tensor(1.5))
     assert distill_loss(torch.tensor(0.0), s, -s, 1.0, 1.0) > 0
     args = ["train", "--model", "small_cnn", "--no-progress", "--out", tmp_path / "x"]
-    assert "distill_alpha" in _cli_err(args + ["--distill", trained_ckpt, "--distill-alpha", "1.5"], capsys)
+    assert "--distill-alpha" in _cli_err(args + ["--distill", trained_ckpt, "--distill-alpha", "1.5"], capsys)
     assert "plain QAT" in _cli_err(args + ["--distill", trained_ckpt, "--defense", "pbat"], capsys)
     assert "needs --init" in _cli_err(args + ["--distill", "init"], capsys)
     assert "not found" in _cli_err(args + ["--distill", tmp_path / "missing.pt"], capsys)

@@ -1,0 +1,349 @@
+"""A hostile user's pass over every command: bad options, bad files, bad data, outputs aimed at inputs.
+
+    python -m tests.hostile_pass [--out results/hostile_pass.json]
+
+Each case runs the command in this process. It passes when the command exits non-zero with one line on stderr
+starting with `qnn: error:` / `run_edge: error:` (no traceback), and every file of a protected earlier run, bundle
+and checkpoint is unchanged (sha256 before and after). Prints one line per case and the counts; exits 1 if any
+case failed. Not part of the default test run (it takes a few minutes); tests/qnn/test_hardening.py holds the
+checks per failure class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def tree_hashes(d: Path) -> dict:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def run_case(fn, argv) -> tuple[int | None, str, str | None]:
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            rc = fn([str(a) for a in argv])
+        return rc, err.getvalue().strip(), None
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1, err.getvalue().strip(), None
+    except BaseException as e:  # a traceback reached the user
+        return None, err.getvalue().strip(), "".join(traceback.format_exception_only(type(e), e)).strip()
+
+
+def setup(w: Path) -> dict:
+    from export.bundle import build_bundle
+    from qnn.attacks.patch import PatchConfig, save_patch
+    from qnn.checkpoint import load_checkpoint
+    from qnn.config import TrainConfig
+    from qnn.data import load_dataset
+    from qnn.train import train
+
+    run = w / "protected" / "run"
+    train(TrainConfig(model="small_cnn", bits=[4, 8], epochs=1, n_synthetic=400, batch_size=64, out_dir=str(run),
+                      progress=False))
+    ck = run / "model.pt"
+    m, _ = load_checkpoint(ck)
+    ds = load_dataset("synthetic", "test", n_synthetic=400).subset(32)
+    patch = torch.rand(3, 6, 6, generator=torch.Generator().manual_seed(0))
+    bundle = build_bundle(m, 4, w / "protected" / "bundle", ds.x, ds.y, [("p6", patch, PatchConfig())])
+    save_patch(w / "protected" / "p6", patch, PatchConfig())
+    return {"run": run, "ck": ck, "bundle": bundle, "patch": w / "protected" / "p6.npz"}
+
+
+def files(w: Path, P: dict) -> dict:
+    """Bad input files, made once."""
+    f = {}
+    f["text"] = w / "text.pt"
+    f["text"].write_text("hello")
+    f["empty"] = w / "empty.pt"
+    f["empty"].write_bytes(b"")
+    f["tensor"] = w / "tensor.pt"
+    torch.save(torch.zeros(3), f["tensor"])
+    f["list"] = w / "list.pt"
+    torch.save([1, 2, 3], f["list"])
+    obj = torch.load(P["ck"], weights_only=True)
+    for name, edit in (("noformat", lambda o: o.pop("format")), ("arch_int", lambda o: o.update(arch=3)),
+                       ("arch_unknown", lambda o: o.update(arch="vgg99")),
+                       ("sd_missing_key", lambda o: o["state_dict"].pop(next(iter(o["state_dict"])))),
+                       ("sd_shape", lambda o: o["state_dict"].update(
+                           {k: torch.zeros(1) for k in list(o["state_dict"])[:1]})),
+                       ("inf", lambda o: o["state_dict"].update(
+                           {k: v.clone().fill_(float("inf")) for k, v in list(o["state_dict"].items())[:1]
+                            if v.is_floating_point()})),
+                       ("bits_bad", lambda o: o.update(trained_bits=[4, 99]))):
+        o = {k: (dict(v) if isinstance(v, dict) else v) for k, v in obj.items()}
+        edit(o)
+        f[name] = w / f"{name}.pt"
+        torch.save(o, f[name])
+    f["yaml_bad"] = w / "bad.yaml"
+    f["yaml_bad"].write_text("epochs: [1\n")
+    f["yaml_list"] = w / "list.yaml"
+    f["yaml_list"].write_text("- 1\n")
+    for name, text in (("unknown", "epochs_: 2"), ("nan_wd", "weight_decay: .nan"), ("str_bits", "bits: four"),
+                       ("neg_sub", "train_subset: -3"), ("dargs_nan", "defense: qadtr\ndefense_args: {lambda_gir: .nan}"),
+                       ("float_seed", "seed: 0.5"), ("null_lr", "lr: null"), ("huge_lr", "lr: 1.0e+300")):
+        f[name] = w / f"{name}.yaml"
+        f[name].write_text(text + "\n")
+    for name, x, y in (("labels_big", np.zeros((8, 32, 32, 3), np.uint8), np.full(8, 10)),
+                       ("labels_2d", np.zeros((8, 32, 32, 3), np.uint8), np.zeros((8, 1), np.int64)),
+                       ("x_float", np.zeros((8, 32, 32, 3), np.float32), np.zeros(8, np.int64)),
+                       ("x_gray", np.zeros((8, 32, 32), np.uint8), np.zeros(8, np.int64)),
+                       ("len_mismatch", np.zeros((8, 32, 32, 3), np.uint8), np.zeros(7, np.int64)),
+                       ("empty_set", np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64))):
+        d = w / f"data_{name}"
+        d.mkdir()
+        for split in ("train", "test"):
+            np.savez(d / f"{split}.npz", x=x, y=y)
+        f[name] = d
+    f["npz_garbage"] = w / "data_garbage"
+    f["npz_garbage"].mkdir()
+    for split in ("train", "test"):
+        (f["npz_garbage"] / f"{split}.npz").write_bytes(b"PK\x03\x04garbage")
+    f["pickle_evil"] = w / "data_pickle" / "cifar-10-batches-py"
+    f["pickle_evil"].mkdir(parents=True)
+    import pickle
+
+    for n in ["test_batch"] + [f"data_batch_{i}" for i in range(1, 6)]:
+        (f["pickle_evil"] / n).write_bytes(pickle.dumps({"data": os.system, "labels": [0]}))
+    f["imgdir_bad"] = w / "imgs" / "cls"
+    f["imgdir_bad"].mkdir(parents=True)
+    (f["imgdir_bad"] / "a.png").write_bytes(b"not a png")
+    f["patch_big"] = w / "patch_big.npz"
+    from qnn.attacks.patch import PatchConfig
+
+    np.savez(f["patch_big"], patch=np.full((3, 6, 6), 1.5, np.float32), config=json.dumps(PatchConfig().to_dict()))
+    f["patch_cfg"] = w / "patch_cfg.npz"
+    np.savez(f["patch_cfg"], patch=np.zeros((3, 6, 6), np.float32), config=json.dumps({"bogus": 1}))
+    f["patch_size16"] = w / "patch_size16.npz"
+    np.savez(f["patch_size16"], patch=np.zeros((3, 6, 6), np.float32),
+             config=json.dumps(PatchConfig(image_size=(16, 16)).to_dict()))
+    f["suite_bad"] = w / "suite_bad.yaml"
+    f["suite_bad"].write_text("patches:\n  - {patch_shape: [0, 0]}\n")
+    f["suite_key"] = w / "suite_key.yaml"
+    f["suite_key"].write_text("patches:\n  - {bogus: 1}\n")
+    f["suite_nolist"] = w / "suite_nolist.yaml"
+    f["suite_nolist"].write_text("patches: 3\n")
+    f["afile"] = w / "afile"
+    f["afile"].write_text("x")
+    return f
+
+
+def bundle_variants(w: Path, bundle: Path) -> dict:
+    """Hostile bundles: contents re-signed so that only the content checks can catch them."""
+    def variant(name, edit, resign=True):
+        d = w / f"bundle_{name}"
+        shutil.copytree(bundle, d)
+        man = json.loads((d / "manifest.json").read_text())
+        man = edit(d, man)
+        if resign and isinstance(man, dict) and isinstance(man.get("files"), dict):
+            for fn in list(man["files"]):
+                if (d / fn).is_file() and "/" not in fn:
+                    man["files"][fn] = hashlib.sha256((d / fn).read_bytes()).hexdigest()
+        (d / "manifest.json").write_text(json.dumps(man) if man is not None else "{not json")
+        return d
+
+    def put(name, data):
+        def edit(d, man):
+            (d / name).write_bytes(data) if isinstance(data, bytes) else np.savez(d / name, **data)
+            return man
+        return edit
+
+    def expected(change):
+        def edit(d, man):
+            e = json.loads((d / "expected.json").read_text())
+            (d / "expected.json").write_text(json.dumps(change(e)))
+            return man
+        return edit
+
+    return {
+        "manifest_not_json": variant("notjson", lambda d, m: None),
+        "files_values_int": variant("intsha", lambda d, m: {**m, "files": {k: 1 for k in m["files"]}}, resign=False),
+        "model_garbage": variant("garbage", put("model.onnx", b"\x08\x01garbage")),
+        "eval_float_labels": variant("floaty", put("eval.npz", {"x": np.zeros((32, 32, 32, 3), np.uint8),
+                                                                "y": np.zeros(32, np.float32)})),
+        "eval_missing_x": variant("nox", put("eval.npz", {"y": np.zeros(32, np.int64)})),
+        "eval_npz_garbage": variant("npzg", put("eval.npz", b"PK\x03\x04junk")),
+        "expected_list": variant("explist", expected(lambda e: [e])),
+        "expected_patches_list": variant("patchlist", expected(lambda e: {**e, "patches": []})),
+        "expected_acc_nan": variant("accnan", expected(lambda e: {**e, "clean_acc_pct": float("nan")})),
+        "patch_missing_mask": variant("nomask", put("patch_p6.npz", {"patch": np.zeros((3, 6, 6), np.float32),
+                                                                    "loc": np.zeros((32, 2), np.int64)})),
+        "patch_name_traversal": variant("pname", expected(lambda e: {**e, "patches": {"../../x": e["patches"]["p6"]}})),
+        "expected_preds_short": variant("preds", put("expected_predictions.npz", {"clean": np.zeros(3, np.int64)})),
+    }
+
+
+def cases(w: Path, P: dict, F: dict, B: dict) -> list[tuple[str, str, list]]:
+    ck, out = P["ck"], w / "out"
+    T = ["train", "--no-progress", "--out", out / "t"]
+    E = ["eval", "--checkpoint", ck]
+    A = ["attack", "--checkpoint", ck, "--iterations", 2, "--n-attack", 16, "--n-eval", 16, "--out", out / "a"]
+    X = ["export", "--checkpoint", ck, "--bits", 4, "--out", out / "m.onnx"]
+    BU = ["bundle", "--checkpoint", ck, "--bits", 4, "--n", 8, "--out", out / "b"]
+    PI = ["pipeline", "--out", out / "p", "--n-synthetic", 200, "--epochs", 1, "--n-attack", 16, "--n-eval", 16]
+    R = ["--bundle"]
+    c = []
+    q = lambda name, argv: c.append((name, "qnn", argv))  # noqa: E731
+    r = lambda name, argv: c.append((name, "run_edge", argv))  # noqa: E731
+    for v in ("", "4,abc", "1", "33", "-4", "4.0", "4,,4", "9,2"):
+        q(f"train --bits {v!r}", T + ["--bits", v])
+    for flag, v in (("--schedule", "zigzag"), ("--epochs", "0"), ("--lr", "0"), ("--lr", "-0.1"), ("--lr", "1e308"),
+                    ("--weight-decay", "-1"), ("--first-last-bits", "1"), ("--residual-bits", "9"),
+                    ("--train-subset", "0"), ("--test-subset", "-1"), ("--eval-bits", "4,4"), ("--device", "cuda:x"),
+                    ("--pool-size", "0"), ("--lambda-gir", "-1"), ("--distill-alpha", "nan"),
+                    ("--dataset", "mnist"), ("--model", "resnet9000")):
+        q(f"train {flag} {v}", T + [flag, v])
+    for name in ("text", "empty", "tensor", "list", "noformat", "arch_int", "arch_unknown", "sd_missing_key",
+                 "sd_shape", "inf", "bits_bad"):
+        q(f"train --init {name}", T + ["--init", F[name]])
+        q(f"eval --checkpoint {name}", ["eval", "--checkpoint", F[name]])
+    q("train --init /dev/null", T + ["--init", "/dev/null"])
+    q("train --init a folder", T + ["--init", w])
+    q("train --distill missing", T + ["--distill", w / "nope.pt"])
+    for kv in ("x=1", "=3", "pool_size=abc", "pool_size=-1", "pool_size=1.5", "patch_size=0", "patch_size=100",
+               "sizes=a,b", "lambda_gir=-1", "frac_patched=2", "gir_every=0"):
+        q(f"train qadtr --defense-arg {kv}", T + ["--defense", "qadtr", "--defense-arg", kv])
+    q("train --defense foo", T + ["--defense", "foo"])
+    q("train pbat iters=0", T + ["--defense", "pbat", "--defense-arg", "iters=0"])
+    q("train dwq eps=nan", T + ["--defense", "dwq", "--defense-arg", "eps=.nan"])
+    for name in ("yaml_bad", "yaml_list", "unknown", "nan_wd", "str_bits", "neg_sub", "dargs_nan", "float_seed",
+                 "null_lr", "huge_lr"):
+        q(f"train -c {name}", T + ["-c", F[name]])
+    q("train -c missing", T + ["-c", w / "missing.yaml"])
+    for name in ("labels_big", "labels_2d", "x_float", "x_gray", "len_mismatch", "empty_set", "npz_garbage",
+                 "pickle_evil"):
+        q(f"train cifar10 data {name}", T + ["--dataset", "cifar10", "--data-dir", F[name]])
+    q("eval cifar10 evil pickle", E + ["--dataset", "cifar10", "--data-dir", F["pickle_evil"].parent])
+    q("train imagefolder corrupt image", T + ["--dataset", "imagefolder", "--data-dir", F["imgdir_bad"].parent])
+    q("train imagefolder no --data-dir", T + ["--dataset", "imagefolder"])
+    q("train --data-dir a file", T + ["--dataset", "cifar10", "--data-dir", F["afile"]])
+    q("train --out a file", ["train", "--no-progress", "--out", F["afile"]])
+    q("train --out under a file", ["train", "--no-progress", "--out", F["afile"] / "x"])
+    q("train --out /proc", ["train", "--no-progress", "--out", "/proc/qnn_run"])
+    q("train --out ''", ["train", "--no-progress", "--out", ""])
+    q("train --out . --overwrite", ["train", "--no-progress", "--out", ".", "--overwrite"])
+    q("train --out the protected run", ["train", "--no-progress", "--out", P["run"]])
+    q("train --resume other bits", ["train", "--no-progress", "--out", P["run"], "--resume", "--bits", "2,4",
+                                    "--epochs", "1"])
+    q("train --overwrite into the init's folder", ["train", "--no-progress", "--out", P["run"], "--overwrite",
+                                                    "--init", ck])
+    q("eval --bits untrained", E + ["--bits", 3])
+    q("eval --subset -5", E + ["--subset", -5])
+    q("eval --json is the checkpoint", E + ["--json", ck])
+    q("eval --json a folder", E + ["--json", w])
+    q("eval --seed -1", E + ["--seed", -1])
+    for flag, v in (("--attack", "cw"), ("--shape", "hex"), ("--placement", "above"), ("--optimizer", "lbfgs"),
+                    ("--patch-size", "0"), ("--patch-size", "40"), ("--patch-frac", "0"), ("--iterations", "0"),
+                    ("--restarts", "0"), ("--eot-samples", "-1"), ("--step", "inf"), ("--eps", "0"),
+                    ("--rotation-max", "200"), ("--adaptive", "bogus"), ("--threads", "0"), ("--bits", "4,4"),
+                    ("--n-eval", "0"), ("--target-class", "-1")):
+        q(f"attack {flag} {v}", A + [flag, v])
+    q("attack --targeted --target-class 10", A + ["--targeted", "--target-class", 10])
+    q("attack --scale-min 2 --scale-max 1", A + ["--scale-min", 2, "--scale-max", 1])
+    for name in ("patch_big", "patch_cfg", "text"):
+        q(f"attack --patch {name}", A + ["--patch", F[name]])
+    q("attack --patch missing", A + ["--patch", w / "nope.npz"])
+    q("attack --patch for 16x16 images", A + ["--patch", F["patch_size16"]])
+    for name in ("suite_bad", "suite_key", "suite_nolist", "yaml_bad"):
+        q(f"attack --suite {name}", A + ["--suite", F[name]])
+    q("attack --suite unknown", A + ["--suite", "nosuchsuite"])
+    q("attack --source-checkpoint missing", A + ["--source-bits", 4, "--source-checkpoint", w / "nope.pt"])
+    q("attack --out the protected run", A[:-1] + [P["run"]])
+    q("attack --out holds the checkpoint", A[:-1] + [P["run"].parent, "--overwrite"])
+    for flag, v in (("--format", "tflite"), ("--weight-type", "int4")):
+        q(f"export {flag} {v}", X + [flag, v])
+    for v in (3, 32, 0):
+        q(f"export --bits {v}", ["export", "--checkpoint", ck, "--bits", v, "--out", out / "m.onnx"])
+    q("export --out is the checkpoint", X[:-1] + [ck])
+    q("export --out a folder", X[:-1] + [w])
+    q("export --checkpoint inf weights", ["export", "--checkpoint", F["inf"], "--bits", 4, "--out", out / "m.onnx"])
+    q("verify missing", ["verify", w / "nope.onnx"])
+    q("verify text", ["verify", F["text"]])
+    q("verify --level bogus", ["verify", F["text"], "--level", "bogus"])
+    q("bundle --n 0", BU + ["--n", 0])
+    q("bundle --patch missing", BU + ["--patch", w / "nope.npz"])
+    q("bundle --patch values > 1", BU + ["--patch", F["patch_big"]])
+    q("bundle --patch for 16x16 images", BU + ["--patch", F["patch_size16"]])
+    q("bundle --out the protected bundle", BU[:-1] + [P["bundle"]])
+    q("bundle --out holds the checkpoint --overwrite", BU[:-1] + [P["run"], "--overwrite"])
+    q("bundle --bits 3 untrained", ["bundle", "--checkpoint", ck, "--bits", 3, "--n", 8, "--out", out / "b"])
+    q("pipeline --export-bits not trained", PI + ["--bits", "2,4", "--export-bits", 8])
+    q("pipeline --export-bits 32", PI + ["--export-bits", 32])
+    q("pipeline --patch-size 0", PI + ["--patch-size", 0])
+    q("pipeline --patch-size 40", PI + ["--patch-size", 40])
+    q("pipeline --n-attack >= train set", PI + ["--n-attack", 500])
+    q("pipeline --model unknown", PI + ["--model", "nosuch"])
+    q("pipeline --threads -1", PI + ["--threads", -1])
+    q("pipeline --out the protected run --overwrite --bits 9", PI[:2] + [P["run"], "--overwrite", "--bits", 9])
+    r("run_edge --bundle missing", R + [w / "nope"])
+    r("run_edge --bundle a file", R + [F["afile"]])
+    r("run_edge --bundle a run folder", R + [P["run"]])
+    for name, d in B.items():
+        r(f"run_edge {name}", R + [d, "--skip-latency"])
+    for flag, v in (("--threads", "2000"), ("--batch", "0"), ("--warmup", "-1"), ("--tolerance", "inf"),
+                    ("--json", w / "no" / "r.json"), ("--save-logits", P["bundle"] / "model.onnx")):
+        r(f"run_edge {flag} {v}", R + [P["bundle"], flag, v])
+    return c
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="write the per-case outcomes here (JSON)")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    from bench.run_edge import main as run_edge_main
+    from qnn.cli import main as qnn_main
+
+    with tempfile.TemporaryDirectory() as tmp:
+        w = Path(tmp)
+        P = setup(w)
+        F = files(w, P)
+        B = bundle_variants(w, P["bundle"])
+        protected = tree_hashes(w / "protected")
+        outcomes, t0 = [], time.perf_counter()
+        cwd = os.getcwd()
+        os.chdir(w)  # `--out .` must not be able to reach the repository
+        try:
+            for name, tool, argv in cases(w, P, F, B):
+                rc, err, exc = run_case(qnn_main if tool == "qnn" else run_edge_main, argv)
+                prefix = f"{tool}: error:"
+                one_line = bool(err) and "\n" not in err and err.startswith(prefix)
+                intact = tree_hashes(w / "protected") == protected
+                ok = exc is None and rc not in (None, 0) and one_line and intact
+                outcomes.append({"case": name, "rc": rc, "ok": ok, "stderr": err[-300:], "exception": exc,
+                                 "protected_unchanged": intact})
+                print(f"{'ok  ' if ok else 'FAIL'} rc={rc} {name}: {(exc or err).splitlines()[-1][:150] if (exc or err) else ''}",
+                      flush=True)
+        finally:
+            os.chdir(cwd)
+    n_ok = sum(o["ok"] for o in outcomes)
+    print(f"\n{n_ok} passed, {len(outcomes) - n_ok} failed ({len(outcomes)} hostile cases, "
+          f"{time.perf_counter() - t0:.0f}s)")
+    if a.out:
+        from qnn.checkpoint import atomic_write_json
+        from qnn.train import versions
+
+        atomic_write_json(a.out, {"cases": outcomes, "passed": n_ok, "failed": len(outcomes) - n_ok,
+                                  "versions": versions()})
+    return 0 if n_ok == len(outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""Hostile but fair use: bad numbers, bad data, bad files and faults give one line and exit 2, and earlier results
+are byte-for-byte unchanged (sha256 of every file before and after)."""
+
+import hashlib
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from qnn.config import TrainConfig
+from qnn.errors import QNNError
+from qnn.train import train
+from tests.conftest import cli_error, run_cli
+
+TINY = dict(model="small_cnn", n_synthetic=256, batch_size=64, progress=False, lr=0.05)
+
+
+def tree_hashes(d) -> dict:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def earlier_run(tmp_path_factory):
+    """A finished training run, copied afresh for each test that attacks it."""
+    d = tmp_path_factory.mktemp("earlier") / "run"
+    train(TrainConfig(bits=[4], epochs=1, out_dir=str(d), **TINY))
+    return d
+
+
+@pytest.fixture()
+def run_copy(earlier_run, tmp_path):
+    d = tmp_path / "run"
+    shutil.copytree(earlier_run, d)
+    return d, tree_hashes(d)
+
+
+def _cifar_dir(tmp_path, name, x, y):
+    d = tmp_path / name
+    d.mkdir()
+    for split in ("train", "test"):
+        np.savez(d / f"{split}.npz", x=x, y=y)
+    return d
+
+
+# --------------------------------------------------------------------------- class 2: non-finite numbers
+
+
+def test_non_finite_numbers_are_refused(tmp_path, capsys, trained_ckpt):
+    t = ["train", "--model", "small_cnn", "--no-progress", "--out", tmp_path / "t"]
+    for flag, v in (("--lr", "nan"), ("--lr", "inf"), ("--lr", "-inf"), ("--weight-decay", "nan"),
+                    ("--distill-temp", "inf"), ("--lambda-gir", "nan")):
+        assert flag in cli_error(t + [flag, v], capsys)
+    assert "finite" in cli_error(t + ["--defense", "qadtr", "--defense-arg", "lambda_gir=.nan"], capsys)
+    assert "finite" in cli_error(t + ["--defense", "pbat", "--defense-arg", "patch_step=.inf"], capsys)
+    for key, v in (("momentum", ".nan"), ("lr", ".inf"), ("weight_decay", "-.inf"), ("warmup_epochs", ".nan")):
+        (tmp_path / "c.yaml").write_text(f"{key}: {v}\n")
+        assert key in cli_error(t + ["-c", tmp_path / "c.yaml"], capsys)
+    a = ["attack", "--checkpoint", trained_ckpt, "--out", tmp_path / "a"]
+    for flag in ("--step", "--eps", "--scale-max", "--rotation-max", "--patch-frac"):
+        assert flag in cli_error(a + [flag, "nan"], capsys)
+    assert not (tmp_path / "t").exists() and not (tmp_path / "a").exists()
+    with pytest.raises(QNNError, match="finite"):
+        TrainConfig(lr=math.nan)
+
+
+def test_nan_model_patch_and_census_are_not_accepted(tmp_path, capsys, trained_ckpt, monkeypatch):
+    from qnn.attacks.patch import PatchConfig
+
+    obj = torch.load(trained_ckpt, weights_only=True)
+    k = next(k for k, v in obj["state_dict"].items() if v.is_floating_point() and v.numel() > 1)
+    obj["state_dict"][k] = obj["state_dict"][k].clone()
+    obj["state_dict"][k].view(-1)[0] = float("nan")
+    torch.save(obj, tmp_path / "nan.pt")
+    for args in (["export", "--checkpoint", tmp_path / "nan.pt", "--bits", "4", "--out", tmp_path / "m.onnx"],
+                 ["eval", "--checkpoint", tmp_path / "nan.pt"]):
+        assert "non-finite" in cli_error(args, capsys)
+    assert not (tmp_path / "m.onnx").exists()
+    # a NaN patch is refused by `qnn bundle` (not scored as 100% ASR); no bundle folder appears
+    patch = np.random.default_rng(0).random((3, 6, 6)).astype(np.float32)
+    patch[1, 2, 3] = np.nan
+    np.savez(tmp_path / "nan_patch.npz", patch=patch, config=json.dumps(PatchConfig().to_dict()))
+    b = ["bundle", "--checkpoint", trained_ckpt, "--bits", "4", "--n", "16", "--out", tmp_path / "b"]
+    assert "finite" in cli_error(b + ["--patch", tmp_path / "nan_patch.npz"], capsys)
+    assert not (tmp_path / "b").exists()
+    # training that diverges stops with one line and writes no model
+    import qnn.train as T
+
+    real = T.train_step
+
+    def diverging(*a, **kw):
+        loss, logits = real(*a, **kw)
+        return loss * float("nan"), logits
+
+    monkeypatch.setattr(T, "train_step", diverging)
+    with pytest.raises(QNNError, match="diverged"):
+        train(TrainConfig(bits=[4], epochs=1, out_dir=str(tmp_path / "div"), **TINY))
+    assert not (tmp_path / "div").exists()
+    monkeypatch.undo()
+    # an export whose census finds float compute exits non-zero
+    import export.verify as V
+
+    monkeypatch.setattr(V, "verify", lambda *a, **k: {"fully_integer": False, "float_compute_ops": ["Conv"], "ops": {}})
+    capsys.readouterr()
+    assert run_cli(["export", "--checkpoint", trained_ckpt, "--bits", "4", "--out", tmp_path / "f.onnx"]) == 1
+    assert "NOT fully integer" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- class 3: earlier results survive
+
+
+def test_overwrite_validates_before_touching_the_earlier_run(run_copy, tmp_path, capsys):
+    d, before = run_copy
+    base = ["train", "--model", "small_cnn", "--no-progress", "--bits", "4", "--epochs", "1", "--out", d, "--overwrite"]
+    assert "not found" in cli_error(base + ["--dataset", "cifar10", "--data-dir", tmp_path / "typo"], capsys)
+    assert "unknown model" in cli_error(base[:2] + ["nosuchnet"] + base[3:], capsys)
+    assert "not found" in cli_error(base + ["--init", tmp_path / "missing.pt"], capsys)
+    assert "unknown option" in cli_error(base + ["--defense", "qadtr", "--defense-arg", "typo=1"], capsys)
+    assert tree_hashes(d) == before
+    assert not (tmp_path / "run.partial").exists()
+
+
+def test_interrupted_overwrite_keeps_the_earlier_run_and_resumes(run_copy, tmp_path):
+    d, before = run_copy
+    from tests.qnn.test_train import _train_epochs
+
+    cfg = TrainConfig(bits=[4], epochs=2, out_dir=str(d), overwrite=True, seed=3, **TINY)
+    _train_epochs(cfg, stop_after=1)
+    assert tree_hashes(d) == before  # the earlier run is untouched
+    assert (tmp_path / "run.partial" / "last.pt").is_file()
+    # resuming with other settings names the keys that differ
+    for change, key in ((dict(bits=[2, 4]), "bits"), (dict(seed=4), "seed"), (dict(lr=0.1), "lr")):
+        with pytest.raises(QNNError, match=f"other settings: {key}"):
+            train(TrainConfig(**{**cfg.to_dict(), "resume": True, **change}))
+    assert tree_hashes(d) == before
+    train(TrainConfig(**{**cfg.to_dict(), "resume": True}))
+    assert tree_hashes(d) != before and not (tmp_path / "run.partial").exists()
+    assert len(json.loads((d / "metrics.json").read_text())["history"]) == 2
+
+
+def test_outputs_that_are_inputs_or_locked_are_refused(trained_ckpt, tmp_path, capsys):
+    from qnn.outputs import RunLock
+
+    ck = tmp_path / "model.pt"
+    shutil.copy(trained_ckpt, ck)
+    h = hashlib.sha256(ck.read_bytes()).hexdigest()
+    assert "is (or holds) the input" in cli_error(["export", "--checkpoint", ck, "--bits", "4", "--out", ck], capsys)
+    assert "is (or holds) the input" in cli_error(["eval", "--checkpoint", ck, "--json", ck], capsys)
+    assert "is (or holds) the input" in cli_error(
+        ["bundle", "--checkpoint", ck, "--bits", "4", "--out", tmp_path, "--overwrite"], capsys)
+    assert "is (or holds) the input" in cli_error(
+        ["attack", "--checkpoint", ck, "--out", tmp_path, "--overwrite"], capsys)
+    assert "is (or holds) the input" in cli_error(
+        ["train", "--no-progress", "--init", ck, "--out", tmp_path, "--overwrite"], capsys)
+    assert hashlib.sha256(ck.read_bytes()).hexdigest() == h
+    # a second run into a folder another run is writing is refused
+    with RunLock(tmp_path / "busy"):
+        assert "another run is writing" in cli_error(
+            ["train", "--model", "small_cnn", "--no-progress", "--epochs", "1", "--out", tmp_path / "busy"], capsys)
+    assert not (tmp_path / "busy").exists()
+    # outputs that are files where folders are wanted (and the reverse)
+    (tmp_path / "afile").write_text("keep me")
+    assert "is a file" in cli_error(["train", "--no-progress", "--out", tmp_path / "afile"], capsys)
+    assert "is a file" in cli_error(["train", "--no-progress", "--out", tmp_path / "afile" / "sub"], capsys)
+    assert "is a folder" in cli_error(["eval", "--checkpoint", ck, "--json", tmp_path], capsys)
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_crash_during_bundle_overwrite_keeps_the_earlier_bundle(trained_ckpt, tmp_path, monkeypatch):
+    import export.bundle as B
+    from qnn.attacks.patch import PatchConfig
+    from qnn.checkpoint import load_checkpoint
+    from qnn.data import load_dataset
+
+    m, _ = load_checkpoint(trained_ckpt)
+    ds = load_dataset("synthetic", "test", n_synthetic=2000).subset(16)
+    p = [("p6", torch.rand(3, 6, 6), PatchConfig())]
+    b = B.build_bundle(m, 4, tmp_path / "b", ds.x, ds.y, p)
+    before = tree_hashes(b)
+    real = B._write_bundle
+
+    def crash(model, bits, out, *a):
+        real(model, bits, out, *a)
+        (out / "model.onnx").write_bytes(b"half written")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(B, "_write_bundle", crash)
+    with pytest.raises(KeyboardInterrupt):
+        B.build_bundle(m, 8, tmp_path / "b", ds.x, ds.y, p, overwrite=True)
+    assert tree_hashes(b) == before
+    B.check_manifest(b)
+    monkeypatch.undo()
+    with pytest.raises(QNNError, match="patch name"):
+        B.build_bundle(m, 4, tmp_path / "c", ds.x, ds.y, [("../x", torch.rand(3, 6, 6), PatchConfig())])
+    # a finished overwrite replaces it whole, and the result passes its own manifest
+    B.build_bundle(m, 8, tmp_path / "b", ds.x, ds.y, p, overwrite=True)
+    assert json.loads((b / "expected.json").read_text())["bits"] == 8
+    B.check_manifest(b)
+
+
+# --------------------------------------------------------------------------- class 4: resume
+
+
+def test_pipeline_bad_options_keep_the_earlier_run_and_resume_is_per_stage(tmp_path, capsys, monkeypatch):
+    import qnn.train as T
+
+    out = tmp_path / "pipe"
+    args = ["pipeline", "--out", out, "--n-synthetic", 300, "--bits", "4,8", "--export-bits", "4", "--patch-iters", 2,
+            "--n-attack", 32, "--n-eval", 32, "--epochs", 1]
+    # interrupt in the second training stage
+    real, calls = T.train, {"n": 0}
+
+    def crash_second(cfg):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(cfg)
+
+    monkeypatch.setattr(T, "train", crash_second)
+    assert run_cli(args) == 130
+    capsys.readouterr()
+    monkeypatch.undo()
+    part = tmp_path / "pipe.partial"
+    trained = ("model.pt", "last.pt", "metrics.json", "config.json")
+    qat = {f: v for f, v in tree_hashes(part / "qat").items() if f in trained}
+    assert set(qat) == set(trained)
+    assert "other settings: model" in cli_error(args + ["--resume", "--model", "resnet20"], capsys)
+    assert "other settings: epochs" in cli_error(args[:-1] + [2, "--resume"], capsys)
+    assert run_cli(args + ["--resume"]) == 0  # not refused; the finished stage is reused as it was
+    assert {f: v for f, v in tree_hashes(out / "qat").items() if f in trained} == qat and not part.exists()
+    before = tree_hashes(out)
+    assert "export bit-width 3" in cli_error(args + ["--overwrite", "--export-bits", "3"], capsys)
+    assert "--n-attack" in cli_error(args + ["--overwrite", "--n-attack", 300], capsys)
+    assert tree_hashes(out) == before
+
+
+# --------------------------------------------------------------------------- class 5: bad data
+
+
+def test_bad_data_is_refused(tmp_path, capsys, trained_ckpt):
+    x = np.zeros((20, 32, 32, 3), np.uint8)
+    t = ["train", "--model", "small_cnn", "--no-progress", "--dataset", "cifar10", "--out", tmp_path / "o"]
+    e = ["eval", "--checkpoint", trained_ckpt, "--dataset", "cifar10"]
+    d = _cifar_dir(tmp_path, "range", x, np.arange(20) % 11)
+    assert "0..9" in cli_error(t + ["--data-dir", d], capsys)
+    assert "0..9" in cli_error(e + ["--data-dir", d], capsys)
+    d = _cifar_dir(tmp_path, "neg", x, np.arange(20) % 10 - 1)
+    assert "0..9" in cli_error(e + ["--data-dir", d], capsys)
+    d = _cifar_dir(tmp_path, "float", x, (np.arange(20) % 10) + 0.7)
+    assert "integer" in cli_error(t + ["--data-dir", d], capsys)
+    d = _cifar_dir(tmp_path, "small", np.zeros((20, 16, 16, 3), np.uint8), np.arange(20) % 10)
+    assert "32x32" in cli_error(t + ["--data-dir", d], capsys)
+    assert "32x32" in cli_error(["bundle", "--checkpoint", trained_ckpt, "--bits", "4", "--dataset", "cifar10",
+                                 "--data-dir", d, "--out", tmp_path / "b"], capsys)
+    assert "--subset" in cli_error(["eval", "--checkpoint", trained_ckpt, "--subset", "-5"], capsys)
+    assert "--subset" in cli_error(["eval", "--checkpoint", trained_ckpt, "--subset", "0"], capsys)
+    assert "--patch-size" in cli_error(["attack", "--checkpoint", trained_ckpt, "--patch-size", "0",
+                                        "--out", tmp_path / "a"], capsys)
+    assert "more than once" in cli_error(["train", "--no-progress", "--bits", "4,8,8,32,4", "--out", tmp_path / "o"],
+                                         capsys)
+    assert "more than once" in cli_error(e[:3] + ["--bits", "4,4"], capsys)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "b").exists()
+    # images of another size than the model takes (an image folder of 16x16 images for a 32x32 model)
+    from qnn.checkpoint import load_checkpoint
+    from qnn.data import ArrayDataset, check_data_fits
+
+    m, _ = load_checkpoint(trained_ckpt)
+    with pytest.raises(QNNError, match="takes 32x32"):
+        check_data_fits(m, ArrayDataset(np.zeros((2, 16, 16, 3), np.uint8), np.array([0, 1]), ("a", "b")))
+    with pytest.raises(QNNError, match="outside the model's 10 classes"):
+        check_data_fits(m, ArrayDataset(np.zeros((1, 32, 32, 3), np.uint8), np.array([11]), tuple("abcdefghijkl")))
+
+
+# --------------------------------------------------------------------------- class 6: one line, never a traceback
+
+
+def test_malformed_files_and_values_are_one_line_errors(tmp_path, capsys, trained_ckpt):
+    obj = torch.load(trained_ckpt, weights_only=True)
+    for name, edit, msg in (("nosd", lambda o: o.pop("state_dict"), "no state_dict"),
+                            ("sdlist", lambda o: o.update(state_dict=[1, 2]), "no state_dict"),
+                            ("kwlist", lambda o: o.update(arch_kwargs=[1, 2]), "arch_kwargs"),
+                            ("kwbad", lambda o: o.update(arch_kwargs={"bogus": 1}), "arch_kwargs"),
+                            ("noarch", lambda o: o.update(arch=None), "architecture"),
+                            ("bits", lambda o: o.update(trained_bits="four"), "trained_bits")):
+        o = dict(obj)
+        edit(o)
+        torch.save(o, tmp_path / f"{name}.pt")
+        assert msg in cli_error(["eval", "--checkpoint", tmp_path / f"{name}.pt"], capsys), name
+    t = ["train", "--model", "small_cnn", "--no-progress", "--out", tmp_path / "t"]
+    for flag, v in (("--threads", "0"), ("--threads", "-2"), ("--seed", "-1"), ("--epochs", "1.5"),
+                    ("--batch-size", "x"), ("--first-last-bits", "64")):
+        assert flag in cli_error(t + [flag, v], capsys)
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in cli_error(t + ["--device", "cuda"], capsys)
+    assert "unknown device" in cli_error(t + ["--device", "tpu"], capsys)
+    for text, key in (('epochs: "three"', "epochs"), ('lr: "fast"', "lr"), ("epochs: 1.9", "epochs"),
+                      ("epochs: true", "epochs"), ("bits: [4, 4.5]", "bit-widths"), ("overwrite: 1", "overwrite"),
+                      ("model: 3", "model"), ("defense_args: [1]", "defense_args"), ("threads: 0", "threads")):
+        (tmp_path / "c.yaml").write_text(text + "\n")
+        assert key in cli_error(["train", "--no-progress", "--out", tmp_path / "t", "-c", tmp_path / "c.yaml"],
+                                capsys), text
+    (tmp_path / "c.yaml").write_text("- a list\n")
+    assert "mapping" in cli_error(t + ["-c", tmp_path / "c.yaml"], capsys)
+    assert "invalid choice" in cli_error(["nosuchcommand"], capsys)
+    assert not (tmp_path / "t").exists()
