@@ -171,7 +171,7 @@ def make_session(model: bytes, threads: int, profile: bool = False):
 def executed_ops(model: bytes, x: np.ndarray) -> dict:
     """Op types ORT actually executed (from its profiler), and the float compute ops among them."""
     s = make_session(model, 1, profile=True)
-    s.run(None, {s.get_inputs()[0].name: x})
+    run_batches(s, x)
     prof = s.end_profiling()
     ops: dict = {}
     for ev in json.load(open(prof)):
@@ -209,7 +209,10 @@ def apply_patch(x01: np.ndarray, patch: np.ndarray, mask: np.ndarray, loc: np.nd
 
 def run_batches(sess, x: np.ndarray, batch: int = 256) -> np.ndarray:
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+    try:
+        return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+    except Exception as e:  # onnxruntime's own failure (bad graph, shape) is the bundle's fault
+        raise EdgeError(f"onnxruntime failed to run the model: {str(e).splitlines()[0][:160]}") from None
 
 
 def latency(sess, x: np.ndarray, batch: int, warmup: int, iters: int) -> dict:
@@ -242,13 +245,40 @@ def _expected(preds: dict, key: str, n: int) -> np.ndarray:
     return p
 
 
+def _check_expected(exp, name: str) -> None:
+    """The fake-quant figures the bundle carries: every field the runner uses, of its type and range."""
+    def fail(what):
+        raise EdgeError(f"{name}: {what}")
+
+    if not isinstance(exp, dict) or not isinstance(exp.get("patches"), dict):
+        fail("expected results must be an object with a 'patches' mapping")
+    if not isinstance(exp.get("bits"), int) or isinstance(exp["bits"], bool):
+        fail(f"'bits' must be an integer, got {exp.get('bits')!r}")
+    n_cls = exp.get("num_classes")
+    if n_cls is not None and (not isinstance(n_cls, int) or isinstance(n_cls, bool) or n_cls < 1):
+        fail(f"'num_classes' must be a positive integer, got {n_cls!r}")
+    _number(exp.get("clean_acc_pct"), f"{name}: clean_acc_pct", 0, 100)
+    for p, e in exp["patches"].items():
+        if not isinstance(e, dict):
+            fail(f"patch {p!r} must be an object")
+        _number(e.get("asr_pct"), f"{name}: asr_pct of {p}", 0, 100)
+        if not isinstance(e.get("targeted"), bool):
+            fail(f"patch {p!r}: 'targeted' must be true or false")
+        t = e.get("target_class")
+        if e["targeted"] and (not isinstance(t, int) or isinstance(t, bool) or t < 0):
+            fail(f"patch {p!r}: 'target_class' must be a class index, got {t!r}")
+
+
 def _checked_patch(name: str, z: dict, x_shape) -> tuple:
     """(patch, mask, loc) of a bundled patch, checked: finite pixels in [0, 1], shapes that fit the images."""
     patch, mask, loc = z.get("patch"), z.get("mask"), z.get("loc")
     if patch is None or mask is None or loc is None:
         raise EdgeError(f"patch_{name}.npz: needs patch, mask and loc arrays")
     n, _, H, W = x_shape
-    if patch.ndim != 3 or patch.shape[0] != 3 or mask.shape[-2:] != patch.shape[1:] or loc.shape != (n, 2):
+    if any(not np.issubdtype(v.dtype, np.number) for v in (patch, mask, loc)):
+        raise EdgeError(f"patch_{name}.npz: patch, mask and loc must be numeric arrays")
+    if patch.ndim != 3 or patch.shape[0] != 3 or 0 in patch.shape or mask.shape[-2:] != patch.shape[1:] \
+            or loc.shape != (n, 2):
         raise EdgeError(f"patch_{name}.npz: shapes patch {patch.shape}, mask {mask.shape}, loc {loc.shape} do not "
                         f"fit {n} images")
     if not (np.isfinite(patch).all() and np.isfinite(mask).all()) or patch.min() < 0 or patch.max() > 1:
@@ -298,8 +328,7 @@ def _run(a) -> int:
             check_output_path(path, bundle, what)
     man = bundle.manifest
     exp = bundle.json(man["expected"])
-    if not isinstance(exp, dict) or not isinstance(exp.get("patches"), dict):
-        raise EdgeError(f"{man['expected']}: expected results must be an object with a 'patches' mapping")
+    _check_expected(exp, man["expected"])
     tol = _number(a.tolerance if a.tolerance is not None else exp.get("tolerance_pct", 0.5), "tolerance", 0.0, 100.0)
     model = bundle.read(man["model"])
     sess = make_session(model, threads)
@@ -311,8 +340,8 @@ def _run(a) -> int:
         raise EdgeError("model metadata has no valid input_normalisation (mean and std of 3 channels)") from None
     ev = bundle.npz(man["eval"])
     x_u8, y = ev.get("x"), ev.get("y")
-    if x_u8 is None or y is None or x_u8.dtype != np.uint8 or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) \
-            or len(y) != len(x_u8) or len(y) == 0:
+    if x_u8 is None or y is None or x_u8.dtype != np.uint8 or x_u8.ndim != 4 or y.ndim != 1 \
+            or not np.issubdtype(y.dtype, np.integer) or len(y) != len(x_u8) or len(y) == 0 or y.min() < 0:
         raise EdgeError(f"{man['eval']}: needs uint8 images x (NHWC) and one integer label y per image")
     y = y.astype(np.int64)
     in_shape = sess.get_inputs()[0].shape
@@ -322,7 +351,7 @@ def _run(a) -> int:
     x = ((x01 - mean) / std).astype(np.float32)
     census = executed_ops(model, x[:2])
     logits = run_batches(sess, x)
-    n_cls = exp.get("num_classes", int(y.max()) + 1)
+    n_cls = exp.get("num_classes") or int(y.max()) + 1
     if logits.ndim != 2 or logits.shape[0] != len(y) or logits.shape[1] != n_cls or logits.shape[1] <= y.max():
         raise EdgeError(f"model output shape {list(logits.shape)} does not fit {len(y)} images of {n_cls} classes")
     pred = logits.argmax(1)
@@ -331,7 +360,7 @@ def _run(a) -> int:
            "optimisation_level": "ORT_ENABLE_EXTENDED", "model_bytes": len(model),
            "bits": exp.get("bits"), "n_images": int(len(y)), "graph": census, "tolerance_pct": tol}
     acc_int = 100.0 * float((pred == y).mean())
-    rows = [("clean accuracy %", _number(exp.get("clean_acc_pct"), "clean_acc_pct", 0, 100), acc_int,
+    rows = [("clean accuracy %", exp["clean_acc_pct"], acc_int,
              100.0 * float((pred == _expected(exp_pred, "clean", len(y))).mean()))]
     all_logits = {"clean": logits}
     for name, e in exp["patches"].items():
@@ -340,10 +369,7 @@ def _run(a) -> int:
         lp = run_batches(sess, ((xp01 - mean) / std).astype(np.float32))
         all_logits[f"patch_{name}"] = lp
         ap_ = lp.argmax(1)
-        if not isinstance(e, dict):
-            raise EdgeError(f"expected results of patch {name!r} must be an object")
-        rows.append((f"ASR % [{name}]", _number(e.get("asr_pct"), f"asr_pct of {name}", 0, 100),
-                     asr(pred, ap_, y, bool(e.get("targeted")), e.get("target_class")),
+        rows.append((f"ASR % [{name}]", e["asr_pct"], asr(pred, ap_, y, e["targeted"], e["target_class"]),
                      100.0 * float((ap_ == _expected(exp_pred, f"patch_{name}", len(y))).mean())))
     res["comparison"] = [{"metric": r[0], "fake_quant": r[1], "integer": r[2], "top1_agreement_pct": r[3],
                           "abs_diff": abs(r[1] - r[2])} for r in rows]

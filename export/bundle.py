@@ -28,15 +28,17 @@ def build_bundle(model, bits: int, out_dir: str | Path, x_uint8: np.ndarray, y: 
                  tolerance_pct: float = 0.5, overwrite: bool = False) -> Path:
     """Write the bundle. `patches`: (name, patch (3,h,w), PatchConfig) evaluated at fixed per-image locations.
     Built beside `out_dir` and swapped in when complete and checked: an earlier bundle survives a failure."""
-    from qnn.outputs import RunLock, StagedDir
+    from qnn.outputs import StagedDir
 
-    stage = StagedDir(out_dir, overwrite=overwrite, what="bundle")
+    names = [name for name, _, _ in patches]
+    if len(set(names)) != len(names):
+        raise QNNError(f"patch names must differ (each names a file of the bundle), got {names}")
     for name, patch, cfg in patches:  # validated before anything is written
         if not isinstance(name, str) or not name or any(c in name for c in "/\\\0") or name.startswith("."):
             raise QNNError(f"patch name {name!r} is not a plain file name")
         if tuple(patch.shape) != (3, *cfg.patch_shape) or not bool(((patch >= 0) & (patch <= 1)).all()):
             raise QNNError(f"patch '{name}': expected finite pixels in [0, 1] of shape {(3, *cfg.patch_shape)}")
-    with RunLock(stage.out):
+    with StagedDir(out_dir, overwrite=overwrite, what="bundle") as stage:
         out = stage.prepare()
         _write_bundle(model, bits, out, x_uint8, y, patches, checkpoint_sha, tolerance_pct)
         check_manifest(out)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from qnn.errors import QNNError
-from qnn.outputs import check_output
+from qnn.outputs import StagedDir, check_output
 from qnn.validate import arg_int
 
 
@@ -91,7 +91,7 @@ def cmd_bundle(a) -> int:
     from qnn.attacks.patch import load_patch
     from qnn.data import check_data_fits, load_dataset
 
-    check_output(a.out, "dir", (a.checkpoint, a.data_dir, *a.patch))
+    StagedDir(a.out, overwrite=a.overwrite, what="bundle", inputs=(a.checkpoint, a.data_dir, *a.patch))  # checks only
     model, obj, sha = _load_at_bits(a.checkpoint, a.bits)
     ds = load_dataset(a.dataset, "test", a.data_dir).subset(a.n)
     check_data_fits(model, ds, "bundle images")

@@ -10,7 +10,7 @@ import json
 import sys
 
 from qnn.errors import QNNError
-from qnn.validate import arg_float, arg_int
+from qnn.validate import arg_float, arg_int, arg_seed
 
 
 def _add_train(sub) -> None:
@@ -26,7 +26,7 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", dest="batch_size", type=arg_int(1), help="images per step (default 128)")
     p.add_argument("--lr", type=arg_float(0, 100, lo_open=True), help="peak SGD learning rate, cosine decay (default 0.05)")
     p.add_argument("--weight-decay", dest="weight_decay", type=arg_float(0, 1), help="L2 weight decay (default 5e-4)")
-    p.add_argument("--seed", type=arg_int(0), help="seed of data order, augmentation and bit-width draws (default 0)")
+    p.add_argument("--seed", type=arg_seed(), help="seed of data order, augmentation and bit-width draws (default 0)")
     p.add_argument("--threads", type=arg_int(1, 1024), help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--train-subset", dest="train_subset", type=arg_int(1), help="train on the first N images only")
     p.add_argument("--test-subset", dest="test_subset", type=arg_int(1), help="evaluate on the first N test images only")
@@ -97,7 +97,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--subset", type=arg_int(1), help="evaluate on the first N test images")
     p.add_argument("--calibrate", action="store_true", help="recompute BN/scales for bit-widths never trained")
     p.add_argument("--json", help="write the result here")
-    p.add_argument("--seed", type=arg_int(0), default=0)
+    p.add_argument("--seed", type=arg_seed(), default=0)
 
 
 def cmd_eval(a) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 
 from qnn.errors import QNNError
 from qnn.layers import BIT_CHOICES
-from qnn.validate import check_field_types, check_float, check_int
+from qnn.validate import MAX_SEED, check_field_types, check_float, check_int
 
 SCHEDULES = ("fixed", "random", "round_robin", "curriculum")
 
@@ -99,7 +99,7 @@ class TrainConfig:
             self.schedule = "random"  # a set of bit-widths means DBWT; 'fixed' is for one bit-width
         check_int("epochs", self.epochs, 1)
         check_int("batch_size", self.batch_size, 1)
-        check_int("seed", self.seed, 0, 2**63 - 1)
+        check_int("seed", self.seed, 0, MAX_SEED)
         check_float("lr", self.lr, 0.0, 100.0, lo_open=True)
         check_float("momentum", self.momentum, 0.0, 0.999)
         check_float("weight_decay", self.weight_decay, 0.0, 1.0)

@@ -154,7 +154,10 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
     if "data" not in d or "labels" not in d:
         raise QNNError(f"{path}: not a CIFAR batch (no data/labels)")
-    x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    try:
+        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    except (ValueError, TypeError) as e:
+        raise QNNError(f"{path}: CIFAR batch data is not N x 3072 bytes: {str(e)[:100]}") from None
     return np.ascontiguousarray(x), np.asarray(d["labels"])  # dtype kept: ArrayDataset refuses float labels
 
 

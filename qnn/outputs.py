@@ -5,7 +5,7 @@
 - `RunLock`: while a run writes a folder, a second run into the same folder is refused.
 - `StagedDir`: a run writes into `<out>.partial` beside `<out>`; only when it has finished is the earlier `<out>`
   replaced (rename aside, rename into place, delete the old one). A crash leaves `<out>` as it was, and the
-  `.partial` folder is what `--resume` continues.
+  `.partial` folder is what `--resume` continues. It holds the `RunLock` from its decision to the swap.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def check_output(path: str | Path, kind: str = "file", inputs: tuple = ()) -> Pa
             continue
         i = Path(i)
         ri, rp = i.resolve(), p.resolve()
-        if _same(p, i) or ri == rp or (kind == "dir" and rp in ri.parents):
-            raise QNNError(f"output {p} is (or holds) the input {i}; write the output elsewhere")
+        if _same(p, i) or ri == rp or (kind == "dir" and rp in ri.parents) or ri in rp.parents:
+            raise QNNError(f"output {p} is, holds or lies inside the input {i}; write the output elsewhere")
     parent = p.resolve().parent
     while not parent.exists():  # the nearest existing folder decides whether the output can be created
         parent = parent.parent
@@ -96,32 +96,81 @@ class RunLock:
 
 
 class StagedDir:
-    """Where a run into `out` writes, and the swap that publishes it.
+    """Where a run into `out` writes, and the swap that publishes it. A context manager: it holds the run's lock from
+    the decision (is there an earlier result? what does --resume continue?) to the swap, so two runs can neither both
+    decide that `out` is free nor publish over each other.
 
-    mode 'new': fresh staging folder (an earlier `<out>.partial` is removed only with overwrite);
-    mode 'resume': continue `<out>.partial` if present, else the finished `out` in place, else start fresh.
+    A new run writes a fresh `<out>.partial` (an earlier `.partial` is removed only with overwrite). With `resume`,
+    it continues `<out>.partial` if that holds anything, else `out` in place if `out` is a run that can be resumed
+    (holds `marker`), else starts fresh; an `out` holding other results is never replaced without overwrite.
     `work` is the folder to write; `publish()` moves it to `out` (no-op when `work` is `out`).
     """
 
-    def __init__(self, out: str | Path, overwrite: bool = False, resume: bool = False,
-                 what: str = "run"):
-        self.out = Path(out)
+    def __init__(self, out: str | Path, overwrite: bool = False, resume: bool = False, what: str = "run",
+                 marker: str | None = None, inputs: tuple = (), lock: bool = True):
+        self.out = check_output(out, "dir", inputs)
+        if self.out.name.endswith(PARTIAL):
+            raise QNNError(f"output {self.out}: names ending in '{PARTIAL}' are kept for the staging folders of runs")
         self.partial = self.out.with_name(self.out.name + PARTIAL)
-        self.overwrite, self.resume, self.what = overwrite, resume, what
-        check_output(self.out, "dir")
+        self.old = self.out.with_name(f".{self.out.name}.old")
+        self.overwrite, self.resume, self.what, self.marker = overwrite, resume, what, marker
+        self.lock = RunLock(self.out) if lock else None
+        self.work: Path | None = None
+        self.resuming = False
+
+    def __enter__(self) -> "StagedDir":
+        if self.lock is not None:
+            self.lock.__enter__()
+        try:
+            self._recover()
+            self._decide()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.__exit__()
+
+    def _recover(self) -> None:
+        """Finish a swap a crash interrupted: between its two renames `out` is missing and the earlier result waits
+        in `.<out>.old` (put it back; the finished work is still in `.partial` for --resume to publish); after
+        them the earlier result is superseded (delete it)."""
+        if self.old.exists():
+            if self.out.exists():
+                shutil.rmtree(self.old, ignore_errors=True)
+            else:
+                os.replace(self.old, self.out)
+
+    def _decide(self) -> None:
+        resume_hint = " or --resume to continue it" if self.marker else ""
         if self.partial.exists() and not self.partial.is_dir():
             raise QNNError(f"{self.partial} is a file; remove it or choose another output")
-        if resume:
-            self.work = self.partial if self.partial.is_dir() else (self.out if holds_results(self.out) else self.partial)
+        if self.resume:
+            if holds_results(self.partial):
+                self.work = self.partial
+            elif self.marker and (self.out / self.marker).is_file():
+                self.work = self.out
+            elif holds_results(self.out) and not self.overwrite:
+                raise QNNError(f"--resume: {self.out} holds results that are not a {self.what} to resume; pass "
+                               f"--overwrite to replace them, or choose another output")
+            else:
+                self.work = self.partial
         else:
-            if holds_results(self.out) and not overwrite:
-                raise QNNError(f"output {self.out} holds an earlier {what}; pass --overwrite to replace it (it is "
-                               f"replaced only when the new {what} has finished) or --resume to continue it")
-            if holds_results(self.partial) and not overwrite:
-                raise QNNError(f"{self.partial} holds an interrupted {what}; pass --resume to continue it or "
-                               f"--overwrite to start again")
+            if holds_results(self.out) and not self.overwrite:
+                raise QNNError(f"output {self.out} holds an earlier {self.what}; pass --overwrite to replace it (it is "
+                               f"replaced only when the new {self.what} has finished){resume_hint}")
+            if holds_results(self.partial) and not self.overwrite:
+                raise QNNError(f"{self.partial} holds an interrupted {self.what}; pass "
+                               f"{'--resume to continue it or ' if self.marker else ''}--overwrite to start again")
             self.work = self.partial
-        self.resuming = resume and holds_results(self.work)
+        self.resuming = self.resume and holds_results(self.work)
+
+    def follow(self) -> Path:
+        """For a data-parallel rank other than 0: the folder rank 0 prepared (read after a barrier)."""
+        self.work = self.partial if self.partial.is_dir() else self.out
+        return self.work
 
     def prepare(self) -> Path:
         """Create the folder to write (call after validation: nothing is touched before)."""
@@ -134,17 +183,13 @@ class StagedDir:
         return self.work
 
     def publish(self) -> Path:
-        """Replace `out` with the finished work: the earlier `out` is renamed aside, then deleted."""
+        """Replace `out` with the finished work: the earlier `out` is renamed aside, the work renamed into place,
+        then the earlier one deleted (a crash in between is repaired by the next run's `_recover`)."""
         if self.work == self.out:
             return self.out
-        old = None
         if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(self.out, old)
+            os.replace(self.out, self.old)
         os.replace(self.work, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(self.old, ignore_errors=True)
         self.work = self.out
         return self.out

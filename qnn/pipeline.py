@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 from qnn.errors import QNNError
-from qnn.validate import arg_int
+from qnn.validate import arg_int, arg_seed
 
 CONFIG = "pipeline_config.json"
 RESUME_IGNORED = ("out", "overwrite", "resume", "threads")
+STAGES = (("qat", "none"), ("qadtr", "qadtr"))  # (stage folder, defense)
 
 
 def add_parser(sub) -> None:
@@ -38,7 +39,7 @@ def add_parser(sub) -> None:
     p.add_argument("--n-attack", type=arg_int(1), default=500, help="training images the patch is crafted on (default 500)")
     p.add_argument("--n-eval", type=arg_int(1), default=500, help="test images scored (default 500)")
     p.add_argument("--threads", type=arg_int(1, 1024), default=2, help="CPU threads (default 2)")
-    p.add_argument("--seed", type=arg_int(0), default=0)
+    p.add_argument("--seed", type=arg_seed(), default=0)
     p.add_argument("--out", default="runs/pipeline")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", action="store_true", help="reuse finished stages of an interrupted run")
@@ -53,43 +54,58 @@ def cmd_pipeline(a) -> int:
 
     from qnn.attacks.patch import PatchConfig
     from qnn.checkpoint import atomic_write_json
-    from qnn.config import TrainConfig, parse_bits
+    from qnn.config import parse_bits
     from qnn.data import load_dataset
-    from qnn.outputs import RunLock, StagedDir, check_output
+    from qnn.outputs import StagedDir
     from qnn.train import versions
 
     torch.set_num_threads(a.threads)
-    # everything is validated before any output is touched
     config = {k: v for k, v in vars(a).items() if k not in ("func", "cmd")}
-    stage = StagedDir(check_output(a.out, "dir", (a.init, a.data_dir)), a.overwrite, a.resume, "pipeline run")
-    bits = parse_bits(a.bits)
-    ebits = parse_bits(a.export_bits)
-    for b in ebits:
-        if b not in bits or b > 8:
-            raise QNNError(f"export bit-width {b} must be in the training set {bits} and <= 8")
-    TrainConfig(model=a.model, dataset=a.dataset, data_dir=a.data_dir, init=a.init, bits=bits, epochs=a.epochs)
-    if stage.resuming and (stage.work / CONFIG).is_file():
-        saved = json.loads((stage.work / CONFIG).read_text())
-        diff = sorted(k for k in set(saved) | set(config) if k not in RESUME_IGNORED and saved.get(k) != config.get(k))
-        if diff:
-            raise QNNError(f"--resume: {stage.work} was started with other settings: " + ", ".join(
-                f"{k} (saved {saved.get(k)!r}, now {config.get(k)!r})" for k in diff) + "; use the same settings or --overwrite")
-    t_start = time.perf_counter()
-    test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed, n_synthetic=a.n_synthetic)
-    train_ds = load_dataset(a.dataset, "train", a.data_dir, seed=a.seed, n_synthetic=a.n_synthetic)
-    if a.n_attack >= len(train_ds):
-        raise QNNError(f"--n-attack {a.n_attack} must be smaller than the {len(train_ds)} training images")
-    xe, ye = test.subset(a.n_eval).tensors()
-    xa, ya = train_ds.subset(a.n_attack, start=len(train_ds) - a.n_attack).tensors()
-    PatchConfig(patch_shape=(a.patch_size, a.patch_size), iterations=a.patch_iters, image_size=tuple(xe.shape[-2:]))
-    report = {"config": config, "versions": versions(), "models": {}}
-    with RunLock(stage.out):
+    with StagedDir(a.out, a.overwrite, a.resume, "pipeline run", marker=CONFIG, inputs=(a.init, a.data_dir)) as stage:
+        # everything is validated before any output is touched
+        bits = parse_bits(a.bits)
+        ebits = parse_bits(a.export_bits)
+        for b in ebits:
+            if b not in bits or b > 8:
+                raise QNNError(f"export bit-width {b} must be in the training set {bits} and <= 8")
+        from qnn.defenses import make_defense
+        from qnn.models import create_model
+
+        for name, _ in STAGES:  # the exact configs the stages will train with, and their defenses
+            cfg = _train_config(a, name, bits, stage.out / name)
+            make_defense(cfg.defense, cfg.defense_args, cfg, create_model(cfg.model))
+        if stage.resuming and (stage.work / CONFIG).is_file():
+            saved = json.loads((stage.work / CONFIG).read_text())
+            diff = sorted(k for k in set(saved) | set(config) if k not in RESUME_IGNORED and saved.get(k) != config.get(k))
+            if diff:
+                raise QNNError(f"--resume: {stage.work} was started with other settings: " + ", ".join(
+                    f"{k} (saved {saved.get(k)!r}, now {config.get(k)!r})" for k in diff) + "; use the same settings or --overwrite")
+        t_start = time.perf_counter()
+        test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed, n_synthetic=a.n_synthetic)
+        train_ds = load_dataset(a.dataset, "train", a.data_dir, seed=a.seed, n_synthetic=a.n_synthetic)
+        if a.n_attack >= len(train_ds):
+            raise QNNError(f"--n-attack {a.n_attack} must be smaller than the {len(train_ds)} training images")
+        xe, ye = test.subset(a.n_eval).tensors()
+        xa, ya = train_ds.subset(a.n_attack, start=len(train_ds) - a.n_attack).tensors()
+        PatchConfig(patch_shape=(a.patch_size, a.patch_size), iterations=a.patch_iters, seed=a.seed,
+                    image_size=tuple(xe.shape[-2:]))
+        report = {"config": config, "versions": versions(), "models": {}}
         out = stage.prepare()
         atomic_write_json(out / CONFIG, config)
         ok = _run_stages(a, out, bits, ebits, test, xe, ye, xa, ya, report, t_start)
         final = stage.publish()
     print(f"report: {final / 'report.md'} ({'all deployment checks passed' if ok else 'SOME DEPLOYMENT CHECKS FAILED'})")
     return 0 if ok else 1
+
+
+def _train_config(a, name: str, bits, rdir: Path):
+    """The training config of stage `name` (qat: plain QAT; qadtr: QADT-R), resumed stage by stage."""
+    from qnn.config import TrainConfig
+
+    return TrainConfig(model=a.model, dataset=a.dataset, data_dir=a.data_dir, init=a.init, bits=bits,
+                       epochs=a.epochs, n_synthetic=a.n_synthetic, train_subset=a.train_subset,
+                       test_subset=a.n_eval, seed=a.seed, out_dir=str(rdir), resume=True,
+                       defense=dict(STAGES)[name], threads=a.threads, progress=sys.stderr.isatty())
 
 
 def _run_stages(a, out: Path, bits, ebits, test, xe, ye, xa, ya, report: dict, t_start: float) -> bool:
@@ -100,19 +116,15 @@ def _run_stages(a, out: Path, bits, ebits, test, xe, ye, xa, ya, report: dict, t
     from export.verify import verify
     from qnn.attacks.patch import PatchConfig, evaluate_patch, optimize_universal_patch, save_patch
     from qnn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, sha256_file
-    from qnn.config import TrainConfig
     from qnn.data import check_data_fits
     from qnn.layers import set_bit_width_
     from qnn.train import evaluate, train
 
-    for name, defense in (("qat", "none"), ("qadtr", "qadtr")):
+    for name, defense in STAGES:
         _stage(f"train {name} ({a.model}, bits {bits}, {a.epochs} epochs, defense {defense})")
         rdir = out / name
         if not (rdir / "model.pt").is_file():
-            train(TrainConfig(model=a.model, dataset=a.dataset, data_dir=a.data_dir, init=a.init, bits=bits,
-                              epochs=a.epochs, n_synthetic=a.n_synthetic, train_subset=a.train_subset,
-                              test_subset=a.n_eval, seed=a.seed, out_dir=str(rdir), resume=True, defense=defense,
-                              threads=a.threads, progress=sys.stderr.isatty()))
+            train(_train_config(a, name, bits, rdir))
         model, obj = load_checkpoint(rdir / "model.pt")
         check_data_fits(model, test, "test set")
         hist = json.loads((rdir / "metrics.json").read_text())["history"]

@@ -31,7 +31,7 @@ from qnn.data import ArrayDataset, check_data_fits, iterate_batches, load_datase
 from qnn.errors import QNNError
 from qnn.layers import FLOAT_BITS, set_bit_width_
 from qnn.models import create_model
-from qnn.outputs import RunLock, StagedDir, check_output
+from qnn.outputs import StagedDir
 
 
 def versions() -> dict:
@@ -206,24 +206,32 @@ def train(cfg: TrainConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     rank, world = _dist_info()
     device = _device(cfg)
-    # everything is validated (outputs, data, model, defense, teacher) before any output is touched
     inputs = (cfg.init, cfg.distill if cfg.distill != "init" else None, cfg.data_dir)
-    stage = StagedDir(check_output(cfg.out_dir, "dir", inputs), cfg.overwrite, cfg.resume, "training run")
-    train_ds = load_dataset(cfg.dataset, "train", cfg.data_dir, seed=cfg.seed, n_synthetic=cfg.n_synthetic).subset(cfg.train_subset)
-    test_ds = load_dataset(cfg.dataset, "test", cfg.data_dir, seed=cfg.seed, n_synthetic=cfg.n_synthetic).subset(cfg.test_subset)
-    torch.manual_seed(cfg.seed)
-    model = init_model(cfg, num_classes=len(train_ds.classes)).to(device)
-    check_data_fits(model, train_ds, "training set")
-    check_data_fits(model, test_ds, "test set")
-    defense = make_defense(cfg.defense, cfg.defense_args, cfg, model)
-    teacher = load_teacher(cfg, len(train_ds.classes), device)
-    with RunLock(stage.out) if rank == 0 else contextlib.nullcontext():
-        if rank == 0:
-            stage.prepare()
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()  # rank 0 has laid out the folder; every rank now reads the same one
+    stage = StagedDir(cfg.out_dir, cfg.overwrite, cfg.resume, "training run", marker="last.pt", inputs=inputs,
+                      lock=rank == 0)
+    with contextlib.ExitStack() as held:
+        failure = None
+        try:  # everything is validated (outputs, data, model, defense, teacher) before any output is touched
+            if rank == 0:
+                held.enter_context(stage)  # the lock, and the decision what to write into
+            train_ds = load_dataset(cfg.dataset, "train", cfg.data_dir, seed=cfg.seed,
+                                    n_synthetic=cfg.n_synthetic).subset(cfg.train_subset)
+            test_ds = load_dataset(cfg.dataset, "test", cfg.data_dir, seed=cfg.seed,
+                                   n_synthetic=cfg.n_synthetic).subset(cfg.test_subset)
+            torch.manual_seed(cfg.seed)
+            model = init_model(cfg, num_classes=len(train_ds.classes)).to(device)
+            check_data_fits(model, train_ds, "training set")
+            check_data_fits(model, test_ds, "test set")
+            defense = make_defense(cfg.defense, cfg.defense_args, cfg, model)
+            teacher = load_teacher(cfg, len(train_ds.classes), device)
+            if rank == 0:
+                stage.prepare()
+        except QNNError as e:
+            failure = e
+        if not all_ranks_ok(failure is None, world):  # a rank that failed alone must not leave the others waiting
+            raise failure or QNNError("another data-parallel rank could not start (see its message)")
+        if rank != 0:
+            stage.follow()
         result = _train_in(cfg, stage, model, defense, teacher, train_ds, test_ds, rank, world, device)
         if rank == 0:
             stage.publish()
@@ -232,6 +240,17 @@ def train(cfg: TrainConfig) -> dict:
 
         dist.barrier()
     return result
+
+
+def all_ranks_ok(ok: bool, world: int) -> bool:
+    """True when `ok` holds on every data-parallel rank (an all-reduce; just `ok` in a single process)."""
+    if world == 1:
+        return ok
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if ok else 0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _train_in(cfg: TrainConfig, stage: StagedDir, model: nn.Module, defense, teacher, train_ds: ArrayDataset,
@@ -248,22 +267,24 @@ def _train_in(cfg: TrainConfig, stage: StagedDir, model: nn.Module, defense, tea
         * 0.5 * (1 + math.cos(math.pi * step / total))  # noqa: E731
 
     start_epoch, history = 0, []
-    if cfg.resume and (out / "last.pt").is_file():
-        st = load_torch_file(out / "last.pt")
-        if not isinstance(st, dict) or not {"state_dict", "optimizer", "epoch", "history"} <= set(st):
+    if stage.resuming:
+        st = load_torch_file(out / "last.pt") if (out / "last.pt").is_file() else None
+        if st is not None and (not isinstance(st, dict) or not {"state_dict", "optimizer", "epoch", "history"} <= set(st)):
             raise QNNError(f"--resume: {out / 'last.pt'} is not a training state (state_dict, optimizer, epoch)")
-        saved = st.get("config")
-        if saved is None and (out / "config.json").is_file():  # states written before configs were kept in them
+        saved = st.get("config") if st else None
+        if saved is None and (out / "config.json").is_file():  # killed before its first epoch ended, or older states
             saved = json.loads((out / "config.json").read_text()).get("config")
         if saved:
             check_resume_config(saved, cfg, out)
-        try:
-            model.load_state_dict(st["state_dict"])
-            opt.load_state_dict(st["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise QNNError(f"--resume: {out / 'last.pt'} does not fit this model: {' '.join(str(e).split())[:200]}") from None
-        defense.load_state_dict(st.get("defense", {}))
-        start_epoch, history = st["epoch"], st["history"]
+        if st is not None:
+            try:
+                model.load_state_dict(st["state_dict"])
+                opt.load_state_dict(st["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise QNNError(f"--resume: {out / 'last.pt'} does not fit this model: "
+                               f"{' '.join(str(e).split())[:200]}") from None
+            defense.load_state_dict(st.get("defense", {}))
+            start_epoch, history = st["epoch"], st["history"]
 
     if start_epoch == 0:
         xb0, _ = next(iterate_batches(train_ds, cfg.batch_size, True, False, cfg.seed, 0, rank, world))
@@ -294,7 +315,7 @@ def _train_in(cfg: TrainConfig, stage: StagedDir, model: nn.Module, defense, tea
             xb, yb = xb.to(device), yb.to(device)
             loss, logits = train_step(model, train_model, defense, opt, xb, yb, bits, step, teacher, cfg)
             loss_val = loss.item()
-            if not math.isfinite(loss_val):
+            if not all_ranks_ok(math.isfinite(loss_val), world):
                 raise QNNError(f"training diverged: loss is {loss_val} at epoch {epoch + 1}, step {i + 1} ({bits} bits, "
                                f"lr {lr_at(step):.3g}); no model.pt written, the last finished epoch stays in {out}")
             loss_sum += loss_val * len(yb)

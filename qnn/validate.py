@@ -24,6 +24,9 @@ def _range_text(lo, hi, lo_open: bool) -> str:
     return f"<= {hi}"
 
 
+MAX_SEED = 2**31 - 1  # seeds are multiplied and offset before they reach torch's 64-bit generators
+
+
 def check_float(name: str, v: Any, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
     """A finite float (ints are accepted) within [lo, hi] (or (lo, hi] with lo_open)."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -68,6 +71,11 @@ def arg_float(lo: float | None = None, hi: float | None = None, lo_open: bool = 
 def arg_int(lo: int | None = None, hi: int | None = None):
     """argparse `type=`: an int in range."""
     return _argtype(int, lambda v: check_int("value", v, lo, hi), "an integer")
+
+
+def arg_seed():
+    """argparse `type=`: a seed, 0..MAX_SEED."""
+    return arg_int(0, MAX_SEED)
 
 
 def check_field_types(obj) -> None:

@@ -2,7 +2,7 @@
 
     python -m tests.hostile_pass [--out results/hostile_pass.json]
 
-Each case runs the command in this process. It passes when the command exits non-zero with one line on stderr
+Each case runs the command in this process. It passes when the command exits 2 with one line on stderr
 starting with `qnn: error:` / `run_edge: error:` (no traceback), and every file of a protected earlier run, bundle
 and checkpoint is unchanged (sha256 before and after). Prints one line per case and the counts; exits 1 if any
 case failed. Not part of the default test run (it takes a few minutes); tests/qnn/test_hardening.py holds the
@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -118,8 +119,6 @@ def files(w: Path, P: dict) -> dict:
         (f["npz_garbage"] / f"{split}.npz").write_bytes(b"PK\x03\x04garbage")
     f["pickle_evil"] = w / "data_pickle" / "cifar-10-batches-py"
     f["pickle_evil"].mkdir(parents=True)
-    import pickle
-
     for n in ["test_batch"] + [f"data_batch_{i}" for i in range(1, 6)]:
         (f["pickle_evil"] / n).write_bytes(pickle.dumps({"data": os.system, "labels": [0]}))
     f["imgdir_bad"] = w / "imgs" / "cls"
@@ -138,6 +137,12 @@ def files(w: Path, P: dict) -> dict:
     f["suite_bad"].write_text("patches:\n  - {patch_shape: [0, 0]}\n")
     f["suite_key"] = w / "suite_key.yaml"
     f["suite_key"].write_text("patches:\n  - {bogus: 1}\n")
+    f["suite_int"] = w / "suite_int.yaml"
+    f["suite_int"].write_text("patches:\n  - {patch_shape: 5}\n")
+    f["batch_short"] = w / "data_short" / "cifar-10-batches-py"
+    f["batch_short"].mkdir(parents=True)
+    for n in ["test_batch"] + [f"data_batch_{i}" for i in range(1, 6)]:
+        (f["batch_short"] / n).write_bytes(pickle.dumps({"data": b"\x00" * 100, "labels": [0]}))
     f["suite_nolist"] = w / "suite_nolist.yaml"
     f["suite_nolist"].write_text("patches: 3\n")
     f["afile"] = w / "afile"
@@ -292,6 +297,17 @@ def cases(w: Path, P: dict, F: dict, B: dict) -> list[tuple[str, str, list]]:
     q("pipeline --model unknown", PI + ["--model", "nosuch"])
     q("pipeline --threads -1", PI + ["--threads", -1])
     q("pipeline --out the protected run --overwrite --bits 9", PI[:2] + [P["run"], "--overwrite", "--bits", 9])
+    q("pipeline --seed 2**64", PI + ["--seed", 2**64])
+    q("attack --seed 2**64", A + ["--seed", 2**64])
+    q("attack --suite patch_shape 5", A + ["--suite", F["suite_int"]])
+    q("eval --json inside the data folder", E + ["--dataset", "cifar10", "--data-dir", F["labels_big"],
+                                                 "--json", F["labels_big"] / "test.npz"])
+    q("train --out inside the data folder", T[:2] + ["--dataset", "cifar10", "--data-dir", F["labels_big"], "--out",
+                                                     F["labels_big"] / "runs"])
+    q("train --out X.partial", ["train", "--no-progress", "--out", w / "x.partial"])
+    q("train --resume into a folder of other results", ["train", "--no-progress", "--out", P["bundle"], "--resume"])
+    q("bundle two patches of one name", BU + ["--patch", P["patch"], "--patch", P["patch"]])
+    q("train cifar10 batch of the wrong length", T + ["--dataset", "cifar10", "--data-dir", F["batch_short"]])
     r("run_edge --bundle missing", R + [w / "nope"])
     r("run_edge --bundle a file", R + [F["afile"]])
     r("run_edge --bundle a run folder", R + [P["run"]])
@@ -326,7 +342,7 @@ def main(argv=None) -> int:
                 prefix = f"{tool}: error:"
                 one_line = bool(err) and "\n" not in err and err.startswith(prefix)
                 intact = tree_hashes(w / "protected") == protected
-                ok = exc is None and rc not in (None, 0) and one_line and intact
+                ok = exc is None and rc == 2 and one_line and intact
                 outcomes.append({"case": name, "rc": rc, "ok": ok, "stderr": err[-300:], "exception": exc,
                                  "protected_unchanged": intact})
                 print(f"{'ok  ' if ok else 'FAIL'} rc={rc} {name}: {(exc or err).splitlines()[-1][:150] if (exc or err) else ''}",

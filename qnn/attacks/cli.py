@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from qnn.errors import QNNError
-from qnn.outputs import RunLock, StagedDir, check_output
-from qnn.validate import arg_float, arg_int
+from qnn.outputs import StagedDir
+from qnn.validate import arg_float, arg_int, arg_seed
 
 ATTACKS = ("universal", "lavan", "per_image", "fgsm", "pgd")
 
@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
     p.add_argument("--scale-max", type=arg_float(0, 10, lo_open=True), default=1.0, help="EOT scale range, high (default 1)")
     p.add_argument("--rotation-max", type=arg_float(0, 180), default=0.0, help="EOT rotation, degrees (default 0)")
     p.add_argument("--targeted", action="store_true")
-    p.add_argument("--target-class", type=arg_int(0), default=0)
+    p.add_argument("--target-class", type=arg_int(0), default=0, help="class a targeted patch aims for (default 0)")
     p.add_argument("--adaptive", choices=["eot", "ensemble"], help="EOT over the defender's bit-widths / ensemble")
     p.add_argument("--eps", type=arg_float(0, 1, lo_open=True), default=8 / 255, help="L-inf budget of fgsm/pgd (default 8/255)")
     p.add_argument("--n-attack", type=arg_int(1), default=1000, help="training images the universal patch is optimised on")
@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
     p.add_argument("--patch", help="evaluate this saved patch (.npz) instead of optimising one")
     p.add_argument("--suite", help="seen | unseen | path to a suite YAML: evaluate every configuration in it")
     p.add_argument("--analysis", action="store_true", help="gradient alignment + feature maps")
-    p.add_argument("--seed", type=arg_int(0), default=0)
+    p.add_argument("--seed", type=arg_seed(), default=0)
     p.add_argument("--threads", type=arg_int(1, 1024))
     p.add_argument("--out", required=True, help="output directory (results JSON/MD, patches, PNGs)")
     p.add_argument("--overwrite", action="store_true")
@@ -103,31 +103,31 @@ def cmd_attack(a) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     inputs = (a.checkpoint, a.source_checkpoint, a.patch, a.data_dir)
-    stage = StagedDir(check_output(a.out, "dir", inputs), overwrite=a.overwrite, what="attack result")
-    bits = parse_bits(a.bits)
-    model, obj = load_checkpoint(a.checkpoint)
-    n_cls = model.num_classes
-    test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed)
-    check_data_fits(model, test, "test set")
-    xe, ye = test.subset(a.n_eval).tensors()
-    size = tuple(xe.shape[-2:])
-    cfg = _patch_cfg(a, n_cls, size)  # validates patch options before any heavy work
-    if a.patch:
-        load_patch(a.patch)
-    if a.suite:
-        for pc in suite_configs(a.suite)["patches"]:
-            _patch_cfg(a, n_cls, size, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in pc.items()})
-    if a.source_checkpoint:
-        load_checkpoint(a.source_checkpoint)
-    train = load_dataset(a.dataset, "train", a.data_dir, seed=a.seed)
-    xa, ya = train.subset(a.n_attack).tensors()
-    res: dict = {"checkpoint": a.checkpoint, "attack": a.attack, "n_eval": len(xe), "versions": versions(), "results": {}}
-    trained = obj.get("trained_bits", bits)
-    if a.adaptive == "eot":
-        cfg.eot_bits = list(trained)
-    elif a.adaptive == "ensemble":
-        cfg.ensemble_bits = list(trained)
-    with RunLock(stage.out):
+    with StagedDir(a.out, overwrite=a.overwrite, what="attack result", inputs=inputs) as stage:
+        bits = parse_bits(a.bits)
+        model, obj = load_checkpoint(a.checkpoint)
+        n_cls = model.num_classes
+        test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed)
+        check_data_fits(model, test, "test set")
+        xe, ye = test.subset(a.n_eval).tensors()
+        size = tuple(xe.shape[-2:])
+        cfg = _patch_cfg(a, n_cls, size)  # validates patch options before any heavy work
+        if a.patch:
+            load_patch(a.patch)
+        if a.suite:
+            for pc in suite_configs(a.suite)["patches"]:
+                _patch_cfg(a, n_cls, size, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in pc.items()})
+        if a.source_checkpoint:
+            load_checkpoint(a.source_checkpoint)
+        train = load_dataset(a.dataset, "train", a.data_dir, seed=a.seed)
+        xa, ya = train.subset(a.n_attack).tensors()
+        res: dict = {"checkpoint": a.checkpoint, "attack": a.attack, "n_eval": len(xe), "versions": versions(),
+                     "results": {}}
+        trained = obj.get("trained_bits", bits)
+        if a.adaptive == "eot":
+            cfg.eot_bits = list(trained)
+        elif a.adaptive == "ensemble":
+            cfg.ensemble_bits = list(trained)
         out = stage.prepare()
         _attack(a, model, cfg, bits, xa, ya, xe, ye, out, res)
         atomic_write_json(out / "result.json", res)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from qnn.errors import QNNError
 from qnn.layers import set_bit_width_
-from qnn.validate import check_field_types, check_float
+from qnn.validate import MAX_SEED, check_field_types, check_float, check_int
 
 SHAPES = ("square", "circle", "rect")
 PLACEMENTS = ("random", "fixed", "optimized")
@@ -76,7 +76,10 @@ class PatchConfig:
                 self.patch_shape = (s, s)
         if self.patch_shape is None:
             raise QNNError("give patch_shape or patch_frac")
-        ph, pw = (int(v) for v in self.patch_shape)
+        try:
+            ph, pw = (check_int("patch_shape", v) for v in self.patch_shape)
+        except TypeError:
+            raise QNNError(f"patch_shape must be two integers (h, w), got {self.patch_shape!r}") from None
         self.patch_shape = (ph, pw)
         if ph <= 0 or pw <= 0:
             raise QNNError(f"patch size must be positive, got {ph}x{pw}")
@@ -88,6 +91,7 @@ class PatchConfig:
             raise QNNError(f"rotation_max must be in [0, 180] degrees, got {self.rotation_max}")
         if self.targeted and not (0 <= self.target_class < self.num_classes):
             raise QNNError(f"target class {self.target_class} out of range 0..{self.num_classes - 1}")
+        check_int("seed", self.seed, 0, MAX_SEED)
         for n in ("iterations", "eot_samples", "restarts", "batch_size"):
             if int(getattr(self, n)) <= 0:
                 raise QNNError(f"{n} must be > 0, got {getattr(self, n)}")

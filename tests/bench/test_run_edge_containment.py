@@ -84,8 +84,15 @@ def _run_recording_opens(monkeypatch, argv):
         opened.append(os.path.realpath(os.fsdecode(path)))
         return real_os_open(path, *a, **k)
 
+    real_session = mod.ort.InferenceSession
+
+    def spy_session(model, *a, **k):  # onnxruntime reads paths in C++, out of the spies' sight: it gets bytes only
+        assert isinstance(model, bytes), f"InferenceSession given {type(model).__name__}, not verified bytes"
+        return real_session(model, *a, **k)
+
     monkeypatch.setattr(builtins, "open", spy_open)
     monkeypatch.setattr(os, "open", spy_os_open)
+    monkeypatch.setattr(mod.ort, "InferenceSession", spy_session)
     try:
         rc = mod.main([str(a) for a in argv])
     finally:
@@ -208,6 +215,31 @@ def test_hostile_contents_and_options_are_one_line_errors(good, tmp_path, capsys
     (d / "expected.json").write_text(json.dumps(exp))
     _resign(d, "expected.json")
     bad(["--bundle", d, "--skip-latency"], "output shape")
+    # malformed expected figures and patch arrays (re-signed)
+    for name, change, msg in (("nobits", lambda e: e.pop("bits"), "'bits'"),
+                              ("tclass", lambda e: e["patches"]["p6"].update(targeted=True, target_class=[1]),
+                               "target_class"),
+                              ("targeted", lambda e: e["patches"]["p6"].update(targeted="yes"), "targeted")):
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        exp = json.loads((d / "expected.json").read_text())
+        change(exp)
+        (d / "expected.json").write_text(json.dumps(exp))
+        _resign(d, "expected.json")
+        bad(["--bundle", d, "--skip-latency"], msg)
+    for name, arrays, msg in (("zero", dict(patch=np.zeros((3, 0, 0), np.float32)), "shapes"),
+                              ("strings", dict(patch=np.array([["a"]])), "numeric")):
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        z = {**dict(np.load(d / "patch_p6.npz")), **arrays}
+        np.savez_compressed(d / "patch_p6.npz", **z)
+        _resign(d, "patch_p6.npz")
+        bad(["--bundle", d, "--skip-latency"], msg)
+    d = tmp_path / "x0d"
+    shutil.copytree(good, d)
+    np.savez_compressed(d / "eval.npz", x=np.array(3, np.uint8), y=np.zeros(1, np.int64))
+    _resign(d, "eval.npz")
+    bad(["--bundle", d, "--skip-latency"], "uint8 images")
     # options: checked before the run, and an output never replaces a bundle file
     before = tree_hashes(good)
     bad(["--bundle", good, "--tolerance", "nan"], "tolerance")

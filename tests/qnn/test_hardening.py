@@ -123,6 +123,18 @@ def test_overwrite_validates_before_touching_the_earlier_run(run_copy, tmp_path,
     assert not (tmp_path / "run.partial").exists()
 
 
+def test_resume_of_a_run_killed_in_its_first_epoch_checks_its_settings(tmp_path):
+    from tests.qnn.test_train import _train_epochs
+
+    cfg = TrainConfig(bits=[4], epochs=1, out_dir=str(tmp_path / "r"), **TINY)
+    _train_epochs(cfg, stop_after=0)  # killed before any epoch finished: config.json but no last.pt
+    assert not (tmp_path / "r.partial" / "last.pt").exists() and (tmp_path / "r.partial" / "config.json").is_file()
+    with pytest.raises(QNNError, match="other settings: bits"):
+        train(TrainConfig(**{**cfg.to_dict(), "resume": True, "bits": [8]}))
+    train(TrainConfig(**{**cfg.to_dict(), "resume": True}))
+    assert (tmp_path / "r" / "model.pt").is_file()
+
+
 def test_interrupted_overwrite_keeps_the_earlier_run_and_resumes(run_copy, tmp_path):
     d, before = run_copy
     from tests.qnn.test_train import _train_epochs
@@ -147,13 +159,13 @@ def test_outputs_that_are_inputs_or_locked_are_refused(trained_ckpt, tmp_path, c
     ck = tmp_path / "model.pt"
     shutil.copy(trained_ckpt, ck)
     h = hashlib.sha256(ck.read_bytes()).hexdigest()
-    assert "is (or holds) the input" in cli_error(["export", "--checkpoint", ck, "--bits", "4", "--out", ck], capsys)
-    assert "is (or holds) the input" in cli_error(["eval", "--checkpoint", ck, "--json", ck], capsys)
-    assert "is (or holds) the input" in cli_error(
+    assert "lies inside the input" in cli_error(["export", "--checkpoint", ck, "--bits", "4", "--out", ck], capsys)
+    assert "lies inside the input" in cli_error(["eval", "--checkpoint", ck, "--json", ck], capsys)
+    assert "lies inside the input" in cli_error(
         ["bundle", "--checkpoint", ck, "--bits", "4", "--out", tmp_path, "--overwrite"], capsys)
-    assert "is (or holds) the input" in cli_error(
+    assert "lies inside the input" in cli_error(
         ["attack", "--checkpoint", ck, "--out", tmp_path, "--overwrite"], capsys)
-    assert "is (or holds) the input" in cli_error(
+    assert "lies inside the input" in cli_error(
         ["train", "--no-progress", "--init", ck, "--out", tmp_path, "--overwrite"], capsys)
     assert hashlib.sha256(ck.read_bytes()).hexdigest() == h
     # a second run into a folder another run is writing is refused
@@ -167,6 +179,47 @@ def test_outputs_that_are_inputs_or_locked_are_refused(trained_ckpt, tmp_path, c
     assert "is a file" in cli_error(["train", "--no-progress", "--out", tmp_path / "afile" / "sub"], capsys)
     assert "is a folder" in cli_error(["eval", "--checkpoint", ck, "--json", tmp_path], capsys)
     assert (tmp_path / "afile").read_text() == "keep me"
+    # an output inside an input folder (the data set) is refused too: it would replace or delete input files
+    x, y = np.zeros((20, 32, 32, 3), np.uint8), np.arange(20) % 10
+    data = _cifar_dir(tmp_path, "data", x, y)
+    before = tree_hashes(data)
+    assert "lies inside the input" in cli_error(["eval", "--checkpoint", ck, "--dataset", "cifar10", "--data-dir", data,
+                                                 "--json", data / "test.npz"], capsys)
+    assert "lies inside the input" in cli_error(["train", "--no-progress", "--dataset", "cifar10", "--data-dir", data,
+                                                 "--out", data / "runs", "--overwrite"], capsys)
+    assert tree_hashes(data) == before
+
+
+def test_staged_dir_decides_under_its_lock_and_repairs_an_interrupted_swap(tmp_path):
+    from qnn.outputs import StagedDir
+
+    out = tmp_path / "r"
+    with StagedDir(out, what="run", marker="last.pt") as a:
+        # a second run cannot even decide while the first holds the folder (no later publish over it)
+        with pytest.raises(QNNError, match="another run is writing"):
+            with StagedDir(out, overwrite=True, what="run"):
+                pass
+        (a.prepare() / "model.pt").write_text("A")
+        a.publish()
+    assert (out / "model.pt").read_text() == "A"
+    with pytest.raises(QNNError, match="holds an earlier run"):
+        with StagedDir(out, what="run"):
+            pass
+    # a folder holding other results is never resumed in place nor replaced without --overwrite
+    with pytest.raises(QNNError, match="not a run to resume"):
+        with StagedDir(out, resume=True, what="run", marker="last.pt"):
+            pass
+    with pytest.raises(QNNError, match="kept for the staging folders"):
+        StagedDir(tmp_path / "x.partial")
+    # a crash between the swap's two renames: `out` is missing, the earlier result waits aside; the next run
+    # puts it back before deciding anything
+    (tmp_path / "r.partial").mkdir()
+    (tmp_path / "r.partial" / "model.pt").write_text("B")
+    out.rename(tmp_path / ".r.old")
+    with StagedDir(out, resume=True, what="run", marker="last.pt") as b:
+        assert (out / "model.pt").read_text() == "A" and b.work == tmp_path / "r.partial"
+        b.publish()
+    assert (out / "model.pt").read_text() == "B" and not (tmp_path / ".r.old").exists()
 
 
 def test_crash_during_bundle_overwrite_keeps_the_earlier_bundle(trained_ckpt, tmp_path, monkeypatch):
@@ -234,7 +287,8 @@ def test_pipeline_bad_options_keep_the_earlier_run_and_resume_is_per_stage(tmp_p
     before = tree_hashes(out)
     assert "export bit-width 3" in cli_error(args + ["--overwrite", "--export-bits", "3"], capsys)
     assert "--n-attack" in cli_error(args + ["--overwrite", "--n-attack", 300], capsys)
-    assert tree_hashes(out) == before
+    assert "seed" in cli_error(args + ["--overwrite", "--seed", 2**64], capsys)
+    assert tree_hashes(out) == before and not part.exists()
 
 
 # --------------------------------------------------------------------------- class 5: bad data
