@@ -4,4 +4,13 @@ __version__ = "0.1.0"
 
 from qnn.errors import QNNError  # noqa: E402
 
-__all__ = ["QNNError", "__version__"]
+__all__ = ["QNNError", "QuantizeConfig", "quantize", "__version__"]
+
+
+def __getattr__(name: str):
+    # qnn.quantize / qnn.QuantizeConfig without importing Brevitas for every `import qnn`
+    if name in ("quantize", "QuantizeConfig"):
+        from qnn import quantization
+
+        return getattr(quantization, name)
+    raise AttributeError(f"module 'qnn' has no attribute {name!r}")

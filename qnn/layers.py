@@ -101,6 +101,25 @@ class SwitchableMixin:
         self.w_bits, self.a_bits = w_bits, a_bits
 
 
+@torch.no_grad()
+def mse_act_scale(x: torch.Tensor, lo: float, hi: float, unsigned: bool) -> torch.Tensor:
+    """Per-tensor scale by MSE-optimal clipping on a sample of the batch (our choice: better than max-init at 2-4
+    bits). Samples with torch's global RNG above 100k values."""
+    flat = x.detach().flatten().float()
+    if flat.numel() > 100_000:
+        flat = flat[torch.randint(0, flat.numel(), (100_000,), device=flat.device)]
+    if unsigned:
+        flat = flat.clamp(min=0)
+    amax = flat.abs().max().clamp(min=1e-5)
+    best, best_err = amax / hi, None
+    for r in torch.linspace(0.05, 1.0, 40):
+        s = amax * r / hi
+        err = ((torch.clamp(torch.round(flat / s), lo, hi) * s - flat) ** 2).mean()
+        if best_err is None or err < best_err:
+            best, best_err = s, err
+    return best
+
+
 class ActQuant(nn.Module, SwitchableMixin):
     """Per-tensor activation quantizer with one learned scale per bit-width.
 
@@ -160,22 +179,10 @@ class ActQuant(nn.Module, SwitchableMixin):
 
     @torch.no_grad()
     def _init_scale(self, x: torch.Tensor, idx: int) -> None:
-        """MSE-optimal clipping on a sample of the batch (our choice: better than max-init at 2-4 bits)."""
         lo, hi, _ = self.qrange()
-        flat = x.detach().flatten().float()
-        if flat.numel() > 100_000:
-            flat = flat[torch.randint(0, flat.numel(), (100_000,), device=flat.device)]
-        if self.kind == "unsigned":
-            flat = flat.clamp(min=0)
-        amax = flat.abs().max().clamp(min=1e-5)
-        best, best_err = amax / hi, None
-        for r in torch.linspace(0.05, 1.0, 40):
-            s = amax * r / hi
-            err = ((torch.clamp(torch.round(flat / s), lo, hi) * s - flat) ** 2).mean()
-            if best_err is None or err < best_err:
-                best, best_err = s, err
-        self.log_scale.data[idx] = torch.log(best)
+        self.log_scale.data[idx] = torch.log(mse_act_scale(x, lo, hi, self.kind == "unsigned"))
         self.initialized[idx] = True
+
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.a_bits == FLOAT_BITS:
@@ -194,7 +201,7 @@ class ActQuant(nn.Module, SwitchableMixin):
         return fake_quant(x, s, lo, hi, gf)
 
 
-def _mse_weight_scale(w: torch.Tensor, qmax: float) -> torch.Tensor:
+def mse_weight_scale(w: torch.Tensor, qmax: float) -> torch.Tensor:
     """Per-output-channel scale minimising quantization MSE over a grid of clip ratios (better than max at 2-4 bits)."""
     wf = w.detach().reshape(w.shape[0], -1)
     amax = wf.abs().amax(1).clamp(min=1e-8)
@@ -239,7 +246,7 @@ class _QWeightMixin(SwitchableMixin):
         idx = bit_index(b)
         if not _known_init(self, "w_initialized", idx):
             with torch.no_grad():
-                self.w_log_scale.data[idx] = torch.log(_mse_weight_scale(self.weight, self.w_qmax(b)))
+                self.w_log_scale.data[idx] = torch.log(mse_weight_scale(self.weight, self.w_qmax(b)))
                 self.w_initialized[idx] = True
         return self.w_log_scale[idx].exp()
 

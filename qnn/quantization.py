@@ -1,0 +1,216 @@
+"""`qnn.quantize(model, cfg)`: a float PyTorch CNN in, a switchable-precision Brevitas model out.
+
+Modelled on torchao's `quantize_` and timm's `convert_*_model`: the float model is traced with torch.fx and each
+module is swapped for its quantized counterpart on Brevitas layers with the toolkit's switchable quantizers
+(`qnn.brevitas_quant`), with the integer recipe's requantizers inserted where the integer graph needs them:
+
+- the input: a fixed 8-bit quantizer over `cfg.input_range` (the normalised input's range);
+- Conv2d (any groups / stride / padding / dilation / bias) -> QuantConv2d, Linear -> QuantLinear: per-channel
+  narrow-range int weights; the first conv and the last linear at `cfg.first_last_bits`;
+- BatchNorm2d -> one BatchNorm per bit-width (the switch picks it; folded at export);
+- ReLU / ReLU6 (modules or functions) -> the unsigned activation quantizer (ReLU6 keeps its clamp at 6 in float);
+- average / adaptive-average pooling -> the pool followed by an unsigned requantizer; max pooling keeps its grid;
+- residual adds: both operands through one shared shifted (uint8 + zero point) requantizer, at >= `residual_bits`;
+- flatten / reshape / view / dropout / identity pass through.
+
+Anything else is refused with one line naming the module and its type. A model already built from Brevitas layers
+with these quantizers is returned as it is.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass
+
+import brevitas.nn as bnn
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qnn.brevitas_quant import (FixedInputQuant, SwitchableIntQuant, SwitchableShiftedActQuant,
+                                SwitchableUnsignedActQuant, SwitchableWeightQuant, with_fixed_bits)
+from qnn.config import parse_bits
+from qnn.errors import QNNError
+from qnn.layers import BIT_CHOICES, SwitchableMixin, bit_index
+from qnn.validate import check_float
+
+
+@dataclass
+class QuantizeConfig:
+    bits: list[int] | str = "2,4,8,32"             # the bit-widths the model will switch between (32 = float)
+    first_last_bits: int | None = 8                 # first conv and last linear pinned here (None: follow the switch)
+    residual_bits: int | None = None                # residual adds at >= this many bits (None: the switch's)
+    input_range: tuple[float, float] = (-2.5, 2.5)  # the (normalised) input's range, for the fixed 8-bit quantizer
+
+    def __post_init__(self) -> None:
+        self.bits = parse_bits(self.bits)
+        for name in ("first_last_bits", "residual_bits"):
+            v = getattr(self, name)
+            if v is not None and v not in BIT_CHOICES[:-1]:
+                raise QNNError(f"{name} must be one of 2..8 or unset, got {v!r}")
+        lo, hi = (check_float("input_range", v) for v in self.input_range)
+        if not lo < hi:
+            raise QNNError(f"input_range must be (low, high) with low < high, got {self.input_range}")
+        self.input_range = (lo, hi)
+
+
+class SwitchableBatchNorm2d(nn.Module, SwitchableMixin):
+    """One BatchNorm2d per bit-width; the activation bit-width picks it (statistics shift most with it)."""
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        self.bns = nn.ModuleList(copy.deepcopy(bn) for _ in BIT_CHOICES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bns[bit_index(self.a_bits)](x)
+
+
+class _ReLU6Quant(nn.Module):
+    """ReLU6 as an explicit clamp then the unsigned quantizer: Brevitas' QuantReLU6 drops the clamp at 6 when a
+    quantizer is present, which float mode would then lack."""
+
+    def __init__(self):
+        super().__init__()
+        self.quant = bnn.QuantIdentity(act_quant=SwitchableUnsignedActQuant)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant(F.relu6(x))
+
+
+_PASS_MODULES = (nn.Flatten, nn.Dropout, nn.Identity, nn.MaxPool2d, nn.AdaptiveMaxPool2d)
+_AVG_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+_PASS_FUNCTIONS = {torch.flatten, torch.reshape, getattr, operator.getitem, F.dropout, F.max_pool2d}
+_PASS_METHODS = {"view", "reshape", "flatten", "size", "contiguous", "squeeze", "unsqueeze"}
+_RELU_FUNCTIONS = {F.relu, torch.relu}
+_ADD_FUNCTIONS = {operator.add, torch.add}
+_AVG_POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.avg_pool2d}
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Built from Brevitas layers with the toolkit's quantizers, no float conv or linear left."""
+    mods = list(model.modules())
+    has_float = any(type(m) in (nn.Conv2d, nn.Linear) for m in mods)
+    return not has_float and any(isinstance(m, SwitchableIntQuant) for m in mods)
+
+
+def quantize(model: nn.Module, cfg: QuantizeConfig | None = None) -> nn.Module:
+    """The switchable Brevitas model of the float CNN `model` (which is left unchanged)."""
+    cfg = cfg or QuantizeConfig()
+    if is_quantized(model):
+        return model
+    try:
+        gm = fx.symbolic_trace(copy.deepcopy(model).eval())
+    except Exception as e:  # FX raises many types (TraceError, TypeError on control flow, ...)
+        raise QNNError(f"{type(model).__name__} cannot be traced by torch.fx ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:120]}); write data-dependent control flow as modules") from None
+    _Converter(gm, cfg).run()
+    gm.recompile()
+    gm.quantize_config = cfg  # type: ignore[attr-defined]
+    return gm
+
+
+class _Converter:
+    def __init__(self, gm: fx.GraphModule, cfg: QuantizeConfig):
+        self.gm, self.cfg, self.graph, self.n = gm, cfg, gm.graph, 0
+        self.mods = dict(gm.named_modules())
+        order = [n for n in self.graph.nodes if n.op == "call_module"]
+        weighted = [n.target for n in order if isinstance(self.mods[n.target], (nn.Conv2d, nn.Linear))]
+        self.first = weighted[0] if weighted else None
+        self.last = weighted[-1] if weighted else None
+
+    def _add(self, module: nn.Module, prefix: str) -> str:
+        name = f"{prefix}_{self.n}"
+        self.n += 1
+        self.gm.add_submodule(name, module)
+        return name
+
+    def _after(self, node: fx.Node, module: nn.Module, prefix: str) -> fx.Node:
+        """Insert `module` right after `node`, feeding it every use of `node`."""
+        name = self._add(module, prefix)
+        with self.graph.inserting_after(node):
+            new = self.graph.call_module(name, (node,))
+        node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        return new
+
+    def _replace(self, node: fx.Node, module: nn.Module) -> None:
+        parent, _, attr = node.target.rpartition(".")
+        setattr(self.gm.get_submodule(parent) if parent else self.gm, attr, module)
+
+    def run(self) -> None:
+        for node in list(self.graph.nodes):
+            if node.op == "placeholder":
+                self._after(node, bnn.QuantIdentity(act_quant=FixedInputQuant.let(input_range=self.cfg.input_range)),
+                            "input_quant")
+            elif node.op == "call_module":
+                self._module(node)
+            elif node.op == "call_function":
+                self._function(node)
+            elif node.op == "call_method" and node.target not in _PASS_METHODS:
+                raise QNNError(f"unsupported tensor method '.{node.target}()' in the traced model; supported: "
+                               f"{', '.join(sorted(_PASS_METHODS))}")
+        self.graph.lint()
+
+    def _fixed(self, target: str):
+        pin = self.cfg.first_last_bits
+        return with_fixed_bits(SwitchableWeightQuant, pin) if pin and target in (self.first, self.last) \
+            else SwitchableWeightQuant
+
+    def _module(self, node: fx.Node) -> None:
+        m = self.mods[node.target]
+        if type(m) is nn.Conv2d:
+            q = bnn.QuantConv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+                                dilation=m.dilation, groups=m.groups, padding_mode=m.padding_mode,
+                                bias=m.bias is not None, weight_quant=self._fixed(node.target),
+                                return_quant_tensor=False)
+            self._copy(m, q)
+        elif type(m) is nn.Linear:
+            q = bnn.QuantLinear(m.in_features, m.out_features, m.bias is not None,
+                                weight_quant=self._fixed(node.target), return_quant_tensor=False)
+            self._copy(m, q)
+        elif type(m) is nn.BatchNorm2d:
+            q = SwitchableBatchNorm2d(m)
+        elif type(m) is nn.ReLU:
+            q = bnn.QuantReLU(act_quant=SwitchableUnsignedActQuant, return_quant_tensor=False)
+        elif type(m) is nn.ReLU6:
+            q = _ReLU6Quant()
+        elif isinstance(m, _AVG_POOLS):
+            self._after(node, bnn.QuantIdentity(act_quant=SwitchableUnsignedActQuant), "pool_quant")
+            return
+        elif isinstance(m, _PASS_MODULES) or isinstance(m, (SwitchableIntQuant, SwitchableMixin)) \
+                or type(m).__module__.startswith("brevitas."):
+            return
+        else:
+            raise QNNError(f"cannot quantize module '{node.target}' of type {type(m).__name__}; supported: Conv2d, "
+                           f"Linear, BatchNorm2d, ReLU, ReLU6, pooling, Flatten, Dropout, Identity and residual adds")
+        self._replace(node, q)
+
+    @staticmethod
+    def _copy(src: nn.Module, dst: nn.Module) -> None:
+        with torch.no_grad():
+            dst.weight.copy_(src.weight)
+            if src.bias is not None:
+                dst.bias.copy_(src.bias)
+
+    def _function(self, node: fx.Node) -> None:
+        f = node.target
+        if f in _RELU_FUNCTIONS:
+            name = self._add(bnn.QuantReLU(act_quant=SwitchableUnsignedActQuant, return_quant_tensor=False), "relu")
+            node.op, node.target, node.kwargs = "call_module", name, {}
+            node.args = node.args[:1]
+        elif f in _ADD_FUNCTIONS and all(isinstance(a, fx.Node) for a in node.args[:2]):
+            quant = SwitchableShiftedActQuant
+            if self.cfg.residual_bits:
+                quant = quant.let(min_bits=self.cfg.residual_bits)
+            name = self._add(bnn.QuantIdentity(act_quant=quant), "add_quant")  # one module: one shared scale
+            args = list(node.args)
+            for i in (0, 1):
+                with self.graph.inserting_before(node):
+                    args[i] = self.graph.call_module(name, (args[i],))
+            node.args = tuple(args)
+        elif f in _AVG_POOL_FUNCTIONS:
+            self._after(node, bnn.QuantIdentity(act_quant=SwitchableUnsignedActQuant), "pool_quant")
+        elif f not in _PASS_FUNCTIONS:
+            raise QNNError(f"unsupported operation {getattr(f, '__name__', f)!r} in the traced model; supported: "
+                           f"relu, residual add, pooling, flatten/reshape")
