@@ -33,13 +33,14 @@ def add_export(sub) -> None:
 
 
 def cmd_export(a) -> int:
-    from export.onnx_export import FORMATS, export_model
+    from export.onnx_export import FORMATS, check_exportable, export_model
     from export.verify import verify
 
     if a.format not in FORMATS:
         raise QNNError(f"unknown format '{a.format}'; choose from {', '.join(FORMATS)}")
     check_output(a.out, "file", (a.checkpoint,))
     model, obj, sha = _load_at_bits(a.checkpoint, a.bits)
+    check_exportable(model)
     meta = {"source_checkpoint_sha256": sha, "class_names": obj.get("classes") or [str(i) for i in range(model.num_classes)],
             "trained_bits": obj.get("trained_bits", []), "defense": obj.get("defense", "none")}
     out = export_model(model, a.bits, a.format, a.out, meta, weight_type=a.weight_type)
@@ -88,11 +89,13 @@ def add_bundle(sub) -> None:
 
 def cmd_bundle(a) -> int:
     from export.bundle import build_bundle
+    from export.onnx_export import check_exportable
     from qnn.attacks.patch import load_patch
     from qnn.data import check_data_fits, load_dataset
 
     StagedDir(a.out, overwrite=a.overwrite, what="bundle", inputs=(a.checkpoint, a.data_dir, *a.patch))  # checks only
     model, obj, sha = _load_at_bits(a.checkpoint, a.bits)
+    check_exportable(model)
     ds = load_dataset(a.dataset, "test", a.data_dir).subset(a.n)
     check_data_fits(model, ds, "bundle images")
     patches = []

@@ -407,9 +407,11 @@ class IntegerEval:
 
 
 def uncalibrated(model: nn.Module) -> bool:
-    """True when some activation quantizer has no scale yet at the model's current bit-width."""
+    """True when some activation quantizer (the toolkit's own, or a switchable Brevitas one) has no scale yet at the
+    model's current bit-width."""
     for m in model.modules():
-        if isinstance(m, ActQuant) and m.kind != "input" and m.a_bits != FLOAT_BITS:
+        kind = getattr(m, "kind", None)
+        if isinstance(m, SwitchableMixin) and kind in ("unsigned", "shifted") and m.a_bits != FLOAT_BITS:
             if not _known_init(m, "initialized", bit_index(m.bits)):
                 return True
     return False

@@ -71,9 +71,12 @@ def cmd_pipeline(a) -> int:
         from qnn.defenses import make_defense
         from qnn.models import create_model
 
+        from export.onnx_export import check_exportable
+
         for name, _ in STAGES:  # the exact configs the stages will train with, and their defenses
             cfg = _train_config(a, name, bits, stage.out / name)
             make_defense(cfg.defense, cfg.defense_args, cfg, create_model(cfg.model))
+        check_exportable(create_model(a.model))
         if stage.resuming and (stage.work / CONFIG).is_file():
             saved = json.loads((stage.work / CONFIG).read_text())
             diff = sorted(k for k in set(saved) | set(config) if k not in RESUME_IGNORED and saved.get(k) != config.get(k))

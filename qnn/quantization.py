@@ -63,8 +63,12 @@ class SwitchableBatchNorm2d(nn.Module, SwitchableMixin):
         super().__init__()
         self.bns = nn.ModuleList(copy.deepcopy(bn) for _ in BIT_CHOICES)
 
+    @property
+    def bn(self) -> nn.BatchNorm2d:
+        return self.bns[bit_index(self.a_bits)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bns[bit_index(self.a_bits)](x)
+        return self.bn(x)
 
 
 class _ReLU6Quant(nn.Module):

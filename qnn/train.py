@@ -147,11 +147,9 @@ def evaluate(model: nn.Module, ds: ArrayDataset, bits_list: list[int], batch_siz
 def calibrate_(model: nn.Module, ds: ArrayDataset, bits: int, n_batches: int = 20, batch_size: int = 128,
                device: str = "cpu") -> None:
     """Give an untrained bit-width its BatchNorm statistics and quantizer scales (cumulative BN average)."""
-    from qnn.layers import QConvBN
-
     set_bit_width_(model, bits)
     model.train()
-    bns = [m.bn for m in model.modules() if isinstance(m, QConvBN)]
+    bns = [m.bn for m in model.modules() if isinstance(getattr(m, "bns", None), nn.ModuleList)]  # per-bit-width BN
     saved = [bn.momentum for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
