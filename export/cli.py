@@ -6,15 +6,16 @@ import json
 import sys
 from pathlib import Path
 
+from qnn.cli import add_user_model_option
 from qnn.errors import QNNError
 from qnn.outputs import StagedDir, check_output
 from qnn.validate import arg_int
 
 
-def _load_at_bits(ckpt: str, bits: int):
+def _load_at_bits(ckpt: str, bits: int, user_model: str | None = None):
     from qnn.checkpoint import load_checkpoint, sha256_file
 
-    model, obj = load_checkpoint(ckpt)
+    model, obj = load_checkpoint(ckpt, user_model=user_model)
     trained = obj.get("trained_bits", [])
     if bits not in trained:
         raise QNNError(f"{ckpt} has no {bits}-bit state (trained at {trained}); export one of those bit-widths")
@@ -24,6 +25,7 @@ def _load_at_bits(ckpt: str, bits: int):
 def add_export(sub) -> None:
     p = sub.add_parser("export", help="export one bit-width to QONNX, QCDQ or integer ONNX")
     p.add_argument("--checkpoint", required=True)
+    add_user_model_option(p)
     p.add_argument("--bits", type=arg_int(2, 8), required=True, help="bit-width to export, 2..8 (one the model was trained at)")
     p.add_argument("--format", default="int", help="qonnx|qcdq|int")
     p.add_argument("--out", required=True)
@@ -39,7 +41,7 @@ def cmd_export(a) -> int:
     if a.format not in FORMATS:
         raise QNNError(f"unknown format '{a.format}'; choose from {', '.join(FORMATS)}")
     check_output(a.out, "file", (a.checkpoint,))
-    model, obj, sha = _load_at_bits(a.checkpoint, a.bits)
+    model, obj, sha = _load_at_bits(a.checkpoint, a.bits, a.model)
     check_exportable(model)
     meta = {"source_checkpoint_sha256": sha, "class_names": obj.get("classes") or [str(i) for i in range(model.num_classes)],
             "trained_bits": obj.get("trained_bits", []), "defense": obj.get("defense", "none")}
@@ -78,6 +80,7 @@ def cmd_verify(a) -> int:
 def add_bundle(sub) -> None:
     p = sub.add_parser("bundle", help="edge bundle: integer model, eval set, patches, fake-quant results, manifest")
     p.add_argument("--checkpoint", required=True)
+    add_user_model_option(p)
     p.add_argument("--bits", type=arg_int(2, 8), required=True, help="bit-width to deploy, 2..8")
     p.add_argument("--dataset", default="synthetic")
     p.add_argument("--data-dir")
@@ -94,7 +97,7 @@ def cmd_bundle(a) -> int:
     from qnn.data import check_data_fits, load_dataset
 
     StagedDir(a.out, overwrite=a.overwrite, what="bundle", inputs=(a.checkpoint, a.data_dir, *a.patch))  # checks only
-    model, obj, sha = _load_at_bits(a.checkpoint, a.bits)
+    model, obj, sha = _load_at_bits(a.checkpoint, a.bits, a.model)
     check_exportable(model)
     ds = load_dataset(a.dataset, "test", a.data_dir).subset(a.n)
     check_data_fits(model, ds, "bundle images")

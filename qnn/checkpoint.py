@@ -65,20 +65,29 @@ def load_torch_file(path: str | Path) -> Any:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, extra: dict | None = None) -> None:
-    """Save the model with every per-bit-width scale and BatchNorm, its architecture and kwargs."""
+    """Save the model with every per-bit-width scale and BatchNorm, its architecture and kwargs (and for a user's own
+    model file, its sha256: loading then requires that very file, named by the user)."""
+    from qnn.models.registry import is_user_model, user_model_parts
+
+    arch = getattr(model, "arch", None)
     obj = {
         "format": FORMAT,
-        "arch": getattr(model, "arch", None),
+        "arch": arch,
         "arch_kwargs": getattr(model, "arch_kwargs", {}),
         "state_dict": model.state_dict(),
     }
+    if is_user_model(arch):
+        obj["arch_sha256"] = user_model_parts(arch)[2]
     if extra:
         obj.update(extra)
     atomic_torch_save(obj, path)
 
 
-def load_checkpoint(path: str | Path, expect_arch: str | None = None) -> tuple[nn.Module, dict]:
-    """Rebuild the model a checkpoint was saved from; returns (model, the checkpoint dict)."""
+def load_checkpoint(path: str | Path, expect_arch: str | None = None, user_model: str | None = None
+                    ) -> tuple[nn.Module, dict]:
+    """Rebuild the model a checkpoint was saved from; returns (model, the checkpoint dict). A checkpoint of a user's
+    own model (`file.py:factory`) never runs code by itself: the user names the file (`user_model`), and it must be
+    the file the checkpoint was trained from (same factory, same sha256)."""
     from qnn.models import create_model
 
     obj = load_torch_file(path)
@@ -87,8 +96,22 @@ def load_checkpoint(path: str | Path, expect_arch: str | None = None) -> tuple[n
     arch, kwargs, sd = obj.get("arch"), obj.get("arch_kwargs", {}), obj.get("state_dict")
     if not isinstance(arch, str):
         raise QNNError(f"{path}: checkpoint names no model architecture (arch is {arch!r})")
-    if expect_arch is not None and arch != expect_arch:
+    from qnn.models.registry import is_user_model, user_model_parts
+
+    if is_user_model(arch):
+        if not is_user_model(user_model):
+            raise QNNError(f"{path}: this checkpoint was trained from user code '{arch}'; pass --model "
+                           f"path/to/that/file.py:{arch.rpartition(':')[2]} to rebuild it (a checkpoint never runs code "
+                           f"by itself)")
+        _, factory, sha = user_model_parts(user_model)
+        if factory != arch.rpartition(":")[2] or sha != obj.get("arch_sha256"):
+            raise QNNError(f"{path}: --model {user_model} is not the file and factory this checkpoint was trained from "
+                           f"('{arch}', sha256 {str(obj.get('arch_sha256'))[:12]}...)")
+        arch = user_model
+    elif expect_arch is not None and arch != expect_arch:
         raise QNNError(f"{path}: checkpoint is of model '{arch}', expected '{expect_arch}'")
+    elif user_model is not None and user_model != arch:
+        raise QNNError(f"{path}: checkpoint is of model '{arch}', --model says '{user_model}'")
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise QNNError(f"{path}: arch_kwargs must be a mapping of argument names, got {type(kwargs).__name__}")
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):

@@ -16,7 +16,8 @@ from qnn.validate import arg_float, arg_int, arg_seed
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="QAT / DBWT training, optionally with a defense")
     p.add_argument("-c", "--config", help="YAML file with TrainConfig keys (flags override it)")
-    p.add_argument("--model")
+    p.add_argument("--model", help="a zoo model (qnn list models) or your own: path/to/file.py:factory returning a "
+                                   "float CNN (quantized with qnn.quantize) or a model on Brevitas layers")
     p.add_argument("--dataset")
     p.add_argument("--data-dir", dest="data_dir")
     p.add_argument("--init", help="float checkpoint (akamaster layout) or qnn checkpoint to start from")
@@ -91,6 +92,7 @@ def cmd_train(a) -> int:
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="clean accuracy per bit-width (JSON + table)")
     p.add_argument("--checkpoint", required=True)
+    add_user_model_option(p)
     p.add_argument("--dataset", default="synthetic")
     p.add_argument("--data-dir")
     p.add_argument("--bits", default="32,8,4,2")
@@ -110,7 +112,7 @@ def cmd_eval(a) -> int:
     bits = parse_bits(a.bits)
     if a.json:
         check_output(a.json, "file", (a.checkpoint, a.data_dir))
-    model, obj = load_checkpoint(a.checkpoint)
+    model, obj = load_checkpoint(a.checkpoint, user_model=a.model)
     test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed).subset(a.subset)
     check_data_fits(model, test, "test set")
     trained = obj.get("trained_bits", [])
@@ -130,6 +132,12 @@ def cmd_eval(a) -> int:
     if a.json:
         atomic_write_json(a.json, res)
     return 0
+
+
+def add_user_model_option(p) -> None:
+    """--model for commands that load a checkpoint: needed (and checked) only for a user's own model file."""
+    p.add_argument("--model", help="for a checkpoint trained from your own model: the same path/to/file.py:factory "
+                                   "(a checkpoint never runs code by itself)")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -122,10 +122,14 @@ class TrainConfig:
         if not isinstance(self.defense_args, dict):
             raise QNNError(f"defense_args must be a mapping of option: value, got {self.defense_args!r}")
         check_device(self.device)
-        from qnn.models import list_models
+        from qnn.models import is_user_model, list_models
+        from qnn.models.registry import user_model_parts
 
-        if self.model not in list_models():
-            raise QNNError(f"unknown model '{self.model}'; available: {', '.join(list_models())}")
+        if is_user_model(self.model):
+            user_model_parts(self.model)  # the file exists and the factory is a name
+        elif self.model not in list_models():
+            raise QNNError(f"unknown model '{self.model}'; available: {', '.join(list_models())}, or "
+                           f"path/to/file.py:factory")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -128,7 +128,7 @@ def _run_stages(a, out: Path, bits, ebits, test, xe, ye, xa, ya, report: dict, t
         rdir = out / name
         if not (rdir / "model.pt").is_file():
             train(_train_config(a, name, bits, rdir))
-        model, obj = load_checkpoint(rdir / "model.pt")
+        model, obj = load_checkpoint(rdir / "model.pt", user_model=a.model)
         check_data_fits(model, test, "test set")
         hist = json.loads((rdir / "metrics.json").read_text())["history"]
         acc = evaluate(model, test.subset(a.n_eval), bits)

@@ -112,16 +112,19 @@ def distill_loss(ce: torch.Tensor, logits: torch.Tensor, t_logits: torch.Tensor,
     return (1 - alpha) * ce + alpha * temp * temp * kl
 
 
-def init_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+def init_model(cfg: TrainConfig, num_classes: int, in_size: int | None = None) -> nn.Module:
+    from qnn.models import is_user_model
     from qnn.models.resnet import load_pretrained_cifar
 
     kw = {"num_classes": num_classes, "first_last_bits": cfg.first_last_bits}
     if cfg.residual_bits is not None:
         kw["residual_bits"] = cfg.residual_bits
+    if is_user_model(cfg.model) and in_size is not None:
+        kw["in_size"] = in_size  # a user's model does not say what images it takes; the data does
     if cfg.init:
         obj = load_torch_file(cfg.init)
         if isinstance(obj, dict) and obj.get("format", "").startswith("qnn-checkpoint"):
-            model, _ = load_checkpoint(cfg.init, expect_arch=cfg.model)
+            model, _ = load_checkpoint(cfg.init, expect_arch=cfg.model, user_model=cfg.model)
             return model
         model = create_model(cfg.model, **kw)
         return load_pretrained_cifar(model, cfg.init)
@@ -217,7 +220,7 @@ def train(cfg: TrainConfig) -> dict:
             test_ds = load_dataset(cfg.dataset, "test", cfg.data_dir, seed=cfg.seed,
                                    n_synthetic=cfg.n_synthetic).subset(cfg.test_subset)
             torch.manual_seed(cfg.seed)
-            model = init_model(cfg, num_classes=len(train_ds.classes)).to(device)
+            model = init_model(cfg, len(train_ds.classes), train_ds.x.shape[1]).to(device)
             check_data_fits(model, train_ds, "training set")
             check_data_fits(model, test_ds, "test set")
             defense = make_defense(cfg.defense, cfg.defense_args, cfg, model)

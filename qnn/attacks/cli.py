@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from qnn.cli import add_user_model_option
 from qnn.errors import QNNError
 from qnn.outputs import StagedDir
 from qnn.validate import arg_float, arg_int, arg_seed
@@ -18,6 +19,7 @@ ATTACKS = ("universal", "lavan", "per_image", "fgsm", "pgd")
 def add_parser(sub) -> None:
     p = sub.add_parser("attack", help="patch / pixel attacks and their ASR per bit-width")
     p.add_argument("--checkpoint", required=True)
+    add_user_model_option(p)
     p.add_argument("--dataset", default="synthetic")
     p.add_argument("--data-dir")
     p.add_argument("--attack", default="universal", help="|".join(ATTACKS))
@@ -105,7 +107,7 @@ def cmd_attack(a) -> int:
     inputs = (a.checkpoint, a.source_checkpoint, a.patch, a.data_dir)
     with StagedDir(a.out, overwrite=a.overwrite, what="attack result", inputs=inputs) as stage:
         bits = parse_bits(a.bits)
-        model, obj = load_checkpoint(a.checkpoint)
+        model, obj = load_checkpoint(a.checkpoint, user_model=a.model)
         n_cls = model.num_classes
         test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed)
         check_data_fits(model, test, "test set")

@@ -200,7 +200,7 @@ class QADTR(Defense):
                        "gir_noise": (self.gir_noise, 0, None), "adapt_alpha": (self.adapt_alpha, 0, 1),
                        "adapt_temp": (self.adapt_temp, 1e-12, None), "inner_step": (self.inner_step, 0, None),
                        "refresh_every": (self.refresh_every, 0, None)})
-        H = W = getattr(model, "in_size", 32)
+        H = W = getattr(model, "in_size", None) or 32
         if any(not (0 < v <= H) for v in self.sizes):
             raise QNNError(f"sizes must be in 1..{H}, got {self.sizes}")
         self.image_size = (H, W)
@@ -468,7 +468,7 @@ class PBAT(Defense):
         if self.iters <= 0:
             raise QNNError(f"PBAT iterations must be > 0, got {self.iters}")
         _check_ranges({"patch_step": (self.step_size, 1e-12, None), "frac_patched": (self.frac_patched, 1e-12, 1)})
-        H = getattr(model, "in_size", 32)
+        H = getattr(model, "in_size", None) or 32
         self.pcfg = PatchConfig(patch_shape=(self.patch_size, self.patch_size), iterations=self.iters,
                                 step=self.step_size, image_size=(H, H))
 

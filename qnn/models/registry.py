@@ -1,5 +1,12 @@
+"""Model registry: `create_model(name, **kw)`, `list_models()` (timm style), and users' own models given as
+`path/to/file.py:factory` (a float CNN, quantized with `qnn.quantize`, or a model already on Brevitas layers)."""
+
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import inspect
+from pathlib import Path
 from typing import Callable
 
 import torch.nn as nn
@@ -18,10 +25,61 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def is_user_model(name) -> bool:
+    """`file.py:factory`: a model defined in the user's own file."""
+    return isinstance(name, str) and ".py:" in name
+
+
+def user_model_parts(spec: str) -> tuple[Path, str, str]:
+    """(file, factory name, sha256 of the file) of a `file.py:factory` spec; the file must exist."""
+    path, _, factory = spec.rpartition(":")
+    p = Path(path)
+    if not factory.isidentifier():
+        raise QNNError(f"--model {spec!r}: expected path/to/file.py:factory_function")
+    if not p.is_file():
+        raise QNNError(f"model file not found: {p}")
+    return p, factory, hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _user_factory(spec: str) -> Callable[..., nn.Module]:
+    p, name, sha = user_model_parts(spec)
+    mod_spec = importlib.util.spec_from_file_location(f"qnn_user_model_{sha[:16]}", p)
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as e:  # the user's file failed to import: say where, in one line
+        raise QNNError(f"{p}: importing it failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise QNNError(f"{p} defines no function '{name}'")
+    return fn
+
+
+def _user_model(spec: str, num_classes: int | None = None, in_size: int | None = None, **kw) -> nn.Module:
+    from qnn.models.quantized import QuantizedNet
+
+    factory = _user_factory(spec)
+    takes = inspect.signature(factory).parameters
+    try:
+        model = factory(**({"num_classes": num_classes} if num_classes is not None and "num_classes" in takes else {}))
+    except Exception as e:
+        raise QNNError(f"{spec}: the factory raised {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}") from None
+    if not isinstance(model, nn.Module):
+        raise QNNError(f"{spec}: the factory returned a {type(model).__name__}, not a torch nn.Module")
+    heads = [m.out_features for m in model.modules() if isinstance(m, nn.Linear) or hasattr(m, "out_features")]
+    outputs = heads[-1] if heads else None
+    if num_classes is not None and outputs is not None and outputs != num_classes:
+        raise QNNError(f"{spec}: the model has {outputs} outputs, the data {num_classes} classes")
+    return QuantizedNet(model, num_classes or outputs, in_size, **kw)
+
+
 def create_model(name: str, **kw) -> nn.Module:
-    if name not in _REGISTRY:
-        raise QNNError(f"unknown model '{name}'; available: {', '.join(list_models())}")
-    model = _REGISTRY[name](**kw)
+    if is_user_model(name):
+        model = _user_model(name, **kw)
+    elif name in _REGISTRY:
+        model = _REGISTRY[name](**kw)
+    else:
+        raise QNNError(f"unknown model '{name}'; available: {', '.join(list_models())}, or path/to/file.py:factory")
     model.arch = name  # type: ignore[attr-defined]
     model.arch_kwargs = dict(kw)  # type: ignore[attr-defined]
     return model

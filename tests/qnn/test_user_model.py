@@ -1,0 +1,42 @@
+"""`--model path/to/file.py:factory`: a user's own float CNN through train and eval; a checkpoint of it never runs
+code by itself; every bad model file is one line and exit 2."""
+
+import json
+import shutil
+
+from tests.conftest import ROOT, cli_error, run_cli
+
+USER = ROOT / "tests" / "qnn" / "user_models.py"
+
+
+def test_own_model_trains_and_evaluates_and_its_checkpoint_needs_that_file(tmp_path, capsys):
+    spec = f"{USER}:tiny_cnn"
+    assert run_cli(["train", "--model", spec, "--bits", "4,32", "--epochs", 1, "--train-subset", 128, "--test-subset", 64, "--batch-size", 64, "--no-progress",
+                    "--out", tmp_path / "r"]) == 0
+    ck = tmp_path / "r" / "model.pt"
+    e = ["eval", "--checkpoint", ck, "--bits", "4,32", "--subset", 32]
+    assert run_cli(e + ["--model", spec, "--json", tmp_path / "e.json"]) == 0
+    assert set(json.loads((tmp_path / "e.json").read_text())["accuracy_pct"]) == {"4", "32"}
+    capsys.readouterr()
+    assert "trained from user code" in cli_error(e, capsys)  # the checkpoint alone never runs the file
+    changed = tmp_path / "user_models.py"
+    shutil.copy(USER, changed)
+    with open(changed, "a") as f:
+        f.write("\nprint('this line must never run')\n")
+    assert "is not the file and factory" in cli_error(e + ["--model", f"{changed}:tiny_cnn"], capsys)
+    assert "is not the file and factory" in cli_error(e + ["--model", f"{USER}:with_gelu"], capsys)
+    assert "not available yet" in cli_error(["export", "--checkpoint", ck, "--model", spec, "--bits", 4,
+                                             "--out", tmp_path / "m.onnx"], capsys)
+
+
+def test_bad_model_files_are_one_line_errors(tmp_path, capsys):
+    t = ["train", "--bits", "4", "--epochs", 1, "--train-subset", 64, "--no-progress", "--out", tmp_path / "o"]
+    (tmp_path / "broken.py").write_text("import nonexistent_module_xyz\n")
+    for spec, msg in ((tmp_path / "missing.py", "model file not found"), (USER, "defines no function 'nope'"),
+                      (tmp_path / "broken.py", "importing it failed"), (USER, "not a torch nn.Module"),
+                      (USER, "cannot be traced"), (USER, "of type GELU")):
+        factory = {"defines no function 'nope'": "nope", "not a torch nn.Module": "not_a_module",
+                   "cannot be traced": "untraceable", "of type GELU": "with_gelu"}.get(msg, "tiny_cnn")
+        assert msg in cli_error(t + ["--model", f"{spec}:{factory}"], capsys), msg
+    assert "file.py:factory" in cli_error(t + ["--model", f"{USER}:not-a-name"], capsys)
+    assert not (tmp_path / "o").exists()
