@@ -1,4 +1,4 @@
-"""`qnn` command line: train, eval, attack, export, verify, bundle, pipeline.
+"""`qnn` command line: train, eval, attack, export, verify, bundle, pipeline, list.
 
 Every user error (bad file, bad option) prints one line `qnn: error: ...` and exits 2.
 """
@@ -147,12 +147,42 @@ class _Parser(argparse.ArgumentParser):
         raise QNNError(f"{self.prog.removeprefix('qnn').strip() or 'qnn'}: {message} (see {self.prog} --help)")
 
 
+def _add_list(sub) -> None:
+    p = sub.add_parser("list", help="what the toolkit offers: models, defenses, attacks or export formats")
+    p.add_argument("what", choices=["models", "defenses", "attacks", "formats"])
+
+
+def cmd_list(a) -> int:
+    if a.what == "models":
+        from qnn.models import list_models
+
+        names = list_models() + ["path/to/file.py:factory (your own float CNN or Brevitas model)"]
+    elif a.what == "defenses":
+        from qnn.defenses import list_defenses
+
+        names = list_defenses()
+    elif a.what == "attacks":
+        from qnn.attacks.cli import ATTACKS
+
+        names = list(ATTACKS)
+    else:
+        from export.onnx_export import FORMATS
+
+        names = list(FORMATS)
+    print("\n".join(names))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    from qnn import __version__
+
     ap = _Parser(prog="qnn", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=f"qnn {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_train(sub)
     _add_eval(sub)
-    cmds = {"train": cmd_train, "eval": cmd_eval}
+    _add_list(sub)
+    cmds = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list}
     for name, (adder, fn) in _extra_commands().items():
         adder(sub)
         cmds[name] = fn

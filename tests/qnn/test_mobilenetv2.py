@@ -1,4 +1,4 @@
-"""MobileNetV2 on Brevitas layers through the toolkit: train (QAT over bit-widths), resume, eval, attack; integer
+"""MobileNetV2 and VGG on Brevitas layers through the toolkit: train (QAT over bit-widths), resume, eval, attack; integer
 export refused with one line until the generic exporter lands."""
 
 import json
@@ -15,11 +15,12 @@ from tests.conftest import cli_error, run_cli
 
 
 def test_zoo_variants_are_switchable_brevitas_models():
-    for name, size in (("mobilenetv2_cifar", 32), ("mobilenetv2", 224)):
+    for name, size, n_conv, n_dw in (("mobilenetv2_cifar", 32, 52, 17), ("mobilenetv2", 224, 52, 17),
+                                     ("vgg11_cifar", 32, 8, 0)):
         m = create_model(name, num_classes=10, width_mult=0.25)
         assert m.in_size == size and m.num_classes == 10
         convs = [c for c in m.modules() if isinstance(c, bnn.QuantConv2d)]
-        assert len(convs) == 52 and sum(c.groups > 1 for c in convs) == 17  # 17 depthwise convs
+        assert len(convs) == n_conv and sum(c.groups > 1 for c in convs) == n_dw, name
         set_bit_width_(m, 32)
         m.eval()
         assert m(torch.rand(2, 3, size, size)).shape == (2, 10)

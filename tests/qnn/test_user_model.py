@@ -40,3 +40,19 @@ def test_bad_model_files_are_one_line_errors(tmp_path, capsys):
         assert msg in cli_error(t + ["--model", f"{spec}:{factory}"], capsys), msg
     assert "file.py:factory" in cli_error(t + ["--model", f"{USER}:not-a-name"], capsys)
     assert not (tmp_path / "o").exists()
+
+
+def test_list_and_version(capsys):
+    import pytest
+
+    from qnn import __version__
+
+    assert run_cli(["list", "models"]) == 0
+    out = capsys.readouterr().out.split("\n")
+    assert {"resnet20", "mobilenetv2_cifar", "vgg11_cifar"} <= set(out) and any("file.py:factory" in o for o in out)
+    assert run_cli(["list", "defenses"]) == 0 and "qadtr" in capsys.readouterr().out.split()
+    assert run_cli(["list", "formats"]) == 0 and capsys.readouterr().out.split() == ["int", "qcdq", "qonnx"]
+    assert "invalid choice" in cli_error(["list", "weights"], capsys)
+    with pytest.raises(SystemExit) as e:
+        run_cli(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"qnn {__version__}"
