@@ -28,8 +28,10 @@ def build_bundle(model, bits: int, out_dir: str | Path, x_uint8: np.ndarray, y: 
                  tolerance_pct: float = 0.5, overwrite: bool = False) -> Path:
     """Write the bundle. `patches`: (name, patch (3,h,w), PatchConfig) evaluated at fixed per-image locations.
     Built beside `out_dir` and swapped in when complete and checked: an earlier bundle survives a failure."""
+    from export.onnx_export import check_exportable
     from qnn.outputs import StagedDir
 
+    check_exportable(model)
     names = [name for name, _, _ in patches]
     if len(set(names)) != len(names):
         raise QNNError(f"patch names must differ (each names a file of the bundle), got {names}")

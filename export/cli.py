@@ -8,7 +8,7 @@ from pathlib import Path
 
 from qnn.cli import add_user_model_option
 from qnn.errors import QNNError
-from qnn.outputs import StagedDir, check_output
+from qnn.outputs import check_output
 from qnn.validate import arg_int
 
 
@@ -35,14 +35,13 @@ def add_export(sub) -> None:
 
 
 def cmd_export(a) -> int:
-    from export.onnx_export import FORMATS, check_exportable, export_model
+    from export.onnx_export import FORMATS, export_model
     from export.verify import verify
 
     if a.format not in FORMATS:
         raise QNNError(f"unknown format '{a.format}'; choose from {', '.join(FORMATS)}")
     check_output(a.out, "file", (a.checkpoint,))
     model, obj, sha = _load_at_bits(a.checkpoint, a.bits, a.model)
-    check_exportable(model)
     meta = {"source_checkpoint_sha256": sha, "class_names": obj.get("classes") or [str(i) for i in range(model.num_classes)],
             "trained_bits": obj.get("trained_bits", []), "defense": obj.get("defense", "none")}
     out = export_model(model, a.bits, a.format, a.out, meta, weight_type=a.weight_type)
@@ -92,13 +91,11 @@ def add_bundle(sub) -> None:
 
 def cmd_bundle(a) -> int:
     from export.bundle import build_bundle
-    from export.onnx_export import check_exportable
     from qnn.attacks.patch import load_patch
     from qnn.data import check_data_fits, load_dataset
 
-    StagedDir(a.out, overwrite=a.overwrite, what="bundle", inputs=(a.checkpoint, a.data_dir, *a.patch))  # checks only
+    check_output(a.out, "dir", (a.checkpoint, a.data_dir, *a.patch))
     model, obj, sha = _load_at_bits(a.checkpoint, a.bits, a.model)
-    check_exportable(model)
     ds = load_dataset(a.dataset, "test", a.data_dir).subset(a.n)
     check_data_fits(model, ds, "bundle images")
     patches = []

@@ -57,7 +57,7 @@ def cmd_pipeline(a) -> int:
     from qnn.config import parse_bits
     from qnn.data import load_dataset
     from qnn.outputs import StagedDir
-    from qnn.train import versions
+    from qnn.train import check_resume_config, versions
 
     torch.set_num_threads(a.threads)
     config = {k: v for k, v in vars(a).items() if k not in ("func", "cmd")}
@@ -78,11 +78,7 @@ def cmd_pipeline(a) -> int:
             make_defense(cfg.defense, cfg.defense_args, cfg, create_model(cfg.model))
         check_exportable(create_model(a.model))
         if stage.resuming and (stage.work / CONFIG).is_file():
-            saved = json.loads((stage.work / CONFIG).read_text())
-            diff = sorted(k for k in set(saved) | set(config) if k not in RESUME_IGNORED and saved.get(k) != config.get(k))
-            if diff:
-                raise QNNError(f"--resume: {stage.work} was started with other settings: " + ", ".join(
-                    f"{k} (saved {saved.get(k)!r}, now {config.get(k)!r})" for k in diff) + "; use the same settings or --overwrite")
+            check_resume_config(json.loads((stage.work / CONFIG).read_text()), config, stage.work, RESUME_IGNORED)
         t_start = time.perf_counter()
         test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed, n_synthetic=a.n_synthetic)
         train_ds = load_dataset(a.dataset, "train", a.data_dir, seed=a.seed, n_synthetic=a.n_synthetic)

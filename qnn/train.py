@@ -189,10 +189,9 @@ def _device(cfg: TrainConfig) -> str:
 RESUME_IGNORED = ("out_dir", "resume", "overwrite", "progress", "threads", "device", "compile")
 
 
-def check_resume_config(saved: dict, cfg: TrainConfig, where: Path) -> None:
+def check_resume_config(saved: dict, now: dict, where: Path, ignored: tuple = RESUME_IGNORED) -> None:
     """A resumed run must have the settings it started with (operational keys aside): name the keys that differ."""
-    now = cfg.to_dict()
-    diff = sorted(k for k in set(saved) | set(now) if k not in RESUME_IGNORED and saved.get(k) != now.get(k))
+    diff = sorted(k for k in set(saved) | set(now) if k not in ignored and saved.get(k) != now.get(k))
     if diff:
         shown = ", ".join(f"{k} (saved {saved.get(k)!r}, now {now.get(k)!r})" for k in diff)
         raise QNNError(f"--resume: {where} was started with other settings: {shown}; resume with the same settings "
@@ -276,7 +275,7 @@ def _train_in(cfg: TrainConfig, stage: StagedDir, model: nn.Module, defense, tea
         if saved is None and (out / "config.json").is_file():  # killed before its first epoch ended, or older states
             saved = json.loads((out / "config.json").read_text()).get("config")
         if saved:
-            check_resume_config(saved, cfg, out)
+            check_resume_config(saved, cfg.to_dict(), out)
         if st is not None:
             try:
                 model.load_state_dict(st["state_dict"])

@@ -119,8 +119,7 @@ def cmd_attack(a) -> int:
         if a.suite:
             for pc in suite_configs(a.suite)["patches"]:
                 _patch_cfg(a, n_cls, size, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in pc.items()})
-        if a.source_checkpoint:
-            load_checkpoint(a.source_checkpoint)
+        source = load_checkpoint(a.source_checkpoint)[0] if a.source_checkpoint else None
         train = load_dataset(a.dataset, "train", a.data_dir, seed=a.seed)
         xa, ya = train.subset(a.n_attack).tensors()
         res: dict = {"checkpoint": a.checkpoint, "attack": a.attack, "n_eval": len(xe), "versions": versions(),
@@ -131,20 +130,20 @@ def cmd_attack(a) -> int:
         elif a.adaptive == "ensemble":
             cfg.ensemble_bits = list(trained)
         out = stage.prepare()
-        _attack(a, model, cfg, bits, xa, ya, xe, ye, out, res)
+        _attack(a, model, source, cfg, bits, xa, ya, xe, ye, out, res)
         atomic_write_json(out / "result.json", res)
         stage.publish()
     print(json.dumps({"out": str(stage.out / "result.json")}))
     return 0
 
 
-def _attack(a, model, cfg, bits, xa, ya, xe, ye, out: Path, res: dict) -> None:
-    """Run the attack `a` asks for, writing patches and figures into `out` and figures into `res`."""
+def _attack(a, model, source, cfg, bits, xa, ya, xe, ye, out: Path, res: dict) -> None:
+    """Run the attack `a` asks for (`source`: the --source-checkpoint model or None), writing patches and figures
+    into `out` and figures into `res`."""
     from qnn.attacks.patch import (evaluate_patch, load_patch, optimize_universal_patch, per_image_patch_attack,
                                    asr_metrics, predict, save_patch)
     from qnn.attacks.pixel import fgsm, pgd_linf
     from qnn.attacks.transfer import heatmap_png, transfer_matrix
-    from qnn.checkpoint import load_checkpoint
     from qnn.config import parse_bits
     from qnn.layers import set_bit_width_
 
@@ -179,8 +178,8 @@ def _attack(a, model, cfg, bits, xa, ya, xe, ye, out: Path, res: dict) -> None:
     elif a.source_bits or a.source_checkpoint:
         srcs = parse_bits(a.source_bits) if a.source_bits else []
         extra = {}
-        if a.source_checkpoint:
-            extra["ckpt"] = load_checkpoint(a.source_checkpoint)[0]
+        if source is not None:
+            extra["ckpt"] = source
         m = transfer_matrix(model, xa, ya, xe, ye, cfg, srcs, bits, patch_dir=out, source_models=extra)
         res["results"] = m
         heatmap_png(m, out / "transfer.png", f"{cfg.patch_shape[0]}x{cfg.patch_shape[1]} {cfg.shape} patch ASR")

@@ -66,7 +66,7 @@ def _user_model(spec: str, num_classes: int | None = None, in_size: int | None =
         raise QNNError(f"{spec}: the factory raised {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}") from None
     if not isinstance(model, nn.Module):
         raise QNNError(f"{spec}: the factory returned a {type(model).__name__}, not a torch nn.Module")
-    heads = [m.out_features for m in model.modules() if isinstance(m, nn.Linear) or hasattr(m, "out_features")]
+    heads = [m.out_features for m in model.modules() if hasattr(m, "out_features")]
     outputs = heads[-1] if heads else None
     if num_classes is not None and outputs is not None and outputs != num_classes:
         raise QNNError(f"{spec}: the model has {outputs} outputs, the data {num_classes} classes")
