@@ -39,18 +39,21 @@ def count_macs(model, size: int) -> int:
     import torch
     import torch.nn.functional as F
 
+    import brevitas.nn as bnn
+
     from qnn.layers import QConvBN, QLinear
 
+    convs, linears = (QConvBN, bnn.QuantConv2d), (QLinear, bnn.QuantLinear)
     macs = 0
 
-    def hook(m, inp, out):
+    def hook(m, inp, out):  # weight[0]: one output channel's (in / groups) x k x k weights
         nonlocal macs
-        if isinstance(m, QConvBN):
+        if isinstance(m, convs):
             macs += out.numel() // out.shape[0] * m.weight[0].numel()
-        elif isinstance(m, QLinear):
+        elif isinstance(m, linears):
             macs += m.weight.numel()
 
-    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (QConvBN, QLinear))]
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, convs + linears)]
     with torch.no_grad():
         model(torch.rand(1, 3, size, size))
     for h in hs:

@@ -31,8 +31,10 @@ import time
 import numpy as np
 import onnxruntime as ort
 
+# the same sets as `qnn verify` (export/verify.py; a test holds them equal): this file must stand alone on the device
 INTEGER_KERNELS = {"QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QGemm", "QLinearMatMul", "MatMulInteger",
-                   "ConvInteger", "QLinearAveragePool", "QLinearMul", "QLinearConcat"}
+                   "ConvInteger", "QLinearAveragePool", "QLinearMul", "QLinearConcat", "QLinearSigmoid",
+                   "QLinearLeakyRelu"}
 MOVEMENT = {"Clip", "Slice", "Pad", "Flatten", "Reshape", "MaxPool", "Identity", "Transpose", "Squeeze", "Unsqueeze",
             "Concat", "Shape", "Gather", "QuantizeLinear", "DequantizeLinear", "MemcpyFromHost", "MemcpyToHost"}
 

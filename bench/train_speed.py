@@ -1,7 +1,7 @@
-"""Time of one ResNet-20 training step (batch 128) for float and for fake-quant QAT at 8, 4 and 2 bits, all
-measured in one run, and the ratio fake-quant / float. Target: ratio <= 1.25 at every bit-width.
+"""Time of one training step (batch 128) of a zoo model (ResNet-20 by default) for float and for fake-quant QAT at 8,
+4 and 2 bits, all measured in one run, and the ratio fake-quant / float. Target: ratio <= 1.25 at every bit-width.
 
-    python bench/train_speed.py --threads 2 [--compile]
+    python bench/train_speed.py --threads 2 [--compile] [--model mobilenetv2_cifar]
     python bench/train_speed.py --device cuda --profile   # on a GPU; --profile adds the 4-bit step's top operators
 
 Warm-up steps first (scale init, allocator), then the median of timed steps. Writes results/train_speed.{json,md}.
@@ -43,12 +43,12 @@ def step_time(model, x, y, bits: int, warmup: int, iters: int, compile_: bool, s
     return statistics.median(ts) * 1e3
 
 
-def model_at(bits: int, x):
-    """A fresh ResNet-20 at `bits` on x's device, scales initialised (first forward) and their state seen once (second)."""
+def model_at(name: str, bits: int, x):
+    """A fresh model at `bits` on x's device, scales initialised (first forward) and their state seen once (second)."""
     from qnn.layers import set_bit_width_
     from qnn.models import create_model
 
-    model = create_model("resnet20").to(x.device)
+    model = create_model(name).to(x.device)
     set_bit_width_(model, bits)
     model.train()
     model(x)
@@ -80,6 +80,7 @@ def profile_step(model, x, y) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet20", help="zoo model (default resnet20; 32x32 input)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=5)
@@ -106,21 +107,22 @@ def main(argv: list[str] | None = None) -> int:
     x, y = torch.rand(a.batch, 3, 32, 32).to(dev), torch.randint(0, 10, (a.batch,)).to(dev)
     res = {}
     for bits in (32, 8, 4, 2):
-        model = create_model("resnet20").to(dev)
+        model = create_model(a.model).to(dev)
         res[bits] = step_time(model, x, y, bits, a.warmup, a.iters, a.compile, sync)
         print(f"{'float' if bits == 32 else f'{bits}-bit'}: {res[bits]:.1f} ms/step", flush=True)
-    prof = profile_step(model_at(4, x), x, y) if a.profile else None
+    prof = profile_step(model_at(a.model, 4, x), x, y) if a.profile else None
     rows = [[("float" if b == 32 else f"W{b}A{b}"), ms, ms / res[32]] for b, ms in res.items()]
     where = f"{a.threads} threads" if dev == "cpu" else f"{dev} ({torch.cuda.get_device_name()})"
-    md = (f"ResNet-20 training step, batch {a.batch}, {where}, median of {a.iters} "
-          f"(compile={a.compile}). Command: `python bench/train_speed.py --threads {a.threads} --iters {a.iters}"
+    named = "" if a.model == "resnet20" else f" --model {a.model}"
+    md = (f"{a.model} training step, batch {a.batch}, {where}, median of {a.iters} "
+          f"(compile={a.compile}). Command: `python bench/train_speed.py --threads {a.threads} --iters {a.iters}{named}"
           f"{' --compile' if a.compile else ''}{'' if dev == 'cpu' else f' --device {a.device}'}`\n\n"
           + markdown_table(["precision", "ms / step", "ratio vs float"], rows)
           + (f"\nOne 4-bit step makes {prof['host_syncs']} device-to-host copies (host syncs). Top operators of five "
              f"4-bit steps:\n\n```\n{prof['table']}\n```\n" if prof else ""))
     print(md)
-    out = a.out + ("_compiled" if a.compile else "") + ("" if dev == "cpu" else "_cuda")
-    atomic_write_json(out + ".json", {"ms_per_step": {str(k): v for k, v in res.items()},
+    out = a.out + ("" if a.model == "resnet20" else f"_{a.model}") + ("_compiled" if a.compile else "") + ("" if dev == "cpu" else "_cuda")
+    atomic_write_json(out + ".json", {"model": a.model, "ms_per_step": {str(k): v for k, v in res.items()},
                                       "ratio": {str(k): v / res[32] for k, v in res.items()}, "batch": a.batch,
                                       "iters": a.iters, "compile": a.compile, "device": dev,
                                       "host_syncs_per_4bit_step": prof["host_syncs"] if prof else None,

@@ -23,7 +23,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qnn import __version__
 from qnn.errors import QNNError
-from qnn.layers import ActQuant, QConvBN, set_bit_width_
+from qnn.integer import Grid, IntegerProgram
+from qnn.layers import ActQuant, QConvBN, set_bit_width_, uncalibrated
+from qnn.models.resnet import QResNet
 
 FORMATS = ("int", "qcdq", "qonnx")
 OPSET = 19
@@ -32,11 +34,18 @@ QONNX_DOMAIN = "qonnx.custom_op.general"
 
 @dataclass
 class QTensor:
-    """A tensor name in the graph plus its quantization: integer name (uint8) and scale/zero-point."""
+    """A tensor name in the graph plus its integer grid (uint8 container: scale, zero point, [lo, hi])."""
 
     name: str          # uint8 tensor (int/qcdq) or float tensor carrying quantized values (qonnx)
-    scale: float
-    zp: int
+    grid: Grid
+
+    @property
+    def scale(self) -> float:
+        return float(self.grid.scale)
+
+    @property
+    def zp(self) -> int:
+        return self.grid.zp
 
 
 #: |w| above this can saturate ONNX Runtime's u8 x s8 kernels on x86 without AVX-VNNI (AVX2 / AVX-512BW use
@@ -69,24 +78,55 @@ class _Builder:
         return out
 
     # ---- activations
-    def quantize(self, x_float: str, q: ActQuant, scale: float) -> QTensor:
-        lo, hi, zp = q.qrange()
-        zp_i, nbits = int(zp), (8 if q.kind == "input" else q.bits)
+    def quantize(self, x_float: str, g: Grid) -> QTensor:
+        """QuantizeLinear onto grid `g` (uint8), with an integer Clip where the grid is narrower than uint8."""
+        s = np.float32(g.scale)
         if self.fmt == "qonnx":
-            signed = q.kind == "shifted"
-            out = self.node("Quant", [x_float, self.const(np.float32(scale), "s"), self.const(np.float32(0 if signed else zp_i), "zp"),
-                                      self.const(np.float32(nbits), "bw")], "quant", domain=QONNX_DOMAIN,
+            # QONNX Quant: signed (zero point 0) for the shifted grid [-2^(b-1), 2^(b-1)-1], else unsigned with zp
+            signed = g.lo == -(2 ** (g.bits - 1)) and g.hi <= 2 ** (g.bits - 1) - 1
+            out = self.node("Quant", [x_float, self.const(s, "s"), self.const(np.float32(0 if signed else g.zp), "zp"),
+                                      self.const(np.float32(g.bits), "bw")], "quant", domain=QONNX_DOMAIN,
                             signed=int(signed), narrow=0, rounding_mode="ROUND")
-            return QTensor(out, scale, zp_i)
-        y = self.node("QuantizeLinear", [x_float, self.const(np.float32(scale), "s"), self.const(np.uint8(zp_i), "zp")], "q")
-        if nbits < 8 and q.kind != "input":
-            y = self.node("Clip", [y, self.const(np.uint8(lo + zp_i), "lo"), self.const(np.uint8(hi + zp_i), "hi")], "clip")
-        return QTensor(y, scale, zp_i)
+            full_hi = 2 ** (g.bits - 1) - 1 if signed else 2**g.bits - 1 - g.zp
+            if g.hi < full_hi:  # a clamp inside the grid (ReLU6)
+                out = self.node("Clip", [out, "", self.const(np.float32(g.hi * s), "hi")], "clip")
+            return QTensor(out, g)
+        y = self.node("QuantizeLinear", [x_float, self.const(s, "s"), self.const(np.uint8(g.zp), "zp")], "q")
+        if g.lo + g.zp > 0 or g.hi + g.zp < 255:
+            y = self.node("Clip", [y, self.const(np.uint8(g.lo + g.zp), "lo"), self.const(np.uint8(g.hi + g.zp), "hi")], "clip")
+        return QTensor(y, g)
 
     def dequant(self, t: QTensor) -> str:
         if self.fmt == "qonnx":
             return t.name
         return self.node("DequantizeLinear", [t.name, self.const(np.float32(t.scale), "s"), self.const(np.uint8(t.zp), "zp")], "dq")
+
+    @staticmethod
+    def same_grid(name: str, t: QTensor) -> QTensor:
+        return QTensor(name, t.grid)
+
+    def pad(self, name: str, torch_pads, t: QTensor) -> str:
+        """Zero padding (F.pad's order: last dim first) of a 4-D tensor: pads with the zero point."""
+        begin, end = [0] * 4, [0] * 4
+        for i in range(len(torch_pads) // 2):
+            begin[3 - i], end[3 - i] = int(torch_pads[2 * i]), int(torch_pads[2 * i + 1])
+        value = self.const(np.float32(0) if self.fmt == "qonnx" else np.uint8(t.zp), "pv")
+        return self.node("Pad", [name, self.const(np.array(begin + end, np.int64), "pads"), value], "pad", mode="constant")
+
+    def slice(self, name: str, index: tuple) -> str:
+        """x[index] for a tuple of slices over the leading dims."""
+        starts, ends, axes, steps = [], [], [], []
+        for axis, sl in enumerate(index):
+            if sl == slice(None):
+                continue
+            if sl is Ellipsis or (sl.step or 1) < 1:
+                raise QNNError(f"slice {index} has no integer export (Ellipsis or negative step)")
+            starts.append(sl.start or 0)
+            ends.append(2**62 if sl.stop is None else sl.stop)
+            axes.append(axis)
+            steps.append(sl.step or 1)
+        arr = lambda v, n: self.const(np.array(v, np.int64), n)  # noqa: E731
+        return self.node("Slice", [name, arr(starts, "st"), arr(ends, "en"), arr(axes, "ax"), arr(steps, "sp")], "slice")
 
     # ---- weights / bias
     def weight(self, w_int: np.ndarray, s_eff: np.ndarray, bits: int) -> str:
@@ -140,8 +180,9 @@ def _conv(b: _Builder, conv: QConvBN, x: QTensor) -> str:
                   kernel_shape=[k, k], strides=[conv.stride] * 2, pads=[conv.padding] * 4)
 
 
-def _scale_of(q: ActQuant) -> float:
-    return float(q.scale().detach())
+def _grid(q: ActQuant) -> Grid:
+    lo, hi, zp = q.qrange(8 if q.kind == "input" else None)
+    return Grid(q.scale().detach().float().reshape(()), int(zp), int(lo), int(hi), 8 if q.kind == "input" else q.bits)
 
 
 def build_graph(model: torch.nn.Module, bits: int, fmt: str = "int", batch: int | str = "N",
@@ -156,51 +197,12 @@ def build_graph(model: torch.nn.Module, bits: int, fmt: str = "int", batch: int 
         raise QNNError(f"integer export needs bits in 2..8, got {bits}")
     set_bit_width_(model, bits)
     model.eval()
-    for m in model.modules():
-        if isinstance(m, ActQuant) and m.kind != "input" and not bool(m.initialized[m.bits - 2 if m.bits <= 8 else 7]):
-            raise QNNError(f"model has no calibrated {m.bits}-bit activation scales: it was not trained at {bits} bits")
+    if uncalibrated(model):
+        raise QNNError(f"model has no calibrated {bits}-bit activation scales: it was not trained at {bits} bits")
     b = _Builder(fmt, bits, weight_type)
     H = W = model.in_size
-    xin = b.quantize("input", model.inq, _scale_of(model.inq))
-    x = b.quantize(_conv(b, model.conv1, xin), model.act1, _scale_of(model.act1))
-    split = getattr(model, "residual_bits", None) is not None
-    # a wide residual stream: the producing op is emitted twice, once per output quantizer (two fused QLinear ops)
-    xc = b.quantize(_conv(b, model.conv1, xin), model.act1_conv, _scale_of(model.act1_conv)) if split else x
-    if model.stem_kind == "imagenet":
-        x = QTensor(b.node("MaxPool", [x.name], "maxpool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]), x.scale, x.zp)
-        xc = QTensor(b.node("MaxPool", [xc.name], "maxpool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
-                     xc.scale, xc.zp) if split else x
-    for blk in model.blocks:
-        h = b.quantize(_conv(b, blk.conv1, xc), blk.act1, _scale_of(blk.act1))
-        h = b.quantize(_conv(b, blk.conv2, h), blk.q2, _scale_of(blk.q2))
-        if blk.shortcut_kind == "none":
-            sc = x
-        elif blk.shortcut_kind == "A":
-            sl = b.node("Slice", [x.name, b.const(np.array([0, 0], np.int64), "st"), b.const(np.array([2**31, 2**31], np.int64), "en"),
-                                  b.const(np.array([2, 3], np.int64), "ax"), b.const(np.array([2, 2], np.int64), "sp")], "slice")
-            pad_val = b.const(np.uint8(x.zp) if fmt != "qonnx" else np.float32(0), "pv")
-            sc = QTensor(b.node("Pad", [sl, b.const(np.array([0, blk.pad, 0, 0, 0, blk.pad, 0, 0], np.int64), "pads"), pad_val],
-                                "pad", mode="constant"), x.scale, x.zp)
-        else:
-            sc = b.quantize(_conv(b, blk.sc_conv, x), blk.sc_q, _scale_of(blk.sc_q))
-        s = b.node("Add", [b.dequant(h), b.dequant(sc)], "add")
-        x_new = b.quantize(s, blk.act_out, _scale_of(blk.act_out))
-        if split:
-            s2 = b.node("Add", [b.dequant(h), b.dequant(sc)], "add")
-            xc = b.quantize(s2, blk.act_out_conv, _scale_of(blk.act_out_conv))
-        else:
-            xc = x_new
-        x = x_new
-    p = b.node("GlobalAveragePool", [b.dequant(x)], "gap")
-    pq = b.quantize(p, model.pool_q, _scale_of(model.pool_q))
-    flat = QTensor(b.node("Flatten", [pq.name], "flatten", axis=1), pq.scale, pq.zp)
-    lin = model.linear
-    s_in = np.float32(flat.scale)
-    s_w = lin.w_scale().detach().float().numpy()
-    s_bias = (s_in * s_w).astype(np.float32)
-    b_int = np.round(lin.bias.detach().float().numpy() / s_bias).astype(np.int64)
-    w_int = _f(lin.int_weight()).astype(np.int64)
-    logits = b.node("Gemm", [b.dequant(flat), b.weight(w_int, s_w, lin.wbits), b.bias(b_int, s_bias)], "gemm", transB=1)
+    with torch.no_grad():
+        logits = _resnet_graph(b, model) if isinstance(model, QResNet) else IntegerProgram(model.body).emit(b, "input")
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_node"))
     graph = helper.make_graph(b.nodes, f"{getattr(model, 'arch', 'model')}_w{bits}a{bits}",
                               [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, H, W])],
@@ -213,14 +215,57 @@ def build_graph(model: torch.nn.Module, bits: int, fmt: str = "int", batch: int 
     return m
 
 
-def check_exportable(model: torch.nn.Module) -> None:
-    """The integer exporter walks the toolkit's own ResNet layers; models on Brevitas layers (`qnn.quantize`) train,
-    evaluate and are attacked, but their integer export is not built yet: say so in one line."""
-    from qnn.models.resnet import QResNet
+def _resnet_graph(b: _Builder, model) -> str:
+    """The toolkit's own ResNet layers (qnn.models.resnet), walked block by block; returns the logits' name."""
+    xin = b.quantize("input", _grid(model.inq))
+    x = b.quantize(_conv(b, model.conv1, xin), _grid(model.act1))
+    split = getattr(model, "residual_bits", None) is not None
+    # a wide residual stream: the producing op is emitted twice, once per output quantizer (two fused QLinear ops)
+    xc = b.quantize(_conv(b, model.conv1, xin), _grid(model.act1_conv)) if split else x
+    if model.stem_kind == "imagenet":
+        x = QTensor(b.node("MaxPool", [x.name], "maxpool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]), x.grid)
+        xc = QTensor(b.node("MaxPool", [xc.name], "maxpool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+                     xc.grid) if split else x
+    for blk in model.blocks:
+        h = b.quantize(_conv(b, blk.conv1, xc), _grid(blk.act1))
+        h = b.quantize(_conv(b, blk.conv2, h), _grid(blk.q2))
+        if blk.shortcut_kind == "none":
+            sc = x
+        elif blk.shortcut_kind == "A":
+            sl = b.node("Slice", [x.name, b.const(np.array([0, 0], np.int64), "st"), b.const(np.array([2**31, 2**31], np.int64), "en"),
+                                  b.const(np.array([2, 3], np.int64), "ax"), b.const(np.array([2, 2], np.int64), "sp")], "slice")
+            pad_val = b.const(np.uint8(x.zp) if b.fmt != "qonnx" else np.float32(0), "pv")
+            sc = QTensor(b.node("Pad", [sl, b.const(np.array([0, blk.pad, 0, 0, 0, blk.pad, 0, 0], np.int64), "pads"), pad_val],
+                                "pad", mode="constant"), x.grid)
+        else:
+            sc = b.quantize(_conv(b, blk.sc_conv, x), _grid(blk.sc_q))
+        s = b.node("Add", [b.dequant(h), b.dequant(sc)], "add")
+        x_new = b.quantize(s, _grid(blk.act_out))
+        if split:
+            s2 = b.node("Add", [b.dequant(h), b.dequant(sc)], "add")
+            xc = b.quantize(s2, _grid(blk.act_out_conv))
+        else:
+            xc = x_new
+        x = x_new
+    p = b.node("GlobalAveragePool", [b.dequant(x)], "gap")
+    pq = b.quantize(p, _grid(model.pool_q))
+    flat = QTensor(b.node("Flatten", [pq.name], "flatten", axis=1), pq.grid)
+    lin = model.linear
+    s_in = np.float32(flat.scale)
+    s_w = lin.w_scale().detach().float().numpy()
+    s_bias = (s_in * s_w).astype(np.float32)
+    b_int = np.round(lin.bias.detach().float().numpy() / s_bias).astype(np.int64)
+    w_int = _f(lin.int_weight()).astype(np.int64)
+    return b.node("Gemm", [b.dequant(flat), b.weight(w_int, s_w, lin.wbits), b.bias(b_int, s_bias)], "gemm", transB=1)
 
-    if not isinstance(model, QResNet):
-        raise QNNError(f"integer export of model '{getattr(model, 'arch', type(model).__name__)}' (Brevitas layers) is "
-                       f"not available yet; the exportable models are the ResNets and small_cnn")
+
+def check_exportable(model: torch.nn.Module) -> None:
+    """The exporters take the toolkit's ResNets and any model quantized by `qnn.quantize` (`QuantizedNet`)."""
+    from qnn.models.quantized import QuantizedNet
+
+    if not isinstance(model, (QResNet, QuantizedNet)):
+        raise QNNError(f"model '{getattr(model, 'arch', type(model).__name__)}' cannot be exported: wrap it with "
+                       f"qnn.models.quantized.QuantizedNet (pixels in [0, 1], normalisation, the quantized body)")
 
 
 def export_model(model: torch.nn.Module, bits: int, fmt: str, out: str | Path, meta: dict | None = None,
@@ -233,7 +278,7 @@ def export_model(model: torch.nn.Module, bits: int, fmt: str, out: str | Path, m
     m = build_graph(model, bits, fmt, weight_type=weight_type)
     md = {"qnn_version": __version__, "format": fmt, "w_bits": str(bits), "a_bits": str(bits),
           "residual_bits": str(max(bits, model.residual_bits) if getattr(model, "residual_bits", None) else bits),
-          "first_last_w_bits": str(model.conv1.fixed_w_bits or bits), "input_layout": "NCHW",
+          "first_last_w_bits": str(model.first_last_bits or bits), "input_layout": "NCHW",
           "input_normalisation": json.dumps({"mean": list(model.mean), "std": list(model.std), "pixel_range": [0, 1]}),
           "input_shape": json.dumps([3, model.in_size, model.in_size]), "arch": getattr(model, "arch", ""),
           "weight_type": weight_type}

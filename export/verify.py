@@ -13,8 +13,7 @@ from qnn.errors import QNNError
 
 #: ops that compute in integers once ORT has fused the QDQ groups
 INTEGER_OPS = {"QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QGemm", "QLinearMatMul", "MatMulInteger",
-               "ConvInteger", "QLinearAveragePool", "QLinearMul", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu",
-               "DynamicQuantizeLinear"}
+               "ConvInteger", "QLinearAveragePool", "QLinearMul", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu"}
 #: data movement / clamping that is exact on integer tensors
 MOVEMENT_OPS = {"Clip", "Slice", "Pad", "Flatten", "Reshape", "MaxPool", "Identity", "Transpose", "Squeeze",
                 "Unsqueeze", "Concat", "Shape", "Gather"}

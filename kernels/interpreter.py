@@ -72,7 +72,7 @@ class IntegerInterpreter:
             x, st, en, ax, sp = ins
             sl = [slice(None)] * x.ndim
             for s_, e_, a_, p_ in zip(st, en, ax, sp):
-                sl[int(a_)] = slice(int(s_), int(min(e_, 2**31)), int(p_))
+                sl[int(a_)] = slice(int(s_), int(min(e_, 2**62)), int(p_))
             return x[tuple(sl)]
         if op == "Pad":
             x, pads, val = ins[0], ins[1], ins[2]
@@ -83,7 +83,11 @@ class IntegerInterpreter:
         if op == "Identity":
             return ins[0]
         if op == "MaxPool":
-            return K.max_pool(ins[0], int(at["kernel_shape"][0]), int(at["strides"][0]), int(at.get("pads", [0])[0]))
+            pads = at.get("pads", [0, 0, 0, 0])
+            if list(pads[:2]) != list(pads[2:]):
+                raise QNNError(f"{node.name}: asymmetric MaxPool padding is not supported")
+            return K.max_pool(ins[0], at["kernel_shape"], at.get("strides", [1, 1]), pads[:2], at.get("dilations", [1, 1]),
+                              bool(at.get("ceil_mode", 0)))
         if op in ("Conv", "Add", "GlobalAveragePool"):
             if not all(isinstance(i, _DQ) for i in ins if i is not None):
                 raise QNNError(f"{node.name}: float {op} (inputs not dequantized integers): graph is not fully integer")
@@ -92,16 +96,29 @@ class IntegerInterpreter:
             a, b, c = (ins + [None])[:3]
             if not all(isinstance(i, _DQ) for i in (a, b)):
                 raise QNNError(f"{node.name}: float Gemm: graph is not fully integer")
+            if self._consumer_is_quantize(node):
+                return _Pending(op, (ins, at))
             return K.qgemm_float_out(a.q, float(a.scale), int(a.zp), b.q, b.scale, b.zp,
                                      None if c is None else c.q, bool(at.get("transB", 0)))
         raise QNNError(f"{node.name}: op {op} not supported by the integer interpreter")
+
+    def _consumer_is_quantize(self, node) -> bool:
+        users = [n for n in self.model.graph.node if node.output[0] in n.input]
+        return len(users) == 1 and users[0].op_type == "QuantizeLinear"
 
     def _requant(self, p: _Pending, ys: float, yz: int) -> np.ndarray:
         ins, at = p.args
         if p.op == "Conv":
             x, w, b = (ins + [None])[:3]
-            return K.qlinear_conv(x.q, float(x.scale), int(x.zp), w.q, w.scale, w.zp, ys, yz,
-                                  None if b is None else b.q, int(at.get("strides", [1])[0]), int(at.get("pads", [0])[0]))
+            pads = at.get("pads", [0, 0, 0, 0])
+            if list(pads[:2]) != list(pads[2:]):
+                raise QNNError("asymmetric Conv padding is not supported")
+            return K.qlinear_conv(x.q, float(x.scale), int(x.zp), w.q, w.scale, w.zp, ys, yz, None if b is None else b.q,
+                                  at.get("strides", [1, 1]), pads[:2], at.get("dilations", [1, 1]), int(at.get("group", 1)))
+        if p.op == "Gemm":
+            a, w, b = (ins + [None])[:3]
+            return K.qgemm(a.q, float(a.scale), int(a.zp), w.q, w.scale, w.zp, None if b is None else b.q, ys, yz,
+                           bool(at.get("transB", 0)))
         if p.op == "Add":
             a, b = ins
             return K.qlinear_add(a.q, float(a.scale), int(a.zp), b.q, float(b.scale), int(b.zp), ys, yz)

@@ -34,27 +34,36 @@ def requantize(acc: np.ndarray, multiplier: np.ndarray, zp: int, lo: int = 0, hi
     return np.clip(v + zp, lo, hi).astype(np.uint8 if lo >= 0 else np.int8)
 
 
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if np.isscalar(v) else (int(v[0]), int(v[1]))
+
+
 def conv_int(x_q: np.ndarray, x_zp: int, w_q: np.ndarray, w_zp: np.ndarray | int, bias: np.ndarray | None,
-             stride: int, pad: int) -> np.ndarray:
-    """Integer conv (NCHW, OIHW, zero padding with the input zero point): int64 accumulator incl. bias."""
+             stride=1, pad=0, dilation=1, groups: int = 1) -> np.ndarray:
+    """Integer conv (NCHW, OIHW, zero padding with the input zero point, any stride / padding / dilation / groups):
+    int64 accumulator incl. bias. `stride`, `pad`, `dilation`: an int or an (h, w) pair."""
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(pad), _pair(dilation)
     n, c, h, w = x_q.shape
-    o, _, kh, kw = w_q.shape
+    o, cg, kh, kw = w_q.shape
     xi = x_q.astype(np.int64) - x_zp
-    xp = np.pad(xi, ((0, 0), (0, 0), (pad, pad), (pad, pad)))  # padding value = zp -> 0 after subtraction
-    oh, ow = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1
+    xp = np.pad(xi, ((0, 0), (0, 0), (ph, ph), (pw, pw)))  # padding value = zp -> 0 after subtraction
+    oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     s = xp.strides
     cols = np.lib.stride_tricks.as_strided(xp, (n, c, kh, kw, oh, ow),
-                                           (s[0], s[1], s[2], s[3], s[2] * stride, s[3] * stride))
-    cols = cols.transpose(0, 4, 5, 1, 2, 3).reshape(n * oh * ow, c * kh * kw).astype(np.float64)
-    wi = (w_q.astype(np.int64) - np.asarray(w_zp).reshape(-1, 1, 1, 1)).reshape(o, -1).astype(np.float64)
-    acc = np.rint(cols @ wi.T).astype(np.int64).reshape(n, oh, ow, o).transpose(0, 3, 1, 2)
+                                           (s[0], s[1], s[2] * dh, s[3] * dw, s[2] * sh, s[3] * sw))
+    og = o // groups
+    # grouped im2col: (n, groups, cg*kh*kw, oh*ow) against (groups, og, cg*kh*kw); float64 matmul, exact below 2^53
+    cols = cols.reshape(n, groups, cg * kh * kw, oh * ow).astype(np.float64)
+    wi = (w_q.astype(np.int64) - np.asarray(w_zp).reshape(-1, 1, 1, 1)).astype(np.float64).reshape(groups, og, -1)
+    acc = np.rint(np.matmul(wi[None], cols)).astype(np.int64).reshape(n, o, oh, ow)
     if bias is not None:
         acc = acc + bias.astype(np.int64).reshape(1, -1, 1, 1)
     return acc
 
 
-def qlinear_conv(x_q, x_scale, x_zp, w_q, w_scale, w_zp, y_scale, y_zp, bias, stride, pad) -> np.ndarray:
-    acc = conv_int(x_q, int(x_zp), w_q, w_zp, bias, stride, pad)
+def qlinear_conv(x_q, x_scale, x_zp, w_q, w_scale, w_zp, y_scale, y_zp, bias, stride, pad, dilation=1,
+                 groups: int = 1) -> np.ndarray:
+    acc = conv_int(x_q, int(x_zp), w_q, w_zp, bias, stride, pad, dilation, groups)
     mult = (F32(x_scale) * np.asarray(w_scale, F32) / F32(y_scale)).astype(F32)
     return requantize(acc, np.broadcast_to(mult.reshape(-1), (acc.shape[1],)).reshape(1, -1, 1, 1), int(y_zp))
 
@@ -75,24 +84,43 @@ def qlinear_global_avg_pool(x_q, x_scale, x_zp, y_scale, y_zp) -> np.ndarray:
     return requantize(acc, np.asarray(mult, F32), int(y_zp)).reshape(n, c, 1, 1)
 
 
-def qgemm_float_out(a_q, a_scale, a_zp, b_q, b_scale, b_zp, bias, trans_b: bool = True) -> np.ndarray:
-    """QGemm with float output: float32(int acc + int32 bias) * (sa * sb)."""
+def gemm_int(a_q, a_zp, b_q, b_zp, bias, trans_b: bool = True) -> np.ndarray:
+    """Integer A @ B^T (+ int32 bias), int64."""
     ai = (a_q.astype(np.int64) - int(a_zp)).astype(np.float64)
     bi = (b_q.astype(np.int64) - np.asarray(b_zp).reshape(-1, 1) if trans_b else b_q.astype(np.int64)).astype(np.float64)
     acc = np.rint(ai @ (bi.T if trans_b else bi)).astype(np.int64)
-    if bias is not None:
-        acc = acc + bias.astype(np.int64)
+    return acc if bias is None else acc + bias.astype(np.int64)
+
+
+def qgemm(a_q, a_scale, a_zp, b_q, b_scale, b_zp, bias, y_scale, y_zp, trans_b: bool = True) -> np.ndarray:
+    """QGemm with a quantized output: requantized like QLinearConv."""
+    acc = gemm_int(a_q, a_zp, b_q, b_zp, bias, trans_b)
+    mult = (F32(a_scale) * np.asarray(b_scale, F32) / F32(y_scale)).astype(F32)
+    return requantize(acc, np.broadcast_to(mult.reshape(-1), (acc.shape[1],)).reshape(1, -1), int(y_zp))
+
+
+def qgemm_float_out(a_q, a_scale, a_zp, b_q, b_scale, b_zp, bias, trans_b: bool = True) -> np.ndarray:
+    """QGemm with float output: float32(int acc + int32 bias) * (sa * sb)."""
+    acc = gemm_int(a_q, a_zp, b_q, b_zp, bias, trans_b)
     mult = (F32(a_scale) * np.asarray(b_scale, F32)).astype(F32)
     return (acc.astype(F32) * mult).astype(F32)
 
 
-def max_pool(x: np.ndarray, k: int, stride: int, pad: int) -> np.ndarray:
+def max_pool(x: np.ndarray, k, stride, pad, dilation=1, ceil_mode: bool = False) -> np.ndarray:
+    """MaxPool on the integer tensor; padding never wins (ONNX ignores padded positions). Ints or (h, w) pairs."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = _pair(k), _pair(stride), _pair(pad), _pair(dilation)
     n, c, h, w = x.shape
+    rnd = (lambda v: -(-v // 1)) if ceil_mode else (lambda v: v // 1)
+    oh = int(rnd((h + 2 * ph - dh * (kh - 1) - 1) / sh)) + 1
+    ow = int(rnd((w + 2 * pw - dw * (kw - 1) - 1) / sw)) + 1
+    if ceil_mode:  # a last window must start inside the input or its left padding (PyTorch / ONNX rule)
+        oh -= (oh - 1) * sh >= h + ph
+        ow -= (ow - 1) * sw >= w + pw
     lo = np.iinfo(x.dtype).min if np.issubdtype(x.dtype, np.integer) else -np.inf
-    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)), constant_values=lo)
-    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    eh, ew = max(0, (oh - 1) * sh + dh * (kh - 1) + 1 - h - ph), max(0, (ow - 1) * sw + dw * (kw - 1) + 1 - w - pw)
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, eh), (pw, ew)), constant_values=lo)
     out = np.full((n, c, oh, ow), lo, dtype=x.dtype)
-    for i in range(k):
-        for j in range(k):
-            out = np.maximum(out, xp[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride])
+    for i in range(kh):
+        for j in range(kw):
+            out = np.maximum(out, xp[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw])
     return out

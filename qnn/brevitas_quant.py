@@ -122,8 +122,8 @@ class _WeightTensorQuant(SwitchableIntQuant):
 
 
 class _UnsignedTensorQuant(SwitchableIntQuant):
-    def __init__(self, fixed_bits=None):
-        super().__init__("unsigned", (), fixed_bits)
+    def __init__(self, fixed_bits=None, min_bits=None):
+        super().__init__("unsigned", (), fixed_bits, min_bits=min_bits)
 
 
 class _ShiftedTensorQuant(SwitchableIntQuant):
@@ -149,6 +149,7 @@ class SwitchableUnsignedActQuant(Uint8ActPerTensorFloat):
 
     tensor_quant = _UnsignedTensorQuant
     fixed_bits = None
+    min_bits = None
 
 
 class SwitchableShiftedActQuant(Uint8ActPerTensorFloat):

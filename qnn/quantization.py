@@ -8,10 +8,12 @@ module is swapped for its quantized counterpart on Brevitas layers with the tool
 - Conv2d (any groups / stride / padding / dilation / bias) -> QuantConv2d, Linear -> QuantLinear: per-channel
   narrow-range int weights; the first conv and the last linear at `cfg.first_last_bits`;
 - BatchNorm2d -> one BatchNorm per bit-width (the switch picks it; folded at export);
-- ReLU / ReLU6 (modules or functions) -> the unsigned activation quantizer (ReLU6 keeps its clamp at 6 in float);
-- average / adaptive-average pooling -> the pool followed by an unsigned requantizer; max pooling keeps its grid;
-- residual adds: both operands through one shared shifted (uint8 + zero point) requantizer, at >= `residual_bits`;
-- flatten / reshape / view / dropout / identity pass through.
+- ReLU / ReLU6 (modules or functions) -> the unsigned activation quantizer (ReLU6 keeps its clamp at 6);
+- residual adds, average / adaptive-average pooling: kept; max pooling, flatten / reshape / view, zero padding,
+  slicing, dropout and identity pass through on the integer grid;
+- then every float result (conv, BatchNorm, linear, add, pool) that reaches anything but an activation quantizer
+  gets a requantizer (unsigned where non-negative, else shifted: uint8 + zero point), so each op of the integer
+  graph is a fused integer one; with `residual_bits`, tensors that reach a residual add or the pool run at >= it.
 
 Anything else is refused with one line naming the module and its type. A model already built from Brevitas layers
 with these quantizers is returned as it is.
@@ -75,17 +77,33 @@ class _ReLU6Quant(nn.Module):
     """ReLU6 as an explicit clamp then the unsigned quantizer: Brevitas' QuantReLU6 drops the clamp at 6 when a
     quantizer is present, which float mode would then lack."""
 
-    def __init__(self):
+    def __init__(self, min_bits: int | None = None):
         super().__init__()
-        self.quant = bnn.QuantIdentity(act_quant=SwitchableUnsignedActQuant)
+        self.quant = bnn.QuantIdentity(act_quant=_act_quant("unsigned", min_bits))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant(F.relu6(x))
 
 
+def _act_quant(kind: str, min_bits: int | None = None):
+    quant = SwitchableUnsignedActQuant if kind == "unsigned" else SwitchableShiftedActQuant
+    return quant.let(min_bits=min_bits) if min_bits else quant
+
+
+def act_module(kind: str, min_bits: int | None = None, relu6: bool = False) -> nn.Module:
+    """An activation quantizer module: 'unsigned' (also the ReLU; `relu6` clamps at 6 first) or 'shifted'.
+    `min_bits` is a floor on its bit-width (the wide residual stream). Brevitas re-creates a quantizer from its
+    injector on `load_state_dict`, so every setting lives in the injector, never on the instance."""
+    if relu6:
+        return _ReLU6Quant(min_bits)
+    if kind == "unsigned":
+        return bnn.QuantReLU(act_quant=_act_quant(kind, min_bits), return_quant_tensor=False)
+    return bnn.QuantIdentity(act_quant=_act_quant(kind, min_bits))
+
+
 _PASS_MODULES = (nn.Flatten, nn.Dropout, nn.Identity, nn.MaxPool2d, nn.AdaptiveMaxPool2d)
 _AVG_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-_PASS_FUNCTIONS = {torch.flatten, torch.reshape, getattr, operator.getitem, F.dropout, F.max_pool2d}
+_PASS_FUNCTIONS = {torch.flatten, torch.reshape, getattr, operator.getitem, F.dropout, F.max_pool2d, F.pad}
 _PASS_METHODS = {"view", "reshape", "flatten", "size", "contiguous", "squeeze", "unsqueeze"}
 _RELU_FUNCTIONS = {F.relu, torch.relu}
 _ADD_FUNCTIONS = {operator.add, torch.add}
@@ -116,6 +134,9 @@ def quantize(model: nn.Module, cfg: QuantizeConfig | None = None) -> nn.Module:
 
 
 class _Converter:
+    """Swaps modules, then legalises the graph for the integer recipe (`_legalise`) and, with `residual_bits`,
+    widens the residual stream (`_widen`)."""
+
     def __init__(self, gm: fx.GraphModule, cfg: QuantizeConfig):
         self.gm, self.cfg, self.graph, self.n = gm, cfg, gm.graph, 0
         self.mods = dict(gm.named_modules())
@@ -123,6 +144,7 @@ class _Converter:
         weighted = [n.target for n in order if isinstance(self.mods[n.target], (nn.Conv2d, nn.Linear))]
         self.first = weighted[0] if weighted else None
         self.last = weighted[-1] if weighted else None
+        self.acts: dict[str, tuple[str, bool]] = {}  # activation quantizer module -> (kind, relu6)
 
     def _add(self, module: nn.Module, prefix: str) -> str:
         name = f"{prefix}_{self.n}"
@@ -130,13 +152,10 @@ class _Converter:
         self.gm.add_submodule(name, module)
         return name
 
-    def _after(self, node: fx.Node, module: nn.Module, prefix: str) -> fx.Node:
-        """Insert `module` right after `node`, feeding it every use of `node`."""
-        name = self._add(module, prefix)
-        with self.graph.inserting_after(node):
-            new = self.graph.call_module(name, (node,))
-        node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
-        return new
+    def _act(self, kind: str, prefix: str, min_bits: int | None = None, relu6: bool = False) -> str:
+        name = self._add(act_module(kind, min_bits, relu6), prefix)
+        self.acts[name] = (kind, relu6)
+        return name
 
     def _replace(self, node: fx.Node, module: nn.Module) -> None:
         parent, _, attr = node.target.rpartition(".")
@@ -145,8 +164,11 @@ class _Converter:
     def run(self) -> None:
         for node in list(self.graph.nodes):
             if node.op == "placeholder":
-                self._after(node, bnn.QuantIdentity(act_quant=FixedInputQuant.let(input_range=self.cfg.input_range)),
-                            "input_quant")
+                name = self._add(bnn.QuantIdentity(act_quant=FixedInputQuant.let(input_range=self.cfg.input_range)),
+                                 "input_quant")
+                with self.graph.inserting_after(node):
+                    new = self.graph.call_module(name, (node,))
+                node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
             elif node.op == "call_module":
                 self._module(node)
             elif node.op == "call_function":
@@ -154,6 +176,10 @@ class _Converter:
             elif node.op == "call_method" and node.target not in _PASS_METHODS:
                 raise QNNError(f"unsupported tensor method '.{node.target}()' in the traced model; supported: "
                                f"{', '.join(sorted(_PASS_METHODS))}")
+        self._legalise()
+        if self.cfg.residual_bits:
+            self._widen(self.cfg.residual_bits)
+        self.graph.eliminate_dead_code()
         self.graph.lint()
 
     def _fixed(self, target: str):
@@ -175,14 +201,10 @@ class _Converter:
             self._copy(m, q)
         elif type(m) is nn.BatchNorm2d:
             q = SwitchableBatchNorm2d(m)
-        elif type(m) is nn.ReLU:
-            q = bnn.QuantReLU(act_quant=SwitchableUnsignedActQuant, return_quant_tensor=False)
-        elif type(m) is nn.ReLU6:
-            q = _ReLU6Quant()
-        elif isinstance(m, _AVG_POOLS):
-            self._after(node, bnn.QuantIdentity(act_quant=SwitchableUnsignedActQuant), "pool_quant")
-            return
-        elif isinstance(m, _PASS_MODULES) or isinstance(m, (SwitchableIntQuant, SwitchableMixin)) \
+        elif type(m) in (nn.ReLU, nn.ReLU6):
+            q = act_module("unsigned", relu6=type(m) is nn.ReLU6)
+            self.acts[node.target] = ("unsigned", type(m) is nn.ReLU6)
+        elif isinstance(m, _PASS_MODULES + _AVG_POOLS) or isinstance(m, (SwitchableIntQuant, SwitchableMixin)) \
                 or type(m).__module__.startswith("brevitas."):
             return
         else:
@@ -199,22 +221,100 @@ class _Converter:
 
     def _function(self, node: fx.Node) -> None:
         f = node.target
-        if f in _RELU_FUNCTIONS:
-            name = self._add(bnn.QuantReLU(act_quant=SwitchableUnsignedActQuant, return_quant_tensor=False), "relu")
+        if f in _RELU_FUNCTIONS or f is F.relu6:
+            name = self._act("unsigned", "relu", relu6=f is F.relu6)
             node.op, node.target, node.kwargs = "call_module", name, {}
             node.args = node.args[:1]
-        elif f in _ADD_FUNCTIONS and all(isinstance(a, fx.Node) for a in node.args[:2]):
-            quant = SwitchableShiftedActQuant
-            if self.cfg.residual_bits:
-                quant = quant.let(min_bits=self.cfg.residual_bits)
-            name = self._add(bnn.QuantIdentity(act_quant=quant), "add_quant")  # one module: one shared scale
-            args = list(node.args)
-            for i in (0, 1):
-                with self.graph.inserting_before(node):
-                    args[i] = self.graph.call_module(name, (args[i],))
-            node.args = tuple(args)
-        elif f in _AVG_POOL_FUNCTIONS:
-            self._after(node, bnn.QuantIdentity(act_quant=SwitchableUnsignedActQuant), "pool_quant")
-        elif f not in _PASS_FUNCTIONS:
+        elif f in _ADD_FUNCTIONS and all(isinstance(a, fx.Node) for a in node.args[:2]) and not node.kwargs:
+            return
+        elif f not in _PASS_FUNCTIONS and f not in _AVG_POOL_FUNCTIONS:
             raise QNNError(f"unsupported operation {getattr(f, '__name__', f)!r} in the traced model; supported: "
                            f"relu, residual add, pooling, flatten/reshape")
+
+    # ---- node roles in the swapped graph
+    def _module_of(self, node: fx.Node) -> nn.Module | None:
+        return self.gm.get_submodule(node.target) if node.op == "call_module" else None
+
+    def _is_act(self, node: fx.Node) -> bool:
+        return node.op == "call_module" and node.target in self.acts
+
+    def _is_weighted(self, node: fx.Node) -> bool:
+        return isinstance(self._module_of(node), (bnn.QuantConv2d, bnn.QuantLinear))
+
+    def _is_avg_pool(self, node: fx.Node) -> bool:
+        return isinstance(self._module_of(node), _AVG_POOLS) or (node.op == "call_function"
+                                                                  and node.target in _AVG_POOL_FUNCTIONS)
+
+    def _is_add(self, node: fx.Node) -> bool:
+        return node.op == "call_function" and node.target in _ADD_FUNCTIONS
+
+    def _is_pass(self, node: fx.Node) -> bool:
+        m = self._module_of(node)
+        return isinstance(m, _PASS_MODULES) or (node.op == "call_function" and node.target in _PASS_FUNCTIONS) \
+            or (node.op == "call_method" and node.target in _PASS_METHODS)
+
+    def _produces_float(self, node: fx.Node) -> bool:
+        """Compute whose result is a float (wide accumulator) value: it must meet a quantizer before anything else."""
+        return self._is_weighted(node) or isinstance(self._module_of(node), SwitchableBatchNorm2d) \
+            or self._is_add(node) or self._is_avg_pool(node)
+
+    def _nonneg(self, node: fx.Node) -> bool:
+        """Whether the value is known non-negative (the unsigned grid fits it)."""
+        if self._is_act(node):
+            return self.acts[node.target][0] == "unsigned"
+        if (self._is_pass(node) or self._is_avg_pool(node)) and node.args and isinstance(node.args[0], fx.Node):
+            return self._nonneg(node.args[0])
+        return False
+
+    def _legalise(self) -> None:
+        """Every float value (conv, BatchNorm, linear, add, average pool) is consumed only by its BatchNorm, an
+        activation quantizer or the graph's output; any other consumer (a conv, an add operand, a pool, flatten...)
+        gets a requantizer in between: unsigned where the value is non-negative, else shifted. This is what makes
+        every op of the integer graph a fused integer one (QLinearConv, QLinearAdd, ...)."""
+        for node in list(self.graph.nodes):
+            if not self._produces_float(node):
+                continue
+            needs = [u for u in node.users if not (self._is_act(u) or u.op == "output" or (
+                isinstance(self._module_of(u), SwitchableBatchNorm2d) and self._is_weighted(node)))]
+            if needs:
+                kind = "unsigned" if self._nonneg(node) else "shifted"
+                name = self._act(kind, "requant")
+                with self.graph.inserting_after(node):
+                    q = self.graph.call_module(name, (node,))
+                for u in needs:
+                    u.replace_input_with(node, q)
+
+    def _reach(self, node: fx.Node, chain: tuple = ()) -> list[tuple[fx.Node, tuple]]:
+        """(consumer, pass nodes on the way) for every non-pass consumer of `node`'s value."""
+        out = []
+        for u in node.users:
+            if self._is_pass(u):
+                out += self._reach(u, chain + (u,))
+            else:
+                out.append((u, chain))
+        return out
+
+    def _widen(self, bits: int) -> None:
+        """The wide residual stream: every activation quantizer whose value reaches a residual add or the pool runs
+        at >= `bits`; where the same value also feeds a conv or linear, a twin quantizer of the same float value at
+        the switch's bit-width feeds those (in the integer graph the producing op runs once per output grid)."""
+        for node in list(self.graph.nodes):
+            if not self._is_act(node):
+                continue
+            reach = self._reach(node)
+            if not any(self._is_add(u) or self._is_avg_pool(u) for u, _ in reach):
+                continue
+            kind, relu6 = self.acts[node.target]
+            self._replace(node, act_module(kind, bits, relu6))
+            convs = [(u, chain) for u, chain in reach if self._is_weighted(u)]
+            if not convs:
+                continue
+            twin = self.graph.call_module(self._act(kind, "narrow", relu6=relu6), node.args)
+            node.append(twin)
+            for u, chain in convs:
+                src, prev = twin, node
+                for p in chain:  # the pass ops (max pool, flatten...) run again on the twin's grid
+                    new = self.graph.node_copy(p, lambda a, prev=prev, src=src: src if a is prev else a)
+                    src.append(new)
+                    src, prev = new, p
+                u.replace_input_with(prev, src)

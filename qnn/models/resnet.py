@@ -115,7 +115,7 @@ class QResNet(nn.Module):
         super().__init__()
         if residual_bits is not None and residual_bits not in (2, 3, 4, 5, 6, 7, 8):
             raise QNNError(f"residual_bits must be in 2..8 or None, got {residual_bits}")
-        self.residual_bits = residual_bits
+        self.residual_bits, self.first_last_bits = residual_bits, first_last_bits
         self.mean, self.std, self.in_size, self.num_classes = tuple(mean), tuple(std), in_size, num_classes
         # forward() takes pixels in [0, 1] (what patches live in); normalisation is the first op. The exported
         # integer graph starts after it (its input is the normalised image; the metadata carries mean/std).

@@ -86,3 +86,12 @@ def test_run_edge_bad_inputs(bundle, tmp_path):
     man["files"]["eval.npz"] = hashlib.sha256((s / "eval.npz").read_bytes()).hexdigest()
     (s / "manifest.json").write_text(json.dumps(man))
     _bad(["--bundle", s], "disagrees")
+
+
+def test_edge_runner_and_verify_agree_on_what_is_integer():
+    """bench/run_edge.py stands alone on the device (no qnn import), so it keeps its own copy of the op sets."""
+    from bench import run_edge
+    from export.verify import INTEGER_OPS, MOVEMENT_OPS
+
+    assert run_edge.INTEGER_KERNELS == INTEGER_OPS
+    assert run_edge.MOVEMENT - {"QuantizeLinear", "DequantizeLinear", "MemcpyFromHost", "MemcpyToHost"} == MOVEMENT_OPS

@@ -10,7 +10,7 @@ def test_a_quantized_training_step_makes_no_host_syncs():
 
     torch.manual_seed(0)
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    r = profile_step(model_at(4, x), x, y)
+    r = profile_step(model_at("resnet20", 4, x), x, y)
     assert r["host_syncs"] == 0 and "aten::" in r["table"]
 
 

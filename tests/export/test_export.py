@@ -20,7 +20,7 @@ from tests.conftest import cli_error as _err, run_cli
 
 def _calibrated(name, bits, size=None):
     torch.manual_seed(0)
-    m = create_model(name, **({"num_classes": 10, "in_size": size} if name == "resnet18" else {}))
+    m = create_model(name, **({"num_classes": 10, "in_size": size} if name in ("resnet18", "mobilenetv2") else {}))
     s = m.in_size
     set_bit_width_(m, bits)
     ensure_calibrated_(m, torch.rand(4, 3, s, s))
@@ -29,8 +29,7 @@ def _calibrated(name, bits, size=None):
 
 
 def _exportable_models() -> list[str]:
-    """The zoo models the integer exporter takes today (the ResNets and small_cnn); the models on Brevitas layers
-    are refused by check_exportable until the generic exporter lands (tests/qnn/test_mobilenetv2.py)."""
+    """Every zoo model the exporter takes (all of them: the ResNets, small_cnn, and those on Brevitas layers)."""
     from export.onnx_export import check_exportable
     from qnn.errors import QNNError
 
@@ -56,7 +55,7 @@ def test_zoo_exports_fully_integer(name, bits, tmp_path):
     # bit, and ORT's (8 bits on the deep nets: see below). At 8 bits these random-init weights sit near +-127
     # against activations near 255: int8 weights would saturate ORT's u8s8 kernels on x86 without VNNI; the
     # exporter's default (uint8 weights where |w| > 64) removes that (ResNet-20/32 at 8 bits: exact on AVX2).
-    x = torch.rand(3, 3, 64, 64) if name == "resnet18" else torch.rand(3, 3, 32, 32)
+    x = torch.rand(3, 3, m.in_size, m.in_size)
     with torch.no_grad():
         ref = m(x).numpy()
     xn = normalise(x.numpy(), m.mean, m.std)

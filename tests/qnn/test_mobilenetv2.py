@@ -1,5 +1,5 @@
-"""MobileNetV2 and VGG on Brevitas layers through the toolkit: train (QAT over bit-widths), resume, eval, attack; integer
-export refused with one line until the generic exporter lands."""
+"""MobileNetV2 and VGG on Brevitas layers through the toolkit: train (QAT over bit-widths), resume, eval, attack,
+integer export and verify (exactness: tests/export/test_integer_program.py)."""
 
 import json
 
@@ -51,8 +51,8 @@ def test_train_resume_eval_attack_on_mobilenetv2(tmp_path, capsys):
     y = torch.randint(0, 10, (4,))
     patch, _ = optimize_universal_patch(m, x, y, PatchConfig(iterations=2, batch_size=4))
     assert 0 <= evaluate_patch(m, x, y, patch, PatchConfig())["asr_pct"] <= 100
+    assert run_cli(["export", "--checkpoint", ck, "--bits", 4, "--out", tmp_path / "m.onnx"]) == 0
+    assert run_cli(["verify", tmp_path / "m.onnx"]) == 0
     capsys.readouterr()
-    assert "not available yet" in cli_error(["export", "--checkpoint", ck, "--bits", 4, "--out", tmp_path / "m.onnx"],
-                                            capsys)
-    assert "not available yet" in cli_error(["pipeline", "--model", "mobilenetv2_cifar", "--out", tmp_path / "p"],
-                                            capsys)
+    assert "has no 8-bit state" in cli_error(["export", "--checkpoint", ck, "--bits", 8, "--out",
+                                                           tmp_path / "m8.onnx"], capsys)

@@ -72,11 +72,30 @@ def test_quantize_converts_every_layer_and_float_mode_is_the_float_model():
         set_bit_width_(q, b)
         outs[b] = q(x)
     assert not torch.equal(outs[2], outs[4]) and not torch.equal(outs[4], outs[8])
-    # first conv and last linear pinned at 8 bits; the residual add's operands share one requantizer
+    # first conv and last linear pinned at 8 bits; the residual add's float operand gets a shifted requantizer, the
+    # other (the stem's ReLU output) is already on a grid; the pool's result is requantized before the classifier
     set_bit_width_(q, 2)
     assert quantizers(convs[0])[0].bits == 8 and quantizers(q.get_submodule("head.2"))[0].bits == 8
     assert quantizers(convs[1])[0].bits == 2
-    assert "add_quant_1(" in q.code and q.code.count("self.add_quant_1(") == 2
+    assert "add = stem_2 + requant_" in q.code and "= self.pool(relu)" in q.code
+    kinds = {n: quantizers(m)[0].kind for n, m in q.named_children() if n.startswith("requant")}
+    assert sorted(kinds.values()) == ["shifted", "unsigned"], kinds
+
+
+def test_residual_bits_widen_the_residual_stream_and_twin_the_conv_input():
+    q = qnn.quantize(_float_net(), qnn.QuantizeConfig(residual_bits=8))
+    set_bit_width_(q, 2)
+    stem_relu = quantizers(q.get_submodule("stem.2"))[0]
+    narrow = [m for n, m in q.named_children() if n.startswith("narrow")]
+    # the stem's ReLU reaches the add (wide) and the depthwise conv (a twin at the switch's width feeds it)
+    assert stem_relu.bits == 8 and len(narrow) == 1 and quantizers(narrow[0])[0].bits == 2
+    assert "block_dw = self.block.dw(narrow_" in q.code
+    assert quantizers(q.get_submodule("block.act"))[0].bits == 2
+    # after a state-dict round trip (Brevitas re-creates quantizers from their injectors) the widths hold
+    q2 = qnn.quantize(_float_net(), qnn.QuantizeConfig(residual_bits=8))
+    q2.load_state_dict(q.state_dict())
+    set_bit_width_(q2, 2)
+    assert quantizers(q2.get_submodule("stem.2"))[0].bits == 8
 
 
 def test_quantize_refuses_what_it_cannot_handle_with_one_line():

@@ -1,5 +1,5 @@
-"""`--model path/to/file.py:factory`: a user's own float CNN through train and eval; a checkpoint of it never runs
-code by itself; every bad model file is one line and exit 2."""
+"""`--model path/to/file.py:factory`: a user's own float CNN through train, eval and integer export; a checkpoint of
+it never runs code by itself; every bad model file is one line and exit 2."""
 
 import json
 import shutil
@@ -25,8 +25,9 @@ def test_own_model_trains_and_evaluates_and_its_checkpoint_needs_that_file(tmp_p
         f.write("\nprint('this line must never run')\n")
     assert "is not the file and factory" in cli_error(e + ["--model", f"{changed}:tiny_cnn"], capsys)
     assert "is not the file and factory" in cli_error(e + ["--model", f"{USER}:with_gelu"], capsys)
-    assert "not available yet" in cli_error(["export", "--checkpoint", ck, "--model", spec, "--bits", 4,
-                                             "--out", tmp_path / "m.onnx"], capsys)
+    x = ["export", "--checkpoint", ck, "--bits", 4, "--out", tmp_path / "m.onnx"]
+    assert "trained from user code" in cli_error(x, capsys) and not (tmp_path / "m.onnx").exists()
+    assert run_cli(x + ["--model", spec]) == 0 and run_cli(["verify", tmp_path / "m.onnx"]) == 0
 
 
 def test_bad_model_files_are_one_line_errors(tmp_path, capsys):

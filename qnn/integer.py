@@ -1,0 +1,383 @@
+"""The integer program of a model quantized by `qnn.quantize`, at its current bit-width.
+
+`IntegerProgram(body)` walks the traced graph once and lowers it to integer ops: each conv or linear (with its
+BatchNorm folded) or residual add or average pool is fused with the activation quantizer that consumes it, as ONNX
+Runtime fuses DequantizeLinear -> op -> QuantizeLinear into QLinearConv / QGemm / QLinearAdd /
+QLinearGlobalAveragePool. Each op owns both its exact arithmetic (`run`, in torch, what ORT's MLAS kernels compute)
+and its ONNX emission (`emit`): so the evaluation in PyTorch, the exported graph and the numpy interpreter of that
+graph are one definition, for every model, with no per-architecture code.
+
+Tensors in `run` are integers held in float tensors, centred on their zero point (q - zp): padding with 0 is padding
+with the zero point. Accumulators are exact (float32 while they provably stay below 2^24, float64 beyond);
+requantization is rint(float32(acc) * float32(s_x * s_w / s_y)), half to even, saturated to the output grid.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import brevitas.nn as bnn
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qnn.brevitas_quant import SwitchableIntQuant, quantizers
+from qnn.errors import QNNError
+from qnn.layers import FLOAT_BITS
+
+_EXACT_F32 = 2.0**24
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The integer grid of a quantized tensor: float32 scale, zero point, and [lo, hi] in the centred domain."""
+
+    scale: torch.Tensor
+    zp: int
+    lo: int
+    hi: int
+    bits: int
+
+    @staticmethod
+    def of(q: SwitchableIntQuant, clamp_hi: float | None = None) -> "Grid":
+        b = q.bits
+        lo, hi, zp = q.qrange(b)
+        s = q.scale(b).detach().float().reshape(())
+        if clamp_hi is not None:  # ReLU6: the clamp at 6 lands on the grid as min(hi, rint(6 / s))
+            hi = min(hi, float(torch.round(torch.tensor(clamp_hi, dtype=torch.float32) / s)))
+        return Grid(s, int(zp), int(lo), int(hi), b)
+
+    def saturate(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(v, float(self.lo), float(self.hi))
+
+
+def _requant(acc: torch.Tensor, mult: torch.Tensor, out: Grid) -> torch.Tensor:
+    m = mult.reshape(1, -1, *([1] * (acc.dim() - 2))) if mult.numel() > 1 else mult
+    return out.saturate(torch.round(acc.float() * m))
+
+
+def _fold(layer: nn.Module, bn: nn.Module | None, q_w: SwitchableIntQuant, in_grid: Grid):
+    """(integer weights with BatchNorm's sign folded in, per-channel float32 scale, int32 bias) of conv/linear +
+    optional BatchNorm at the current bit-width; the integer weights are those of training, unchanged."""
+    b = q_w.bits
+    lo, hi, _ = q_w.qrange(b)
+    s_w = q_w.scale(b).detach().float().reshape(-1)
+    shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+    w_int = torch.clamp(torch.round(layer.weight.detach() / s_w.reshape(shape)), lo, hi)
+    bias = layer.bias.detach().float() if layer.bias is not None else torch.zeros(w_int.shape[0])
+    if bn is not None:
+        bn = bn.bn
+        inv = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().float()
+        sign = torch.where(inv < 0, -1.0, 1.0)
+        w_int = w_int * sign.reshape(shape)
+        s_w = (s_w * inv.abs()).float()
+        bias = (bias - bn.running_mean.detach()) * inv + bn.bias.detach()
+    s_bias = (in_grid.scale * s_w).float()
+    b_int = torch.round(bias.float() / s_bias)
+    if b_int.abs().max() >= 2**31:
+        raise QNNError(f"int32 bias overflow in {type(layer).__name__}: scales too small for this bias")
+    return w_int, s_w, b_int
+
+
+class Op:
+    """One op of the integer program: `run` computes it on centred integer tensors, `emit` writes it to ONNX."""
+
+    inputs: tuple[int, ...]
+    out: Grid | None  # None: a float result (the logits)
+
+    def run(self, *xs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def emit(self, b, *xs):
+        raise NotImplementedError
+
+
+class QuantizeInput(Op):
+    def __init__(self, out: Grid):
+        self.inputs, self.out = (), out
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:  # QuantizeLinear: saturate(rint(x / s) + zp) on uint8
+        return torch.clamp(torch.round(x.float() / self.out.scale) + self.out.zp, 0.0, 255.0) - self.out.zp
+
+    def emit(self, b, x):
+        return b.quantize(x, self.out)
+
+
+class QConv(Op):
+    """QLinearConv (conv + BatchNorm folded + int32 bias, requantized onto `out`'s grid), or QGemm for a linear
+    layer; with `out` None the linear layer's result is the float logits: float32(acc + bias) * (s_x * s_w)."""
+
+    def __init__(self, layer: nn.Module, bn: nn.Module | None, x: int, in_grid: Grid, out: Grid | None):
+        self.inputs, self.in_grid, self.out = (x,), in_grid, out
+        self.linear = isinstance(layer, bnn.QuantLinear)
+        q_w = quantizers(layer.weight_quant)[0]
+        self.w_bits = q_w.bits
+        self.w_int, self.s_w, self.b_int = _fold(layer, bn, q_w, in_grid)
+        if not self.linear:
+            self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
+            self.kernel = layer.kernel_size
+            if isinstance(self.padding, str) or layer.padding_mode != "zeros":
+                raise QNNError(f"integer export needs numeric zero padding on every conv, got {self.padding!r} "
+                               f"({layer.padding_mode})")
+        # every partial sum of the accumulator is bounded by this: float32 is exact below 2^24
+        bound = self.w_int.abs().reshape(len(self.w_int), -1).sum(1).max() * max(-in_grid.lo, in_grid.hi) \
+            + self.b_int.abs().max()
+        self.acc_dtype = torch.float32 if float(bound) < _EXACT_F32 else torch.float64
+        self.mult = (in_grid.scale * self.s_w / out.scale).float() if out is not None else (in_grid.scale * self.s_w).float()
+
+    def accumulate(self, x: torch.Tensor) -> torch.Tensor:
+        w, bias = self.w_int.to(self.acc_dtype), self.b_int.to(self.acc_dtype)
+        if self.linear:
+            return F.linear(x.to(self.acc_dtype), w, bias)
+        return F.conv2d(x.to(self.acc_dtype), w, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        acc = self.accumulate(x)
+        if self.out is None:
+            return acc.float() * self.mult
+        return _requant(acc, self.mult, self.out)
+
+    def emit(self, b, x):
+        w = b.weight(self.w_int.numpy(), self.s_w.numpy(), self.w_bits)
+        bias = b.bias(self.b_int.numpy(), (self.in_grid.scale * self.s_w).float().numpy())
+        if self.linear:
+            y = b.node("Gemm", [b.dequant(x), w, bias], "gemm", transB=1)
+        else:
+            (ph, pw), (kh, kw) = self.padding, self.kernel
+            y = b.node("Conv", [b.dequant(x), w, bias], "conv", kernel_shape=[kh, kw], strides=list(self.stride),
+                       pads=[ph, pw, ph, pw], dilations=list(self.dilation), group=self.groups)
+        return y if self.out is None else b.quantize(y, self.out)
+
+
+class QAdd(Op):
+    """QLinearAdd: rint(a * (s_a / s_y) + b * (s_b / s_y)) on `out`'s grid."""
+
+    def __init__(self, a: int, b: int, ga: Grid, gb: Grid, out: Grid):
+        self.inputs, self.out = (a, b), out
+        self.ra, self.rb = (ga.scale / out.scale).float(), (gb.scale / out.scale).float()
+
+    def run(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.out.saturate(torch.round(a * self.ra + b * self.rb))
+
+    def emit(self, b, x, y):
+        return b.quantize(b.node("Add", [b.dequant(x), b.dequant(y)], "add"), self.out)
+
+
+class QGlobalAvgPool(Op):
+    """QLinearGlobalAveragePool: rint(sum * (s_x / (s_y * HW)))."""
+
+    def __init__(self, x: int, in_grid: Grid, out: Grid):
+        self.inputs, self.in_grid, self.out = (x,), in_grid, out
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        hw = x.shape[2] * x.shape[3]
+        mult = self.in_grid.scale / (self.out.scale * torch.tensor(float(hw)))
+        return _requant(x.sum((2, 3), keepdim=True), mult, self.out)  # exact: integer sums < 2^24
+
+    def emit(self, b, x):
+        return b.quantize(b.node("GlobalAveragePool", [b.dequant(x)], "gap"), self.out)
+
+
+class Move(Op):
+    """Data movement on the integer tensor (same grid): max pool, flatten, zero padding, strided slicing."""
+
+    def __init__(self, kind: str, x: int, grid: Grid, **params):
+        self.inputs, self.out, self.kind, self.p = (x,), grid, kind, params
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p
+        if self.kind == "maxpool":  # F.max_pool2d pads with -inf, as ONNX MaxPool ignores padding
+            return F.max_pool2d(x, p["kernel"], p["stride"], p["padding"], p["dilation"], p["ceil_mode"])
+        if self.kind == "flatten":
+            return x.flatten(1)
+        if self.kind == "pad":
+            return F.pad(x, p["pads"])
+        return x[p["index"]]
+
+    def emit(self, b, x):
+        p, name = self.p, x.name
+        if self.kind == "maxpool":
+            (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (p[k] for k in ("kernel", "stride", "padding", "dilation"))
+            y = b.node("MaxPool", [name], "maxpool", kernel_shape=[kh, kw], strides=[sh, sw], pads=[ph, pw, ph, pw],
+                       dilations=[dh, dw], ceil_mode=int(p["ceil_mode"]))
+        elif self.kind == "flatten":
+            y = b.node("Flatten", [name], "flatten", axis=1)
+        elif self.kind == "pad":
+            y = b.pad(name, p["pads"], x)
+        else:
+            y = b.slice(name, p["index"])
+        return b.same_grid(y, x)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+@dataclass
+class _Pending:
+    """A float result waiting for the activation quantizer that fuses with it."""
+
+    kind: str                 # 'layer', 'add', 'gap'
+    args: tuple
+    bn: nn.Module | None = None
+    clamp_hi: float | None = None
+
+
+class IntegerProgram:
+    """The integer ops of `body` (a `qnn.quantize`d GraphModule) at its current, quantized bit-width."""
+
+    def __init__(self, body: fx.GraphModule):
+        self.ops: list[Op] = []
+        self.grids: list[Grid | None] = []
+        self._lower(body)
+
+    def _push(self, op: Op) -> int:
+        self.ops.append(op)
+        self.grids.append(op.out)
+        return len(self.ops) - 1
+
+    def _value(self, v, node: fx.Node) -> int:
+        if isinstance(v, int):
+            return v
+        raise QNNError(f"'{node.name}' takes a float tensor: the integer graph needs a quantizer before it")
+
+    def _lower(self, gm: fx.GraphModule) -> None:
+        env: dict[fx.Node, object] = {}
+        for node in gm.graph.nodes:
+            args = [env.get(a, a) if isinstance(a, fx.Node) else a for a in node.args]
+            if node.op == "placeholder":
+                env[node] = "input"
+            elif node.op == "output":
+                self.output = self._materialise(env[node.args[0]], None, node)
+            elif node.op == "call_module":
+                env[node] = self._module(gm.get_submodule(node.target), node, args)
+            elif node.op in ("call_function", "call_method"):
+                env[node] = self._function(node, args)
+            else:
+                raise QNNError(f"unsupported graph node '{node.name}' ({node.op}) in the integer graph")
+
+    def _materialise(self, v, q: SwitchableIntQuant | None, node: fx.Node) -> int:
+        """Fuse the pending float result `v` with quantizer `q` (None: the float output) into one integer op."""
+        if isinstance(v, int) and q is None:
+            return v
+        if not isinstance(v, _Pending):
+            what = "an already quantized tensor" if isinstance(v, int) else "the float input"
+            raise QNNError(f"'{node.name}' requantizes {what}: not an integer op in ONNX Runtime")
+        out = Grid.of(q, v.clamp_hi) if q is not None else None
+        if v.kind == "layer":
+            layer, x = v.args
+            return self._push(QConv(layer, v.bn, x, self.grids[x], out))
+        if out is None:
+            raise QNNError(f"the model's output '{node.name}' is a float {v.kind}: end it with a linear layer")
+        if v.kind == "add":
+            a, b = v.args
+            return self._push(QAdd(a, b, self.grids[a], self.grids[b], out))
+        return self._push(QGlobalAvgPool(v.args[0], self.grids[v.args[0]], out))
+
+    def _module(self, m: nn.Module, node: fx.Node, args: list):
+        from qnn.quantization import SwitchableBatchNorm2d, _ReLU6Quant
+
+        x = args[0] if args else None
+        if isinstance(m, (bnn.QuantReLU, bnn.QuantIdentity, _ReLU6Quant)):
+            q = quantizers(m)[0]
+            if q.kind == "input":
+                if x != "input":
+                    raise QNNError(f"the input quantizer '{node.name}' must take the model's input")
+                return self._push(QuantizeInput(Grid.of(q)))
+            if isinstance(m, _ReLU6Quant) and isinstance(x, _Pending):
+                x.clamp_hi = 6.0
+            return self._materialise(x, q, node)
+        if isinstance(m, (bnn.QuantConv2d, bnn.QuantLinear)):
+            return _Pending("layer", (m, self._value(x, node)))
+        if isinstance(m, SwitchableBatchNorm2d):
+            if not (isinstance(x, _Pending) and x.kind == "layer" and x.bn is None):
+                raise QNNError(f"BatchNorm '{node.name}' does not follow a conv: it cannot be folded")
+            x.bn = m
+            return x
+        if isinstance(m, (nn.Dropout, nn.Identity)):
+            return x
+        if isinstance(m, nn.Flatten):
+            return self._flatten(x, node, m.start_dim, m.end_dim)
+        if isinstance(m, nn.MaxPool2d):
+            return self._maxpool(x, node, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            if _pair(m.output_size) != (1, 1):
+                raise QNNError(f"'{node.name}': only global average pooling (output size 1) has an integer kernel")
+            return _Pending("gap", (self._value(x, node),))
+        raise QNNError(f"'{node.name}' ({type(m).__name__}) has no integer kernel")
+
+    def _function(self, node: fx.Node, args: list):
+        f = node.target
+        x = args[0] if args else None
+        if f in (operator.add, torch.add):
+            return _Pending("add", (self._value(args[0], node), self._value(args[1], node)))
+        if f is F.adaptive_avg_pool2d:
+            if _pair(args[1] if len(args) > 1 else node.kwargs["output_size"]) != (1, 1):
+                raise QNNError(f"'{node.name}': only global average pooling (output size 1) has an integer kernel")
+            return _Pending("gap", (self._value(x, node),))
+        if f is F.max_pool2d:
+            kw = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), args[1:]), **node.kwargs)
+            return self._maxpool(x, node, kw["kernel_size"], kw.get("stride") or kw["kernel_size"],
+                                 kw.get("padding", 0), kw.get("dilation", 1), kw.get("ceil_mode", False))
+        if f is F.dropout or f == "contiguous":
+            return x
+        if f in (torch.flatten, "flatten"):
+            return self._flatten(x, node, args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0),
+                                 args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1))
+        if f in ("view", "reshape", torch.reshape):
+            shape = args[1:] if f != torch.reshape else args[1]
+            if len(shape) == 2 and shape[1] == -1:
+                return self._flatten(x, node, 1, -1)
+            raise QNNError(f"'{node.name}': only a reshape to (batch, -1) has an integer form")
+        if f == "size":
+            return None
+        if f is F.pad:
+            pads = tuple(args[1]) if len(args) > 1 else tuple(node.kwargs["pad"])
+            mode = node.kwargs.get("mode", args[2] if len(args) > 2 else "constant")
+            value = node.kwargs.get("value", args[3] if len(args) > 3 else 0.0)
+            if mode != "constant" or value not in (0, 0.0, None):
+                raise QNNError(f"'{node.name}': only zero padding has an integer form")
+            xi = self._value(x, node)
+            return self._push(Move("pad", xi, self.grids[xi], pads=pads))
+        if f is operator.getitem and isinstance(x, int):
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if not all(isinstance(i, slice) or i is Ellipsis for i in index):
+                raise QNNError(f"'{node.name}': only slicing has an integer form")
+            return self._push(Move("slice", x, self.grids[x], index=index))
+        raise QNNError(f"'{node.name}' ({getattr(f, '__name__', f)}) has no integer kernel")
+
+    def _flatten(self, x, node: fx.Node, start: int, end: int) -> int:
+        xi = self._value(x, node)
+        if start != 1 or end != -1:
+            raise QNNError(f"'{node.name}': only flatten(1) has an integer form")
+        return self._push(Move("flatten", xi, self.grids[xi]))
+
+    def _maxpool(self, x, node, kernel, stride, padding, dilation, ceil_mode) -> int:
+        xi = self._value(x, node)
+        return self._push(Move("maxpool", xi, self.grids[xi], kernel=_pair(kernel), stride=_pair(stride or kernel),
+                               padding=_pair(padding), dilation=_pair(dilation), ceil_mode=bool(ceil_mode)))
+
+    # ---- execution
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits the exported integer graph computes for the normalised input `x`."""
+        vals: list[torch.Tensor] = []
+        for op in self.ops:
+            vals.append(op.run(*(vals[i] for i in op.inputs)) if op.inputs else op.run(x))
+        y = vals[self.output]
+        g = self.grids[self.output]
+        return y if g is None else y * g.scale
+
+    def emit(self, b, input_name: str):
+        """Write the program with builder `b` (see `qnn.export.onnx_export`); returns the output's value."""
+        vals = []
+        for op in self.ops:
+            vals.append(op.emit(b, *(vals[i] for i in op.inputs)) if op.inputs else op.emit(b, input_name))
+        y = vals[self.output]
+        return y if self.grids[self.output] is None else b.dequant(y)
+
+
+def integer_ready(body: nn.Module) -> bool:
+    """Whether `body` runs quantized now (some quantizer below 32 bits)."""
+    return any(q.bits != FLOAT_BITS for q in quantizers(body))

@@ -1,0 +1,111 @@
+"""The integer program (qnn.integer) of models quantized by qnn.quantize: PyTorch eval == ONNX Runtime == the numpy
+interpreter, bit for bit, at 8, 4 and 2 bits; the QONNX export runs in qonnx and matches; what has no integer form
+is refused in one line."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+
+import qnn
+from export.onnx_export import build_graph, export_model
+from export.verify import verify
+from kernels.interpreter import IntegerInterpreter
+from qnn.errors import QNNError
+from qnn.layers import set_bit_width_
+from qnn.models import create_model
+from qnn.models.quantized import QuantizedNet
+from tests.qnn.test_quantization import Net
+from tests.qnn.user_models import tiny_cnn
+
+
+def _trained_like(m: nn.Module, bits: int, size: int) -> nn.Module:
+    """Scales calibrated and BatchNorm statistics moved at `bits` (two train-mode passes), then eval."""
+    torch.manual_seed(bits)
+    set_bit_width_(m, bits)
+    m.train()
+    with torch.no_grad():
+        for _ in range(2):
+            m(torch.rand(8, 3, size, size))
+    return m.eval()
+
+
+def _check_exact(m: nn.Module, bits: int, tmp_path, n: int = 6) -> dict:
+    size = m.in_size
+    x = torch.rand(n, 3, size, size)
+    with torch.no_grad():
+        ref = m(x).numpy()
+    p = export_model(m, bits, "int", tmp_path / f"m{bits}.onnx")
+    xn = ((x - m._mean) / m._std).numpy()
+    got = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": xn})[0]
+    assert np.array_equal(ref, got), np.abs(ref - got).max()
+    assert np.array_equal(ref, IntegerInterpreter(p).run(xn))
+    c = verify(p)
+    assert c["fully_integer"], c
+    return c
+
+
+def _models():
+    return {
+        "user tiny_cnn": lambda: QuantizedNet(tiny_cnn(), 10, 16),
+        "dilated depthwise, conv bias, ReLU6, add": lambda: QuantizedNet(Net(), 10, 16),
+        "dilated depthwise, conv bias, ReLU6, add, residual stream at 8 bits": lambda: QuantizedNet(
+            Net(), 10, 16, residual_bits=8),
+        "mobilenetv2_cifar": lambda: create_model("mobilenetv2_cifar", width_mult=0.25),
+        "mobilenetv2_cifar, residual stream at 8 bits": lambda: create_model("mobilenetv2_cifar", width_mult=0.25,
+                                                                            residual_bits=8),
+    }
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("name", list(_models()))
+def test_pytorch_ort_numpy_identical(name, bits, tmp_path):
+    m = _trained_like(_models()[name](), bits, 16 if "mobilenet" not in name else 32)
+    c = _check_exact(m, bits, tmp_path)
+    assert c["ops"].get("QLinearConv", 0) >= 2 and c["ops"].get("QGemm") == 1
+    if "Net" in name or "add" in name:
+        assert c["ops"].get("QLinearAdd", 0) >= 1
+    if "residual" in name:  # where a value feeds both a conv and the residual stream, its op runs once per grid
+        narrow = name.replace("residual stream at 8 bits", "").rstrip(", ")
+        plain = _check_exact(_trained_like(_models()[narrow](), bits, m.in_size), bits, tmp_path)
+        fused = lambda ops: ops.get("QLinearConv", 0) + ops.get("QLinearAdd", 0)  # noqa: E731
+        assert fused(c["ops"]) > fused(plain["ops"])
+
+
+def test_qonnx_export_runs_in_qonnx_and_matches(tmp_path):
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+    from qonnx.util.cleanup import cleanup_model
+
+    m = _trained_like(QuantizedNet(Net(), 10, 16), 4, 16)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = m(x).numpy()
+    g = build_graph(m, 4, "qonnx", batch=2)
+    wrapped = cleanup_model(ModelWrapper(g))
+    xn = ((x - m._mean) / m._std).numpy()
+    inp, outp = wrapped.graph.input[0].name, wrapped.graph.output[0].name  # cleanup renames them
+    out = execute_onnx(wrapped, {inp: xn})[outp]
+    # float compute between Quant nodes: equal up to float rounding, same decisions
+    lsb = float(quantizers_scale(m))
+    assert np.abs(out - ref).max() < 0.5 * lsb and (out.argmax(1) == ref.argmax(1)).all()
+
+
+def quantizers_scale(m) -> float:
+    """One output LSB of the logits: the classifier's largest weight scale times its input's scale."""
+    from qnn.integer import IntegerProgram
+
+    ops = IntegerProgram(m.body).ops
+    last = ops[-1]
+    return float((last.in_grid.scale * last.s_w).max())
+
+
+def test_what_has_no_integer_form_is_refused_in_one_line(tmp_path):
+    pool2 = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(4 * 7 * 7, 10))
+    m = _trained_like(QuantizedNet(pool2, 10, 16), 4, 16)
+    with pytest.raises(QNNError, match="no integer kernel") as e:
+        export_model(m, 4, "int", tmp_path / "m.onnx")
+    assert "\n" not in str(e.value) and not (tmp_path / "m.onnx").exists()
+    with pytest.raises(QNNError, match="not trained at 8 bits"):
+        export_model(_trained_like(QuantizedNet(tiny_cnn(), 10, 16), 4, 16), 8, "int", tmp_path / "m.onnx")
