@@ -35,13 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     from qnn.data import load_cifar10
     from qnn.layers import ensure_calibrated_, set_bit_width_
     from qnn.models import create_model
-    from qnn.models.resnet import load_pretrained_cifar
+    from qnn.models.quantized import load_float_weights
 
     torch.set_num_threads(a.threads)
     if a.checkpoint:
         model, _ = load_checkpoint(a.checkpoint)
     else:
-        model = load_pretrained_cifar(create_model("resnet20"), a.weights)
+        model = load_float_weights(create_model("resnet20"), a.weights)
     x, y = load_cifar10(a.data_dir, "train").subset(a.n_images).tensors()
     rows, res = [], {}
     for b in parse_bits(a.bits):

@@ -9,7 +9,7 @@ report top-1 agreement, max |logit diff| in LSBs of the output scale, ASR on bot
 optionally the numpy integer interpreter's bit-exactness on --interp-n images. Writes results/parity.{json,md}.
 
 "Fake-quant" is the PyTorch model in eval mode: without autograd it runs the integer graph's arithmetic exactly
-(qnn.layers.IntegerEval). The column "float-form agreement" is the differentiable fake-quant form that attacks use
+(qnn.integer.IntegerProgram). The column "float-form agreement" is the differentiable fake-quant form that attacks use
 (float requantization), to show what float rounding alone changes.
 """
 
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from qnn.config import parse_bits
     from qnn.data import load_dataset
     from qnn.errors import QNNError
+    from qnn.integer import IntegerProgram
     from qnn.layers import exact_integer_eval, set_bit_width_
 
     torch.set_num_threads(a.threads)
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
             set_bit_width_(model, b)
             model.eval()
-            lsb = float((model.linear.w_scale() * model.pool_q.scale()).max().detach())
+            lsb = IntegerProgram(model.body).logit_lsb()
             lf, lo = fq_logits(x), ort_logits(sess, x)
             r = {"clean": {"top1_agreement_pct": agree(lf, lo), "float_form_agreement_pct": agree(fq_logits(x, False), lo),
                            "logits_bit_identical_pct": 100 * float((lf == lo).all(1).mean()),

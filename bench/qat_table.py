@@ -10,12 +10,17 @@ Writes results/qat_resnet20.json and .md.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, markdown_table  # noqa: E402
+
+
+def earlier_sha(path: str) -> str:
+    return json.loads(Path(path).read_text()).get("environment", {}).get("git_sha", "unknown")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="wide-residual runs: distil at quantized steps from the float fine-tune of this table (qnn train --distill "
                          "RUNS/float/model.pt); the pretrained weights score only ~81% on this JPEG-decoded data")
     ap.add_argument("--runs-dir", default="runs/qat_resnet20")
+    ap.add_argument("--runs", help="train and score only these runs (comma-separated names, e.g. "
+                    "float,switchable_r8_kd_e5); tables whose runs are missing are left out")
+    ap.add_argument("--compare", help="an earlier results JSON of this program: adds a table of each run's accuracy "
+                    "against it (a reproduction check)")
     ap.add_argument("--out", default="results/qat_resnet20")
     a = ap.parse_args(argv)
 
@@ -51,6 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     tag = (f"r{R}" + ("_kd" if a.distill else "") + (f"_e{a.residual_epochs}" if a.residual_epochs else "")) if R else ""
     if R:
         runs.update({f"switchable_{tag}": [2, 4, 8, 32], f"fixed2_{tag}": [2]})
+    if a.runs:
+        wanted = a.runs.split(",")
+        unknown = [n for n in wanted if n not in runs]
+        if unknown:
+            print(f"qat_table: error: unknown run(s) {unknown}; choose from {', '.join(runs)}", file=sys.stderr)
+            return 2
+        runs = {n: runs[n] for n in wanted}
+    try:
+        earlier = json.loads(Path(a.compare).read_text())["results"] if a.compare else None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"qat_table: error: --compare {a.compare}: not a results file of this program ({e})", file=sys.stderr)
+        return 2
     try:
         test = load_dataset("cifar10", "test", a.data_dir).subset(a.test_subset)
         results = {}
@@ -75,21 +96,25 @@ def main(argv: list[str] | None = None) -> int:
     except QNNError as e:
         print(f"qat_table: error: {e}", file=sys.stderr)
         return 2
-    fl = results["float"]["accuracy_pct"]["32"]
-    rows = []
-    for b in ("32", "8", "4", "2"):
-        sw = results["switchable"]["accuracy_pct"][b]
-        fixed = fl if b == "32" else results[f"fixed{b}"]["accuracy_pct"][b]
-        rows.append([b, sw, fixed, sw - fl, fixed - fl])
     eps = {k: v["epochs"] for k, v in results.items()}
     cmd = (f"python bench/qat_table.py --epochs {a.epochs} --float-epochs {a.float_epochs} --fixed-epochs {a.fixed_epochs} "
            f"--lr {a.lr} --residual-bits {R}" + (f" --residual-epochs {a.residual_epochs}" if a.residual_epochs else "")
-           + (" --distill" if a.distill else "") + (f" --out {a.out}" if a.out != "results/qat_resnet20" else ""))
+           + (" --distill" if a.distill else "") + (f" --runs {a.runs}" if a.runs else "")
+           + (f" --compare {a.compare}" if a.compare else "")
+           + (f" --out {a.out}" if a.out != "results/qat_resnet20" else ""))
     md = (f"Pretrained ResNet-20 fine-tuned on the shared (JPEG-decoded) CIFAR-10 (epochs per run: {eps}), "
-          f"test set n={len(test)}. Command: `{cmd}`\n\n"
-          "Every tensor at the bit-width (first conv and classifier weights at 8 bits), residual stream included:\n\n"
-          + markdown_table(["bits", "switchable {2,4,8,32} %", "separate model %", "switchable - float", "separate - float"], rows))
-    if R:
+          f"test set n={len(test)}. Command: `{cmd}`\n\n")
+    fl = results["float"]["accuracy_pct"]["32"] if "float" in results else None
+    if fl is not None and {"switchable", "fixed8", "fixed4", "fixed2"} <= set(results):
+        rows = []
+        for b in ("32", "8", "4", "2"):
+            sw = results["switchable"]["accuracy_pct"][b]
+            fixed = fl if b == "32" else results[f"fixed{b}"]["accuracy_pct"][b]
+            rows.append([b, sw, fixed, sw - fl, fixed - fl])
+        md += ("Every tensor at the bit-width (first conv and classifier weights at 8 bits), residual stream included:\n\n"
+               + markdown_table(["bits", "switchable {2,4,8,32} %", "separate model %", "switchable - float",
+                                 "separate - float"], rows))
+    if R and fl is not None and {f"switchable_{tag}", f"fixed2_{tag}"} <= set(results):
         rrows = []
         for b in ("32", "8", "4", "2"):
             sw = results[f"switchable_{tag}"]["accuracy_pct"][b]
@@ -100,9 +125,15 @@ def main(argv: list[str] | None = None) -> int:
                f"adds, block outputs and pooled features at max(bits, {R}); fully integer in ONNX Runtime (the add runs "
                "twice, once per output grid):\n\n"
                + markdown_table(["bits", f"switchable r{R} %", f"separate 2-bit r{R} %", "switchable - float", "separate - float"], rrows))
+    if earlier is not None:
+        crows = [[name, b, acc, earlier[name]["accuracy_pct"][b], acc - earlier[name]["accuracy_pct"][b]]
+                 for name, r in results.items() if name in earlier
+                 for b, acc in r["accuracy_pct"].items() if b in earlier[name]["accuracy_pct"]]
+        md += (f"\n\nAgainst `{a.compare}` (git {earlier_sha(a.compare)}), run by run:\n\n"
+               + markdown_table(["run", "bits", "this run %", "earlier %", "difference"], crows))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(a.out + ".json", {"results": results, "n_test": len(test), "epochs": a.epochs, "lr": a.lr,
-                                        "environment": environment(a.threads)})
+                                        "command": cmd, "environment": environment(a.threads)})
     atomic_write_bytes(a.out + ".md", md.encode())
     print(md)
     return 0

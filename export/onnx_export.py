@@ -1,7 +1,7 @@
 """Export a switchable model at one bit-width to ONNX: integer QDQ ('int'), QCDQ ('qcdq') or QONNX ('qonnx').
 
-The graph is written directly from the model's folded integer state (not traced), so it holds exactly the integer
-weights, int32 biases and scales the fake-quant model computes with:
+The graph is the model's integer program (`qnn.integer`, lowered from the traced model), so it holds exactly the
+integer weights, int32 biases and scales the model's own evaluation computes with:
 - int  : int8 weight initializers + DequantizeLinear, int32 bias, uint8 activations (Q -> [Clip] -> DQ). ONNX Runtime
          (>= ORT_ENABLE_EXTENDED) fuses it into QLinearConv / QLinearAdd / QLinearGlobalAveragePool / QGemm on
          x86-64 and aarch64. Sub-8-bit values travel in uint8/int8 containers with an integer Clip.
@@ -24,8 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qnn import __version__
 from qnn.errors import QNNError
 from qnn.integer import Grid, IntegerProgram
-from qnn.layers import ActQuant, QConvBN, set_bit_width_, uncalibrated
-from qnn.models.resnet import QResNet
+from qnn.layers import set_bit_width_, uncalibrated
 
 FORMATS = ("int", "qcdq", "qonnx")
 OPSET = 19
@@ -159,32 +158,6 @@ class _Builder:
                                               self.const(np.zeros(len(b_int), np.int32), "bzp")], "bdq", axis=0)
 
 
-def _f(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().double().numpy()
-
-
-def _conv(b: _Builder, conv: QConvBN, x: QTensor) -> str:
-    s_x = torch.tensor(x.scale, dtype=torch.float32)
-    w_int, s_eff, b_int = conv.folded(s_x)
-    s_eff32 = s_eff.detach().float().numpy()
-    s_bias = (np.float32(x.scale) * s_eff32).astype(np.float32)
-    # recompute the int32 bias against the exact float32 bias scale the graph stores
-    bn = conv.bn
-    inv = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
-    bias_f = (bn.bias - bn.running_mean * inv).detach().float().numpy()
-    b_int = np.round(bias_f / s_bias).astype(np.int64)
-    if np.abs(b_int).max() >= 2**31:
-        raise QNNError("int32 bias overflow in export")
-    k = conv.weight.shape[-1]
-    return b.node("Conv", [b.dequant(x), b.weight(_f(w_int).astype(np.int64), s_eff32, conv.wbits), b.bias(b_int, s_bias)], "conv",
-                  kernel_shape=[k, k], strides=[conv.stride] * 2, pads=[conv.padding] * 4)
-
-
-def _grid(q: ActQuant) -> Grid:
-    lo, hi, zp = q.qrange(8 if q.kind == "input" else None)
-    return Grid(q.scale().detach().float().reshape(()), int(zp), int(lo), int(hi), 8 if q.kind == "input" else q.bits)
-
-
 def build_graph(model: torch.nn.Module, bits: int, fmt: str = "int", batch: int | str = "N",
                 weight_type: str = "auto") -> onnx.ModelProto:
     """Build the ONNX model of `model` at `bits` (weights and activations; first/last layers per the model).
@@ -202,7 +175,7 @@ def build_graph(model: torch.nn.Module, bits: int, fmt: str = "int", batch: int 
     b = _Builder(fmt, bits, weight_type)
     H = W = model.in_size
     with torch.no_grad():
-        logits = _resnet_graph(b, model) if isinstance(model, QResNet) else IntegerProgram(model.body).emit(b, "input")
+        logits = IntegerProgram(model.body).emit(b, "input")
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_node"))
     graph = helper.make_graph(b.nodes, f"{getattr(model, 'arch', 'model')}_w{bits}a{bits}",
                               [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, H, W])],
@@ -215,55 +188,11 @@ def build_graph(model: torch.nn.Module, bits: int, fmt: str = "int", batch: int 
     return m
 
 
-def _resnet_graph(b: _Builder, model) -> str:
-    """The toolkit's own ResNet layers (qnn.models.resnet), walked block by block; returns the logits' name."""
-    xin = b.quantize("input", _grid(model.inq))
-    x = b.quantize(_conv(b, model.conv1, xin), _grid(model.act1))
-    split = getattr(model, "residual_bits", None) is not None
-    # a wide residual stream: the producing op is emitted twice, once per output quantizer (two fused QLinear ops)
-    xc = b.quantize(_conv(b, model.conv1, xin), _grid(model.act1_conv)) if split else x
-    if model.stem_kind == "imagenet":
-        x = QTensor(b.node("MaxPool", [x.name], "maxpool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]), x.grid)
-        xc = QTensor(b.node("MaxPool", [xc.name], "maxpool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
-                     xc.grid) if split else x
-    for blk in model.blocks:
-        h = b.quantize(_conv(b, blk.conv1, xc), _grid(blk.act1))
-        h = b.quantize(_conv(b, blk.conv2, h), _grid(blk.q2))
-        if blk.shortcut_kind == "none":
-            sc = x
-        elif blk.shortcut_kind == "A":
-            sl = b.node("Slice", [x.name, b.const(np.array([0, 0], np.int64), "st"), b.const(np.array([2**31, 2**31], np.int64), "en"),
-                                  b.const(np.array([2, 3], np.int64), "ax"), b.const(np.array([2, 2], np.int64), "sp")], "slice")
-            pad_val = b.const(np.uint8(x.zp) if b.fmt != "qonnx" else np.float32(0), "pv")
-            sc = QTensor(b.node("Pad", [sl, b.const(np.array([0, blk.pad, 0, 0, 0, blk.pad, 0, 0], np.int64), "pads"), pad_val],
-                                "pad", mode="constant"), x.grid)
-        else:
-            sc = b.quantize(_conv(b, blk.sc_conv, x), _grid(blk.sc_q))
-        s = b.node("Add", [b.dequant(h), b.dequant(sc)], "add")
-        x_new = b.quantize(s, _grid(blk.act_out))
-        if split:
-            s2 = b.node("Add", [b.dequant(h), b.dequant(sc)], "add")
-            xc = b.quantize(s2, _grid(blk.act_out_conv))
-        else:
-            xc = x_new
-        x = x_new
-    p = b.node("GlobalAveragePool", [b.dequant(x)], "gap")
-    pq = b.quantize(p, _grid(model.pool_q))
-    flat = QTensor(b.node("Flatten", [pq.name], "flatten", axis=1), pq.grid)
-    lin = model.linear
-    s_in = np.float32(flat.scale)
-    s_w = lin.w_scale().detach().float().numpy()
-    s_bias = (s_in * s_w).astype(np.float32)
-    b_int = np.round(lin.bias.detach().float().numpy() / s_bias).astype(np.int64)
-    w_int = _f(lin.int_weight()).astype(np.int64)
-    return b.node("Gemm", [b.dequant(flat), b.weight(w_int, s_w, lin.wbits), b.bias(b_int, s_bias)], "gemm", transB=1)
-
-
 def check_exportable(model: torch.nn.Module) -> None:
-    """The exporters take the toolkit's ResNets and any model quantized by `qnn.quantize` (`QuantizedNet`)."""
+    """The exporters take any model quantized by `qnn.quantize` behind the zoo's interface (`QuantizedNet`)."""
     from qnn.models.quantized import QuantizedNet
 
-    if not isinstance(model, (QResNet, QuantizedNet)):
+    if not isinstance(model, QuantizedNet):
         raise QNNError(f"model '{getattr(model, 'arch', type(model).__name__)}' cannot be exported: wrap it with "
                        f"qnn.models.quantized.QuantizedNet (pixels in [0, 1], normalisation, the quantized body)")
 

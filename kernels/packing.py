@@ -41,15 +41,17 @@ def unpack(p: np.ndarray, bits: int, n: int) -> np.ndarray:
 
 def size_report(model, bits_list=(2, 4, 8)) -> dict:
     """Bytes of the weights packed at each bit-width (first/last layers at their own width) vs float32."""
-    from qnn.layers import QConvBN, QLinear
+    import brevitas.nn as bnn
 
-    layers = [m for m in model.modules() if isinstance(m, (QConvBN, QLinear))]
+    from qnn.brevitas_quant import quantizers
+
+    layers = [m for m in model.modules() if isinstance(m, (bnn.QuantConv2d, bnn.QuantLinear))]
     n_float = sum(m.weight.numel() for m in layers)
     rep = {"float32_bytes": 4 * n_float, "n_weights": n_float, "packed": {}}
     for b in bits_list:
         tot = 0
         for m in layers:
-            wb = m.fixed_w_bits or b
+            wb = quantizers(m.weight_quant)[0].fixed_bits or b
             wb = 8 if wb > 4 else (4 if wb > 2 else 2)
             tot += (m.weight.numel() * wb + 7) // 8 + 4 * m.weight.shape[0]  # packed ints + per-channel scales
         rep["packed"][str(b)] = {"bytes": tot, "vs_float": tot / (4 * n_float)}

@@ -14,7 +14,8 @@ import torch.nn as nn
 
 from qnn.errors import QNNError
 
-FORMAT = "qnn-checkpoint-v1"
+#: v2: models on Brevitas layers (qnn.quantize); v1 held the toolkit's earlier own ResNet layers
+FORMAT = "qnn-checkpoint-v2"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -91,6 +92,9 @@ def load_checkpoint(path: str | Path, expect_arch: str | None = None, user_model
     from qnn.models import create_model
 
     obj = load_torch_file(path)
+    if isinstance(obj, dict) and obj.get("format") == "qnn-checkpoint-v1":
+        raise QNNError(f"{path}: a checkpoint of qnn's earlier ResNet layers (format v1); models now run on Brevitas "
+                       f"layers and their state differs: retrain it with this version (float weights go through --init)")
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise QNNError(f"{path}: not a qnn checkpoint (format key missing); float weights go through --init")
     arch, kwargs, sd = obj.get("arch"), obj.get("arch_kwargs", {}), obj.get("state_dict")

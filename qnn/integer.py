@@ -9,7 +9,8 @@ graph are one definition, for every model, with no per-architecture code.
 
 Tensors in `run` are integers held in float tensors, centred on their zero point (q - zp): padding with 0 is padding
 with the zero point. Accumulators are exact (float32 while they provably stay below 2^24, float64 beyond);
-requantization is rint(float32(acc) * float32(s_x * s_w / s_y)), half to even, saturated to the output grid.
+requantization is rint(float32(acc) * float32(s_x * s_w / s_y)), half to even, saturated to the output grid. With
+autograd on, every rounding passes a straight-through gradient, so attacks differentiate the deployed arithmetic.
 """
 
 from __future__ import annotations
@@ -53,9 +54,14 @@ class Grid:
         return torch.clamp(v, float(self.lo), float(self.hi))
 
 
+def _round(v: torch.Tensor) -> torch.Tensor:
+    """Round half to even; with autograd, a straight-through gradient (the values stay the integers)."""
+    return v + (torch.round(v) - v).detach() if v.requires_grad else torch.round(v)
+
+
 def _requant(acc: torch.Tensor, mult: torch.Tensor, out: Grid) -> torch.Tensor:
     m = mult.reshape(1, -1, *([1] * (acc.dim() - 2))) if mult.numel() > 1 else mult
-    return out.saturate(torch.round(acc.float() * m))
+    return out.saturate(_round(acc.float() * m))
 
 
 def _fold(layer: nn.Module, bn: nn.Module | None, q_w: SwitchableIntQuant, in_grid: Grid):
@@ -99,7 +105,7 @@ class QuantizeInput(Op):
         self.inputs, self.out = (), out
 
     def run(self, x: torch.Tensor) -> torch.Tensor:  # QuantizeLinear: saturate(rint(x / s) + zp) on uint8
-        return torch.clamp(torch.round(x.float() / self.out.scale) + self.out.zp, 0.0, 255.0) - self.out.zp
+        return torch.clamp(_round(x.float() / self.out.scale) + self.out.zp, 0.0, 255.0) - self.out.zp
 
     def emit(self, b, x):
         return b.quantize(x, self.out)
@@ -128,10 +134,13 @@ class QConv(Op):
         self.mult = (in_grid.scale * self.s_w / out.scale).float() if out is not None else (in_grid.scale * self.s_w).float()
 
     def accumulate(self, x: torch.Tensor) -> torch.Tensor:
-        w, bias = self.w_int.to(self.acc_dtype), self.b_int.to(self.acc_dtype)
+        # with autograd (attacks) float32 always: the gradient needs no exactness, and the values stay exact while
+        # partial sums stay below 2^24, as they do in practice
+        dtype = torch.float32 if x.requires_grad else self.acc_dtype
+        w, bias = self.w_int.to(dtype), self.b_int.to(dtype)
         if self.linear:
-            return F.linear(x.to(self.acc_dtype), w, bias)
-        return F.conv2d(x.to(self.acc_dtype), w, bias, self.stride, self.padding, self.dilation, self.groups)
+            return F.linear(x.to(dtype), w, bias)
+        return F.conv2d(x.to(dtype), w, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         acc = self.accumulate(x)
@@ -159,7 +168,7 @@ class QAdd(Op):
         self.ra, self.rb = (ga.scale / out.scale).float(), (gb.scale / out.scale).float()
 
     def run(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.out.saturate(torch.round(a * self.ra + b * self.rb))
+        return self.out.saturate(_round(a * self.ra + b * self.rb))
 
     def emit(self, b, x, y):
         return b.quantize(b.node("Add", [b.dequant(x), b.dequant(y)], "add"), self.out)
@@ -231,6 +240,7 @@ class IntegerProgram:
     def __init__(self, body: fx.GraphModule):
         self.ops: list[Op] = []
         self.grids: list[Grid | None] = []
+        self.names: list[str] = []  # the traced node each op's result belongs to
         self._lower(body)
 
     def _push(self, op: Op) -> int:
@@ -257,6 +267,7 @@ class IntegerProgram:
                 env[node] = self._function(node, args)
             else:
                 raise QNNError(f"unsupported graph node '{node.name}' ({node.op}) in the integer graph")
+            self.names += [node.name] * (len(self.ops) - len(self.names))
 
     def _materialise(self, v, q: SwitchableIntQuant | None, node: fx.Node) -> int:
         """Fuse the pending float result `v` with quantizer `q` (None: the float output) into one integer op."""
@@ -358,6 +369,13 @@ class IntegerProgram:
         xi = self._value(x, node)
         return self._push(Move("maxpool", xi, self.grids[xi], kernel=_pair(kernel), stride=_pair(stride or kernel),
                                padding=_pair(padding), dilation=_pair(dilation), ceil_mode=bool(ceil_mode)))
+
+    def logit_lsb(self) -> float:
+        """One LSB of the float logits: the classifier's input scale times its largest weight scale."""
+        last = self.ops[self.output]
+        if not isinstance(last, QConv) or last.out is not None:
+            raise QNNError("the model does not end with a linear layer")
+        return float((last.in_grid.scale * last.s_w).max())
 
     # ---- execution
     def run(self, x: torch.Tensor) -> torch.Tensor:

@@ -295,19 +295,20 @@ class _Converter:
         return out
 
     def _widen(self, bits: int) -> None:
-        """The wide residual stream: every activation quantizer whose value reaches a residual add or the pool runs
-        at >= `bits`; where the same value also feeds a conv or linear, a twin quantizer of the same float value at
+        """The wide residual stream: every activation quantizer whose value reaches a residual add or the pool, and
+        the pool's requantizer, run at >= `bits`; where the same value also feeds a conv or linear, a twin quantizer of the same float value at
         the switch's bit-width feeds those (in the integer graph the producing op runs once per output grid)."""
         for node in list(self.graph.nodes):
             if not self._is_act(node):
                 continue
             reach = self._reach(node)
-            if not any(self._is_add(u) or self._is_avg_pool(u) for u, _ in reach):
+            pooled = self._is_avg_pool(node.args[0])  # the pooled features stay wide too
+            if not (pooled or any(self._is_add(u) or self._is_avg_pool(u) for u, _ in reach)):
                 continue
             kind, relu6 = self.acts[node.target]
             self._replace(node, act_module(kind, bits, relu6))
             convs = [(u, chain) for u, chain in reach if self._is_weighted(u)]
-            if not convs:
+            if pooled or not convs:  # the pooled features feed the (8-bit) classifier wide
                 continue
             twin = self.graph.call_module(self._act(kind, "narrow", relu6=relu6), node.args)
             node.append(twin)

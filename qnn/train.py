@@ -114,7 +114,7 @@ def distill_loss(ce: torch.Tensor, logits: torch.Tensor, t_logits: torch.Tensor,
 
 def init_model(cfg: TrainConfig, num_classes: int, in_size: int | None = None) -> nn.Module:
     from qnn.models import is_user_model
-    from qnn.models.resnet import load_pretrained_cifar
+    from qnn.models.quantized import load_float_weights
 
     kw = {"num_classes": num_classes, "first_last_bits": cfg.first_last_bits}
     if cfg.residual_bits is not None:
@@ -127,7 +127,7 @@ def init_model(cfg: TrainConfig, num_classes: int, in_size: int | None = None) -
             model, _ = load_checkpoint(cfg.init, expect_arch=cfg.model, user_model=cfg.model)
             return model
         model = create_model(cfg.model, **kw)
-        return load_pretrained_cifar(model, cfg.init)
+        return load_float_weights(model, cfg.init)
     return create_model(cfg.model, **kw)
 
 
@@ -261,12 +261,11 @@ def _train_in(cfg: TrainConfig, stage: StagedDir, model: nn.Module, defense, tea
     steps_per_epoch = math.ceil(len(train_ds) // world / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     sched_bits = BitSchedule(cfg.bits, cfg.schedule, cfg.seed, total)
-    opt = make_optimizer(cfg, model, defense)
     # No weight decay on quantizer scales (log domain) would be cleaner; decay on them is small, kept for simplicity.
     lr_at = lambda step: cfg.lr * (min(1.0, (step + 1) / (cfg.warmup_epochs * steps_per_epoch)) if cfg.warmup_epochs else 1.0) \
         * 0.5 * (1 + math.cos(math.pi * step / total))  # noqa: E731
 
-    start_epoch, history = 0, []
+    start_epoch, history, st = 0, [], None
     if stage.resuming:
         st = load_torch_file(out / "last.pt") if (out / "last.pt").is_file() else None
         if st is not None and (not isinstance(st, dict) or not {"state_dict", "optimizer", "epoch", "history"} <= set(st)):
@@ -276,15 +275,20 @@ def _train_in(cfg: TrainConfig, stage: StagedDir, model: nn.Module, defense, tea
             saved = json.loads((out / "config.json").read_text()).get("config")
         if saved:
             check_resume_config(saved, cfg.to_dict(), out)
-        if st is not None:
-            try:
-                model.load_state_dict(st["state_dict"])
-                opt.load_state_dict(st["optimizer"])
-            except (RuntimeError, ValueError, KeyError) as e:
-                raise QNNError(f"--resume: {out / 'last.pt'} does not fit this model: "
-                               f"{' '.join(str(e).split())[:200]}") from None
-            defense.load_state_dict(st.get("defense", {}))
-            start_epoch, history = st["epoch"], st["history"]
+    # the optimizer is made after the model's state is loaded: Brevitas re-creates quantizer modules (and so their
+    # scale parameters) on load_state_dict, and an optimizer made before would update the discarded ones
+    opt = None
+    if stage.resuming and st is not None:
+        try:
+            model.load_state_dict(st["state_dict"])
+            opt = make_optimizer(cfg, model, defense)
+            opt.load_state_dict(st["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise QNNError(f"--resume: {out / 'last.pt'} does not fit this model: "
+                           f"{' '.join(str(e).split())[:200]}") from None
+        defense.load_state_dict(st.get("defense", {}))
+        start_epoch, history = st["epoch"], st["history"]
+    opt = opt or make_optimizer(cfg, model, defense)
 
     if start_epoch == 0:
         xb0, _ = next(iterate_batches(train_ds, cfg.batch_size, True, False, cfg.seed, 0, rank, world))

@@ -1,8 +1,10 @@
 """A float CNN made switchable by `qnn.quantize`, with the zoo's interface: pixels in [0, 1] in (what patches live
 in), normalisation first, then the quantized body; `num_classes`, `in_size`, `mean`, `std` as attributes.
 
-In eval mode at a quantized bit-width and without autograd, `forward` runs the exported integer graph's arithmetic
-exactly (`qnn.integer.IntegerProgram`); with autograd (training, attacks) it runs the differentiable fake-quant form.
+In eval mode at a quantized bit-width, `forward` runs the exported integer graph's arithmetic exactly
+(`qnn.integer.IntegerProgram`); with autograd on (attacks) the same integers, with straight-through gradients at each
+rounding. Training runs Brevitas' fake-quant form (it learns the scales); `exact_integer_eval(False)` selects that
+form in eval mode too.
 """
 
 from __future__ import annotations
@@ -12,8 +14,18 @@ import torch.nn as nn
 
 from qnn.errors import QNNError
 from qnn.integer import IntegerProgram, integer_ready
-from qnn.layers import uncalibrated, use_integer_path
-from qnn.models.resnet import IMAGENET_MEAN, IMAGENET_STD, _input_range
+from qnn.layers import (BIT_CHOICES, exact_integer_eval, get_bit_width, integer_eval_enabled, set_bit_width_,
+                        uncalibrated)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def input_range(mean, std) -> tuple[float, float]:
+    """The normalised input's range for pixels in [0, 1]: what the fixed 8-bit input quantizer covers."""
+    lo = min((0.0 - m) / s for m, s in zip(mean, std))
+    hi = max((1.0 - m) / s for m, s in zip(mean, std))
+    return lo, hi
 
 
 class QuantizedNet(nn.Module):
@@ -27,12 +39,69 @@ class QuantizedNet(nn.Module):
         self.register_buffer("_mean", torch.tensor(mean).reshape(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(std).reshape(1, 3, 1, 1), persistent=False)
         self.body = quantize(body, QuantizeConfig(first_last_bits=first_last_bits, residual_bits=residual_bits,
-                                                  input_range=_input_range(mean, std)))
+                                                  input_range=input_range(mean, std)))
+        # Brevitas re-creates its quantizer modules on load_state_dict (at float): switch them back
+        self.register_load_state_dict_post_hook(_reswitch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self._mean) / self._std
-        if use_integer_path(self) and integer_ready(self.body):
+        if integer_eval_enabled() and not self.training and integer_ready(self.body):
             if uncalibrated(self):
                 raise QNNError("activation quantizers at this bit-width were never calibrated; train or calibrate first")
             return IntegerProgram(self.body).run(x)
         return self.body(x)
+
+    def features(self, x: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
+        """The outputs of the first `upto + 1` ReLU quantizers (all when None), in execution order: feature maps for
+        analyses, from the fake-quant form."""
+        import brevitas.nn as bnn
+
+        from qnn.quantization import _ReLU6Quant
+
+        out: list[torch.Tensor] = []
+        hooks = [m.register_forward_hook(lambda m, i, o: out.append(o.detach()))
+                 for m in self.body.modules() if isinstance(m, (bnn.QuantReLU, _ReLU6Quant))]
+        try:
+            with exact_integer_eval(False):
+                self(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return out if upto is None else out[:upto + 1]
+
+
+def _reswitch(module: nn.Module, incompatible_keys) -> None:
+    set_bit_width_(module, *get_bit_width(module))
+
+
+def load_float_weights(model: QuantizedNet, path: str) -> QuantizedNet:
+    """Load a float checkpoint of the model's float definition (e.g. the shared pretrained CIFAR ResNets; loaded with
+    weights_only) into the quantized model: conv / linear weights as they are, each BatchNorm into every bit-width's
+    copy. Every key must match in name and shape, both ways: a one-line error names the first that does not."""
+    from qnn.checkpoint import load_torch_file
+
+    obj = load_torch_file(path)
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise QNNError(f"{path}: not a float state dict checkpoint")
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    own = model.body.state_dict()
+    arch = getattr(model, "arch", "this model")
+    mapped: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        prefix, _, field = k.rpartition(".")
+        targets = [k] if k in own else [f"{prefix}.bns.{i}.{field}" for i in range(len(BIT_CHOICES))]
+        for t in targets:
+            if t not in own:
+                raise QNNError(f"{path}: checkpoint does not match {arch} (it has '{k}', the model does not)")
+            if own[t].shape != v.shape:
+                raise QNNError(f"{path}: checkpoint does not match {arch} ('{k}' is {tuple(v.shape)}, the model's "
+                               f"{tuple(own[t].shape)})")
+            mapped[t] = v
+    # every parameter and BatchNorm statistic must come from the file (a counter of batches seen need not)
+    params = {k for k in own if not any(t in k for t in ("tensor_quant", "_sentinel", "num_batches_tracked"))}
+    missing = sorted(params - set(mapped))
+    if missing:
+        raise QNNError(f"{path}: checkpoint does not match {arch} (no '{missing[0]}')")
+    model.body.load_state_dict(mapped, strict=False)
+    return model

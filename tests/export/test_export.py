@@ -76,11 +76,16 @@ def test_weight_type_avoids_u8s8_saturation(tmp_path):
     the 4-bit body int8; ORT then matches the exact integer arithmetic bit for bit on any CPU."""
     import onnx
 
+    from qnn.brevitas_quant import quantizers
+    from qnn.integer import IntegerProgram
+    from qnn.layers import bit_index
+
     m = _calibrated("resnet20", 4)
+    conv1 = m.body.conv1
     with torch.no_grad():
-        m.conv1.weight.copy_(torch.where(torch.rand_like(m.conv1.weight) < 0.5, -1.0, 1.0) * 10)
-        m.conv1.w_log_scale.data[:] = np.log(10 / 127)
-    assert m.conv1.int_weight().abs().max() == 127
+        conv1.weight.copy_(torch.where(torch.rand_like(conv1.weight) < 0.5, -1.0, 1.0) * 10)
+        quantizers(conv1.weight_quant)[0].log_scale.data[bit_index(8)] = np.log(10 / 127)
+        assert IntegerProgram(m.body).ops[1].w_int.abs().max() == 127
     x = (torch.rand(8, 3, 32, 32) > 0.5).float()
     with torch.no_grad():
         ref = m(x).numpy()
@@ -108,8 +113,20 @@ def test_wide_residual_stream_is_integer_and_exact(name, tmp_path):
     set_bit_width_(m, 2)
     ensure_calibrated_(m, torch.rand(4, 3, s, s))
     m.eval()
-    blk = m.blocks[-1]
-    assert (blk.act_out.bits, blk.q2.bits, blk.act1.bits, blk.act_out_conv.bits, m.act1.bits) == (8, 8, 2, 2, 8)
+    import operator
+
+    from qnn.brevitas_quant import quantizers
+
+    # where an add's output feeds both the residual stream and a conv, it is requantized twice: wide (8 bits) and,
+    # for the conv, narrow (2 bits); the pooled features stay wide
+    readers: dict[str, list] = {}
+    for node in m.body.graph.nodes:
+        src = node.all_input_nodes[0] if node.op == "call_module" and node.all_input_nodes else None
+        if src is not None and (src.target is operator.add or src.target == "pool"):
+            readers.setdefault(src.name, []).append(quantizers(m.body.get_submodule(node.target))[0].bits)
+    assert readers.pop("pool") == [8]
+    twinned = [sorted(b) for b in readers.values() if len(b) == 2]
+    assert twinned and all(b == [2, 8] for b in twinned), readers
     x = torch.rand(3, 3, s, s)
     with torch.no_grad():
         ref = m(x).numpy()
@@ -137,7 +154,7 @@ def test_wide_residual_stream_is_integer_and_exact(name, tmp_path):
 
 
 def test_integer_eval_keeps_gradients(trained_ckpt):
-    """With autograd on (attacks), eval runs the differentiable fake-quant form, within a few LSBs of the integers."""
+    """With autograd on (attacks), eval computes the same integers, with straight-through gradients."""
     m, _ = load_checkpoint(trained_ckpt)
     set_bit_width_(m, 2)
     m.eval()
@@ -148,8 +165,7 @@ def test_integer_eval_keeps_gradients(trained_ckpt):
     assert xg.grad is not None and xg.grad.abs().sum() > 0
     with torch.no_grad():
         exact = m(x)
-    lsb = float(m.linear.w_scale().max() * m.pool_q.scale())
-    assert torch.median((out.detach() - exact).abs()) <= 4 * lsb
+    assert torch.equal(out.detach(), exact)
     with pytest.raises(QNNError, match="never calibrated"):
         set_bit_width_(m, 5)
         with torch.no_grad():
@@ -170,11 +186,11 @@ def test_parity_and_interpreter_bit_exact(trained_ckpt, bits, tmp_path):
     got = sess.run(None, {"input": xn})[0]
     # eval without autograd runs the integer graph's arithmetic: logits identical to ONNX Runtime's, not just close
     assert np.array_equal(ref, got), f"max |diff| {np.abs(ref - got).max()}"
-    with torch.no_grad(), exact_integer_eval(False):  # the float fake-quant form: close, not identical
+    # training's fake-quant form (BatchNorm unfolded, float bias): close, not the deployed arithmetic (0.92-1.0 top-1
+    # agreement measured on this checkpoint); rounding flips in early layers add up, which is why eval is integer
+    with torch.no_grad(), exact_integer_eval(False):
         approx = m(x).numpy()
-    lsb = float(m.linear.w_scale().max() * m.pool_q.scale())
-    assert (approx.argmax(1) == got.argmax(1)).mean() >= 0.95
-    assert np.median(np.abs(approx - got)) <= 4 * lsb
+    assert (approx.argmax(1) == got.argmax(1)).mean() >= 0.8
     interp = IntegerInterpreter(p).run(xn)
     assert np.array_equal(interp, got), "numpy integer interpreter differs from ONNX Runtime"
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-import qnn
 from export.onnx_export import build_graph, export_model
 from export.verify import verify
 from kernels.interpreter import IntegerInterpreter
 from qnn.errors import QNNError
+from qnn.integer import IntegerProgram
 from qnn.layers import set_bit_width_
 from qnn.models import create_model
 from qnn.models.quantized import QuantizedNet
@@ -88,17 +88,8 @@ def test_qonnx_export_runs_in_qonnx_and_matches(tmp_path):
     inp, outp = wrapped.graph.input[0].name, wrapped.graph.output[0].name  # cleanup renames them
     out = execute_onnx(wrapped, {inp: xn})[outp]
     # float compute between Quant nodes: equal up to float rounding, same decisions
-    lsb = float(quantizers_scale(m))
+    lsb = IntegerProgram(m.body).logit_lsb()
     assert np.abs(out - ref).max() < 0.5 * lsb and (out.argmax(1) == ref.argmax(1)).all()
-
-
-def quantizers_scale(m) -> float:
-    """One output LSB of the logits: the classifier's largest weight scale times its input's scale."""
-    from qnn.integer import IntegerProgram
-
-    ops = IntegerProgram(m.body).ops
-    last = ops[-1]
-    return float((last.in_grid.scale * last.s_w).max())
 
 
 def test_what_has_no_integer_form_is_refused_in_one_line(tmp_path):

@@ -57,13 +57,13 @@ def test_targeted_patch_reaches_target():
     """Real check on a real model: pretrained ResNet-20 on the shared CIFAR-10, targeted 10x10 patch."""
     from qnn.data import load_cifar10
     from qnn.models import create_model
-    from qnn.models.resnet import load_pretrained_cifar
+    from qnn.models.quantized import load_float_weights
     from tests.conftest import SHARED
 
     w = SHARED / "weights" / "resnet20-12fca82f.th"
     if not w.is_file():
         pytest.skip("needs ../shared/data")
-    m = load_pretrained_cifar(create_model("resnet20"), str(w)).eval()
+    m = load_float_weights(create_model("resnet20"), str(w)).eval()
     test = load_cifar10(SHARED / "cifar10", "test")
     xa, ya = test.subset(200, start=5000).tensors()
     xe, ye = test.subset(200).tensors()

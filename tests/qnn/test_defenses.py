@@ -176,10 +176,11 @@ def test_qadtr_shared_bn_affine_ties_gamma_beta_but_not_statistics():
     bit-width; running statistics stay per bit-width; without the option nothing is tied."""
     import torch
 
-    from qnn.layers import QConvBN, bit_index
+    from qnn.layers import bit_index
+    from qnn.quantization import SwitchableBatchNorm2d
 
     m = create_model("small_cnn")
-    conv = next(mod for mod in m.modules() if isinstance(mod, QConvBN))
+    conv = next(mod for mod in m.modules() if isinstance(mod, SwitchableBatchNorm2d))
     with torch.no_grad():
         for i, bn in enumerate(conv.bns):
             bn.weight.fill_(float(i + 1))

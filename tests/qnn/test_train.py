@@ -105,7 +105,7 @@ def test_cli_bad_inputs(tmp_path, capsys, trained_ckpt):
     evil = tmp_path / "evil.pt"
     import pickle
 
-    evil.write_bytes(pickle.dumps({"format": "qnn-checkpoint-v1", "x": os.system}))
+    evil.write_bytes(pickle.dumps({"format": "qnn-checkpoint-v2", "x": os.system}))
     assert "unsafe" in _cli_err(["eval", "--checkpoint", evil], capsys)
 
 
@@ -154,13 +154,13 @@ def test_init_from_shared_pretrained_weights(tmp_path):
     w = SHARED / "weights" / "resnet20-12fca82f.th"
     if not w.is_file():
         pytest.skip("needs ../shared/data")
-    from qnn.models.resnet import load_pretrained_cifar
+    from qnn.models.quantized import load_float_weights
 
-    m = load_pretrained_cifar(create_model("resnet20"), str(w))
-    with pytest.raises(Exception, match="does not match|more blocks"):
-        load_pretrained_cifar(create_model("resnet32"), str(w))
-    with pytest.raises(QNNError, match="fit only a CIFAR ResNet"):  # not a ZeroDivisionError from a 2-block model
-        load_pretrained_cifar(create_model("small_cnn"), str(w))
+    m = load_float_weights(create_model("resnet20"), str(w))
+    with pytest.raises(QNNError, match="does not match resnet32 .no 'layer1.3.bn1"):
+        load_float_weights(create_model("resnet32"), str(w))
+    with pytest.raises(QNNError, match="does not match small_cnn .it has 'layer1.1.conv1.weight'"):
+        load_float_weights(create_model("small_cnn"), str(w))
     save_checkpoint(tmp_path / "x.pt", m)
 
 
@@ -193,9 +193,10 @@ def test_distillation_from_a_float_teacher(tmp_path, capsys, trained_ckpt):
     train(TrainConfig(out_dir=str(tmp_path / "kd"), distill="init", distill_alpha=0.9, **base))
     a, _ = load_checkpoint(tmp_path / "plain" / "model.pt")
     b, _ = load_checkpoint(tmp_path / "kd" / "model.pt")
-    assert not torch.equal(a.blocks[0].conv1.weight, b.blocks[0].conv1.weight)
+    w = lambda m: m.body.get_submodule("layer1.0.conv1").weight  # noqa: E731
+    assert not torch.equal(w(a), w(b))
     teacher, _ = load_checkpoint(trained_ckpt)
-    assert not torch.equal(teacher.blocks[0].conv1.weight, b.blocks[0].conv1.weight)
+    assert not torch.equal(w(teacher), w(b))
     # alpha=0 is plain cross-entropy; equal logits leave only (1-alpha) CE
     s = torch.randn(8, 10)
     assert torch.allclose(distill_loss(torch.tensor(2.0), s, s, 0.25, 3.0), torch.tensor(1.5))
