@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qnn.models.quantized import IMAGENET_MEAN, IMAGENET_STD, QuantizedNet
+from qnn.models.quantized import QuantizedNet
 from qnn.models.registry import register_model
 
 
@@ -78,12 +78,8 @@ class ResNet(nn.Module):
         return self.linear(torch.flatten(self.pool(x), 1))
 
 
-def _quantized(net: ResNet, num_classes: int, in_size: int, **kw) -> QuantizedNet:
-    return QuantizedNet(net, num_classes, in_size, **kw)
-
-
 def _cifar(n: int, num_classes: int = 10, **kw) -> QuantizedNet:
-    return _quantized(ResNet([(16, n, 1), (32, n, 2), (64, n, 2)], "cifar", "A", num_classes), num_classes, 32, **kw)
+    return QuantizedNet(ResNet([(16, n, 1), (32, n, 2), (64, n, 2)], "cifar", "A", num_classes), num_classes, 32, **kw)
 
 
 @register_model
@@ -111,13 +107,10 @@ def resnet56(**kw) -> QuantizedNet:
 def resnet18(num_classes: int = 1000, in_size: int = 224, **kw) -> QuantizedNet:
     """ImageNet-style ResNet-18: 7x7/2 stem, max pool, projection shortcuts; any input size."""
     net = ResNet([(64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2)], "imagenet", "B", num_classes, stem_ch=64)
-    return _quantized(net, num_classes, in_size, **kw)
+    return QuantizedNet(net, num_classes, in_size, **kw)
 
 
 @register_model
 def small_cnn(num_classes: int = 10, **kw) -> QuantizedNet:
     """Tiny residual CNN (stem 3x3/16, one block of 16, one of 32 with stride 2): seconds per epoch on a CPU."""
-    return _quantized(ResNet([(16, 1, 1), (32, 1, 2)], "cifar", "A", num_classes), num_classes, 32, **kw)
-
-
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ResNet", "BasicBlock", "ShortcutA"]
+    return QuantizedNet(ResNet([(16, 1, 1), (32, 1, 2)], "cifar", "A", num_classes), num_classes, 32, **kw)
