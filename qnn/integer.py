@@ -65,8 +65,8 @@ def _requant(acc: torch.Tensor, mult: torch.Tensor, out: Grid) -> torch.Tensor:
 
 
 def _fold(layer: nn.Module, bn: nn.Module | None, q_w: SwitchableIntQuant, in_grid: Grid):
-    """(integer weights with BatchNorm's sign folded in, per-channel float32 scale, int32 bias) of conv/linear +
-    optional BatchNorm at the current bit-width; the integer weights are those of training, unchanged."""
+    """(integer weights with BatchNorm's sign folded in, per-channel float32 scale, int32 bias, the bias' float32
+    scale) of conv/linear + optional BatchNorm at the current bit-width; the integer weights are those of training."""
     b = q_w.bits
     lo, hi, _ = q_w.qrange(b)
     s_w = q_w.scale(b).detach().float().reshape(-1)
@@ -84,7 +84,7 @@ def _fold(layer: nn.Module, bn: nn.Module | None, q_w: SwitchableIntQuant, in_gr
     b_int = torch.round(bias.float() / s_bias)
     if b_int.abs().max() >= 2**31:
         raise QNNError(f"int32 bias overflow in {type(layer).__name__}: scales too small for this bias")
-    return w_int, s_w, b_int
+    return w_int, s_w, b_int, s_bias
 
 
 class Op:
@@ -120,7 +120,7 @@ class QConv(Op):
         self.linear = isinstance(layer, bnn.QuantLinear)
         q_w = quantizers(layer.weight_quant)[0]
         self.w_bits = q_w.bits
-        self.w_int, self.s_w, self.b_int = _fold(layer, bn, q_w, in_grid)
+        self.w_int, self.s_w, self.b_int, self.s_bias = _fold(layer, bn, q_w, in_grid)
         if not self.linear:
             self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
             self.kernel = layer.kernel_size
@@ -150,7 +150,7 @@ class QConv(Op):
 
     def emit(self, b, x):
         w = b.weight(self.w_int.numpy(), self.s_w.numpy(), self.w_bits)
-        bias = b.bias(self.b_int.numpy(), (self.in_grid.scale * self.s_w).float().numpy())
+        bias = b.bias(self.b_int.numpy(), self.s_bias.numpy())
         if self.linear:
             y = b.node("Gemm", [b.dequant(x), w, bias], "gemm", transB=1)
         else:
