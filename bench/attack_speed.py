@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import environment, markdown_table  # noqa: E402
+from qnn.bench.common import environment, markdown_table  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

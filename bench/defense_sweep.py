@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import environment, markdown_table  # noqa: E402
-from bench.defense_table import (BUDGETS, PER_BIT, TRAIN_OVERRIDES, UNSEEN, evaluate_defense, train_defense,  # noqa: E402
+from qnn.bench.common import environment, markdown_table  # noqa: E402
+from qnn.bench.defense_table import (BUDGETS, PER_BIT, TRAIN_OVERRIDES, UNSEEN, evaluate_defense, train_defense,  # noqa: E402
                                   unseen_each, unseen_label)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import environment, markdown_table  # noqa: E402
+from qnn.bench.common import environment, markdown_table  # noqa: E402
 
 BUDGETS = {
     "smoke": dict(model="small_cnn", dataset="synthetic", data_dir=None, init=None, epochs=1, n_synthetic=600,
@@ -122,7 +122,7 @@ def interleaved_cost(b: dict, names: dict, threads: int, device: str) -> dict[st
     """Seconds per epoch vs plain QAT of QADT-R and of one PBAT model (at 4 bits), measured interleaved: the same
     `cost_steps` batches, one step of each in turn (bench/defense_cost.py --steps), so machine drift between the
     table's trainings does not enter the ratio."""
-    from bench.defense_cost import interleaved
+    from qnn.bench.defense_cost import interleaved
 
     rows = {"none": names["none"][:3], "qadtr": names["qadtr"][:3], "pbat (one 4-bit model)": names["pbat"][:2] + ([4],)}
     cfgs = [budget_config(b, d, a, (bits if bits != PER_BIT else [4]), 1, threads, device) for d, a, bits in rows.values()]

@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.defense_table import BUDGETS  # noqa: E402
+from qnn.bench.defense_table import BUDGETS  # noqa: E402
 
 
 def write_npz(path: Path, **arrays) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import environment, markdown_table  # noqa: E402
+from qnn.bench.common import environment, markdown_table  # noqa: E402
 
 
 def _median_ms(fn, warmup: int, iters: int) -> float:
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
     import torch
 
-    from export.onnx_export import export_model
+    from qnn.export.onnx_export import export_model
     from qnn.checkpoint import atomic_write_bytes, atomic_write_json
     from qnn.layers import ensure_calibrated_, set_bit_width_
     from qnn.models import create_model

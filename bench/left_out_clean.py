@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import environment, markdown_table  # noqa: E402
-from bench.defense_sweep import slug  # noqa: E402
-from bench.defense_table import BUDGETS  # noqa: E402
+from qnn.bench.common import environment, markdown_table  # noqa: E402
+from qnn.bench.defense_sweep import slug  # noqa: E402
+from qnn.bench.defense_table import BUDGETS  # noqa: E402
 
 
 def checkpoints_of(a) -> dict[str, dict[int, Path]]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import environment, markdown_table  # noqa: E402
+from qnn.bench.common import environment, markdown_table  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
     import torch
 
-    from export.onnx_export import export_model, normalise
-    from kernels.interpreter import IntegerInterpreter
+    from qnn.export.onnx_export import export_model, normalise
+    from qnn.kernels.interpreter import IntegerInterpreter
     from qnn.attacks.patch import PatchConfig, apply_patch, asr_metrics, make_mask, optimize_universal_patch, placement_locations
     from qnn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
     from qnn.config import parse_bits

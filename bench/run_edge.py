@@ -391,7 +391,7 @@ def _run(a) -> int:
     print(f"model    : {res['model_bytes'] / 1024:.1f} KiB, {exp['bits']}-bit weights/activations (int8 kernels)")
     print(f"graph    : {'fully integer' if census['fully_integer'] else 'FLOAT OPS: ' + ', '.join(census['float_compute_ops'])}"
           f" ({', '.join(f'{k} x{v}' for k, v in sorted(census['executed_ops'].items()))})")
-    print(f"\n| metric | fake-quant | integer (ORT) | top-1 agreement % | |diff| |\n|---|---|---|---|---|")
+    print("\n| metric | fake-quant | integer (ORT) | top-1 agreement % | |diff| |\n|---|---|---|---|---|")
     for c in res["comparison"]:
         print(f"| {c['metric']} | {c['fake_quant']:.2f} | {c['integer']:.2f} | {c['top1_agreement_pct']:.2f} | {c['abs_diff']:.2f} |")
     if "latency" in res:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import environment, markdown_table  # noqa: E402
+from qnn.bench.common import environment, markdown_table  # noqa: E402
 
 
 def step_time(model, x, y, bits: int, warmup: int, iters: int, compile_: bool, sync=lambda: None) -> float:

@@ -28,7 +28,7 @@ def build_bundle(model, bits: int, out_dir: str | Path, x_uint8: np.ndarray, y: 
                  tolerance_pct: float = 0.5, overwrite: bool = False) -> Path:
     """Write the bundle. `patches`: (name, patch (3,h,w), PatchConfig) evaluated at fixed per-image locations.
     Built beside `out_dir` and swapped in when complete and checked: an earlier bundle survives a failure."""
-    from export.onnx_export import check_exportable
+    from qnn.export.onnx_export import check_exportable
     from qnn.outputs import StagedDir
 
     check_exportable(model)
@@ -48,7 +48,7 @@ def build_bundle(model, bits: int, out_dir: str | Path, x_uint8: np.ndarray, y: 
 
 
 def _write_bundle(model, bits, out: Path, x_uint8, y, patches, checkpoint_sha, tolerance_pct) -> None:
-    from export.onnx_export import export_model
+    from qnn.export.onnx_export import export_model
     from qnn.attacks.patch import asr_metrics, make_mask, placement_locations, apply_patch, predict
     from qnn.data import to_tensor
     from qnn.layers import set_bit_width_
@@ -83,7 +83,7 @@ def _write_bundle(model, bits, out: Path, x_uint8, y, patches, checkpoint_sha, t
 def check_manifest(bundle: str | Path) -> dict:
     """Raise QNNError unless the bundle passes the edge runner's own rule (bench/run_edge.py `Bundle`): every file
     listed with its sha256, plain names inside the folder, no links, hashes matching. Returns the manifest."""
-    from bench.run_edge import Bundle, EdgeError
+    from qnn.bench.run_edge import Bundle, EdgeError
 
     try:
         return Bundle(str(bundle)).manifest

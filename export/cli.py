@@ -35,8 +35,8 @@ def add_export(sub) -> None:
 
 
 def cmd_export(a) -> int:
-    from export.onnx_export import FORMATS, export_model
-    from export.verify import verify
+    from qnn.export.onnx_export import FORMATS, export_model
+    from qnn.export.verify import verify
 
     if a.format not in FORMATS:
         raise QNNError(f"unknown format '{a.format}'; choose from {', '.join(FORMATS)}")
@@ -63,7 +63,7 @@ def add_verify(sub) -> None:
 
 
 def cmd_verify(a) -> int:
-    from export.verify import verify
+    from qnn.export.verify import verify
 
     c = verify(a.model, a.level)
     print(f"{a.model}: ORT-optimised ({a.level}) op census")
@@ -90,7 +90,7 @@ def add_bundle(sub) -> None:
 
 
 def cmd_bundle(a) -> int:
-    from export.bundle import build_bundle
+    from qnn.export.bundle import build_bundle
     from qnn.attacks.patch import load_patch
     from qnn.data import check_data_fits, load_dataset
 

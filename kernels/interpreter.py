@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from kernels import reference as K
+from qnn.kernels import reference as K
 from qnn.errors import QNNError
 
 
@@ -37,7 +37,7 @@ class _Pending:
 class IntegerInterpreter:
     def __init__(self, model: onnx.ModelProto | str | Path):
         if not isinstance(model, onnx.ModelProto):
-            from export.verify import load_onnx
+            from qnn.export.verify import load_onnx
 
             model = load_onnx(model)
         self.model = model

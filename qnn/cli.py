@@ -166,7 +166,7 @@ def cmd_list(a) -> int:
 
         names = list(ATTACKS)
     else:
-        from export.onnx_export import FORMATS
+        from qnn.export.onnx_export import FORMATS
 
         names = list(FORMATS)
     print("\n".join(names))
@@ -202,7 +202,7 @@ def _extra_commands() -> dict:
     out = {}
     import importlib
 
-    for mod in ("qnn.attacks.cli", "export.cli", "qnn.pipeline"):
+    for mod in ("qnn.attacks.cli", "qnn.export.cli", "qnn.pipeline"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

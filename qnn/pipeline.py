@@ -71,7 +71,7 @@ def cmd_pipeline(a) -> int:
         from qnn.defenses import make_defense
         from qnn.models import create_model
 
-        from export.onnx_export import check_exportable
+        from qnn.export.onnx_export import check_exportable
 
         for name, _ in STAGES:  # the exact configs the stages will train with, and their defenses
             cfg = _train_config(a, name, bits, stage.out / name)
@@ -110,9 +110,9 @@ def _train_config(a, name: str, bits, rdir: Path):
 def _run_stages(a, out: Path, bits, ebits, test, xe, ye, xa, ya, report: dict, t_start: float) -> bool:
     """Train (each model skipped when its model.pt exists: resume is stage by stage), attack, export, bundle,
     run_edge, report; everything into `out`. Returns whether every deployment check passed."""
-    from export.bundle import build_bundle
-    from export.onnx_export import export_model
-    from export.verify import verify
+    from qnn.export.bundle import build_bundle
+    from qnn.export.onnx_export import export_model
+    from qnn.export.verify import verify
     from qnn.attacks.patch import PatchConfig, evaluate_patch, optimize_universal_patch, save_patch
     from qnn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, sha256_file
     from qnn.data import check_data_fits
@@ -178,7 +178,7 @@ def _run_stages(a, out: Path, bits, ebits, test, xe, ye, xa, ya, report: dict, t
 
 def _report_md(rep: dict, bits, ebits) -> str:
     c = rep["config"]
-    lines = [f"# qnn pipeline report\n", f"{c['model']} on {c['dataset']}, training bit-widths {bits}, {c['epochs']} epochs, "
+    lines = ["# qnn pipeline report\n", f"{c['model']} on {c['dataset']}, training bit-widths {bits}, {c['epochs']} epochs, "
              f"{c['patch_size']}x{c['patch_size']} universal patch ({c['patch_iters']} iterations), eval on {c['n_eval']} "
              f"images; total {rep['seconds'] / 60:.1f} min. Versions: torch {rep['versions']['torch']}, onnxruntime "
              f"{rep['versions']['onnxruntime']}, git {rep['versions']['git_sha']}"

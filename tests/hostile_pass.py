@@ -49,7 +49,7 @@ def run_case(fn, argv) -> tuple[int | None, str, str | None]:
 
 
 def setup(w: Path) -> dict:
-    from export.bundle import build_bundle
+    from qnn.export.bundle import build_bundle
     from qnn.attacks.patch import PatchConfig, save_patch
     from qnn.checkpoint import load_checkpoint
     from qnn.config import TrainConfig
@@ -329,7 +329,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write the per-case outcomes here (JSON)")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
-    from bench.run_edge import main as run_edge_main
+    from qnn.bench.run_edge import main as run_edge_main
     from qnn.cli import main as qnn_main
 
     with tempfile.TemporaryDirectory() as tmp:

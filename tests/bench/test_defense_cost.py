@@ -1,4 +1,4 @@
-from bench import defense_cost
+from qnn.bench import defense_cost
 
 
 def test_interleaved_cost_gives_one_epoch_estimate_per_variant():

@@ -65,7 +65,7 @@ def test_a_finished_job_run_with_other_options_is_refused(tmp_path):
 
     import pytest
 
-    from bench.defense_sweep import run_job
+    from qnn.bench.defense_sweep import run_job
     from qnn.errors import QNNError
 
     d = tmp_path / "qadtr" / "s0"
@@ -83,7 +83,7 @@ def test_a_finished_job_run_with_other_options_is_refused(tmp_path):
 
 def test_train_overrides_reach_the_training_config():
     """A setting's `train: {lr: ...}` changes the budget's TrainConfig for that setting only."""
-    from bench.defense_table import BUDGETS, budget_config
+    from qnn.bench.defense_table import BUDGETS, budget_config
 
     b = BUDGETS["smoke"]
     assert budget_config(b, "none", {}, [4], 1, 1, "cpu").lr == b["lr"]
@@ -93,7 +93,7 @@ def test_train_overrides_reach_the_training_config():
 
 def test_report_splits_unseen_asr_by_configuration_averaged_over_seeds(tmp_path):
     """aggregate(): each unseen configuration's ASR is averaged over seeds and printed, a column per (bits, config)."""
-    from bench.defense_sweep import aggregate
+    from qnn.bench.defense_sweep import aggregate
 
     each = {0: [30.0, 10.0, 2.0], 1: [20.0, 14.0, 4.0]}
     for seed, e in each.items():
@@ -112,7 +112,7 @@ def test_report_splits_unseen_asr_by_configuration_averaged_over_seeds(tmp_path)
 def test_every_committed_grid_loads(grid):
     """The grids in bench/sweeps/ are commands the README and results cite: each must pass load_grid's checks,
     and each setting's defense options must be ones its defense reads."""
-    from bench.defense_sweep import load_grid
+    from qnn.bench.defense_sweep import load_grid
     from qnn.defenses import _DEFENSES, list_defenses
 
     for g in load_grid(str(grid)):
@@ -132,7 +132,7 @@ def test_report_header_names_settings_with_their_own_epochs(tmp_path):
 def test_deploy_evaluates_one_model_at_every_bit_width(tmp_path):
     """`deploy: true`: a model trained at 32 bits only is evaluated at every evaluated bit-width (BN re-calibrated),
     with the adaptive patch EOT over all of them; the same folder under deploy: false is refused as stale."""
-    from bench.defense_sweep import aggregate, load_grid
+    from qnn.bench.defense_sweep import aggregate, load_grid
 
     g = tmp_path / "g.yaml"
     g.write_text("- {name: fp, defense: none, bits: [32], deploy: true}\n")

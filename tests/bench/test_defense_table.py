@@ -39,7 +39,7 @@ def test_smoke_budget_end_to_end(tmp_path):
 
 
 def test_defense_cost_bad_options_exit_2(capsys):
-    from bench.defense_cost import main as cost_main
+    from qnn.bench.defense_cost import main as cost_main
 
     assert cost_main(["--variants", "qadtr:{not json"]) == 2
     assert "bad options" in capsys.readouterr().err
@@ -47,7 +47,7 @@ def test_defense_cost_bad_options_exit_2(capsys):
 
 def test_cpu_budget_has_a_longer_qadtr_row_within_pbats_compute():
     """The cpu/full tables add QADT-R trained 4x the epochs (still less compute than PBAT's four models)."""
-    from bench.defense_table import BUDGETS, defenses
+    from qnn.bench.defense_table import BUDGETS, defenses
 
     for budget in ("cpu", "full"):
         d = defenses(BUDGETS[budget])
@@ -58,7 +58,7 @@ def test_cpu_budget_has_a_longer_qadtr_row_within_pbats_compute():
 
 def test_cpu_budget_has_qadtr_per_bit_beside_pbat():
     """The no-DBWT ablation at every bit-width: one QADT-R model per precision, as the spec's PBAT is trained."""
-    from bench.defense_table import BUDGETS, PER_BIT, defenses
+    from qnn.bench.defense_table import BUDGETS, PER_BIT, defenses
 
     for budget in ("cpu", "full"):
         d = defenses(BUDGETS[budget])
@@ -68,7 +68,7 @@ def test_cpu_budget_has_qadtr_per_bit_beside_pbat():
 
 def test_cpu_budget_has_one_full_precision_pbat_deployed_at_every_bit_width():
     """The spec's other reading of PBAT (one full-precision model) sits beside the per-bit PBAT models."""
-    from bench.defense_table import BUDGETS, PBAT_FP, defenses
+    from qnn.bench.defense_table import BUDGETS, PBAT_FP, defenses
 
     for budget in ("cpu", "full"):
         d = defenses(BUDGETS[budget])

@@ -8,7 +8,7 @@ from tests.conftest import ROOT  # noqa: F401  (puts the repository on sys.path)
 def test_left_out_clean_pairs_seeds_against_the_baseline(trained_ckpt, tmp_path, capsys):
     """Two settings from one runs folder layout plus an --add entry: per-seed accuracies, their mean, and the paired
     difference to the baseline (zero here: both settings are the same checkpoint; 3 and 5 bits are re-calibrated)."""
-    from bench.left_out_clean import main
+    from qnn.bench.left_out_clean import main
 
     runs = tmp_path / "runs"
     for s in ("none", "qadtr x=1"):
@@ -36,7 +36,7 @@ def test_left_out_clean_pairs_seeds_against_the_baseline(trained_ckpt, tmp_path,
     (["--budget", "huge", "--add", "none:0=x"], "unknown budget"),
 ])
 def test_left_out_clean_bad_input_one_line_exit_2(tmp_path, capsys, args, msg):
-    from bench.left_out_clean import main
+    from qnn.bench.left_out_clean import main
 
     out = tmp_path / "lo"
     assert main(["--budget", "smoke", *args, "--out", str(out)]) == 2
@@ -46,7 +46,7 @@ def test_left_out_clean_bad_input_one_line_exit_2(tmp_path, capsys, args, msg):
 
 
 def test_left_out_clean_corrupt_checkpoint_is_refused(tmp_path, capsys):
-    from bench.left_out_clean import main
+    from qnn.bench.left_out_clean import main
 
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

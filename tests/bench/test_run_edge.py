@@ -30,7 +30,7 @@ def test_run_edge_imports_only_stdlib_numpy_onnxruntime():
 
 @pytest.fixture(scope="module")
 def bundle(trained_ckpt, tmp_path_factory):
-    from export.bundle import build_bundle
+    from qnn.export.bundle import build_bundle
     from qnn.attacks.patch import PatchConfig
     from qnn.checkpoint import load_checkpoint
     from qnn.data import load_dataset
@@ -90,8 +90,8 @@ def test_run_edge_bad_inputs(bundle, tmp_path):
 
 def test_edge_runner_and_verify_agree_on_what_is_integer():
     """bench/run_edge.py stands alone on the device (no qnn import), so it keeps its own copy of the op sets."""
-    from bench import run_edge
-    from export.verify import INTEGER_OPS, MOVEMENT_OPS
+    from qnn.bench import run_edge
+    from qnn.export.verify import INTEGER_OPS, MOVEMENT_OPS
 
     assert run_edge.INTEGER_KERNELS == INTEGER_OPS
     assert run_edge.MOVEMENT - {"QuantizeLinear", "DequantizeLinear", "MemcpyFromHost", "MemcpyToHost"} == MOVEMENT_OPS

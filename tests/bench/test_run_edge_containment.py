@@ -38,7 +38,7 @@ def tree_hashes(d) -> dict:
 
 @pytest.fixture(scope="module")
 def good(trained_ckpt, tmp_path_factory):
-    from export.bundle import build_bundle
+    from qnn.export.bundle import build_bundle
     from qnn.attacks.patch import PatchConfig
     from qnn.checkpoint import load_checkpoint
     from qnn.data import load_dataset
@@ -159,7 +159,7 @@ def test_every_hostile_manifest_is_refused_and_nothing_outside_is_opened(good, s
         assert tree_hashes(d) == before, name
 
     # the package's own checker applies the same rule
-    from export.bundle import check_manifest
+    from qnn.export.bundle import check_manifest
     from qnn.errors import QNNError
 
     for name in ("traversal", "absolute", "symlink_out", "empty_files", "unlisted_model"):

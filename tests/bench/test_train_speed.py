@@ -6,7 +6,7 @@ def test_a_quantized_training_step_makes_no_host_syncs():
     read stalls the launch queue; the quantizers used to make 52 per step). Counted on the CPU with the profiler."""
     import torch
 
-    from bench.train_speed import model_at, profile_step
+    from qnn.bench.train_speed import model_at, profile_step
 
     torch.manual_seed(0)
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
@@ -17,7 +17,7 @@ def test_a_quantized_training_step_makes_no_host_syncs():
 def test_cuda_without_a_gpu_is_refused(capsys):
     import torch
 
-    from bench.train_speed import main
+    from qnn.bench.train_speed import main
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")

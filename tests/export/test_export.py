@@ -5,11 +5,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.bundle import build_bundle, check_manifest
-from export.onnx_export import build_graph, export_model, normalise
-from export.verify import census, optimized_graph, verify
-from kernels.interpreter import IntegerInterpreter
-from kernels.packing import pack, size_report, unpack
+from qnn.export.bundle import build_bundle, check_manifest
+from qnn.export.onnx_export import build_graph, export_model, normalise
+from qnn.export.verify import verify
+from qnn.kernels.interpreter import IntegerInterpreter
+from qnn.kernels.packing import pack, size_report, unpack
 from qnn.checkpoint import load_checkpoint
 from qnn.data import load_dataset
 from qnn.errors import QNNError
@@ -30,7 +30,7 @@ def _calibrated(name, bits, size=None):
 
 def _exportable_models() -> list[str]:
     """Every zoo model the exporter takes (all of them: the ResNets, small_cnn, and those on Brevitas layers)."""
-    from export.onnx_export import check_exportable
+    from qnn.export.onnx_export import check_exportable
     from qnn.errors import QNNError
 
     names = []

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from export.onnx_export import build_graph, export_model
-from export.verify import verify
-from kernels.interpreter import IntegerInterpreter
+from qnn.export.onnx_export import build_graph, export_model
+from qnn.export.verify import verify
+from qnn.kernels.interpreter import IntegerInterpreter
 from qnn.errors import QNNError
 from qnn.integer import IntegerProgram
 from qnn.layers import set_bit_width_

@@ -5,7 +5,7 @@ from qnn.defenses import list_defenses, make_defense
 from qnn.errors import QNNError
 from qnn.models import create_model
 from qnn.train import train
-from tests.conftest import cli_error as _err, run_cli
+from tests.conftest import cli_error as _err
 
 
 def test_registry():

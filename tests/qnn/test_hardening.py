@@ -101,7 +101,7 @@ def test_nan_model_patch_and_census_are_not_accepted(tmp_path, capsys, trained_c
     assert not (tmp_path / "div").exists()
     monkeypatch.undo()
     # an export whose census finds float compute exits non-zero
-    import export.verify as V
+    import qnn.export.verify as V
 
     monkeypatch.setattr(V, "verify", lambda *a, **k: {"fully_integer": False, "float_compute_ops": ["Conv"], "ops": {}})
     capsys.readouterr()
@@ -223,7 +223,7 @@ def test_staged_dir_decides_under_its_lock_and_repairs_an_interrupted_swap(tmp_p
 
 
 def test_crash_during_bundle_overwrite_keeps_the_earlier_bundle(trained_ckpt, tmp_path, monkeypatch):
-    import export.bundle as B
+    import qnn.export.bundle as B
     from qnn.attacks.patch import PatchConfig
     from qnn.checkpoint import load_checkpoint
     from qnn.data import load_dataset
