@@ -24,11 +24,12 @@ def _load_at_bits(ckpt: str, bits: int, user_model: str | None = None):
 
 def add_export(sub) -> None:
     p = sub.add_parser("export", help="export one bit-width to QONNX, QCDQ or integer ONNX")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="qnn checkpoint (model.pt written by qnn train)")
     add_user_model_option(p)
     p.add_argument("--bits", type=arg_int(2, 8), required=True, help="bit-width to export, 2..8 (one the model was trained at)")
-    p.add_argument("--format", default="int", help="qonnx|qcdq|int")
-    p.add_argument("--out", required=True)
+    p.add_argument("--format", default="int",
+                   help="int: true-integer ONNX (QLinearConv...) | qcdq: Quantize-Clip-Dequantize | qonnx: QONNX Quant nodes (default int)")
+    p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--weight-type", default="auto", choices=["auto", "int8", "uint8"],
                    help="integer weight container (format int): auto = uint8 (zero point 128) for layers whose |w| > 64, "
                         "which ORT's u8s8 kernels can saturate on x86 without VNNI, int8 for the rest")
@@ -58,8 +59,9 @@ def cmd_export(a) -> int:
 
 def add_verify(sub) -> None:
     p = sub.add_parser("verify", help="op census of the ORT-optimised graph; exit 1 if float compute remains")
-    p.add_argument("model")
-    p.add_argument("--level", default="extended", choices=["basic", "extended", "all"])
+    p.add_argument("model", help="ONNX file to check")
+    p.add_argument("--level", default="extended", choices=["basic", "extended", "all"],
+                   help="ORT graph optimisation level the census runs at (default extended)")
 
 
 def cmd_verify(a) -> int:
@@ -78,15 +80,15 @@ def cmd_verify(a) -> int:
 
 def add_bundle(sub) -> None:
     p = sub.add_parser("bundle", help="edge bundle: integer model, eval set, patches, fake-quant results, manifest")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="qnn checkpoint (model.pt written by qnn train)")
     add_user_model_option(p)
     p.add_argument("--bits", type=arg_int(2, 8), required=True, help="bit-width to deploy, 2..8")
-    p.add_argument("--dataset", default="synthetic")
-    p.add_argument("--data-dir")
+    p.add_argument("--dataset", default="synthetic", help="synthetic (embedded, no download) | cifar10 | imagefolder (default synthetic)")
+    p.add_argument("--data-dir", help="dataset folder (CIFAR-10 npz or cifar-10-batches-py; ImageFolder root)")
     p.add_argument("--n", type=arg_int(1), default=500, help="evaluation images in the bundle")
     p.add_argument("--patch", action="append", default=[], help="patch .npz from `qnn attack` (repeatable)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle (swapped in only when complete)")
 
 
 def cmd_bundle(a) -> int:

@@ -18,8 +18,8 @@ def _add_train(sub) -> None:
     p.add_argument("-c", "--config", help="YAML file with TrainConfig keys (flags override it)")
     p.add_argument("--model", help="a zoo model (qnn list models) or your own: path/to/file.py:factory returning a "
                                    "float CNN (quantized with qnn.quantize) or a model on Brevitas layers")
-    p.add_argument("--dataset")
-    p.add_argument("--data-dir", dest="data_dir")
+    p.add_argument("--dataset", help="synthetic (embedded, no download) | cifar10 | imagefolder (default synthetic)")
+    p.add_argument("--data-dir", dest="data_dir", help="dataset folder (CIFAR-10 npz or cifar-10-batches-py; ImageFolder root)")
     p.add_argument("--init", help="float checkpoint (akamaster layout) or qnn checkpoint to start from")
     p.add_argument("--bits", help="bit-width or set, e.g. 4 or 2,4,8,32 (32 = float)")
     p.add_argument("--schedule", help="DBWT schedule: fixed|random|round_robin|curriculum")
@@ -49,12 +49,12 @@ def _add_train(sub) -> None:
     p.add_argument("--pool-size", dest="pool_size", type=arg_int(1, 1024), help="QADT-R: patches in the A-QAPA pool")
     p.add_argument("--defense-arg", dest="defense_arg", action="append", metavar="KEY=VALUE",
                    help="any defense option (repeatable), e.g. --defense-arg pool_per_bit=false --defense-arg adapt_temp=0.2")
-    p.add_argument("--device")
+    p.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when present)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training forward")
-    p.add_argument("--out", dest="out_dir")
-    p.add_argument("--overwrite", action="store_true", default=None)
-    p.add_argument("--resume", action="store_true", default=None)
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--out", dest="out_dir", help="run directory: checkpoint, metrics, config (default runs/train)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing run directory")
+    p.add_argument("--resume", action="store_true", default=None, help="continue an interrupted run from its last epoch")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
 
 
 def cmd_train(a) -> int:
@@ -91,15 +91,15 @@ def cmd_train(a) -> int:
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="clean accuracy per bit-width (JSON + table)")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="qnn checkpoint (model.pt written by qnn train)")
     add_user_model_option(p)
-    p.add_argument("--dataset", default="synthetic")
-    p.add_argument("--data-dir")
-    p.add_argument("--bits", default="32,8,4,2")
+    p.add_argument("--dataset", default="synthetic", help="synthetic (embedded, no download) | cifar10 | imagefolder (default synthetic)")
+    p.add_argument("--data-dir", help="dataset folder (CIFAR-10 npz or cifar-10-batches-py; ImageFolder root)")
+    p.add_argument("--bits", default="32,8,4,2", help="bit-widths to evaluate (default 32,8,4,2)")
     p.add_argument("--subset", type=arg_int(1), help="evaluate on the first N test images")
     p.add_argument("--calibrate", action="store_true", help="recompute BN/scales for bit-widths never trained")
     p.add_argument("--json", help="write the result here")
-    p.add_argument("--seed", type=arg_seed(), default=0)
+    p.add_argument("--seed", type=arg_seed(), default=0, help="seed (default 0)")
 
 
 def cmd_eval(a) -> int:
@@ -149,7 +149,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_list(sub) -> None:
     p = sub.add_parser("list", help="what the toolkit offers: models, defenses, attacks or export formats")
-    p.add_argument("what", choices=["models", "defenses", "attacks", "formats"])
+    p.add_argument("what", choices=["models", "defenses", "attacks", "formats"], help="models | defenses | attacks | formats")
 
 
 def cmd_list(a) -> int:
@@ -173,20 +173,29 @@ def cmd_list(a) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    """The `qnn` parser and its subcommands' handlers by name."""
+    import importlib
+
     from qnn import __version__
 
     ap = _Parser(prog="qnn", description=__doc__.splitlines()[0])
     ap.add_argument("--version", action="version", version=f"qnn {__version__}")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_eval(sub)
     _add_list(sub)
     cmds = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list}
-    for name, (adder, fn) in _extra_commands().items():
-        adder(sub)
-        cmds[name] = fn
+    for mod in ("qnn.attacks.cli", "qnn.export.cli", "qnn.pipeline"):  # subcommands living beside their code
+        for name, (adder, fn) in importlib.import_module(mod).COMMANDS.items():
+            adder(sub)
+            cmds[name] = fn
+    return ap, cmds
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
+        ap, cmds = build_parser()
         a = ap.parse_args(argv)
         return cmds[a.cmd](a)
     except QNNError as e:
@@ -195,23 +204,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qnn: interrupted (outputs so far are kept; rerun with --resume where supported)", file=sys.stderr)
         return 130
-
-
-def _extra_commands() -> dict:
-    """Subcommands living in other modules (attack, export, verify, bundle, pipeline)."""
-    out = {}
-    import importlib
-
-    for mod in ("qnn.attacks.cli", "qnn.export.cli", "qnn.pipeline"):
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name == mod or (e.name and mod.startswith(e.name)):
-                continue
-            raise
-        out.update(m.COMMANDS)
-    return out
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,9 +25,9 @@ STAGES = (("qat", "none"), ("qadtr", "qadtr"))  # (stage folder, defense)
 
 def add_parser(sub) -> None:
     p = sub.add_parser("pipeline", help="train (QAT, QADT-R) -> attack -> integer export -> verify -> parity -> edge run -> report")
-    p.add_argument("--dataset", default="synthetic")
-    p.add_argument("--data-dir")
-    p.add_argument("--model", default="small_cnn")
+    p.add_argument("--dataset", default="synthetic", help="synthetic (embedded, no download) | cifar10 | imagefolder (default synthetic)")
+    p.add_argument("--data-dir", help="dataset folder (CIFAR-10 npz or cifar-10-batches-py; ImageFolder root)")
+    p.add_argument("--model", default="small_cnn", help="a zoo model (qnn list models) or path/to/file.py:factory (default small_cnn)")
     p.add_argument("--init", help="float checkpoint to start from (e.g. the shared ResNet-20 weights)")
     p.add_argument("--bits", default="2,4,8,32", help="training bit-width set")
     p.add_argument("--export-bits", default="4,8", help="bit-widths exported and deployed")
@@ -39,9 +39,9 @@ def add_parser(sub) -> None:
     p.add_argument("--n-attack", type=arg_int(1), default=500, help="training images the patch is crafted on (default 500)")
     p.add_argument("--n-eval", type=arg_int(1), default=500, help="test images scored (default 500)")
     p.add_argument("--threads", type=arg_int(1, 1024), default=2, help="CPU threads (default 2)")
-    p.add_argument("--seed", type=arg_seed(), default=0)
-    p.add_argument("--out", default="runs/pipeline")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=arg_seed(), default=0, help="seed of training and attacks (default 0)")
+    p.add_argument("--out", default="runs/pipeline", help="run directory (default runs/pipeline)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--resume", action="store_true", help="reuse finished stages of an interrupted run")
 
 
