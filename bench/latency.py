@@ -1,13 +1,14 @@
-"""Latency: ONNX Runtime integer vs ONNX Runtime float vs PyTorch float vs PyTorch fake-quant, for ResNet-20
-(32x32) and the ImageNet-style ResNet-18 (224x224) at 8, 4 and 2 bits; batch 1 and 32; 1 and 2 threads.
+"""Latency: ONNX Runtime integer vs ONNX Runtime float vs PyTorch float vs PyTorch fake-quant, for any zoo models
+(default ResNet-20 at 32x32 and the ImageNet-style ResNet-18 at 224x224) at 8, 4 and 2 bits; batch 1 and 32; 1 and 2
+threads.
 Medians of many runs in one process, after warm-up. Also the achieved integer MAC/s as a share of this CPU's
 measured int8 GEMM peak (a large MatMulInteger in ONNX Runtime).
 
-    python bench/latency.py [--models resnet20,resnet18] [--iters 50]
+    python bench/latency.py [--models resnet20,resnet18] [--iters 50] [--out results/latency]
 
 2- and 4-bit models run on ONNX Runtime's int8 kernels (it has no 2/4-bit conv kernels): same speed as 8-bit.
 Weights are random-initialised and calibrated on random inputs: latency does not depend on their values.
-Writes results/latency.{json,md,png}.
+Writes {--out}.{json,md,png} (default results/latency).
 """
 
 from __future__ import annotations
@@ -36,14 +37,10 @@ def _median_ms(fn, warmup: int, iters: int) -> float:
 
 
 def count_macs(model, size: int) -> int:
-    import torch
-    import torch.nn.functional as F
-
     import brevitas.nn as bnn
+    import torch
 
-    from qnn.layers import QConvBN, QLinear
-
-    convs, linears = (QConvBN, bnn.QuantConv2d), (QLinear, bnn.QuantLinear)
+    convs, linears = bnn.QuantConv2d, bnn.QuantLinear
     macs = 0
 
     def hook(m, inp, out):  # weight[0]: one output channel's (in / groups) x k x k weights
@@ -53,12 +50,11 @@ def count_macs(model, size: int) -> int:
         elif isinstance(m, linears):
             macs += m.weight.numel()
 
-    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, convs + linears)]
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (convs, linears))]
     with torch.no_grad():
         model(torch.rand(1, 3, size, size))
     for h in hs:
         h.remove()
-    _ = F
     return macs
 
 
@@ -87,15 +83,15 @@ def int8_peak_macs(threads: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="resnet20,resnet18")
-    ap.add_argument("--bits", default="8,4,2")
-    ap.add_argument("--batches", default="1,32")
-    ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--models", default="resnet20,resnet18", help="zoo models, comma-separated (default resnet20,resnet18)")
+    ap.add_argument("--bits", default="8,4,2", help="bit-widths (default 8,4,2)")
+    ap.add_argument("--batches", default="1,32", help="batch sizes (default 1,32)")
+    ap.add_argument("--threads", default="1,2", help="thread counts (default 1,2)")
+    ap.add_argument("--iters", type=int, default=30, help="timed runs per measurement (default 30; fewer for large inputs at batch > 1)")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
     ap.add_argument("--weight-type", default="auto", choices=["auto", "int8", "uint8"],
                     help="integer weight container of the exported models (see qnn export --weight-type)")
-    ap.add_argument("--out", default="results/latency")
+    ap.add_argument("--out", default="results/latency", help="output path without extension (default results/latency)")
     a = ap.parse_args(argv)
     import warnings
 
@@ -114,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as td:
         for name in a.models.split(","):
             torch.manual_seed(0)
-            model = create_model(name, **({"num_classes": 1000} if name == "resnet18" else {}))
+            model = create_model(name)
             size = model.in_size
             macs = count_macs(model, size)
             set_bit_width_(model, 32)
@@ -136,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 for batch in [int(v) for v in a.batches.split(",")]:
                     x = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
                     xt = torch.from_numpy(x)
-                    iters = a.iters if (name == "resnet20" or batch == 1) else max(5, a.iters // 5)
+                    iters = a.iters if (size <= 64 or batch == 1) else max(5, a.iters // 5)
                     t_ort_f = _median_ms(lambda: fsess.run(None, {"input": x}), a.warmup, iters)
                     set_bit_width_(model, 32)
                     with torch.no_grad():
@@ -157,13 +153,14 @@ def main(argv: list[str] | None = None) -> int:
                                      f"{100 * r['share_of_int8_peak']:.1f}%"])
                         print(f"{name} W{b}A{b} batch {batch} threads {threads}: int {t_int:.2f} ms, ORT float {t_ort_f:.2f} ms "
                               f"({t_ort_f / t_int:.2f}x)", flush=True)
-    md = (f"Latency (ms, median), random-initialised weights. Command: `python bench/latency.py --iters {a.iters}`. ONNX Runtime "
+    command = "python bench/latency.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    md = (f"Latency (ms, median), random-initialised weights. Command: `{command.strip()}`. ONNX Runtime "
           "ENABLE_ALL; 2/4-bit models run on int8 kernels (ORT has no 2/4-bit kernels). Peak = measured 1024^3 "
           f"MatMulInteger: {', '.join(f'{t} thr {v / 1e9:.1f} GMAC/s' for t, v in peaks.items())}.\n\n"
           + markdown_table(["model", "bits", "batch", "threads", "ORT int", "ORT float", "int speed-up", "PyTorch float",
                             "PyTorch fake-quant", "int MAC/s of peak"], rows))
     print(md)
-    atomic_write_json(a.out + ".json", {"results": results, "int8_peak_mac_per_s": peaks, "weight_type": a.weight_type,
+    atomic_write_json(a.out + ".json", {"command": command.strip(), "results": results, "int8_peak_mac_per_s": peaks, "weight_type": a.weight_type,
                                        "environment": environment()})
     atomic_write_bytes(a.out + ".md", md.encode())
     _plot(results, a.out + ".png")

@@ -45,8 +45,23 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="reuse finished stages of an interrupted run")
 
 
-def _stage(msg: str) -> None:
-    print(f"\n=== {msg}", flush=True)
+class _Stages:
+    """Announces each stage and records its wall time (report['stage_seconds'])."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._open: tuple[str, float] | None = None
+
+    def __call__(self, key: str, msg: str) -> None:
+        self.close()
+        print(f"\n=== {msg}", flush=True)
+        self._open = (key, time.perf_counter())
+
+    def close(self) -> None:
+        if self._open:
+            key, t0 = self._open
+            self.seconds[key] = round(self.seconds.get(key, 0.0) + time.perf_counter() - t0, 2)
+            self._open = None
 
 
 def cmd_pipeline(a) -> int:
@@ -110,17 +125,19 @@ def _train_config(a, name: str, bits, rdir: Path):
 def _run_stages(a, out: Path, bits, ebits, test, xe, ye, xa, ya, report: dict, t_start: float) -> bool:
     """Train (each model skipped when its model.pt exists: resume is stage by stage), attack, export, bundle,
     run_edge, report; everything into `out`. Returns whether every deployment check passed."""
+    from qnn.attacks.patch import PatchConfig, evaluate_patch, optimize_universal_patch, save_patch
+    from qnn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, sha256_file
+    from qnn.bench import run_edge
+    from qnn.data import check_data_fits
     from qnn.export.bundle import build_bundle
     from qnn.export.onnx_export import export_model
     from qnn.export.verify import verify
-    from qnn.attacks.patch import PatchConfig, evaluate_patch, optimize_universal_patch, save_patch
-    from qnn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, sha256_file
-    from qnn.data import check_data_fits
     from qnn.layers import set_bit_width_
     from qnn.train import evaluate, train
 
+    _stage = _Stages()
     for name, defense in STAGES:
-        _stage(f"train {name} ({a.model}, bits {bits}, {a.epochs} epochs, defense {defense})")
+        _stage(f"train {name}", f"train {name} ({a.model}, bits {bits}, {a.epochs} epochs, defense {defense})")
         rdir = out / name
         if not (rdir / "model.pt").is_file():
             train(_train_config(a, name, bits, rdir))
@@ -130,7 +147,7 @@ def _run_stages(a, out: Path, bits, ebits, test, xe, ye, xa, ya, report: dict, t
         acc = evaluate(model, test.subset(a.n_eval), bits)
         m = {"clean_acc_pct": {str(k): v for k, v in acc.items()},
              "epoch_seconds": sum(h["epoch_seconds"] for h in hist) / len(hist), "deploy": {}}
-        _stage(f"attack {name}: {a.patch_size}x{a.patch_size} universal patch crafted at each bit-width")
+        _stage(f"attack {name}", f"attack {name}: {a.patch_size}x{a.patch_size} universal patch crafted at each bit-width")
         m["asr_pct"] = {}
         patches = {}
         for b in bits:
@@ -144,7 +161,7 @@ def _run_stages(a, out: Path, bits, ebits, test, xe, ye, xa, ya, report: dict, t
             patches[b] = (patch, cfg)
             print(f"  {b} bits: clean {acc[b]:.1f}%  ASR {m['asr_pct'][str(b)]:.1f}%", flush=True)
         for b in ebits:
-            _stage(f"{name}: export W{b}A{b} integer ONNX, verify, bundle, run_edge")
+            _stage(f"deploy {name} w{b}", f"{name}: export W{b}A{b} integer ONNX, verify, bundle, run_edge")
             onnx_path = export_model(model, b, "int", rdir / f"{name}_w{b}a{b}.onnx",
                                      {"source_checkpoint_sha256": sha256_file(rdir / "model.pt")})
             census = verify(onnx_path)
@@ -155,7 +172,7 @@ def _run_stages(a, out: Path, bits, ebits, test, xe, ye, xa, ya, report: dict, t
             build_bundle(model, b, bdir, ds.x, ds.y, [(f"own{b}b", *patches[b]), ("from_float", *patches[32])]
                          if 32 in patches else [(f"own{b}b", *patches[b])], sha256_file(rdir / "model.pt"), overwrite=True)
             edge_json = rdir / f"edge_w{b}.json"
-            r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "run_edge.py"),
+            r = subprocess.run([sys.executable, run_edge.__file__,  # as on a device: the standalone file
                                 "--bundle", str(bdir), "--threads", str(a.threads), "--json", str(edge_json),
                                 "--iters", "30"], capture_output=True, text=True)
             print("  " + "\n  ".join(r.stdout.strip().splitlines()[-12:]), flush=True)
@@ -166,8 +183,10 @@ def _run_stages(a, out: Path, bits, ebits, test, xe, ye, xa, ya, report: dict, t
                                    "edge_pass": edge["pass"]}
         report["models"][name] = m
 
-    _stage("report")
+    _stage.close()
+    print("\n=== report", flush=True)
     report["seconds"] = time.perf_counter() - t_start
+    report["stage_seconds"] = _stage.seconds
     md = _report_md(report, bits, ebits)
     atomic_write_json(out / "report.json", report)
     atomic_write_bytes(out / "report.md", md.encode())
@@ -184,6 +203,7 @@ def _report_md(rep: dict, bits, ebits) -> str:
              f"{rep['versions']['onnxruntime']}, git {rep['versions']['git_sha']}"
              f"{' with local changes' if rep['versions'].get('git_dirty') else ''}, code hash "
              f"{rep['versions'].get('code_hash')}.\n",
+             "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in rep.get("stage_seconds", {}).items()) + ".\n",
              "## Fake-quant (PyTorch), per bit-width\n", "| model | bits | clean % | patch ASR % |", "|---|---|---|---|"]
     for n, m in rep["models"].items():
         for b in bits:
