@@ -42,19 +42,34 @@ def _add_train(sub) -> None:
                    help="weight of the distillation term, in [0, 1] (default 0.5)")
     p.add_argument("--distill-temp", dest="distill_temp", type=arg_float(0, 100, lo_open=True),
                    help="distillation temperature (default 2)")
-    p.add_argument("--defense", help="none|qadtr|pbat|dwq")
-    p.add_argument("--no-aqapa", action="store_true", help="QADT-R ablation: random (not optimised) patches")
-    p.add_argument("--no-gir", action="store_true", help="QADT-R ablation: no gradient-inconsistency penalty")
-    p.add_argument("--lambda-gir", dest="lambda_gir", type=arg_float(0, 100), help="QADT-R: weight of the GIR penalty")
-    p.add_argument("--pool-size", dest="pool_size", type=arg_int(1, 1024), help="QADT-R: patches in the A-QAPA pool")
-    p.add_argument("--defense-arg", dest="defense_arg", action="append", metavar="KEY=VALUE",
-                   help="any defense option (repeatable), e.g. --defense-arg pool_per_bit=false --defense-arg adapt_temp=0.2")
+    p.add_argument("--defense", help="none | qadtr | pbat | dwq (default none); each defense's options below")
+    _add_defense_options(p)
     p.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when present)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training forward")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic kernels, so that a GPU run repeats (slower; CPU runs repeat anyway)")
     p.add_argument("--out", dest="out_dir", help="run directory: checkpoint, metrics, config (default runs/train)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing run directory")
     p.add_argument("--resume", action="store_true", default=None, help="continue an interrupted run from its last epoch")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
+
+
+def _add_defense_options(p) -> None:
+    """One flag per defense option (`qnn.defenses.option_table`), with the defenses that take it and their defaults."""
+    from qnn.defenses import option_table
+
+    g = p.add_argument_group("defense options (for the --defense chosen; also `defense_args:` in a YAML config)")
+    for name, (kind, help, defaults) in option_table().items():
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            g.add_argument(flag, dest=name, action="store_true", default=None, help=f"{help} ({', '.join(defaults)})")
+            continue
+        shown = ", ".join(f"{d} {v:g}" if isinstance(v, float) else f"{d} {v}" for d, v in defaults.items()
+                          if v is not None)
+        g.add_argument(flag, dest=name, type=str if kind is tuple else kind, metavar=name.upper(),
+                       help=f"{help} (default: {shown})" if shown else help)
+    g.add_argument("--defense-arg", dest="defense_arg", action="append", metavar="KEY=VALUE",
+                   help="a defense option as KEY=VALUE (repeatable), e.g. adapt_temp=0.2; same names as the flags")
 
 
 def cmd_train(a) -> int:
@@ -67,7 +82,9 @@ def cmd_train(a) -> int:
     if not isinstance(dargs, dict):
         raise QNNError(f"defense_args must be a mapping of option: value, got {dargs!r}")
     dargs = dict(dargs)
-    for k in ("no_aqapa", "no_gir", "lambda_gir", "pool_size"):
+    from qnn.defenses import option_table
+
+    for k in option_table():
         v = over.pop(k, None)
         if v is not None and v is not False:
             dargs[k] = v

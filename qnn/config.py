@@ -87,6 +87,7 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     compile: bool = False               # torch.compile the training forward (fuses fake-quant elementwise work)
+    deterministic: bool = False         # deterministic kernels (a GPU run repeats; slower)
 
     def __post_init__(self) -> None:
         check_field_types(self)

@@ -204,6 +204,8 @@ def train(cfg: TrainConfig) -> dict:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        set_deterministic()
     rank, world = _dist_info()
     device = _device(cfg)
     inputs = (cfg.init, cfg.distill if cfg.distill != "init" else None, cfg.data_dir)
@@ -240,6 +242,15 @@ def train(cfg: TrainConfig) -> dict:
 
         dist.barrier()
     return result
+
+
+def set_deterministic() -> None:
+    """Deterministic kernels everywhere (an op without one raises instead of running nondeterministically): a GPU run
+    then repeats to the last digit, as CPU runs do anyway. cuBLAS needs its workspace setting before CUDA starts."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def all_ranks_ok(ok: bool, world: int) -> bool:

@@ -202,10 +202,12 @@ def _model_loss(model: nn.Module, xp: torch.Tensor, y: torch.Tensor, cfg: PatchC
 
 
 def optimize_universal_patch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PatchConfig,
-                             progress: bool = False, device: str = "cpu") -> tuple[torch.Tensor, dict]:
+                             progress: bool = False, device: str = "cpu",
+                             snapshots: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict]:
     """Optimise one universal patch (best of `restarts`) on the attack set (x, y).
 
-    Returns (patch (3,h,w) in [0,1], info with per-restart ASR and images x EOT samples per second).
+    Returns (patch (3,h,w) in [0,1], info with per-restart ASR and images x EOT samples per second; with
+    `snapshots`, info["snapshots"][i] holds the restarts' patches (R,3,h,w) after i iterations, for ASR curves).
     The model is used in eval mode at its current bit-width unless cfg.eot_bits / ensemble_bits say otherwise.
     """
     import time
@@ -228,9 +230,11 @@ def optimize_universal_patch(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.iterations, desc=f"patch {ph}x{pw}", leave=False, dynamic_ncols=True)
-    t0, n_evals = time.perf_counter(), 0
+    t0, n_evals, snaps = time.perf_counter(), 0, {}
     try:
         for it in range(cfg.iterations):
+            if it in snapshots:
+                snaps[it] = patches.detach().cpu().clone()
             idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
             xb = x[idx].to(device).repeat(cfg.eot_samples, 1, 1, 1)
             yb = y[idx].to(device).repeat(cfg.eot_samples)
@@ -248,6 +252,8 @@ def optimize_universal_patch(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             n_evals += len(xb) * (len(cfg.ensemble_bits) if cfg.ensemble_bits else 1)
             if bar is not None:
                 bar.update(1)
+        if cfg.iterations in snapshots:
+            snaps[cfg.iterations] = patches.detach().cpu().clone()
     finally:
         if bar is not None:
             bar.close()
@@ -262,7 +268,8 @@ def optimize_universal_patch(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         asrs.append(m["asr_pct"])
         if m["asr_pct"] > best_asr:
             best, best_asr = r, m["asr_pct"]
-    info = {"restart_asr_pct": asrs, "seconds": secs, "images_x_eot_per_s": n_evals / max(secs, 1e-9)}
+    info = {"restart_asr_pct": asrs, "seconds": secs, "images_x_eot_per_s": n_evals / max(secs, 1e-9),
+            "snapshots": snaps}
     return patches[best].detach().cpu(), info
 
 

@@ -1,4 +1,8 @@
-"""Defense registry: how a training step computes its loss (plain QAT, QADT-R, PBAT, DWQ)."""
+"""Defense registry: how a training step computes its loss (plain QAT, QADT-R, PBAT, DWQ).
+
+Each defense is a `Defense` subclass registered by name, with its settings in an `Options` dataclass
+(`qnn.defenses.options`): `make_defense(name, args, cfg, model)` validates the settings, then builds it.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qnn.defenses.options import NoOptions
 from qnn.errors import QNNError
+from qnn.layers import ensure_calibrated_
 
 _DEFENSES: dict[str, type] = {}
 
@@ -20,9 +26,12 @@ def register_defense(name: str):
     return deco
 
 
-def list_defenses() -> list[str]:
-    from qnn.defenses import methods  # noqa: F401  (registers qadtr/pbat/dwq)
+def _load_all() -> None:
+    from qnn.defenses import qadtr, baselines  # noqa: F401, I001  (they register qadtr, then pbat and dwq)
 
+
+def list_defenses() -> list[str]:
+    _load_all()
     return sorted(_DEFENSES)
 
 
@@ -30,11 +39,10 @@ class Defense:
     """Base: plain QAT (cross-entropy at the step's bit-width)."""
 
     name = "none"
-    #: the defense options this defense reads (anything else given is refused: a typo must not pass silently)
-    options: tuple[str, ...] = ()
+    Options = NoOptions
 
-    def __init__(self, args: dict, cfg, model: nn.Module):
-        self.args, self.cfg = dict(args), cfg
+    def __init__(self, opts, cfg, model: nn.Module):
+        self.opts, self.cfg = opts, cfg
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, bits: int, step: int):
         logits = model(x)
@@ -59,12 +67,50 @@ class Defense:
 register_defense("none")(Defense)
 
 
-def make_defense(name: str, args: dict, cfg, model: nn.Module) -> Defense:
+def make_defense(name: str, args: dict | None, cfg, model: nn.Module) -> Defense:
     if name not in list_defenses():
         raise QNNError(f"unknown defense '{name}'; choose from {', '.join(list_defenses())}")
     cls = _DEFENSES[name]
-    unknown = sorted(set(args or {}) - set(cls.options))
-    if unknown:
-        raise QNNError(f"unknown option(s) for defense '{name}': {', '.join(unknown)}; "
-                       f"known: {', '.join(cls.options) or 'none'}")
-    return cls(args, cfg, model)
+    return cls(cls.Options.from_args(args, name), cfg, model)
+
+
+def option_table() -> dict[str, tuple[type, str, dict[str, object]]]:
+    """Every defense option by name: (type, help, {defense: default}); options of the same name mean the same
+    thing in every defense that has them."""
+    _load_all()
+    table: dict[str, tuple[type, str, dict]] = {}
+    for name in _DEFENSES:  # registration order: QADT-R's options first
+        for opt, (kind, help, default) in _DEFENSES[name].Options.describe().items():
+            table.setdefault(opt, (kind, help, {}))[2][name] = default
+    return table
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself when wrapped for data parallelism (DDP's .module), else the model."""
+    return model.module if hasattr(model, "module") else model
+
+
+def patched_count(n: int, frac: float) -> int:
+    """How many images of an n-image batch carry a patch (they come first)."""
+    return int(round(n * frac))
+
+
+class FrozenEval:
+    """Context: the (unwrapped) model in eval mode with parameters frozen, for crafting training-time attacks."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor):
+        self.m = unwrap(model)
+        ensure_calibrated_(self.m, x)
+
+    def __enter__(self) -> nn.Module:
+        self.was = self.m.training
+        self.req = [q.requires_grad for q in self.m.parameters()]
+        self.m.eval()
+        for q in self.m.parameters():
+            q.requires_grad_(False)
+        return self.m
+
+    def __exit__(self, *exc) -> None:
+        for q, r in zip(self.m.parameters(), self.req):
+            q.requires_grad_(r)
+        self.m.train(self.was)

@@ -250,3 +250,17 @@ def test_code_hash_names_the_sources_and_runs_record_it(tmp_path):
     v = versions()
     assert v["code_hash"] == code_hash(Path(__file__).resolve().parents[2]) and len(v["code_hash"]) == 12
     assert "git_dirty" in v
+
+
+def test_deterministic_switch_turns_on_deterministic_kernels_and_is_recorded(tmp_path):
+    import json
+
+    import torch
+
+    try:
+        train(TrainConfig(model="small_cnn", bits=[4], epochs=1, n_synthetic=128, batch_size=64, progress=False,
+                          out_dir=str(tmp_path / "d"), deterministic=True))
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+        assert json.loads((tmp_path / "d" / "metrics.json").read_text())["config"]["deterministic"] is True
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -1,0 +1,121 @@
+"""ASR against attack iterations, for every attack of the evaluation ensemble (`qnn.attacks.ensemble`), on each given
+model: shows whether the evaluation's iteration count is past saturation, and whether a defense reads better under
+one optimiser than under another (gradient masking).
+
+    python bench/attack_curve.py --checkpoint qat=runs/a/model.pt --checkpoint qadtr=runs/b/model.pt --bits 4 \
+        --dataset cifar10 --data-dir ../shared/data/cifar10 [--iterations 1000] [--patch-size 10]
+
+Patches are crafted on the last --n-craft training images and scored on the last --n-score test images (disjoint).
+At each point the restart with the highest ASR on the crafting images is scored. Writes {--out}.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qnn.bench.common import environment, markdown_table  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", action="append", required=True, metavar="NAME=PATH",
+                    help="a model to attack, as NAME=PATH (repeatable)")
+    ap.add_argument("--bits", type=int, default=4, help="bit-width attacked (default 4)")
+    ap.add_argument("--dataset", default="cifar10", help="cifar10 | synthetic (default cifar10)")
+    ap.add_argument("--data-dir", default="../shared/data/cifar10", help="dataset folder")
+    ap.add_argument("--iterations", type=int, default=1000, help="attack iterations (default 1000)")
+    ap.add_argument("--points", default="10,25,50,100,200,400,700,1000",
+                    help="iterations at which ASR is measured (default 10,25,...,1000; capped at --iterations)")
+    ap.add_argument("--patch-size", type=int, default=10, help="square patch side in pixels (default 10)")
+    ap.add_argument("--n-craft", type=int, default=2000, help="training images the patches are crafted on (default 2000)")
+    ap.add_argument("--n-score", type=int, default=2000, help="test images the patches are scored on (default 2000)")
+    ap.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    ap.add_argument("--out", default="results/attack_curve", help="output path without extension")
+    a = ap.parse_args(argv)
+    import torch
+
+    from qnn.attacks.ensemble import ENSEMBLE, attack_config
+    from qnn.attacks.patch import PatchConfig, evaluate_patch, optimize_universal_patch
+    from qnn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, trained_bits
+    from qnn.data import load_dataset
+    from qnn.errors import QNNError
+    from qnn.layers import set_bit_width_
+
+    torch.set_num_threads(a.threads)
+    try:
+        models = {}
+        for spec in a.checkpoint:
+            name, eq, path = spec.partition("=")
+            if not eq or not name:
+                raise QNNError(f"--checkpoint expects NAME=PATH, got {spec!r}")
+            models[name] = load_checkpoint(path)
+        train = load_dataset(a.dataset, "train", a.data_dir, seed=a.seed)
+        test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed)
+        if a.n_craft > len(train) or a.n_score > len(test):
+            raise QNNError(f"--n-craft / --n-score exceed the {len(train)} / {len(test)} images")
+    except QNNError as e:
+        print(f"attack_curve: error: {e}", file=sys.stderr)
+        return 2
+    craft = train.subset(a.n_craft, start=len(train) - a.n_craft).tensors()
+    score = test.subset(a.n_score, start=len(test) - a.n_score).tensors()
+    points = sorted({min(int(p), a.iterations) for p in a.points.split(",")})
+    curves = {}
+    for name, (model, obj) in models.items():
+        trained = trained_bits(obj)
+        base = PatchConfig(patch_shape=(a.patch_size, a.patch_size), seed=a.seed, image_size=tuple(score[0].shape[-2:]),
+                           num_classes=model.num_classes)
+        curves[name] = {}
+        for att in ENSEMBLE:
+            cfg = attack_config(base, att, a.iterations, trained)
+            if att.eot_bits and cfg.eot_bits is None:
+                continue
+            set_bit_width_(model, a.bits)
+            _, info = optimize_universal_patch(model, *craft, cfg, snapshots=tuple(points))
+            set_bit_width_(model, a.bits)
+            asr = []
+            for p in points:
+                cands = info["snapshots"][p]
+                best = max(range(len(cands)), key=lambda r: evaluate_patch(model, craft[0][:512], craft[1][:512], cands[r], cfg)["asr_pct"]) \
+                    if len(cands) > 1 else 0
+                asr.append(evaluate_patch(model, *score, cands[best], cfg)["asr_pct"])
+            curves[name][att.name] = asr
+            print(f"{name} {att.name}: " + " ".join(f"{p}:{v:.1f}" for p, v in zip(points, asr)), flush=True)
+    command = "python bench/attack_curve.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    rows = [[n, att] + c for n, per in curves.items() for att, c in per.items()]
+    md = (f"ASR % of a {a.patch_size}x{a.patch_size} universal patch at {a.bits} bits against attack iterations, per "
+          f"attack of the evaluation ensemble (crafted on {a.n_craft} training images, scored on {a.n_score} other "
+          f"test images). Command: `{command.strip()}`\n\n" + markdown_table(["model", "attack"] + [str(p) for p in points], rows))
+    print(md)
+    atomic_write_json(a.out + ".json", {"command": command.strip(), "bits": a.bits, "points": points, "curves": curves,
+                                       "config": vars(a), "environment": environment(a.threads)})
+    atomic_write_bytes(a.out + ".md", md.encode())
+    _plot(curves, points, a.out + ".png")
+    return 0
+
+
+def _plot(curves: dict, points: list[int], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+    for ax, (name, per) in zip(axes[0], curves.items()):
+        for att, c in per.items():
+            ax.plot(points, c, marker="o", label=att)
+        ax.set_xscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("attack iterations")
+        ax.set_ylabel("ASR %")
+        ax.legend(fontsize=6)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

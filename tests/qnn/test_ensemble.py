@@ -1,0 +1,74 @@
+"""The evaluation attack ensemble: every attack's ASR beside the maximum, EOT only where there is a set to draw from."""
+
+import pytest
+
+
+def _data(n=64):
+    from qnn.data import load_dataset
+
+    return load_dataset("synthetic", "test", n_synthetic=2000).subset(n).tensors()
+
+
+def test_ensemble_reports_each_attack_and_the_worst_case(trained_ckpt):
+    from qnn.attacks.ensemble import ENSEMBLE, ensemble_asr
+    from qnn.attacks.patch import PatchConfig
+    from qnn.checkpoint import load_checkpoint, trained_bits
+
+    m, obj = load_checkpoint(trained_ckpt)
+    x, y = _data()
+    r = ensemble_asr(m, 4, (x[:32], y[:32]), (x[32:], y[32:]), PatchConfig(patch_shape=(8, 8), batch_size=16), 3,
+                     trained_bits(obj))
+    assert set(r["per_attack"]) == {a.name for a in ENSEMBLE}
+    assert r["asr_pct"] == max(r["per_attack"].values()) and r["per_attack"][r["worst"]] == r["asr_pct"]
+    one = ensemble_asr(m, 4, (x[:32], y[:32]), (x[32:], y[32:]), PatchConfig(patch_shape=(8, 8), batch_size=16), 2,
+                       [4])
+    assert not any("EOT" in k for k in one["per_attack"])  # a one-bit-width model: EOT is the plain attack
+
+
+def test_attack_config_keeps_the_patch_and_sets_the_optimiser():
+    from qnn.attacks.ensemble import Attack, attack_config
+    from qnn.attacks.patch import PatchConfig
+
+    base = PatchConfig(patch_shape=(10, 10), shape="circle", seed=3)
+    c = attack_config(base, Attack("x", optimizer="adam", step=0.01, restarts=2, eot_bits=True), 77, [8, 2, 4])
+    assert (c.patch_shape, c.shape, c.seed) == ((10, 10), "circle", 3)
+    assert (c.optimizer, c.step, c.restarts, c.iterations, c.eot_bits) == ("adam", 0.01, 2, 77, [2, 4, 8])
+
+
+def test_snapshots_record_the_patch_along_the_optimisation(trained_ckpt):
+    import torch
+
+    from qnn.attacks.patch import PatchConfig, optimize_universal_patch
+    from qnn.checkpoint import load_checkpoint
+    from qnn.layers import set_bit_width_
+
+    m, _ = load_checkpoint(trained_ckpt)
+    set_bit_width_(m, 4)
+    x, y = _data(32)
+    patch, info = optimize_universal_patch(m, x, y, PatchConfig(patch_shape=(8, 8), iterations=4, batch_size=8,
+                                                                restarts=2), snapshots=(0, 2, 4))
+    snaps = info["snapshots"]
+    assert sorted(snaps) == [0, 2, 4] and snaps[0].shape == (2, 3, 8, 8)
+    assert not torch.equal(snaps[0], snaps[4]) and any(torch.equal(patch, s) for s in snaps[4])
+
+
+@pytest.mark.parametrize("bad", [["--checkpoint", "nonsense"], ["--checkpoint", "a=/no/such/file.pt"]])
+def test_attack_curve_refuses_bad_input_in_one_line(bad, capsys):
+    from qnn.bench.attack_curve import main
+
+    assert main(bad + ["--dataset", "synthetic"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("attack_curve: error:") and "\n" not in err
+
+
+def test_attack_curve_writes_a_curve_per_attack(trained_ckpt, tmp_path):
+    import json
+
+    from qnn.bench.attack_curve import main
+
+    out = tmp_path / "curve"
+    assert main(["--checkpoint", f"sw={trained_ckpt}", "--dataset", "synthetic", "--iterations", "2", "--points", "1,2",
+                 "--n-craft", "32", "--n-score", "32", "--patch-size", "8", "--out", str(out)]) == 0
+    r = json.loads(out.with_suffix(".json").read_text())
+    assert r["points"] == [1, 2] and len(r["curves"]["sw"]) == 6
+    assert all(len(c) == 2 and all(0 <= v <= 100 for v in c) for c in r["curves"]["sw"].values())
