@@ -125,15 +125,15 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([b, name, p["top1_agreement_pct"], p["logits_bit_identical_pct"], p["max_logit_diff_lsb"],
                          p["asr_fake_quant_pct"], p["asr_integer_pct"], p["asr_abs_diff"], p["float_form_agreement_pct"]])
         print(f"{b} bits done ({r['seconds']:.0f}s)", flush=True)
-    md = (f"Fake-quant vs ONNX Runtime integer, {a.checkpoint}, {len(y)} test images. Command: "
-          f"`python bench/parity.py --checkpoint {a.checkpoint} --bits {a.bits} --n {a.n}`\n\n"
+    command = ("python bench/parity.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    md = (f"Fake-quant vs ONNX Runtime integer, {a.checkpoint}, {len(y)} test images. Command: `{command}`\n\n"
           "For `clean` rows the two value columns are accuracy %, for patch rows ASR % (fake-quant, integer).\n\n"
           + markdown_table(["bits", "input", "top-1 agreement %", "logits bit-identical %", "max |logit diff| (LSB)",
                             "fake-quant", "integer", "|ASR diff| pts", "float-form agreement %"], rows))
     interp = {k: v.get("interpreter_bit_exact_pct") for k, v in results.items()}
     md += f"\nNumpy integer interpreter vs ONNX Runtime, logits bit-identical on {a.interp_n} images: {interp}\n"
     print(md)
-    atomic_write_json(a.out + ".json", {"checkpoint": a.checkpoint, "n": len(y), "results": results,
+    atomic_write_json(a.out + ".json", {"command": command, "checkpoint": a.checkpoint, "n": len(y), "results": results,
                                         "environment": environment(a.threads)})
     atomic_write_bytes(a.out + ".md", md.encode())
     return 0

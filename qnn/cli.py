@@ -32,6 +32,8 @@ def _add_train(sub) -> None:
     p.add_argument("--train-subset", dest="train_subset", type=arg_int(1), help="train on the first N images only")
     p.add_argument("--test-subset", dest="test_subset", type=arg_int(1), help="evaluate on the first N test images only")
     p.add_argument("--eval-bits", dest="eval_bits", help="bit-widths evaluated after each epoch (default: --bits)")
+    p.add_argument("--eval-every", dest="eval_every", type=arg_int(1),
+                   help="evaluate on the test set every N epochs and after the last (default 1)")
     p.add_argument("--first-last-bits", dest="first_last_bits", type=arg_int(2, 32),
                    help="weight bits of the first conv and the classifier (default 8; 32 = float)")
     p.add_argument("--residual-bits", dest="residual_bits", type=arg_int(2, 8),

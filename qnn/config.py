@@ -79,6 +79,7 @@ class TrainConfig:
     first_last_bits: int | None = 8
     residual_bits: int | None = None    # ResNets: keep the residual stream at >= this many bits (None: a_bits)
     eval_bits: list[int] | None = None
+    eval_every: int = 1                 # test-set evaluation every N epochs (and after the last)
     distill: str | None = None         # teacher for quantized steps: a float checkpoint, or "init" (= --init)
     distill_alpha: float = 0.5          # loss = (1-alpha) CE + alpha T^2 KL(teacher || student)
     distill_temp: float = 2.0
@@ -99,6 +100,7 @@ class TrainConfig:
         if self.schedule == "fixed" and len(self.bits) != 1:
             self.schedule = "random"  # a set of bit-widths means DBWT; 'fixed' is for one bit-width
         check_int("epochs", self.epochs, 1)
+        check_int("eval_every", self.eval_every, 1)
         check_int("batch_size", self.batch_size, 1)
         check_int("seed", self.seed, 0, MAX_SEED)
         check_float("lr", self.lr, 0.0, 100.0, lo_open=True)

@@ -5,6 +5,8 @@ and an embedded synthetic 10-class set generated from a seed. Batches are float 
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import io
 import pickle
@@ -249,7 +251,14 @@ SYNTH_CLASSES = tuple(f"class{i}" for i in range(10))
 def synthetic_dataset(n: int, seed: int = 0, size: int = 32) -> ArrayDataset:
     """Deterministic 10-class RGB set: each class is an oriented grating of its own frequency and colour pair
     mixed with a class-shaped blob; random phase, position, contrast, colour jitter, clutter from the other
-    classes' patterns and pixel noise make it non-trivial (a small CNN does not reach 100% in one epoch)."""
+    classes' patterns and pixel noise make it non-trivial (a small CNN does not reach 100% in one epoch).
+    Generated once per process for each (n, seed, size) (it takes seconds); each call gets its own copy."""
+    x, y = _synthetic_arrays(n, seed, size)
+    return ArrayDataset(x.copy(), y.copy(), SYNTH_CLASSES)
+
+
+@functools.lru_cache(maxsize=4)
+def _synthetic_arrays(n: int, seed: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     base_rng = np.random.default_rng(12345)  # class definitions fixed, independent of the sample seed
@@ -266,7 +275,7 @@ def synthetic_dataset(n: int, seed: int = 0, size: int = 32) -> ArrayDataset:
         img += rng.normal(0, 0.12, img.shape)
         img = (img - img.min()) / (img.max() - img.min() + 1e-6)
         x[i] = (img * 255).astype(np.uint8)
-    return ArrayDataset(x, y.astype(np.int64), SYNTH_CLASSES)
+    return x, y.astype(np.int64)
 
 
 def _pattern(c, xx, yy, angles, freqs, cols, rng) -> np.ndarray:

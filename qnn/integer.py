@@ -50,18 +50,30 @@ class Grid:
             hi = min(hi, float(torch.round(torch.tensor(clamp_hi, dtype=torch.float32) / s)))
         return Grid(s, int(zp), int(lo), int(hi), b)
 
-    def saturate(self, v: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(v, float(self.lo), float(self.hi))
+    def round(self, v: torch.Tensor) -> torch.Tensor:
+        """rint(v) (half to even) saturated to the grid; with autograd, one node whose gradient passes straight
+        through where the rounded value is inside the grid and is zero where it saturated."""
+        if v.requires_grad:
+            return _RoundSaturate.apply(v, float(self.lo), float(self.hi))
+        return torch.clamp(torch.round(v), float(self.lo), float(self.hi))
 
 
-def _round(v: torch.Tensor) -> torch.Tensor:
-    """Round half to even; with autograd, a straight-through gradient (the values stay the integers)."""
-    return v + (torch.round(v) - v).detach() if v.requires_grad else torch.round(v)
+class _RoundSaturate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+        r = torch.round(v)
+        ctx.save_for_backward((r >= lo) & (r <= hi))
+        return torch.clamp(r, lo, hi)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        inside, = ctx.saved_tensors
+        return g * inside, None, None
 
 
 def _requant(acc: torch.Tensor, mult: torch.Tensor, out: Grid) -> torch.Tensor:
     m = mult.reshape(1, -1, *([1] * (acc.dim() - 2))) if mult.numel() > 1 else mult
-    return out.saturate(_round(acc.float() * m))
+    return out.round(acc.float() * m)
 
 
 def _fold(layer: nn.Module, bn: nn.Module | None, q_w: SwitchableIntQuant, in_grid: Grid):
@@ -103,9 +115,10 @@ class Op:
 class QuantizeInput(Op):
     def __init__(self, out: Grid):
         self.inputs, self.out = (), out
+        self.uint8 = Grid(out.scale, 0, -out.zp, 255 - out.zp, 8)  # the whole uint8 range, centred on the zero point
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:  # QuantizeLinear: saturate(rint(x / s) + zp) on uint8
-        return torch.clamp(_round(x.float() / self.out.scale) + self.out.zp, 0.0, 255.0) - self.out.zp
+    def run(self, x: torch.Tensor) -> torch.Tensor:  # QuantizeLinear: saturate(rint(x / s) + zp) on uint8, centred
+        return self.uint8.round(x.float() / self.out.scale)
 
     def emit(self, b, x):
         return b.quantize(x, self.out)
@@ -168,7 +181,7 @@ class QAdd(Op):
         self.ra, self.rb = (ga.scale / out.scale).float(), (gb.scale / out.scale).float()
 
     def run(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.out.saturate(_round(a * self.ra + b * self.rb))
+        return self.out.round(a * self.ra + b * self.rb)
 
     def emit(self, b, x, y):
         return b.quantize(b.node("Add", [b.dequant(x), b.dequant(y)], "add"), self.out)

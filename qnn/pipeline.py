@@ -36,6 +36,7 @@ def add_parser(sub) -> None:
     p.add_argument("--train-subset", type=arg_int(1), help="train on the first N images only")
     p.add_argument("--patch-size", type=arg_int(1), default=8, help="side of the square patch in pixels (default 8)")
     p.add_argument("--patch-iters", type=arg_int(1), default=100, help="patch optimisation steps (default 100)")
+    p.add_argument("--patch-batch", type=arg_int(1), default=64, help="images per patch optimisation step (default 64)")
     p.add_argument("--n-attack", type=arg_int(1), default=500, help="training images the patch is crafted on (default 500)")
     p.add_argument("--n-eval", type=arg_int(1), default=500, help="test images scored (default 500)")
     p.add_argument("--threads", type=arg_int(1, 1024), default=2, help="CPU threads (default 2)")
@@ -101,7 +102,7 @@ def cmd_pipeline(a) -> int:
             raise QNNError(f"--n-attack {a.n_attack} must be smaller than the {len(train_ds)} training images")
         xe, ye = test.subset(a.n_eval).tensors()
         xa, ya = train_ds.subset(a.n_attack, start=len(train_ds) - a.n_attack).tensors()
-        PatchConfig(patch_shape=(a.patch_size, a.patch_size), iterations=a.patch_iters, seed=a.seed,
+        PatchConfig(patch_shape=(a.patch_size, a.patch_size), iterations=a.patch_iters, batch_size=a.patch_batch, seed=a.seed,
                     image_size=tuple(xe.shape[-2:]))
         report = {"config": config, "versions": versions(), "models": {}}
         out = stage.prepare()
@@ -118,7 +119,7 @@ def _train_config(a, name: str, bits, rdir: Path):
 
     return TrainConfig(model=a.model, dataset=a.dataset, data_dir=a.data_dir, init=a.init, bits=bits,
                        epochs=a.epochs, n_synthetic=a.n_synthetic, train_subset=a.train_subset,
-                       test_subset=a.n_eval, seed=a.seed, out_dir=str(rdir), resume=True,
+                       test_subset=a.n_eval, eval_every=a.epochs, seed=a.seed, out_dir=str(rdir), resume=True,
                        defense=dict(STAGES)[name], threads=a.threads, progress=sys.stderr.isatty())
 
 
@@ -133,7 +134,7 @@ def _run_stages(a, out: Path, bits, ebits, test, xe, ye, xa, ya, report: dict, t
     from qnn.export.onnx_export import export_model
     from qnn.export.verify import verify
     from qnn.layers import set_bit_width_
-    from qnn.train import evaluate, train
+    from qnn.train import train
 
     _stage = _Stages()
     for name, defense in STAGES:
@@ -144,14 +145,14 @@ def _run_stages(a, out: Path, bits, ebits, test, xe, ye, xa, ya, report: dict, t
         model, obj = load_checkpoint(rdir / "model.pt", user_model=a.model)
         check_data_fits(model, test, "test set")
         hist = json.loads((rdir / "metrics.json").read_text())["history"]
-        acc = evaluate(model, test.subset(a.n_eval), bits)
+        acc = {int(k): v for k, v in hist[-1]["test_acc"].items()}  # the last epoch's, on the same --n-eval images
         m = {"clean_acc_pct": {str(k): v for k, v in acc.items()},
              "epoch_seconds": sum(h["epoch_seconds"] for h in hist) / len(hist), "deploy": {}}
         _stage(f"attack {name}", f"attack {name}: {a.patch_size}x{a.patch_size} universal patch crafted at each bit-width")
         m["asr_pct"] = {}
         patches = {}
         for b in bits:
-            cfg = PatchConfig(patch_shape=(a.patch_size, a.patch_size), iterations=a.patch_iters, seed=a.seed,
+            cfg = PatchConfig(patch_shape=(a.patch_size, a.patch_size), iterations=a.patch_iters, batch_size=a.patch_batch, seed=a.seed,
                               image_size=tuple(xe.shape[-2:]), num_classes=model.num_classes)
             set_bit_width_(model, b)
             patch, _ = optimize_universal_patch(model, xa, ya, cfg, progress=sys.stderr.isatty())
@@ -198,7 +199,7 @@ def _run_stages(a, out: Path, bits, ebits, test, xe, ye, xa, ya, report: dict, t
 def _report_md(rep: dict, bits, ebits) -> str:
     c = rep["config"]
     lines = ["# qnn pipeline report\n", f"{c['model']} on {c['dataset']}, training bit-widths {bits}, {c['epochs']} epochs, "
-             f"{c['patch_size']}x{c['patch_size']} universal patch ({c['patch_iters']} iterations), eval on {c['n_eval']} "
+             f"{c['patch_size']}x{c['patch_size']} universal patch ({c['patch_iters']} iterations of {c.get('patch_batch', 128)} images), eval on {c['n_eval']} "
              f"images; total {rep['seconds'] / 60:.1f} min. Versions: torch {rep['versions']['torch']}, onnxruntime "
              f"{rep['versions']['onnxruntime']}, git {rep['versions']['git_sha']}"
              f"{' with local changes' if rep['versions'].get('git_dirty') else ''}, code hash "

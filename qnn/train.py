@@ -186,7 +186,7 @@ def _device(cfg: TrainConfig) -> str:
     return cfg.device
 
 
-RESUME_IGNORED = ("out_dir", "resume", "overwrite", "progress", "threads", "device", "compile")
+RESUME_IGNORED = ("out_dir", "resume", "overwrite", "progress", "threads", "device", "compile", "eval_every")
 
 
 def check_resume_config(saved: dict, now: dict, where: Path, ignored: tuple = RESUME_IGNORED) -> None:
@@ -343,7 +343,8 @@ def _train_in(cfg: TrainConfig, stage: StagedDir, model: nn.Module, defense, tea
             bar.close()
         sec = time.perf_counter() - t0
         eval_bits = cfg.eval_bits or cfg.bits
-        acc = evaluate(model, test_ds, eval_bits, device=device) if rank == 0 else {}
+        due = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+        acc = evaluate(model, test_ds, eval_bits, device=device) if rank == 0 and due else {}
         rec = {"epoch": epoch + 1, "train_loss": loss_sum / max(n_seen, 1), "train_acc": 100 * correct / max(n_seen, 1),
                "test_acc": {str(k): v for k, v in acc.items()}, "epoch_seconds": sec}
         history.append(rec)
