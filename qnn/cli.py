@@ -61,14 +61,15 @@ def _add_defense_options(p) -> None:
     from qnn.defenses import option_table
 
     g = p.add_argument_group("defense options (for the --defense chosen; also `defense_args:` in a YAML config)")
-    for name, (kind, help, defaults) in option_table().items():
+    for name, (kind, help, defaults, (lo, hi, lo_open)) in option_table().items():
         flag = "--" + name.replace("_", "-")
         if kind is bool:
             g.add_argument(flag, dest=name, action="store_true", default=None, help=f"{help} ({', '.join(defaults)})")
             continue
         shown = ", ".join(f"{d} {v:g}" if isinstance(v, float) else f"{d} {v}" for d, v in defaults.items()
                           if v is not None)
-        g.add_argument(flag, dest=name, type=str if kind is tuple else kind, metavar=name.upper(),
+        typ = {int: arg_int(lo, hi), float: arg_float(lo, hi, lo_open)}.get(kind, str)  # a list of ints: a string
+        g.add_argument(flag, dest=name, type=typ, metavar=name.upper(),
                        help=f"{help} (default: {shown})" if shown else help)
     g.add_argument("--defense-arg", dest="defense_arg", action="append", metavar="KEY=VALUE",
                    help="a defense option as KEY=VALUE (repeatable), e.g. adapt_temp=0.2; same names as the flags")
@@ -223,3 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qnn: interrupted (outputs so far are kept; rerun with --resume where supported)", file=sys.stderr)
         return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

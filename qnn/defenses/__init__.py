@@ -74,14 +74,14 @@ def make_defense(name: str, args: dict | None, cfg, model: nn.Module) -> Defense
     return cls(cls.Options.from_args(args, name), cfg, model)
 
 
-def option_table() -> dict[str, tuple[type, str, dict[str, object]]]:
-    """Every defense option by name: (type, help, {defense: default}); options of the same name mean the same
-    thing in every defense that has them."""
+def option_table() -> dict[str, tuple[type, str, dict[str, object], tuple]]:
+    """Every defense option by name: (type, help, {defense: default}, (lo, hi, lo_open)); options of the same name
+    mean the same thing, with the same range, in every defense that has them."""
     _load_all()
-    table: dict[str, tuple[type, str, dict]] = {}
+    table: dict[str, tuple[type, str, dict, tuple]] = {}
     for name in _DEFENSES:  # registration order: QADT-R's options first
-        for opt, (kind, help, default) in _DEFENSES[name].Options.describe().items():
-            table.setdefault(opt, (kind, help, {}))[2][name] = default
+        for opt, (kind, help, default, rng) in _DEFENSES[name].Options.describe().items():
+            table.setdefault(opt, (kind, help, {}, rng))[2][name] = default
     return table
 
 

@@ -74,10 +74,12 @@ class DefenseOptions:
         return opts
 
     @classmethod
-    def describe(cls) -> dict[str, tuple[type, str, object]]:
-        """{name: (type, help, default)} for the command line."""
+    def describe(cls) -> dict[str, tuple[type, str, object, tuple]]:
+        """{name: (type, help, default, (lo, hi, lo_open))} for the command line."""
         kinds = cls.kinds()
-        return {f.name: (kinds[f.name], f.metadata["help"], f.default) for f in dataclasses.fields(cls)}
+        return {f.name: (kinds[f.name], f.metadata["help"], f.default,
+                         (f.metadata.get("lo"), f.metadata.get("hi"), f.metadata.get("lo_open", False)))
+                for f in dataclasses.fields(cls)}
 
 
 @dataclasses.dataclass(frozen=True)
