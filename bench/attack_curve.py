@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qnn.bench.common import environment, markdown_table  # noqa: E402
+from qnn.bench.common import command_line, markdown_table, pyplot, write_results  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from qnn.attacks.ensemble import ENSEMBLE, attack_config
     from qnn.attacks.patch import PatchConfig, evaluate_patch, optimize_universal_patch
-    from qnn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, trained_bits
+    from qnn.checkpoint import load_checkpoint, trained_bits
     from qnn.data import load_dataset
     from qnn.errors import QNNError
     from qnn.layers import set_bit_width_
@@ -85,25 +85,19 @@ def main(argv: list[str] | None = None) -> int:
                 asr.append(evaluate_patch(model, *score, cands[best], cfg)["asr_pct"])
             curves[name][att.name] = asr
             print(f"{name} {att.name}: " + " ".join(f"{p}:{v:.1f}" for p, v in zip(points, asr)), flush=True)
-    command = "python bench/attack_curve.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("bench/attack_curve.py", argv)
     rows = [[n, att] + c for n, per in curves.items() for att, c in per.items()]
     md = (f"ASR % of a {a.patch_size}x{a.patch_size} universal patch at {a.bits} bits against attack iterations, per "
           f"attack of the evaluation ensemble (crafted on {a.n_craft} training images, scored on {a.n_score} other "
-          f"test images). Command: `{command.strip()}`\n\n" + markdown_table(["model", "attack"] + [str(p) for p in points], rows))
-    print(md)
-    atomic_write_json(a.out + ".json", {"command": command.strip(), "bits": a.bits, "points": points, "curves": curves,
-                                       "config": vars(a), "environment": environment(a.threads)})
-    atomic_write_bytes(a.out + ".md", md.encode())
+          f"test images). Command: `{command}`\n\n" + markdown_table(["model", "attack"] + [str(p) for p in points], rows))
+    write_results(a.out, {"command": command, "bits": a.bits, "points": points, "curves": curves, "config": vars(a),
+                          "threads": a.threads}, md)
     _plot(curves, points, a.out + ".png")
     return 0
 
 
 def _plot(curves: dict, points: list[int], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
     for ax, (name, per) in zip(axes[0], curves.items()):
         for att, c in per.items():

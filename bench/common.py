@@ -40,3 +40,29 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that ran `script` with `argv` (None: this process' arguments), as a results file records it."""
+    import sys
+
+    return " ".join([f"python {script}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def write_results(out: str, payload: dict, md: str) -> None:
+    """Print the markdown and write {out}.json (payload + environment) and {out}.md, each atomically."""
+    from qnn.checkpoint import atomic_write_bytes, atomic_write_json
+
+    print(md)
+    atomic_write_json(out + ".json", {**payload, "environment": environment(payload.get("threads"))})
+    atomic_write_bytes(out + ".md", md.encode())
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qnn.bench.common import environment, markdown_table  # noqa: E402
+from qnn.bench.common import command_line, markdown_table, pyplot, write_results  # noqa: E402
 
 
 def _median_ms(fn, warmup: int, iters: int) -> float:
@@ -129,7 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from qnn.export.onnx_export import export_model
-    from qnn.checkpoint import atomic_write_bytes, atomic_write_json
     from qnn.layers import ensure_calibrated_, set_bit_width_
     from qnn.models import create_model
 
@@ -180,26 +179,20 @@ def main(argv: list[str] | None = None) -> int:
                                      f"{100 * r['share_of_int8_peak']:.1f}%"])
                         print(f"{name} W{b}A{b} batch {batch} threads {threads}: int {t_int:.2f} ms, ORT float {t_ort_f:.2f} ms "
                               f"({t_ort_f / t_int:.2f}x)", flush=True)
-    command = "python bench/latency.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    md = (f"Latency (ms, median), random-initialised weights. Command: `{command.strip()}`. ONNX Runtime "
+    command = command_line("bench/latency.py", argv)
+    md = (f"Latency (ms, median), random-initialised weights. Command: `{command}`. ONNX Runtime "
           "ENABLE_ALL; 2/4-bit models run on int8 kernels (ORT has no 2/4-bit kernels). Peak = measured 1024^3 "
           f"MatMulInteger: {', '.join(f'{t} thr {v / 1e9:.1f} GMAC/s' for t, v in peaks.items())}.\n\n"
           + markdown_table(["model", "bits", "batch", "threads", "ORT int", "ORT float", "int speed-up", "PyTorch float",
                             "PyTorch fake-quant", "int MAC/s of peak"], rows))
-    print(md)
-    atomic_write_json(a.out + ".json", {"command": command.strip(), "results": results, "int8_peak_mac_per_s": peaks, "weight_type": a.weight_type,
-                                       "environment": environment()})
-    atomic_write_bytes(a.out + ".md", md.encode())
+    write_results(a.out, {"command": command, "results": results, "int8_peak_mac_per_s": peaks,
+                          "weight_type": a.weight_type}, md)
     _plot(results, a.out + ".png")
     return 0
 
 
 def _plot(results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     sel = [r for r in results if r["threads"] == max(x["threads"] for x in results)]
     labels = [f"{r['model']}\nW{r['bits']} b{r['batch']}" for r in sel]
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(sel)), 3.5))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qnn.bench.common import environment, markdown_table  # noqa: E402
+from qnn.bench.common import command_line, markdown_table, pyplot, write_results  # noqa: E402
 from qnn.bench.latency import export_float_onnx  # noqa: E402
 
 
@@ -91,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
     import torch
 
-    from qnn.checkpoint import atomic_write_bytes, atomic_write_json
     from qnn.export.onnx_export import export_model, normalise
     from qnn.layers import ensure_calibrated_, set_bit_width_
     from qnn.models import create_model
@@ -128,26 +127,19 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{name} batch {batch} threads {threads}: ours {ms['ours int']:.2f} ms, ORT quant "
                           f"{ms['ORT quantize_static']:.2f} ms ({r['ours_vs_ort_quant']:.2f}x), ORT float "
                           f"{ms['ORT float']:.2f} ms", flush=True)
-    command = ("python bench/peer_latency.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    command = command_line("bench/peer_latency.py", argv)
     md = (f"Latency (ms, median of interleaved rounds): our `qnn export --format int --weight-type {a.weight_type}` at "
           f"{a.bits} bits against ONNX Runtime's quantize_static (QDQ, per-channel) and ORT float, all at ORT_ENABLE_ALL. "
           f"Speed-up > 1: ours is faster. Command: `{command}`\n\n"
           + markdown_table(["model", "batch", "threads", "ours int", "ORT quantize_static", "ORT float",
                             "ours vs ORT quant", "ours vs ORT float"], rows))
-    print(md)
-    atomic_write_json(a.out + ".json", {"command": command, "results": results, "config": vars(a),
-                                       "environment": environment()})
-    atomic_write_bytes(a.out + ".md", md.encode())
+    write_results(a.out, {"command": command, "results": results, "config": vars(a)}, md)
     _plot(results, a.out + ".png")
     return 0
 
 
 def _plot(results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(results)), 3.5))
     ax.bar(range(len(results)), [r["ours_vs_ort_quant"] for r in results])
     ax.axhline(1.0, color="k", lw=0.8)
