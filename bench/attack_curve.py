@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qnn.bench.common import command_line, markdown_table, pyplot, write_results  # noqa: E402
+from qnn.bench.common import command_line, markdown_table, pyplot, save_figure, write_results  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,8 +107,7 @@ def _plot(curves: dict, points: list[int], path: str) -> None:
         ax.set_xlabel("attack iterations")
         ax.set_ylabel("ASR %")
         ax.legend(fontsize=6)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

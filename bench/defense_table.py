@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qnn.bench.common import environment, markdown_table  # noqa: E402
+from qnn.bench.common import environment, markdown_table, save_figure  # noqa: E402
 
 BUDGETS = {
     "smoke": dict(model="small_cnn", dataset="synthetic", data_dir=None, init=None, epochs=1, n_synthetic=600,
@@ -368,8 +368,7 @@ def _plot(table: dict, path: str) -> None:
     ax.set_xticks(np.arange(len(bits)) + 0.4 - w / 2, [f"{k}b" for k in bits])
     ax.set_ylabel("unseen-patch ASR %")
     ax.legend(fontsize=7)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qnn.bench.common import command_line, markdown_table, pyplot, write_results  # noqa: E402
+from qnn.bench.common import command_line, markdown_table, pyplot, save_figure, write_results  # noqa: E402
 
 
 def _median_ms(fn, warmup: int, iters: int) -> float:
@@ -200,8 +200,7 @@ def _plot(results, path):
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(range(len(sel)), labels, fontsize=6)
     ax.set_ylabel("ORT int speed-up vs ORT float")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

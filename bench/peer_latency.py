@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qnn.bench.common import command_line, markdown_table, pyplot, write_results  # noqa: E402
+from qnn.bench.common import command_line, markdown_table, pyplot, save_figure, write_results  # noqa: E402
 from qnn.bench.latency import export_float_onnx  # noqa: E402
 
 
@@ -145,8 +145,7 @@ def _plot(results, path):
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(range(len(results)), [f"{r['model']}\nb{r['batch']} t{r['threads']}" for r in results], fontsize=6)
     ax.set_ylabel("ours int speed-up vs ORT quantize_static")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
