@@ -68,23 +68,9 @@ def export_float_onnx(model, path: Path) -> Path:
     set_bit_width_(model, 32)
     model.eval()
     size = model.in_size
-    torch.onnx.export(_Body(model), torch.rand(1, 3, size, size), str(path), dynamo=False, input_names=["input"],
+    torch.onnx.export(model.body, torch.rand(1, 3, size, size), str(path), dynamo=False, input_names=["input"],
                       output_names=["logits"], dynamic_axes={"input": {0: "N"}}, opset_version=17)
     return path
-
-
-def _Body(model):
-    import torch.nn as nn
-
-    class Body(nn.Module):  # the quantized body: input normalised as by qnn.export.onnx_export.normalise
-        def __init__(self):
-            super().__init__()
-            self.body = model.body
-
-        def forward(self, x):
-            return self.body(x)
-
-    return Body()
 
 
 def int8_peak_macs(threads: int) -> float:
