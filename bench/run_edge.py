@@ -306,7 +306,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=50, help="timed runs at batch 1 (half as many at --batch)")
     ap.add_argument("--tolerance", type=float, help="override the bundle's accuracy/ASR tolerance (points, 0-100)")
     ap.add_argument("--skip-latency", action="store_true", help="correctness only (e.g. under emulation)")
-    ap.add_argument("--save-logits", help="write integer logits (npz) for cross-platform comparison")
+    ap.add_argument("--save-logits", help="write the integer logits and the inputs that produced them (npz: <set>, "
+                                          "input_<set>) for cross-platform comparison")
     ap.add_argument("--json", help="write the result JSON here")
     try:
         return _run(ap.parse_args(argv))
@@ -364,12 +365,13 @@ def _run(a) -> int:
     acc_int = 100.0 * float((pred == y).mean())
     rows = [("clean accuracy %", exp["clean_acc_pct"], acc_int,
              100.0 * float((pred == _expected(exp_pred, "clean", len(y))).mean()))]
-    all_logits = {"clean": logits}
+    all_logits = {"clean": logits, "input_clean": x}
     for name, e in exp["patches"].items():
         z = bundle.npz(f"patch_{name}.npz")
         xp01 = apply_patch(x01, *_checked_patch(name, z, x01.shape))
-        lp = run_batches(sess, ((xp01 - mean) / std).astype(np.float32))
-        all_logits[f"patch_{name}"] = lp
+        xp = ((xp01 - mean) / std).astype(np.float32)
+        lp = run_batches(sess, xp)
+        all_logits[f"patch_{name}"], all_logits[f"input_patch_{name}"] = lp, xp
         ap_ = lp.argmax(1)
         rows.append((f"ASR % [{name}]", e["asr_pct"], asr(pred, ap_, y, e["targeted"], e["target_class"]),
                      100.0 * float((ap_ == _expected(exp_pred, f"patch_{name}", len(y))).mean())))

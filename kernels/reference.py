@@ -3,13 +3,46 @@
 Integers accumulate exactly (int64 here, int32 in ORT; the exported graphs cannot overflow int32), requantization
 multiplies the accumulator by one float32 multiplier and rounds half to even, as MLAS does.
 Convolution runs as im2col + float64 matmul: exact for |values| < 2^53, far above any int32 accumulator.
+
+One op is computed differently by ONNX Runtime on different CPU families: QLinearAdd (float FMA on x86-64, 22-bit
+fixed point on aarch64). `qlinear_add` reproduces each; `target_cpu` selects which one the exact evaluation
+(PyTorch and this interpreter) follows, the host's by default.
 """
 
 from __future__ import annotations
 
+import contextlib
+import platform
+import struct
+
 import numpy as np
 
 F32 = np.float32
+CPU_FAMILIES = ("x86_64", "aarch64")
+
+
+def host_cpu_family() -> str:
+    return "aarch64" if platform.machine().lower() in ("aarch64", "arm64") else "x86_64"
+
+
+_target = host_cpu_family()
+
+
+def current_target_cpu() -> str:
+    return _target
+
+
+@contextlib.contextmanager
+def target_cpu(family: str):
+    """`with target_cpu("aarch64"): ...` evaluates integer graphs with that CPU family's ONNX Runtime arithmetic."""
+    global _target
+    if family not in CPU_FAMILIES:
+        raise ValueError(f"unknown CPU family {family!r}; choose from {', '.join(CPU_FAMILIES)}")
+    prev, _target = _target, family
+    try:
+        yield
+    finally:
+        _target = prev
 
 
 def quantize(x: np.ndarray, scale: float, zp: int, dtype=np.uint8) -> np.ndarray:
@@ -68,11 +101,53 @@ def qlinear_conv(x_q, x_scale, x_zp, w_q, w_scale, w_zp, y_scale, y_zp, bias, st
     return requantize(acc, np.broadcast_to(mult.reshape(-1), (acc.shape[1],)).reshape(1, -1, 1, 1), int(y_zp))
 
 
-def qlinear_add(a_q, a_scale, a_zp, b_q, b_scale, b_zp, y_scale, y_zp) -> np.ndarray:
-    """MLAS QLinearAdd: (a - za) * (sa/sy) + (b - zb) * (sb/sy), round half even, + zy."""
+def qladd_fixed_point(ra: np.float32, rb: np.float32) -> tuple[int, int, int] | None:
+    """(shift, multiplier_a, multiplier_b) of MLAS' aarch64 QLinearAdd (MlasCalcQLinearAddParameters), or None where
+    MLAS falls back to its scalar float path: a ratio outside [2^-14, 256), a shift outside [13, 31], or multipliers
+    that do not fit 22 bits."""
+    if not all(F32(2.0**-14) <= r < F32(256.0) for r in (ra, rb)):
+        return None
+    exponent = (struct.unpack("<I", struct.pack("<f", float(max(ra, rb))))[0] >> 23) - 127
+    shift = 21 - exponent
+    if not 13 <= shift <= 31:
+        return None
+    ma, mb = (int(np.rint(F32(r) * F32(2.0**shift))) for r in (ra, rb))
+    if ma >= 1 << 22 or mb >= 1 << 22 or max(ma, mb) < 1 << 21:
+        return None
+    return shift, ma, mb
+
+
+def qlinear_add(a_q, a_scale, a_zp, b_q, b_scale, b_zp, y_scale, y_zp, cpu: str | None = None) -> np.ndarray:
+    """MLAS QLinearAdd on uint8 tensors of one shape, as the target CPU family computes it (`target_cpu`).
+
+    x86-64 (the AVX2 kernel): v = fma(a, ra, fma(b, rb, zy - fma(ra, za, rb * zb))) in float32 on the raw
+    (uncentred) values, rounded half to even. The fixed part's inner fma is the compiler's contraction of
+    `ra * za + rb * zb` in ORT's build: measured, it is what makes this bit-identical to ORT 1.32 on x86-64.
+    aarch64 (NEON): acc = (a - za) * Ma + (b - zb) * Mb in int32, rounded shift right (half away from zero),
+    + zy, saturated; or MLAS' scalar float path where `qladd_fixed_point` declines."""
+    cpu = cpu or _target
     ra, rb = F32(a_scale) / F32(y_scale), F32(b_scale) / F32(y_scale)
-    v = (a_q.astype(np.int32) - int(a_zp)).astype(F32) * ra + (b_q.astype(np.int32) - int(b_zp)).astype(F32) * rb
-    return np.clip(np.rint(v) + int(y_zp), 0, 255).astype(np.uint8)
+    za, zb, zy = int(a_zp), int(b_zp), int(y_zp)
+    if cpu == "x86_64":
+        # float32 fma(x, y, z) = float32(x * y + z in float64): the product of an 8-bit integer and a float32 is
+        # exact in float64, and so is the sum for these magnitudes, so the one rounding is the float32 one
+        fixed = F32(zy) - F32(np.float64(ra) * za + np.float64(rb * F32(zb)))
+        t = (b_q.astype(np.float64) * np.float64(rb) + np.float64(fixed)).astype(F32)
+        v = (a_q.astype(np.float64) * np.float64(ra) + t.astype(np.float64)).astype(F32)
+        return np.clip(np.rint(v), 0, 255).astype(np.uint8)
+    if cpu != "aarch64":
+        raise ValueError(f"unknown CPU family {cpu!r}; choose from {', '.join(CPU_FAMILIES)}")
+    params = qladd_fixed_point(ra, rb)
+    if params is None:
+        va = F32(a_scale) * (a_q.astype(np.int32) - za).astype(F32)
+        vb = F32(b_scale) * (b_q.astype(np.int32) - zb).astype(F32)
+        vc = np.clip((va + vb) / F32(y_scale), F32(-zy), F32(255 - zy))
+        return np.rint(vc + F32(zy)).astype(np.uint8)
+    shift, ma, mb = params
+    acc = (a_q.astype(np.int64) - za) * ma + (b_q.astype(np.int64) - zb) * mb
+    acc -= acc < 0
+    r = np.clip((acc + (1 << (shift - 1))) >> shift, -32768, 32767)
+    return np.clip(np.clip(r + zy, -32768, 32767), 0, 255).astype(np.uint8)
 
 
 def qlinear_global_avg_pool(x_q, x_scale, x_zp, y_scale, y_zp) -> np.ndarray:

@@ -73,6 +73,19 @@ def test_pytorch_ort_numpy_identical(name, bits, tmp_path):
         assert fused(c["ops"]) > fused(plain["ops"])
 
 
+def test_the_evaluation_follows_the_target_cpu_family(tmp_path):
+    """Under `target_cpu`, PyTorch eval and the interpreter both switch QLinearAdd to that family's arithmetic."""
+    from qnn.kernels.reference import CPU_FAMILIES, target_cpu
+
+    m = _trained_like(QuantizedNet(Net(), 10, 16, residual_bits=8), 8, 16)
+    x = torch.rand(16, 3, 16, 16)
+    p = export_model(m, 8, "int", tmp_path / "m.onnx")
+    xn = ((x - m._mean) / m._std).numpy()
+    for cpu in CPU_FAMILIES:
+        with target_cpu(cpu), torch.no_grad():
+            assert np.array_equal(m(x).numpy(), IntegerInterpreter(p).run(xn)), cpu
+
+
 def test_qonnx_export_runs_in_qonnx_and_matches(tmp_path):
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.core.onnx_exec import execute_onnx
