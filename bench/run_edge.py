@@ -8,8 +8,9 @@ Imports only the Python standard library, numpy and onnxruntime; Python 3.9+.
 Checks the bundle's sha256 manifest, prints the CPU (model, architecture, ISA flags such as asimddp / i8mm /
 avx512_vnni), onnxruntime version and optimisation level, checks from ORT's own profile that every executed compute
 node is an integer kernel, measures latency (p50/p90/p99 after warm-up) at batch 1 and --batch, throughput, peak RSS,
-model size, then integer accuracy and patch ASR on the bundled images, and compares them with the fake-quant
-figures the bundle carries. Exits 1 when they differ by more than the tolerance or the graph is not integer,
+model size, then integer accuracy and patch ASR on the bundled images, and compares them with the figures of the
+PyTorch model the bundle carries for this CPU family's arithmetic (x86-64 or aarch64: ONNX Runtime rounds
+QLinearAdd differently on the two). Exits 1 when they differ by more than the tolerance or the graph is not integer,
 2 on bad input.
 """
 
@@ -269,6 +270,29 @@ def _check_expected(exp, name: str) -> None:
         t = e.get("target_class")
         if e["targeted"] and (not isinstance(t, int) or isinstance(t, bool) or t < 0):
             fail(f"patch {p!r}: 'target_class' must be a class index, got {t!r}")
+    fams = exp.get("by_cpu_family", {})
+    if not isinstance(fams, dict) or not all(isinstance(f, dict) and isinstance(f.get("asr_pct"), dict)
+                                             for f in fams.values()):
+        fail("'by_cpu_family' must map a CPU family to its clean_acc_pct and asr_pct")
+    for fam, f in fams.items():
+        _number(f.get("clean_acc_pct"), f"{name}: clean_acc_pct of {fam}", 0, 100)
+        for p in exp["patches"]:
+            _number(f["asr_pct"].get(p), f"{name}: asr_pct of {p} on {fam}", 0, 100)
+
+
+def cpu_family() -> str:
+    """The CPU family whose ONNX Runtime arithmetic this device runs (QLinearAdd rounds differently on aarch64)."""
+    return "aarch64" if platform.machine().lower() in ("aarch64", "arm64") else "x86_64"
+
+
+def expectations(exp: dict) -> tuple[str, str, float, dict]:
+    """(family the figures are for, prediction key prefix, clean accuracy, {patch: ASR}): this device's family's
+    figures when the bundle has them, else the bundle's top-level ones (the building host's family)."""
+    fam = cpu_family()
+    f = exp.get("by_cpu_family", {}).get(fam)
+    if f is not None:
+        return fam, f"{fam}.", f["clean_acc_pct"], f["asr_pct"]
+    return exp.get("cpu_family", "x86_64"), "", exp["clean_acc_pct"], {p: e["asr_pct"] for p, e in exp["patches"].items()}
 
 
 def _checked_patch(name: str, z: dict, x_shape) -> tuple:
@@ -359,12 +383,14 @@ def _run(a) -> int:
         raise EdgeError(f"model output shape {list(logits.shape)} does not fit {len(y)} images of {n_cls} classes")
     pred = logits.argmax(1)
     exp_pred = bundle.npz("expected_predictions.npz")
+    fam, key, clean_ref, asr_ref = expectations(exp)
     res = {"bundle": bundle.dir, "platform": cpu_report(), "threads": threads,
            "optimisation_level": "ORT_ENABLE_EXTENDED", "model_bytes": len(model),
-           "bits": exp.get("bits"), "n_images": int(len(y)), "graph": census, "tolerance_pct": tol}
+           "bits": exp.get("bits"), "n_images": int(len(y)), "graph": census, "tolerance_pct": tol,
+           "expected_for_cpu_family": fam}
     acc_int = 100.0 * float((pred == y).mean())
-    rows = [("clean accuracy %", exp["clean_acc_pct"], acc_int,
-             100.0 * float((pred == _expected(exp_pred, "clean", len(y))).mean()))]
+    rows = [("clean accuracy %", clean_ref, acc_int,
+             100.0 * float((pred == _expected(exp_pred, f"{key}clean", len(y))).mean()))]
     all_logits = {"clean": logits, "input_clean": x}
     for name, e in exp["patches"].items():
         z = bundle.npz(f"patch_{name}.npz")
@@ -373,8 +399,8 @@ def _run(a) -> int:
         lp = run_batches(sess, xp)
         all_logits[f"patch_{name}"], all_logits[f"input_patch_{name}"] = lp, xp
         ap_ = lp.argmax(1)
-        rows.append((f"ASR % [{name}]", e["asr_pct"], asr(pred, ap_, y, e["targeted"], e["target_class"]),
-                     100.0 * float((ap_ == _expected(exp_pred, f"patch_{name}", len(y))).mean())))
+        rows.append((f"ASR % [{name}]", asr_ref[name], asr(pred, ap_, y, e["targeted"], e["target_class"]),
+                     100.0 * float((ap_ == _expected(exp_pred, f"{key}patch_{name}", len(y))).mean())))
     res["comparison"] = [{"metric": r[0], "fake_quant": r[1], "integer": r[2], "top1_agreement_pct": r[3],
                           "abs_diff": abs(r[1] - r[2])} for r in rows]
     if a.save_logits:
@@ -390,6 +416,7 @@ def _run(a) -> int:
     print(f"device   : {p['cpu_model']} ({p['machine']}, {p['n_cpus']} cpus, flags: {' '.join(p['isa_flags']) or '-'})"
           + (f" [emulated {p['qemu_cpu']}]" if p["qemu_cpu"] else ""))
     print(f"runtime  : onnxruntime {p['onnxruntime']}, {res['optimisation_level']}, {threads} threads, python {p['python']}")
+    print(f"expected : fake-quant figures for {fam}'s arithmetic")
     print(f"model    : {res['model_bytes'] / 1024:.1f} KiB, {exp['bits']}-bit weights/activations (int8 kernels)")
     print(f"graph    : {'fully integer' if census['fully_integer'] else 'FLOAT OPS: ' + ', '.join(census['float_compute_ops'])}"
           f" ({', '.join(f'{k} x{v}' for k, v in sorted(census['executed_ops'].items()))})")

@@ -51,6 +51,7 @@ def _write_bundle(model, bits, out: Path, x_uint8, y, patches, checkpoint_sha, t
     from qnn.export.onnx_export import export_model
     from qnn.attacks.patch import asr_metrics, make_mask, placement_locations, apply_patch, predict
     from qnn.data import to_tensor
+    from qnn.kernels.reference import CPU_FAMILIES, host_cpu_family, target_cpu
     from qnn.layers import set_bit_width_
 
     export_model(model, bits, "int", out / "model.onnx", meta={"source_checkpoint_sha256": checkpoint_sha or ""})
@@ -58,21 +59,38 @@ def _write_bundle(model, bits, out: Path, x_uint8, y, patches, checkpoint_sha, t
     model.eval()
     x = to_tensor(x_uint8)
     yt = torch.as_tensor(y)
-    clean_pred = predict(model, x).numpy()
-    expected = {"bits": bits, "n_images": int(len(y)), "num_classes": int(model.num_classes), "clean_acc_pct": float(100 * (clean_pred == y).mean()),
-                "tolerance_pct": tolerance_pct, "patches": {}}
     atomic_write_bytes(out / "eval.npz", _npz_bytes(x=x_uint8, y=np.asarray(y, np.int64)))
-    pred_arrays = {"clean": clean_pred.astype(np.int64)}
-    for name, patch, cfg in patches:
+    placed = []
+    for name, patch, cfg in patches:  # one placement per image, shared by every CPU family
         loc = placement_locations(model, x, yt, patch, cfg).numpy()
         mask = make_mask(cfg.shape, *cfg.patch_shape)
-        adv_pred = predict(model, apply_patch(x, patch, mask, torch.as_tensor(loc))).numpy()
         atomic_write_bytes(out / f"patch_{name}.npz", _npz_bytes(patch=patch.numpy().astype(np.float32),
                                                                   mask=mask.numpy().astype(np.float32), loc=loc.astype(np.int64)))
-        m = asr_metrics(clean_pred, adv_pred, y, cfg.targeted, cfg.target_class)
-        expected["patches"][name] = {**m, "targeted": cfg.targeted, "target_class": cfg.target_class,
-                                     "patch_shape": list(cfg.patch_shape), "shape": cfg.shape, "placement": cfg.placement}
-        pred_arrays[f"patch_{name}"] = adv_pred.astype(np.int64)
+        placed.append((name, patch, mask, torch.as_tensor(loc), cfg))
+    # the expected figures per CPU family: ORT's QLinearAdd rounds differently on x86-64 and aarch64, and the
+    # device checks against its own family's; the top-level figures are the building host's family
+    host = host_cpu_family()
+    pred_arrays, by_family, host_patches = {}, {}, {}
+    for family in CPU_FAMILIES:
+        with target_cpu(family):
+            clean_pred = predict(model, x).numpy()
+            preds = {"clean": clean_pred}
+            fam = {"clean_acc_pct": float(100 * (clean_pred == y).mean()), "asr_pct": {}}
+            for name, patch, mask, loc, cfg in placed:
+                preds[f"patch_{name}"] = adv_pred = predict(model, apply_patch(x, patch, mask, loc)).numpy()
+                m = asr_metrics(clean_pred, adv_pred, y, cfg.targeted, cfg.target_class)
+                fam["asr_pct"][name] = m["asr_pct"]
+                if family == host:
+                    host_patches[name] = {**m, "targeted": cfg.targeted, "target_class": cfg.target_class,
+                                          "patch_shape": list(cfg.patch_shape), "shape": cfg.shape,
+                                          "placement": cfg.placement}
+        by_family[family] = fam
+        pred_arrays.update({f"{family}.{k}": v.astype(np.int64) for k, v in preds.items()})
+        if family == host:
+            pred_arrays.update({k: v.astype(np.int64) for k, v in preds.items()})
+    expected = {"bits": bits, "n_images": int(len(y)), "num_classes": int(model.num_classes),
+                "clean_acc_pct": by_family[host]["clean_acc_pct"], "tolerance_pct": tolerance_pct,
+                "cpu_family": host, "patches": host_patches, "by_cpu_family": by_family}
     atomic_write_bytes(out / "expected_predictions.npz", _npz_bytes(**pred_arrays))
     atomic_write_json(out / "expected.json", expected)
     files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST)

@@ -53,6 +53,30 @@ def test_run_edge_passes_on_good_bundle(bundle, tmp_path):
     assert res["latency"][0]["batch"] == 1 and res["latency"][1]["batch"] == 8
     assert all(c["top1_agreement_pct"] >= 99 for c in res["comparison"])
     assert "p50" in r.stdout and "PASS" in r.stdout
+    from qnn.kernels.reference import CPU_FAMILIES, host_cpu_family
+
+    assert res["expected_for_cpu_family"] == host_cpu_family()
+    exp = json.loads((bundle / "expected.json").read_text())
+    assert sorted(exp["by_cpu_family"]) == sorted(CPU_FAMILIES) and exp["cpu_family"] == host_cpu_family()
+
+
+def test_each_device_checks_against_its_cpu_familys_figures(monkeypatch):
+    from qnn.bench import run_edge as E
+
+    exp = {"bits": 4, "clean_acc_pct": 50.0, "cpu_family": "x86_64", "patches": {"p": {"asr_pct": 10.0, "targeted": False}},
+           "by_cpu_family": {"x86_64": {"clean_acc_pct": 50.0, "asr_pct": {"p": 10.0}},
+                             "aarch64": {"clean_acc_pct": 49.0, "asr_pct": {"p": 12.0}}}}
+    E._check_expected(exp, "expected.json")
+    monkeypatch.setattr(E.platform, "machine", lambda: "aarch64")
+    assert E.expectations(exp) == ("aarch64", "aarch64.", 49.0, {"p": 12.0})
+    monkeypatch.setattr(E.platform, "machine", lambda: "x86_64")
+    assert E.expectations(exp) == ("x86_64", "x86_64.", 50.0, {"p": 10.0})
+    older = {k: v for k, v in exp.items() if k != "by_cpu_family"}  # a bundle from before the per-family figures
+    monkeypatch.setattr(E.platform, "machine", lambda: "aarch64")
+    assert E.expectations(older) == ("x86_64", "", 50.0, {"p": 10.0})
+    bad = {**exp, "by_cpu_family": {"aarch64": {"clean_acc_pct": 49.0, "asr_pct": {}}}}
+    with pytest.raises(E.EdgeError, match="asr_pct of p on aarch64"):
+        E._check_expected(bad, "expected.json")
 
 
 def _bad(args, msg):
