@@ -157,8 +157,43 @@ def cpu_report() -> dict:
             "qemu_cpu": os.environ.get("QEMU_CPU")}
 
 
-def make_session(model: bytes, threads: int, profile: bool = False):
+def unpack_signed(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """The first n signed `bits`-bit integers (2 or 4) packed little-end-first into the bytes `packed`, as int16."""
+    per, mask = 8 // bits, (1 << bits) - 1
+    u = np.stack([(packed >> (bits * i)) & mask for i in range(per)], 1).reshape(-1)[:n].astype(np.int16)
+    return np.where(u >= 1 << (bits - 1), u - (1 << bits), u).astype(np.int16)
+
+
+def packed_weights(bundle: "Bundle") -> dict:
+    """{initializer name: int8/uint8 weights} unpacked from the bundle's packed 2/4-bit weights (none when the
+    model carries its weights itself). Each entry is checked against its declared bits, shape and container."""
+    spec = bundle.manifest.get("packed_weights")
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict) or not isinstance(spec.get("tensors"), dict) or not isinstance(spec.get("file"), str):
+        raise EdgeError("manifest's 'packed_weights' must name a file and describe its tensors")
+    z, out = bundle.npz(spec["file"]), {}
+    for name, t in spec["tensors"].items():
+        ok = isinstance(t, dict) and t.get("bits") in (2, 4) and isinstance(t.get("shape"), list) and t["shape"] \
+            and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in t["shape"]) \
+            and (t.get("dtype"), t.get("zero_point")) in (("int8", 0), ("uint8", 128))
+        if not ok:
+            raise EdgeError(f"packed weight {name!r}: needs bits 2 or 4, a shape, and dtype int8 (zero point 0) or "
+                            f"uint8 (zero point 128)")
+        n = int(np.prod(t["shape"]))
+        p = z.get(name)
+        if p is None or p.dtype != np.uint8 or p.shape != ((n * t["bits"] + 7) // 8,):
+            raise EdgeError(f"{spec['file']}: {name!r} missing or not {(n * t['bits'] + 7) // 8} packed bytes")
+        out[name] = (unpack_signed(p, t["bits"], n) + t["zero_point"]).astype(t["dtype"]).reshape(t["shape"])
+    return out
+
+
+def make_session(model: bytes, threads: int, profile: bool = False, weights: dict | None = None):
+    """An ORT session; `weights` supplies initializers the model declares as external (packed bundles)."""
     so = ort.SessionOptions()
+    values = [ort.OrtValue.ortvalue_from_numpy(w) for w in (weights or {}).values()]
+    if values:
+        so.add_external_initializers(list(weights), values)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -166,14 +201,16 @@ def make_session(model: bytes, threads: int, profile: bool = False):
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "edge")
     try:
-        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        sess._external_weights = values  # ORT may keep pointing at them: they live as long as the session
+        return sess
     except Exception as e:
         raise EdgeError(f"onnxruntime cannot load the model: {str(e).splitlines()[0][:160]}") from None
 
 
-def executed_ops(model: bytes, x: np.ndarray) -> dict:
+def executed_ops(model: bytes, x: np.ndarray, weights: dict | None = None) -> dict:
     """Op types ORT actually executed (from its profiler), and the float compute ops among them."""
-    s = make_session(model, 1, profile=True)
+    s = make_session(model, 1, profile=True, weights=weights)
     run_batches(s, x)
     prof = s.end_profiling()
     ops: dict = {}
@@ -357,8 +394,8 @@ def _run(a) -> int:
     exp = bundle.json(man["expected"])
     _check_expected(exp, man["expected"])
     tol = _number(a.tolerance if a.tolerance is not None else exp.get("tolerance_pct", 0.5), "tolerance", 0.0, 100.0)
-    model = bundle.read(man["model"])
-    sess = make_session(model, threads)
+    model, weights = bundle.read(man["model"]), packed_weights(bundle)
+    sess = make_session(model, threads, weights=weights)
     meta = sess.get_modelmeta().custom_metadata_map
     try:
         norm = json.loads(meta.get("input_normalisation", "{}"))
@@ -376,7 +413,7 @@ def _run(a) -> int:
         raise EdgeError(f"model input shape {in_shape} disagrees with the bundled data {list(x_u8.shape)} (NHWC)")
     x01 = x_u8.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)
     x = ((x01 - mean) / std).astype(np.float32)
-    census = executed_ops(model, x[:2])
+    census = executed_ops(model, x[:2], weights)
     logits = run_batches(sess, x)
     n_cls = exp.get("num_classes") or int(y.max()) + 1
     if logits.ndim != 2 or logits.shape[0] != len(y) or logits.shape[1] != n_cls or logits.shape[1] <= y.max():

@@ -15,6 +15,7 @@ from qnn.checkpoint import atomic_write_bytes, atomic_write_json, sha256_file
 from qnn.errors import QNNError
 
 MANIFEST = "manifest.json"
+PACKED_WEIGHTS = "weights.packed.npz"
 
 
 def _npz_bytes(**arrays) -> bytes:
@@ -25,8 +26,10 @@ def _npz_bytes(**arrays) -> bytes:
 
 def build_bundle(model, bits: int, out_dir: str | Path, x_uint8: np.ndarray, y: np.ndarray,
                  patches: list[tuple[str, torch.Tensor, object]], checkpoint_sha: str | None = None,
-                 tolerance_pct: float = 0.5, overwrite: bool = False) -> Path:
+                 tolerance_pct: float = 0.5, overwrite: bool = False, pack_weights: bool = False) -> Path:
     """Write the bundle. `patches`: (name, patch (3,h,w), PatchConfig) evaluated at fixed per-image locations.
+    `pack_weights`: 2/4-bit weights travel packed (4 or 2 per byte) in `weights.packed.npz`, declared external in
+    the model, and `bench/run_edge.py` unpacks them into the session.
     Built beside `out_dir` and swapped in when complete and checked: an earlier bundle survives a failure."""
     from qnn.export.onnx_export import check_exportable
     from qnn.outputs import StagedDir
@@ -42,12 +45,12 @@ def build_bundle(model, bits: int, out_dir: str | Path, x_uint8: np.ndarray, y: 
             raise QNNError(f"patch '{name}': expected finite pixels in [0, 1] of shape {(3, *cfg.patch_shape)}")
     with StagedDir(out_dir, overwrite=overwrite, what="bundle") as stage:
         out = stage.prepare()
-        _write_bundle(model, bits, out, x_uint8, y, patches, checkpoint_sha, tolerance_pct)
+        _write_bundle(model, bits, out, x_uint8, y, patches, checkpoint_sha, tolerance_pct, pack_weights)
         check_manifest(out)
         return stage.publish()
 
 
-def _write_bundle(model, bits, out: Path, x_uint8, y, patches, checkpoint_sha, tolerance_pct) -> None:
+def _write_bundle(model, bits, out: Path, x_uint8, y, patches, checkpoint_sha, tolerance_pct, pack_weights) -> None:
     from qnn.export.onnx_export import export_model
     from qnn.attacks.patch import asr_metrics, make_mask, placement_locations, apply_patch, predict
     from qnn.data import to_tensor
@@ -55,6 +58,7 @@ def _write_bundle(model, bits, out: Path, x_uint8, y, patches, checkpoint_sha, t
     from qnn.layers import set_bit_width_
 
     export_model(model, bits, "int", out / "model.onnx", meta={"source_checkpoint_sha256": checkpoint_sha or ""})
+    packed = _pack_weights(out) if pack_weights else None
     set_bit_width_(model, bits)
     model.eval()
     x = to_tensor(x_uint8)
@@ -94,8 +98,25 @@ def _write_bundle(model, bits, out: Path, x_uint8, y, patches, checkpoint_sha, t
     atomic_write_bytes(out / "expected_predictions.npz", _npz_bytes(**pred_arrays))
     atomic_write_json(out / "expected.json", expected)
     files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST)
-    atomic_write_json(out / MANIFEST, {"format": "qnn-edge-bundle-v1", "model": "model.onnx", "eval": "eval.npz",
-                                       "expected": "expected.json", "files": {f: sha256_file(out / f) for f in files}})
+    manifest = {"format": "qnn-edge-bundle-v1", "model": "model.onnx", "eval": "eval.npz", "expected": "expected.json",
+                "files": {f: sha256_file(out / f) for f in files}}
+    if packed:
+        manifest["packed_weights"] = packed
+    atomic_write_json(out / MANIFEST, manifest)
+
+
+def _pack_weights(out: Path) -> dict | None:
+    """Move the model's 2/4-bit weights, packed, into weights.packed.npz; the manifest entry that describes them."""
+    import onnx
+
+    from qnn.kernels.packing import pack_model_weights
+
+    model, arrays, specs = pack_model_weights(onnx.load(str(out / "model.onnx")), PACKED_WEIGHTS)
+    if not arrays:
+        return None
+    atomic_write_bytes(out / PACKED_WEIGHTS, _npz_bytes(**arrays))
+    atomic_write_bytes(out / "model.onnx", model.SerializeToString())
+    return {"file": PACKED_WEIGHTS, "tensors": specs}
 
 
 def check_manifest(bundle: str | Path) -> dict:

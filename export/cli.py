@@ -89,6 +89,8 @@ def add_bundle(sub) -> None:
     p.add_argument("--patch", action="append", default=[], help="patch .npz from `qnn attack` (repeatable)")
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle (swapped in only when complete)")
+    p.add_argument("--pack-weights", action="store_true",
+                   help="ship 2/4-bit weights packed 4/2 per byte (weights.packed.npz); run_edge.py unpacks them")
 
 
 def cmd_bundle(a) -> int:
@@ -106,7 +108,7 @@ def cmd_bundle(a) -> int:
         if cfg.image_size != tuple(ds.x.shape[1:3]):
             raise QNNError(f"{p}: patch made for {cfg.image_size} images, the bundle's are {tuple(ds.x.shape[1:3])}")
         patches.append((Path(p).stem, t, cfg))
-    out = build_bundle(model, a.bits, a.out, ds.x, ds.y, patches, sha, overwrite=a.overwrite)
+    out = build_bundle(model, a.bits, a.out, ds.x, ds.y, patches, sha, overwrite=a.overwrite, pack_weights=a.pack_weights)
     print(json.dumps({"bundle": str(out)}))
     return 0
 

@@ -1,7 +1,9 @@
-"""Low-bit packing: 2- and 4-bit signed weights into bytes, and the true model size at each bit-width.
+"""Low-bit packing: 2- and 4-bit signed weights into bytes, the true model size at each bit-width, and the packed
+weights of an exported model.
 
-ONNX Runtime stores sub-8-bit weights in int8 containers (it has no 2/4-bit conv kernels); these helpers show what
-the weights occupy when packed, e.g. for a custom runtime or flash budget.
+ONNX Runtime keeps sub-8-bit weights in int8 containers (it has no 2/4-bit conv kernels). A packed edge bundle ships
+them packed (`pack_model_weights`) and `bench/run_edge.py` unpacks them into the session at load time; the unpacking
+is defined there, in the standalone runner, and used here.
 """
 
 from __future__ import annotations
@@ -31,12 +33,49 @@ def pack(w: np.ndarray, bits: int) -> np.ndarray:
 
 
 def unpack(p: np.ndarray, bits: int, n: int) -> np.ndarray:
+    from qnn.bench.run_edge import unpack_signed
+
     if bits == 8:
         return p.view(np.int8)[:n].astype(np.int64)
-    per = 8 // bits
-    mask = (1 << bits) - 1
-    u = np.stack([(p >> (bits * i)) & mask for i in range(per)], 1).reshape(-1)[:n].astype(np.int64)
-    return np.where(u >= 2 ** (bits - 1), u - 2**bits, u)
+    return unpack_signed(p, bits, n).astype(np.int64)
+
+
+def pack_model_weights(model, file_name: str):
+    """(model with its 2/4-bit weight initializers declared external and emptied, {name: packed bytes}, {name:
+    spec}) for an exported integer model. A weight is an int8 (zero point 0) or uint8 (zero point 128) initializer
+    of two or more dimensions read by a DequantizeLinear; it is packed at 2 or 4 bits when its values fit that
+    signed range, and left in the model otherwise (8-bit layers)."""
+    import onnx
+    from onnx import numpy_helper
+
+    zero_point = {n.input[0]: n.input[2] if len(n.input) > 2 else "" for n in model.graph.node
+                  if n.op_type == "DequantizeLinear"}
+    inits = {i.name: i for i in model.graph.initializer}
+    packed, specs = {}, {}
+    for name, zp_name in zero_point.items():
+        t = inits.get(name)
+        if t is None or len(t.dims) < 2 or t.data_type not in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
+            continue
+        w = numpy_helper.to_array(t).astype(np.int64)
+        zps = np.unique(numpy_helper.to_array(inits[zp_name])) if zp_name in inits else np.zeros(1)
+        zp = 0 if w.dtype == np.int8 or t.data_type == onnx.TensorProto.INT8 else 128
+        if zps.tolist() != [zp]:
+            continue
+        c = w - zp
+        bits = next((b for b in (2, 4) if c.min() >= -(1 << (b - 1)) and c.max() < 1 << (b - 1)), None)
+        if bits is None:
+            continue
+        packed[name] = pack(c, bits)
+        specs[name] = {"bits": bits, "shape": [int(d) for d in t.dims], "zero_point": zp,
+                       "dtype": "int8" if t.data_type == onnx.TensorProto.INT8 else "uint8"}
+        t.ClearField("raw_data")
+        del t.int32_data[:]
+        t.data_location = onnx.TensorProto.EXTERNAL
+        del t.external_data[:]
+        for k, v in (("location", file_name), ("offset", "0"), ("length", str(int(np.prod(t.dims))))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+    return model, packed, specs
 
 
 def size_report(model, bits_list=(2, 4, 8)) -> dict:

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,17 +29,53 @@ def test_run_edge_imports_only_stdlib_numpy_onnxruntime():
     assert "--bundle" in r.stdout, r.stderr
 
 
-@pytest.fixture(scope="module")
-def bundle(trained_ckpt, tmp_path_factory):
+def _build(ckpt, d, bits=4, **kw):
     from qnn.export.bundle import build_bundle
     from qnn.attacks.patch import PatchConfig
     from qnn.checkpoint import load_checkpoint
     from qnn.data import load_dataset
 
-    m, _ = load_checkpoint(trained_ckpt)
+    m, _ = load_checkpoint(ckpt)
     ds = load_dataset("synthetic", "test", n_synthetic=2000).subset(64)
-    d = tmp_path_factory.mktemp("bundle") / "b"
-    return build_bundle(m, 4, d, ds.x, ds.y, [("p6", torch.rand(3, 6, 6, generator=torch.Generator().manual_seed(0)), PatchConfig())])
+    patch = torch.rand(3, 6, 6, generator=torch.Generator().manual_seed(0))
+    return build_bundle(m, bits, d, ds.x, ds.y, [("p6", patch, PatchConfig())], **kw)
+
+
+@pytest.fixture(scope="module")
+def bundle(trained_ckpt, tmp_path_factory):
+    return _build(trained_ckpt, tmp_path_factory.mktemp("bundle") / "b")
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_packed_bundle_is_smaller_and_runs_the_same_model(trained_ckpt, tmp_path, bits):
+    import onnx
+    from onnx import numpy_helper
+
+    from qnn.bench.run_edge import Bundle, packed_weights
+
+    plain, packed = _build(trained_ckpt, tmp_path / "plain", bits), _build(trained_ckpt, tmp_path / "packed", bits,
+                                                                           pack_weights=True)
+    man = json.loads((packed / "manifest.json").read_text())
+    assert man["packed_weights"]["file"] in man["files"]
+    assert {t["bits"] for t in man["packed_weights"]["tensors"].values()} == {bits}
+    size = lambda b: (b / "model.onnx").stat().st_size + sum(  # noqa: E731
+        (b / f).stat().st_size for f in ("weights.packed.npz",) if (b / f).exists())
+    assert size(packed) < size(plain)
+    # unpacked, the weights are exactly the plain export's, and nothing else in the graph differs
+    m_plain, m_packed = onnx.load(str(plain / "model.onnx")), onnx.load(str(packed / "model.onnx"), load_external_data=False)
+    ref = {i.name: numpy_helper.to_array(i) for i in m_plain.graph.initializer}
+    unpacked = packed_weights(Bundle(str(packed)))
+    assert unpacked and all(np.array_equal(w, ref[n]) and w.dtype == ref[n].dtype for n, w in unpacked.items())
+    for i in m_packed.graph.initializer:
+        if i.name not in unpacked:
+            assert np.array_equal(numpy_helper.to_array(i), ref[i.name])
+    assert [n.SerializeToString() for n in m_packed.graph.node] == [n.SerializeToString() for n in m_plain.graph.node]
+    logits = []
+    for b in (plain, packed):
+        r = _run(["--bundle", b, "--threads", "1", "--skip-latency", "--save-logits", tmp_path / f"{b.name}.npz"])
+        assert r.returncode == 0 and "PASS" in r.stdout and "fully integer" in r.stdout, r.stdout + r.stderr
+        logits.append(np.load(tmp_path / f"{b.name}.npz"))
+    assert all(np.array_equal(logits[0][k], logits[1][k]) for k in logits[0].files)
 
 
 def _run(args):
