@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.init:
             b["init"] = a.init
         runs = Path(a.runs_dir or f"runs/defense_sweep_{a.budget}")
-        out = a.out or f"results/defense_sweep_{a.budget}"
+        out = a.out or f"results/screens/defense_sweep_{a.budget}"
         jobs = jobs_of(grid, seeds, b["eval_bits"])
         if not a.report_only:
             import torch

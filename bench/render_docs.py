@@ -1,0 +1,229 @@
+"""Render the results tables in README.md and docs/results.md from the results JSON files.
+
+    python bench/render_docs.py           # rewrite every block between <!-- table:NAME --> and <!-- /table:NAME -->
+    python bench/render_docs.py --check   # change nothing; exit 1 naming the first block that differs
+
+A table is a function of results/*.json, so a re-run benchmark updates the docs by re-running this program, and CI
+catches a table edited by hand or left behind by a new result (tests/test_docs.py runs --check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qnn.bench.common import markdown_table  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ("README.md", "docs/results.md")
+BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
+EARLIER = " (earlier layers)"  # results measured before every model ran on Brevitas layers (git 6419d0c)
+
+
+def load(name: str) -> dict:
+    return json.loads((ROOT / "results" / name).read_text())
+
+
+def pct(v: float | None, nd: int = 1) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+# --- QAT -----------------------------------------------------------------------------------------------------------
+
+def qat() -> str:
+    """ResNet-20 QAT, clean test accuracy %: the wide-residual switchable model and the earlier layers' rows."""
+    new, old = load("qat_resnet20_brevitas.json")["results"], load("qat_resnet20.json")["results"]
+
+    def acc(runs: dict, run: str, b: int) -> str:
+        return pct(runs.get(run, {}).get("accuracy_pct", {}).get(str(b)), 2)
+
+    rows = [["float, fine-tuned alone", acc(new, "float", 32), acc(old, "float", 32), "", ""]]
+    for b in (32, 8, 4, 2):
+        separate = acc(old, {32: "float", 8: "fixed8", 4: "fixed4", 2: "fixed2_r8_kd_e5"}[b], b)
+        rows.append([b, acc(new, "switchable_r8_kd_e5", b), acc(old, "switchable_r8_kd_e5", b), separate,
+                     acc(old, "switchable", b)])
+    return markdown_table(["bits", "switchable {2,4,8,32}, wide residual", "same" + EARLIER,
+                           "one model per bit-width" + EARLIER, "switchable, every tensor at the bit-width" + EARLIER],
+                          rows)
+
+
+def qat_all() -> str:
+    """Every QAT run of both results files, accuracy % per bit-width."""
+    rows = []
+    for name, tag in (("qat_resnet20_brevitas.json", ""), ("qat_resnet20.json", EARLIER)):
+        for run, r in load(name)["results"].items():
+            a = r["accuracy_pct"]
+            rows.append([f"`{run}`{tag}", r["epochs"], *(pct(a.get(str(b)), 2) for b in (32, 8, 4, 2))])
+    return markdown_table(["run", "epochs", "32", "8", "4", "2"], rows)
+
+
+# --- defense -------------------------------------------------------------------------------------------------------
+
+DEFENSE_HEADLINE = {"none": "none (QAT)", "qadtr": "QADT-R", "pbat": "PBAT, one model per bit-width",
+                    "dwq": "DWQ", "pbat+dbwt": "PBAT + DBWT",
+                    "pbat-fp (one 32-bit model, every bit-width)": "PBAT, one float model at every bit-width"}
+
+
+def defense() -> str:
+    """Clean accuracy % / unseen-patch ASR % per defense at the trained bit-widths (seed 0)."""
+    table = load("defense_table_cpu.json")["table"]
+    rows = [[b, *(f"{pct(table[k]['per_bits'][str(b)]['clean_acc_pct'])} / "
+                  f"{pct(table[k]['per_bits'][str(b)]['unseen_asr_pct'])}" for k in DEFENSE_HEADLINE)]
+            for b in (32, 8, 4, 2)]
+    return markdown_table(["bits", *DEFENSE_HEADLINE.values()], rows)
+
+
+def defense_all() -> str:
+    """Every row of the defense table: clean % / unseen ASR % / adaptive ASR % per bit-width, left-out bit-widths."""
+    d = load("defense_table_cpu.json")
+    rows = []
+    for name, r in d["table"].items():
+        pb = r["per_bits"]
+        cells = [" / ".join(pct(pb[str(b)].get(k)) for k in ("clean_acc_pct", "unseen_asr_pct", "adaptive_asr_pct"))
+                 if str(b) in pb else "-" for b in (32, 8, 4, 2)]
+        left = " ; ".join(f"{pct(pb[str(b)]['clean_acc_pct'])} / {pct(pb[str(b)]['unseen_asr_pct'])}"
+                          for b in (3, 5, 6) if str(b) in pb) or "-"
+        cost = d["cost_interleaved_vs_qat"].get(name)
+        rows.append([f"`{name}`", *cells, left, "-" if cost is None else f"{cost:.2f}"])
+    return markdown_table(["setting", "32", "8", "4", "2", "left out 3 ; 5 ; 6 (clean / unseen)",
+                           "cost vs QAT, interleaved"], rows)
+
+
+# --- parity --------------------------------------------------------------------------------------------------------
+
+PARITY = (("parity.json", "ResNet-20" + EARLIER), ("parity_mobilenetv2_cifar.json", "MobileNetV2-CIFAR"))
+
+
+def _inputs(r: dict) -> list[tuple[str, dict]]:
+    return [("clean", r["clean"]), *r["patches"].items()]
+
+
+def parity() -> str:
+    """Fake-quant PyTorch vs ONNX Runtime integer, per model and bit-width, the worst over clean and patched inputs."""
+    rows = []
+    for name, model in PARITY:
+        d = load(name)
+        for b, r in d["results"].items():
+            ins = [v for _, v in _inputs(r)]
+            rows.append([model, d["n"], b, pct(min(v["logits_bit_identical_pct"] for v in ins), 2),
+                         pct(min(v["top1_agreement_pct"] for v in ins), 2),
+                         pct(max(v.get("asr_abs_diff", 0.0) for v in ins), 2)])
+    return markdown_table(["model", "images", "bits", "logits bit-identical % (worst input)",
+                           "top-1 agreement % (worst input)", "max ASR difference (points)"], rows)
+
+
+def parity_all() -> str:
+    """Every input of both parity files, with the float-form agreement and the numpy interpreter's bit-exactness."""
+    rows = []
+    for name, model in PARITY:
+        for b, r in load(name)["results"].items():
+            for inp, v in _inputs(r):
+                fq = v.get("acc_fake_quant_pct", v.get("asr_fake_quant_pct"))
+                it = v.get("acc_integer_pct", v.get("asr_integer_pct"))
+                rows.append([model, b, inp, pct(v["logits_bit_identical_pct"], 2), pct(v["top1_agreement_pct"], 2),
+                             f"{pct(fq, 2)} / {pct(it, 2)}", pct(v["float_form_agreement_pct"], 2),
+                             pct(r.get("interpreter_bit_exact_pct"), 1) if inp == "clean" else ""])
+    return markdown_table(["model", "bits", "input", "logits bit-identical %", "top-1 agreement %",
+                           "accuracy or ASR %, fake-quant / integer", "float-form agreement %",
+                           "interpreter = ORT %"], rows)
+
+
+# --- latency -------------------------------------------------------------------------------------------------------
+
+LATENCY = (("latency.json", EARLIER), ("latency_mobilenetv2.json", ""))
+
+
+def _latency(batch: int, threads: int, bits: tuple[int, ...]) -> str:
+    rows = []
+    for name, tag in LATENCY:
+        for r in load(name)["results"]:
+            if r["batch"] == batch and r["threads"] == threads and r["bits"] in bits:
+                rows.append([f"{r['model']}{tag}", r["bits"], pct(r["ort_int_ms"], 2), pct(r["ort_float_ms"], 2),
+                             f"{r['speedup_int_vs_ort_float']:.2f}x", f"{100 * r['share_of_int8_peak']:.0f}%"])
+    return markdown_table(["model", "bits", "ORT integer ms", "ORT float ms", "speed-up", "share of int8 GEMM peak"],
+                          rows)
+
+
+def latency() -> str:
+    """Batch 32, 2 threads, median ms per batch: integer ONNX vs float ONNX in ONNX Runtime."""
+    return _latency(32, 2, (4,))
+
+
+def latency_b1() -> str:
+    """Batch 1, 1 thread: the edge-like case."""
+    return _latency(1, 1, (8, 4, 2))
+
+
+# --- training ------------------------------------------------------------------------------------------------------
+
+def train_speed() -> str:
+    """One training step, batch 128, 2 threads: float ms and fake-quant step time as a multiple of float."""
+    rows = []
+    for name, label in (("train_speed.json", "resnet20"), ("train_speed_mobilenetv2_cifar.json", "mobilenetv2_cifar"),
+                        ("train_speed_compiled.json", "resnet20, --compile" + EARLIER)):
+        d = load(name)
+        rows.append([f"{label} (`results/{name}`)", pct(d["ms_per_step"]["32"], 0),
+                     *(f"{d['ratio'][str(b)]:.2f}x" for b in (8, 4, 2))])
+    return markdown_table(["model", "float ms / step", "W8A8", "W4A4", "W2A2"], rows)
+
+
+def mobilenetv2() -> str:
+    """MobileNetV2-CIFAR trained from scratch as one switchable model: test accuracy % after the last epoch."""
+    d = load("mobilenetv2_cifar_switchable.json")
+    last = d["history"][-1]
+    return markdown_table(["bits", "32", "8", "4", "2"],
+                          [[f"accuracy % ({d['config']['test_subset']} test images, epoch {last['epoch']})",
+                            *(pct(last["test_acc"][str(b)], 2) for b in (32, 8, 4, 2))]])
+
+
+TABLES = {"qat": qat, "qat-all": qat_all, "defense": defense, "defense-all": defense_all, "parity": parity,
+          "parity-all": parity_all, "latency": latency, "latency-b1": latency_b1, "train-speed": train_speed,
+          "mobilenetv2": mobilenetv2}
+
+
+def render(text: str) -> str:
+    """`text` with every marked block replaced by its table; an unknown block name is an error."""
+    def sub(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in TABLES:
+            raise SystemExit(f"render_docs: unknown table block '{name}' (known: {', '.join(TABLES)})")
+        return m.group(1) + TABLES[name]() + m.group(4)
+
+    return BLOCK.sub(sub, text)
+
+
+def stale_blocks(path: Path) -> list[str]:
+    """Names of the blocks in `path` whose text differs from what render() writes."""
+    text = path.read_text()
+    new = {m.group("name"): m.group("body") for m in BLOCK.finditer(render(text))}
+    return [m.group("name") for m in BLOCK.finditer(text) if m.group("body") != new[m.group("name")]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block differs from its rendering")
+    ap.add_argument("files", nargs="*", default=list(DOCS), help=f"markdown files to render (default {' '.join(DOCS)})")
+    a = ap.parse_args(argv)
+    for f in a.files:
+        path = ROOT / f
+        if a.check:
+            stale = stale_blocks(path)
+            if stale:
+                print(f"{f}: table block '{stale[0]}' is stale; run python bench/render_docs.py")
+                return 1
+        else:
+            text = path.read_text()
+            new = render(text)
+            if new != text:
+                path.write_text(new)
+                print(f"rendered {f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
