@@ -156,3 +156,13 @@ def test_edge_runner_and_verify_agree_on_what_is_integer():
 
     assert run_edge.INTEGER_KERNELS == INTEGER_OPS
     assert run_edge.MOVEMENT - {"QuantizeLinear", "DequantizeLinear", "MemcpyFromHost", "MemcpyToHost"} == MOVEMENT_OPS
+
+
+def test_packed_bundle_benchmark_smoke(trained_ckpt, tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import packed_bundle
+
+    assert packed_bundle.main(["--checkpoint", str(trained_ckpt), "--bits", "2", "--n", "32",
+                               "--out", str(tmp_path / "pb")]) == 0
+    res = json.loads((tmp_path / "pb.json").read_text())
+    assert res["logits_identical"] and res["model_bytes_ratio"] > 1.5
