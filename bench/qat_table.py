@@ -25,28 +25,29 @@ def earlier_sha(path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-dir", default="../shared/data/cifar10")
-    ap.add_argument("--weights", default="../shared/data/weights/resnet20-12fca82f.th")
+    ap.add_argument("--data-dir", default="../shared/data/cifar10", help="CIFAR-10 folder (default ../shared/data/cifar10)")
+    ap.add_argument("--weights", default="../shared/data/weights/resnet20-12fca82f.th", help="pretrained float ResNet-20 weights")
     ap.add_argument("--epochs", type=int, default=3, help="epochs of the switchable run")
     ap.add_argument("--float-epochs", type=int, default=2, help="epochs of the float fine-tune")
     ap.add_argument("--fixed-epochs", type=int, default=2, help="epochs of each fixed-precision run (more steps per bit-width than the switchable run gets)")
-    ap.add_argument("--lr", type=float, default=0.02)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--train-subset", type=int)
-    ap.add_argument("--test-subset", type=int)
+    ap.add_argument("--lr", type=float, default=0.02, help="learning rate of every run (default 0.02)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--seed", type=int, default=0, help="training seed of every run (default 0); give each seed its own --runs-dir")
+    ap.add_argument("--train-subset", type=int, help="train on the first N training images (default all)")
+    ap.add_argument("--test-subset", type=int, help="score on the first N test images (default all 10,000)")
     ap.add_argument("--residual-bits", type=int, default=8,
                     help="also train the switchable model and the 2-bit model with the residual stream at >= this many "
                          "bits (conv inputs stay at the bit-width); 0 = skip those rows")
     ap.add_argument("--residual-epochs", type=int, default=None, help="epochs of the wide-residual runs (default: --epochs / --fixed-epochs)")
     ap.add_argument("--distill", action="store_true",
                     help="wide-residual runs: distil at quantized steps from the float fine-tune of this table (qnn train --distill "
-                         "RUNS/float/model.pt); the pretrained weights score only ~81% on this JPEG-decoded data")
-    ap.add_argument("--runs-dir", default="runs/qat_resnet20")
+                         "RUNS/float/model.pt); the pretrained weights score only ~81%% on this JPEG-decoded data")
+    ap.add_argument("--runs-dir", default="runs/qat_resnet20", help="where the runs' checkpoints go (a finished run is reused)")
     ap.add_argument("--runs", help="train and score only these runs (comma-separated names, e.g. "
                     "float,switchable_r8_kd_e5); tables whose runs are missing are left out")
     ap.add_argument("--compare", help="an earlier results JSON of this program: adds a table of each run's accuracy "
                     "against it (a reproduction check)")
-    ap.add_argument("--out", default="results/qat_resnet20")
+    ap.add_argument("--out", default="results/qat_resnet20", help="results path without extension (.json and .md)")
     a = ap.parse_args(argv)
 
     from qnn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 if wide and a.residual_epochs:
                     epochs = a.residual_epochs
                 cfg = TrainConfig(model="resnet20", dataset="cifar10", data_dir=a.data_dir, init=a.weights, bits=bits,
-                                  epochs=epochs, lr=a.lr, threads=a.threads, train_subset=a.train_subset,
+                                  epochs=epochs, lr=a.lr, threads=a.threads, seed=a.seed, train_subset=a.train_subset,
                                   test_subset=a.test_subset, out_dir=str(out), resume=True, eval_bits=bits,
                                   residual_bits=(R if wide else None), distill=(str(Path(a.runs_dir) / "float" / "model.pt") if wide and a.distill else None))
                 print(f"== training {name} (bits {bits})", flush=True)
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             model, obj = load_checkpoint(out / "model.pt")
             acc = evaluate(model, test, bits)
             results[name] = {"bits": bits, "accuracy_pct": {str(k): v for k, v in acc.items()},
-                             "epochs": obj["config"]["epochs"], "lr": obj["config"]["lr"]}
+                             "epochs": obj["config"]["epochs"], "lr": obj["config"]["lr"],
+                             "seed": obj["config"].get("seed", 0)}
             print(name, acc, flush=True)
     except QNNError as e:
         print(f"qat_table: error: {e}", file=sys.stderr)
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     eps = {k: v["epochs"] for k, v in results.items()}
     cmd = (f"python bench/qat_table.py --epochs {a.epochs} --float-epochs {a.float_epochs} --fixed-epochs {a.fixed_epochs} "
            f"--lr {a.lr} --residual-bits {R}" + (f" --residual-epochs {a.residual_epochs}" if a.residual_epochs else "")
-           + (" --distill" if a.distill else "") + (f" --runs {a.runs}" if a.runs else "")
+           + (" --distill" if a.distill else "") + (f" --seed {a.seed}" if a.seed else "")
+           + (f" --runs-dir {a.runs_dir}" if a.runs_dir != "runs/qat_resnet20" else "") + (f" --runs {a.runs}" if a.runs else "")
            + (f" --compare {a.compare}" if a.compare else "")
            + (f" --out {a.out}" if a.out != "results/qat_resnet20" else ""))
     md = (f"Pretrained ResNet-20 fine-tuned on the shared (JPEG-decoded) CIFAR-10 (epochs per run: {eps}), "

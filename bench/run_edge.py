@@ -360,7 +360,7 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv=None) -> int:
     ap = _Parser(description="Run a qnn edge bundle with ONNX Runtime (integer model).")
-    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--bundle", required=True, help="bundle folder written by qnn bundle (manifest.json inside)")
     ap.add_argument("--threads", default=None, help="intra-op threads (default: all cores)")
     ap.add_argument("--batch", type=int, default=32, help="larger batch for latency/throughput (batch 1 always runs)")
     ap.add_argument("--warmup", type=int, default=10, help="untimed runs before each latency measurement")
