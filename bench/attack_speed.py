@@ -19,13 +19,20 @@ from qnn.bench.common import environment, markdown_table  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="qnn checkpoint (default: pretrained float ResNet-20, calibrated)")
-    ap.add_argument("--weights", default="../shared/data/weights/resnet20-12fca82f.th")
-    ap.add_argument("--data-dir", default="../shared/data/cifar10")
-    ap.add_argument("--bits", default="32,4")
-    ap.add_argument("--iterations", type=int, default=500)
-    ap.add_argument("--n-images", type=int, default=1000)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="results/attack_speed")
+    ap.add_argument("--weights", default="../shared/data/weights/resnet20-12fca82f.th", help="pretrained float "
+                    "ResNet-20 weights (akamaster .th), used when --checkpoint is not given (default "
+                    "../shared/data/weights/resnet20-12fca82f.th)")
+    ap.add_argument("--data-dir", default="../shared/data/cifar10", help="CIFAR-10 folder; the patch is optimised on "
+                    "its first --n-images training images (default ../shared/data/cifar10)")
+    ap.add_argument("--bits", default="32,4",
+                    help="comma-separated bit-widths to time, each 2..8 or 32 (float) (default 32,4)")
+    ap.add_argument("--iterations", type=int, default=500,
+                    help="patch optimisation iterations per bit-width (default 500)")
+    ap.add_argument("--n-images", type=int, default=1000,
+                    help="CIFAR-10 training images the patch is optimised over (default 1000)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--out", default="results/attack_speed", help="results path without extension (.json and .md are "
+                    "written; default results/attack_speed)")
     a = ap.parse_args(argv)
     import torch
 

@@ -25,12 +25,18 @@ from qnn.bench.common import environment, markdown_table  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", default='qadtr;qadtr:{"gir_every": 32}')
-    ap.add_argument("--data-dir", default="../shared/data/cifar10")
-    ap.add_argument("--init", default="../shared/data/weights/resnet20-12fca82f.th")
-    ap.add_argument("--train-subset", type=int, default=20000)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="results/defense_cost")
+    ap.add_argument("--variants", default='qadtr;qadtr:{"gir_every": 32}', help="semicolon-separated defenses timed "
+                    "against plain QAT, each NAME (none, pbat, dwq, qadtr) or NAME:JSON defense options (default "
+                    "'qadtr;qadtr:{\"gir_every\": 32}')")
+    ap.add_argument("--data-dir", default="../shared/data/cifar10",
+                    help="CIFAR-10 folder (default ../shared/data/cifar10)")
+    ap.add_argument("--init", default="../shared/data/weights/resnet20-12fca82f.th", help="pretrained float ResNet-20 "
+                    "weights every variant starts from (default ../shared/data/weights/resnet20-12fca82f.th)")
+    ap.add_argument("--train-subset", type=int, default=20000,
+                    help="CIFAR-10 training images in one epoch (sets the steps per epoch) (default 20000)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--out", default="results/defense_cost", help="results path without extension (.json and .md are "
+                    "written; default results/defense_cost)")
     ap.add_argument("--steps", type=int, default=0, help="N > 0: N interleaved steps per variant instead of whole epochs")
     ap.add_argument("--warmup", type=int, default=3, help="interleaved steps per variant left out of the mean")
     a = ap.parse_args(argv)

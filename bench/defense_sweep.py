@@ -199,14 +199,19 @@ def aggregate(grid: list[dict], runs: Path, eval_bits: list[int], cost: bool = T
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--budget", default="smoke")
+    ap.add_argument("--budget", default="smoke", help="defense-table budget: smoke (small CNN, synthetic data, 1 "
+                    "epoch: CPU minutes), cpu (ResNet-20 from the shared pretrained weights, 1 epoch on 20000 "
+                    "CIFAR-10 images) or full (ResNet-20, 30 epochs on all of CIFAR-10: for a GPU) (default smoke)")
     ap.add_argument("--grid", required=True, help="YAML list of settings (see bench/sweeps/)")
-    ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--runs-dir", default=None)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--seeds", default="0,1", help="comma-separated seeds; every setting is trained and attacked once "
+                    "per seed (default 0,1)")
+    ap.add_argument("--runs-dir", default=None, help="folder of the jobs' models and evaluations (SETTING/sSEED), "
+                    "reused when rerun (default runs/defense_sweep_BUDGET)")
+    ap.add_argument("--out", default=None, help="results path without extension (.json and .md are written by an "
+                    "unsharded or --report-only run; default results/screens/defense_sweep_BUDGET)")
     ap.add_argument("--data-dir", default=None, help="override the budget's dataset folder")
     ap.add_argument("--init", default=None, help="override the budget's pretrained weights")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     ap.add_argument("--shard", default="0/1", help="i/n: run jobs i, i+n, i+2n, ... (n worker processes)")
     ap.add_argument("--report-only", action="store_true", help="aggregate finished jobs, train nothing")

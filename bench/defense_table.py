@@ -170,10 +170,14 @@ def evaluate_defense(model, trained_bits, b, data, seed=0, left_out=True, eval_b
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--budget", default="smoke")
-    ap.add_argument("--runs-dir", default=None)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--budget", default="smoke", help="smoke (small CNN, synthetic data, 1 epoch: CPU minutes), cpu "
+                    "(ResNet-20 from the shared pretrained weights, 1 epoch on 20000 CIFAR-10 images) or full "
+                    "(ResNet-20, 30 epochs on all of CIFAR-10: for a GPU) (default smoke)")
+    ap.add_argument("--runs-dir", default=None, help="folder of the trained models and their evaluations, reused when "
+                    "rerun (default runs/defense_table_BUDGET)")
+    ap.add_argument("--out", default=None, help="results path without extension (.json, .md and .png are written; "
+                    "default results/defense_table_BUDGET)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda: training and attacks")
     ap.add_argument("--only", help="comma-separated defense names to run")
     ap.add_argument("--reuse", metavar="JSON", help="an earlier results JSON of this program: take the rows named by "

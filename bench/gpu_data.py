@@ -34,8 +34,10 @@ def write_npz(path: Path, **arrays) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--budget", default="cpu")
-    ap.add_argument("--out", default=".gpudata")
+    ap.add_argument("--budget", default="cpu", help="CIFAR-10 defense budget whose images and weights are copied: cpu "
+                    "(20000 + 500 attack training images, 2000 test images) or full (all images) (default cpu)")
+    ap.add_argument("--out", default=".gpudata", help="output folder; cifar10/train.npz, cifar10/test.npz and "
+                    "weights/ are written in it (default .gpudata)")
     a = ap.parse_args(argv)
     if a.budget not in BUDGETS or BUDGETS[a.budget]["dataset"] != "cifar10":
         print(f"gpu_data: error: budget must be a CIFAR-10 one ({', '.join(k for k, v in BUDGETS.items() if v['dataset'] == 'cifar10')})",

@@ -60,13 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", default="cpu", help="data, eval images and left-out bit-widths of this budget")
     ap.add_argument("--runs-dir", default=None, help="a defense_sweep runs folder (SETTING/sSEED/model.pt)")
     ap.add_argument("--settings", default=None, help="comma-separated setting names as in the sweep's grid")
-    ap.add_argument("--seeds", default=None)
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds of the --settings runs to measure, e.g. 1,2 "
+                    "(needed with --settings; no default)")
     ap.add_argument("--add", action="append", help="SETTING:SEED=PATH, another checkpoint (repeatable)")
     ap.add_argument("--bits", default=None, help="bit-widths to measure (default: the budget's left-out ones)")
     ap.add_argument("--baseline", default="none", help="setting the differences are taken against")
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="results/left_out_clean")
+    ap.add_argument("--data-dir", default=None, help="override the budget's dataset folder (default: the budget's)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--out", default="results/left_out_clean", help="results path without extension (.json and .md "
+                    "are written; default results/left_out_clean)")
     a = ap.parse_args(argv)
     from qnn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
     from qnn.config import parse_bits

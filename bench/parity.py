@@ -28,16 +28,21 @@ from qnn.bench.common import environment, markdown_table  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--bits", default="8,4,2")
-    ap.add_argument("--dataset", default="cifar10")
-    ap.add_argument("--data-dir", default="../shared/data/cifar10")
-    ap.add_argument("--n", type=int, default=10000)
-    ap.add_argument("--n-attack", type=int, default=1000)
-    ap.add_argument("--patch-iters", type=int, default=300)
+    ap.add_argument("--checkpoint", required=True, help="qnn checkpoint to export and compare (required)")
+    ap.add_argument("--bits", default="8,4,2", help="comma-separated bit-widths to export and compare, each 2..8 or "
+                    "32 (default 8,4,2)")
+    ap.add_argument("--dataset", default="cifar10", help="dataset: synthetic, cifar10 or imagefolder (default cifar10)")
+    ap.add_argument("--data-dir", default="../shared/data/cifar10",
+                    help="dataset folder (default ../shared/data/cifar10)")
+    ap.add_argument("--n", type=int, default=10000, help="test images compared, the first N (default 10000)")
+    ap.add_argument("--n-attack", type=int, default=1000, help="training images the universal patches are crafted on, "
+                    "the first N (default 1000)")
+    ap.add_argument("--patch-iters", type=int, default=300,
+                    help="optimisation iterations per universal patch (default 300)")
     ap.add_argument("--interp-n", type=int, default=1000, help="images for the interpreter bit-exactness check (0 = off)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="results/parity")
+    ap.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads (default 2)")
+    ap.add_argument("--out", default="results/parity", help="results path without extension (.json and .md are "
+                    "written; default results/parity)")
     a = ap.parse_args(argv)
 
     import numpy as np

@@ -81,15 +81,18 @@ def profile_step(model, x, y) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet20", help="zoo model (default resnet20; 32x32 input)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--batch", type=int, default=128, help="batch size of the timed steps (random 32x32 images) "
+                    "(default 128)")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps per precision (default 5)")
+    ap.add_argument("--iters", type=int, default=15, help="timed steps per precision; their median is reported "
+                    "(default 15)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (fuses the elementwise work)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     ap.add_argument("--profile", action="store_true", help="also print the top operators of five 4-bit steps "
                     "(torch.profiler) and how many device-to-host copies (host syncs) one step makes")
-    ap.add_argument("--out", default="results/train_speed")
+    ap.add_argument("--out", default="results/train_speed", help="results path without extension (.json and .md are "
+                    "written; _MODEL, _compiled and _cuda are appended when they apply; default results/train_speed)")
     a = ap.parse_args(argv)
     import torch
 

@@ -19,16 +19,24 @@ from qnn.bench.common import environment  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", default="runs/qat_resnet20/switchable/model.pt")
-    ap.add_argument("--data-dir", default="../shared/data/cifar10")
-    ap.add_argument("--sizes", default="6,8")
-    ap.add_argument("--sources", default="32,8,4,2")
-    ap.add_argument("--targets", default="32,8,4,2")
-    ap.add_argument("--iterations", type=int, default=500)
-    ap.add_argument("--n-attack", type=int, default=1000)
-    ap.add_argument("--n-eval", type=int, default=2000)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="results/transfer_resnet20")
+    ap.add_argument("--checkpoint", default="runs/qat_resnet20/switchable/model.pt", help="qnn checkpoint attacked "
+                    "(default runs/qat_resnet20/switchable/model.pt)")
+    ap.add_argument("--data-dir", default="../shared/data/cifar10",
+                    help="CIFAR-10 folder (default ../shared/data/cifar10)")
+    ap.add_argument("--sizes", default="6,8", help="comma-separated square patch sizes in pixels, one matrix each "
+                    "(default 6,8)")
+    ap.add_argument("--sources", default="32,8,4,2", help="comma-separated bit-widths the patches are crafted at "
+                    "(rows), each 2..8 or 32 (default 32,8,4,2)")
+    ap.add_argument("--targets", default="32,8,4,2", help="comma-separated bit-widths the patches are evaluated at "
+                    "(columns), each 2..8 or 32 (default 32,8,4,2)")
+    ap.add_argument("--iterations", type=int, default=500, help="signed-gradient iterations per patch (default 500)")
+    ap.add_argument("--n-attack", type=int, default=1000, help="training images the patches are crafted on, the first "
+                    "N (default 1000)")
+    ap.add_argument("--n-eval", type=int, default=2000, help="test images the ASR is measured on, the first N "
+                    "(default 2000)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--out", default="results/transfer_resnet20", help="results path without extension (.json, .md, "
+                    "one _SxS.png per size and an _patches folder are written; default results/transfer_resnet20)")
     a = ap.parse_args(argv)
     import torch
 
