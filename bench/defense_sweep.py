@@ -27,8 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qnn.bench.common import environment, markdown_table  # noqa: E402
-from qnn.bench.defense_table import (BUDGETS, PER_BIT, TRAIN_OVERRIDES, UNSEEN, evaluate_defense, train_defense,  # noqa: E402
-                                  unseen_each, unseen_label)
+from qnn.bench.defense_table import (BUDGETS, PER_BIT, TRAIN_OVERRIDES, UNSEEN, ensemble_of, evaluate_defense,  # noqa: E402
+                                  train_defense, unseen_each, unseen_label, unseen_of)
 
 
 def load_grid(path: str) -> list[dict]:
@@ -134,7 +134,7 @@ def _seeds_found(runs: Path, g: dict, eval_bits: list[int]) -> list[int]:
 
 
 def aggregate(grid: list[dict], runs: Path, eval_bits: list[int], cost: bool = True,
-              seeds: list[int] | None = None) -> tuple[dict, str]:
+              seeds: list[int] | None = None, unseen: list[dict] = UNSEEN) -> tuple[dict, str]:
     """Mean over seeds per setting and bit-width; per-bit settings merge their models' rows per seed first. Reads
     exactly the grid's job folders (for `seeds`, all seeds found when None): a folder of another grid that shares a
     setting's name is the same job; one run with other options is refused (as run_job does)."""
@@ -191,8 +191,8 @@ def aggregate(grid: list[dict], runs: Path, eval_bits: list[int], cost: bool = T
                            [[n] + [cell(s, bt, "clean_acc_pct") for bt in bits] + [cell(s, bt, "adaptive_asr_pct") for bt in bits]
                             for n, s in summary.items()])
           + "\nUnseen-patch ASR % by configuration (means over seeds):\n\n"
-          + markdown_table(["setting"] + [f"{bt}b {unseen_label(u)}" for bt in bits for u in UNSEEN],
-                           [[n] + [unseen_each(s, bt, i) for bt in bits for i in range(len(UNSEEN))]
+          + markdown_table(["setting"] + [f"{bt}b {unseen_label(u)}" for bt in bits for u in unseen],
+                           [[n] + [unseen_each(s, bt, i) for bt in bits for i in range(len(unseen))]
                             for n, s in summary.items()]))
     return summary, md
 
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"defense_sweep: job {job['key']} failed: {type(e).__name__}: {str(e)[:300]} "
                               f"(at {' | '.join(ln.strip() for ln in tb[-5:-1])})", flush=True)
                         failed.append(job["key"])
-        summary, md = aggregate(grid, runs, b["eval_bits"], cost=not a.no_cost, seeds=seeds)
+        summary, md = aggregate(grid, runs, b["eval_bits"], cost=not a.no_cost, seeds=seeds, unseen=unseen_of(b))
     except QNNError as e:
         print(f"defense_sweep: error: {e}", file=sys.stderr)
         return 2
@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     own = [f"{g['name']}: {g['epochs']}" for g in grid if g.get("epochs", b["epochs"]) != b["epochs"]]
     epochs = f"{b['epochs']} epoch(s)" + (f" unless a setting says otherwise ({'; '.join(own)})" if own else "")
     head = (f"Defense sweep, budget `{a.budget}` ({b['model']}, {epochs} on {b['train_subset'] or 'all'} "
-            f"training images, eval on {b['n_eval']} test images, patches {b['patch_iters']} iterations), grid "
+            f"training images, eval on {b['n_eval']} test images; ASR: the worst of {len(ensemble_of(b))} attacks, "
+            f"{b['attack_iters']} iterations each), grid "
             f"`{a.grid}`, seeds {a.seeds}. Command: `python bench/defense_sweep.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n")
     print(head + md)
     if a.shard == "0/1" or a.report_only:

@@ -22,35 +22,50 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qnn.attacks.ensemble import ENSEMBLE, ensemble_asr  # noqa: E402
+from qnn.attacks.suites import label, patch_settings  # noqa: E402
 from qnn.bench.common import environment, markdown_table, save_figure  # noqa: E402
 
 BUDGETS = {
     "smoke": dict(model="small_cnn", dataset="synthetic", data_dir=None, init=None, epochs=1, n_synthetic=600,
                   train_subset=None, batch_size=64, lr=0.05, n_eval=100, n_attack=100, patch_iters=5, patch_batch=32,
+                  attack_iters=3, attacks=("sign 0.05", "adam 0.05"), unseen=("10x10 sq", "6.25% circ", "8x8 sq fixed"),
                   eval_bits=[32, 8, 4, 2], left_out=[3], ablations=False, pbat_iters=3, dwq_steps=2, transfer=False,
                   cost_steps=4),
     "cpu": dict(model="resnet20", dataset="cifar10", data_dir="../shared/data/cifar10",
                 init="../shared/data/weights/resnet20-12fca82f.th", epochs=1, n_synthetic=None, train_subset=20000,
                 batch_size=128, lr=0.02, n_eval=2000, n_attack=500, patch_iters=40, patch_batch=64,
+                attack_iters=500, attacks=None, unseen=None,
                 eval_bits=[32, 8, 4, 2], left_out=[3, 5, 6], ablations=True, pbat_iters=5, dwq_steps=3, transfer=True,
                 cost_steps=40),
     "full": dict(model="resnet20", dataset="cifar10", data_dir="../shared/data/cifar10",
                  init="../shared/data/weights/resnet20-12fca82f.th", epochs=30, n_synthetic=None, train_subset=None,
                  batch_size=128, lr=0.05, n_eval=10000, n_attack=2000, patch_iters=500, patch_batch=128,
+                 attack_iters=1000, attacks=None, unseen=None,
                  eval_bits=[32, 8, 4, 2], left_out=[3, 5, 6], ablations=True, pbat_iters=25, dwq_steps=7, transfer=True,
                  cost_steps=100),
 }
-SEEN = dict(patch_shape=(6, 6), shape="square", placement="random")
-UNSEEN = [dict(patch_shape=(10, 10), shape="square", placement="random"),
-          dict(patch_shape=(8, 8), shape="circle", placement="random"),
-          dict(patch_shape=(8, 8), shape="square", placement="fixed")]
+# the patch configurations, defined once (qnn/configs/suite_*.yaml, shared with `qnn attack --suite`)
+SEEN = patch_settings("seen")[0]
+UNSEEN = patch_settings("unseen")
+unseen_label = label
 
 
-def unseen_label(u: dict) -> str:
-    """'10x10 sq', '8x8 circ', '8x8 sq fixed': a short name of one unseen patch configuration."""
-    h, w = u["patch_shape"]
-    shape = {"square": "sq", "circle": "circ"}.get(u["shape"], u["shape"])
-    return f"{h}x{w} {shape}" + (" fixed" if u["placement"] == "fixed" else "")
+def unseen_of(b: dict) -> list[dict]:
+    """The budget's unseen configurations: the whole suite (`unseen` None) or the named ones (smoke: three, because
+    the optimised placement alone searches every position of every image)."""
+    if b["unseen"] is None:
+        return UNSEEN
+    by_label = {label(u): u for u in UNSEEN}
+    return [by_label[n] for n in b["unseen"]]
+
+
+def ensemble_of(b: dict) -> tuple:
+    """The budget's evaluation attacks: the whole ensemble (`attacks` None) or the named ones (smoke: two, fast)."""
+    if b["attacks"] is None:
+        return ENSEMBLE
+    by_name = {a.name: a for a in ENSEMBLE}
+    return tuple(by_name[n] for n in b["attacks"])
 
 
 def unseen_each(entry: dict, bits: str, i: int) -> str:
@@ -133,7 +148,9 @@ def interleaved_cost(b: dict, names: dict, threads: int, device: str) -> dict[st
 def evaluate_defense(model, trained_bits, b, data, seed=0, left_out=True, eval_bits=None, device="cpu",
                      adaptive_bits=None) -> dict:
     """Clean accuracy, seen / unseen / adaptive ASR per bit-width (BN re-calibrated at bit-widths not trained).
-    The adaptive patch is EOT over `adaptive_bits` (default: the trained bit-widths, the defender's distribution)."""
+    Seen and unseen ASR are the worst over the budget's attack ensemble (each attack's ASR is kept beside it); the
+    ensemble's EOT attack and the adaptive patch are EOT over `adaptive_bits` (default: the trained bit-widths, the
+    defender's distribution)."""
     from qnn.attacks.patch import PatchConfig, evaluate_patch, optimize_universal_patch
     from qnn.layers import set_bit_width_
     from qnn.train import calibrate_, evaluate
@@ -146,20 +163,21 @@ def evaluate_defense(model, trained_bits, b, data, seed=0, left_out=True, eval_b
             calibrate_(model, train_ds, bits, device=device)
         r = {"clean_acc_pct": evaluate(model, test_ds, [bits], device=device)[bits]}
 
-        def asr(pc: dict, **kw) -> float:
-            cfg = PatchConfig(iterations=b["patch_iters"], batch_size=b["patch_batch"], seed=seed, **pc, **kw)
-            set_bit_width_(model, bits)
-            patch, _ = optimize_universal_patch(model, xa, ya, cfg, device=device)
-            set_bit_width_(model, bits)
-            return evaluate_patch(model, xe, ye, patch, cfg, device=device)["asr_pct"]
+        def asr(pc: dict) -> dict:
+            # the worst case over the ensemble: a defense that defeats one optimiser is not robust to the patch
+            base = PatchConfig(batch_size=b["patch_batch"], seed=seed, **pc)
+            return ensemble_asr(model, bits, (xa, ya), (xe, ye), base, b["attack_iters"],
+                                trained_bits=list(adaptive_bits or trained_bits), attacks=ensemble_of(b), device=device)
 
-        r["seen_asr_pct"] = asr(SEEN)
-        r["unseen_asr_pct_each"] = [asr(u) for u in UNSEEN]
-        r["unseen_asr_pct"] = sum(r["unseen_asr_pct_each"]) / len(UNSEEN)
+        seen, unseen = asr(SEEN), [asr(u) for u in unseen_of(b)]
+        r["seen_asr_pct"], r["seen_per_attack"] = seen["asr_pct"], seen["per_attack"]
+        r["unseen_asr_pct_each"] = [u["asr_pct"] for u in unseen]
+        r["unseen_per_attack"] = [u["per_attack"] for u in unseen]
+        r["unseen_asr_pct"] = sum(r["unseen_asr_pct_each"]) / len(unseen)
         out[str(bits)] = r
         print(f"  {bits} bits: clean {r['clean_acc_pct']:.1f}  seen {r['seen_asr_pct']:.1f}  unseen {r['unseen_asr_pct']:.1f}", flush=True)
     # adaptive: EOT over the defender's bit-width distribution, evaluated at every trained bit-width
-    cfg = PatchConfig(iterations=b["patch_iters"], batch_size=b["patch_batch"], seed=seed,
+    cfg = PatchConfig(iterations=b["attack_iters"], optimizer="adam", batch_size=b["patch_batch"], seed=seed,
                       eot_bits=list(adaptive_bits or trained_bits), **SEEN)
     patch, _ = optimize_universal_patch(model, xa, ya, cfg, device=device)
     for bits in eval_bits:
@@ -318,11 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     all_bits = [str(x) for x in b["eval_bits"] + b["left_out"]]
     pivot = [[bt] + [table[n]["per_bits"].get(bt, {}).get("unseen_asr_pct", "-") for n in table] for bt in all_bits]
     # the unseen mean hides which configuration a defense fails on: one row per defense, a column per (bits, config)
-    by_cfg_head = ["defense"] + [f"{bt}b {unseen_label(u)}" for bt in b["eval_bits"] for u in UNSEEN]
-    by_cfg = [[n] + [unseen_each(e, str(bt), i) for bt in b["eval_bits"] for i in range(len(UNSEEN))]
+    by_cfg_head = ["defense"] + [f"{bt}b {unseen_label(u)}" for bt in b["eval_bits"] for u in unseen_of(b)]
+    by_cfg = [[n] + [unseen_each(e, str(bt), i) for bt in b["eval_bits"] for i in range(len(unseen_of(b)))]
               for n, e in table.items()]
     md = (f"Defense table, budget `{a.budget}` ({b['model']} on {b['dataset']}, {b['epochs']} epoch(s), "
-          f"eval on {b['n_eval']} test images, patches {b['patch_iters']} iterations). "
+          f"eval on {b['n_eval']} test images; ASR: the worst of {len(ensemble_of(b))} attacks, {b['attack_iters']} iterations each). "
           f"Command: `python bench/defense_table.py {' '.join(shlex.quote(v) for v in (argv if argv is not None else sys.argv[1:]))}`\n\n"
           "`pbat` is the spec's baseline, PBAT at one fixed precision: its row at b bits is a separate PBAT model trained "
           "at b bits (its cost column is one such model; covering all bit-widths costs that times "

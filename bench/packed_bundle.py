@@ -11,7 +11,6 @@ whether the two give identical logits on every bundled image.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile

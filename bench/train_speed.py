@@ -1,5 +1,5 @@
 """Time of one training step (batch 128) of a zoo model (ResNet-20 by default) for float and for fake-quant QAT at 8,
-4 and 2 bits, all measured in one run, and the ratio fake-quant / float. Target: ratio <= 1.25 at every bit-width.
+4 and 2 bits, measured in one run with the precisions interleaved, and the ratio fake-quant / float. Target: ratio <= 1.25 at every bit-width.
 
     python bench/train_speed.py --threads 2 [--compile] [--model mobilenetv2_cifar]
     python bench/train_speed.py --device cuda --profile   # on a GPU; --profile adds the 4-bit step's top operators
@@ -20,27 +20,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qnn.bench.common import environment, markdown_table  # noqa: E402
 
 
-def step_time(model, x, y, bits: int, warmup: int, iters: int, compile_: bool, sync=lambda: None) -> float:
+def step_times(models: dict, x, y, warmup: int, iters: int, compile_: bool, sync=lambda: None) -> dict[int, float]:
+    """Median ms of one training step of each {bits: model}, the precisions interleaved step by step (after `warmup`
+    steps of each) so that machine drift during the run reaches every precision alike."""
     import torch
     import torch.nn.functional as F
 
     from qnn.layers import set_bit_width_
 
-    set_bit_width_(model, bits)
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    fwd = torch.compile(model) if compile_ else model
-    ts = []
-    for i in range(warmup + iters):
+    steps = {}
+    for bits, model in models.items():
+        set_bit_width_(model, bits)
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        steps[bits] = (torch.compile(model) if compile_ else model, opt)
+
+    def step(bits: int) -> float:
+        fwd, opt = steps[bits]
         sync()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(fwd(x), y).backward()
         opt.step()
         sync()
-        if i >= warmup:
-            ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
+        return time.perf_counter() - t0
+
+    for bits in models:
+        for _ in range(warmup):
+            step(bits)
+    ts: dict[int, list[float]] = {bits: [] for bits in models}
+    for _ in range(iters):
+        for bits in models:
+            ts[bits].append(step(bits))
+    return {bits: statistics.median(t) * 1e3 for bits, t in ts.items()}
 
 
 def model_at(name: str, bits: int, x):
@@ -108,16 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     x, y = torch.rand(a.batch, 3, 32, 32).to(dev), torch.randint(0, 10, (a.batch,)).to(dev)
-    res = {}
-    for bits in (32, 8, 4, 2):
-        model = create_model(a.model).to(dev)
-        res[bits] = step_time(model, x, y, bits, a.warmup, a.iters, a.compile, sync)
-        print(f"{'float' if bits == 32 else f'{bits}-bit'}: {res[bits]:.1f} ms/step", flush=True)
+    res = step_times({bits: create_model(a.model).to(dev) for bits in (32, 8, 4, 2)}, x, y, a.warmup, a.iters,
+                     a.compile, sync)
+    for bits, ms in res.items():
+        print(f"{'float' if bits == 32 else f'{bits}-bit'}: {ms:.1f} ms/step", flush=True)
     prof = profile_step(model_at(a.model, 4, x), x, y) if a.profile else None
     rows = [[("float" if b == 32 else f"W{b}A{b}"), ms, ms / res[32]] for b, ms in res.items()]
     where = f"{a.threads} threads" if dev == "cpu" else f"{dev} ({torch.cuda.get_device_name()})"
     named = "" if a.model == "resnet20" else f" --model {a.model}"
-    md = (f"{a.model} training step, batch {a.batch}, {where}, median of {a.iters} "
+    md = (f"{a.model} training step, batch {a.batch}, {where}, median of {a.iters}, precisions interleaved step by step "
           f"(compile={a.compile}). Command: `python bench/train_speed.py --threads {a.threads} --iters {a.iters}{named}"
           f"{' --compile' if a.compile else ''}{'' if dev == 'cpu' else f' --device {a.device}'}`\n\n"
           + markdown_table(["precision", "ms / step", "ratio vs float"], rows)

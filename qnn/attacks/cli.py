@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from qnn.attacks.suites import load_suite
 from qnn.cli import add_user_model_option
 from qnn.errors import QNNError
 from qnn.outputs import StagedDir
@@ -55,30 +56,6 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
 
-def suite_configs(name: str) -> dict:
-    from qnn.config import load_yaml
-
-    p = Path(name)
-    if not p.is_file():
-        p = Path(__file__).resolve().parents[1] / "configs" / f"suite_{name}.yaml"
-    if not p.is_file():
-        raise QNNError(f"unknown suite '{name}': give seen, unseen or a YAML file")
-    suite = load_yaml(p)
-    from dataclasses import fields
-
-    from qnn.attacks.patch import PatchConfig
-
-    known = {f.name for f in fields(PatchConfig)}
-    pcs = suite.get("patches")
-    if not isinstance(pcs, list) or not pcs or not all(isinstance(pc, dict) for pc in pcs):
-        raise QNNError(f"{p}: 'patches' must be a non-empty list of patch settings")
-    for pc in pcs:
-        unknown = sorted(set(pc) - known)
-        if unknown:
-            raise QNNError(f"{p}: unknown patch setting(s) {unknown}; allowed: {sorted(known)}")
-    return suite
-
-
 def _patch_cfg(a, num_classes: int, image_size, **over):
     from qnn.attacks.patch import PatchConfig
 
@@ -117,7 +94,7 @@ def cmd_attack(a) -> int:
         if a.patch:
             load_patch(a.patch)
         if a.suite:
-            for pc in suite_configs(a.suite)["patches"]:
+            for pc in load_suite(a.suite)["patches"]:
                 _patch_cfg(a, n_cls, size, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in pc.items()})
         source = load_checkpoint(a.source_checkpoint)[0] if a.source_checkpoint else None
         train = load_dataset(a.dataset, "train", a.data_dir, seed=a.seed)
@@ -162,7 +139,7 @@ def _attack(a, model, source, cfg, bits, xa, ya, xe, ye, out: Path, res: dict) -
             xadv, _, _ = per_image_patch_attack(model, xe, ye, cfg)
             res["results"][str(b)] = asr_metrics(predict(model, xe).numpy(), predict(model, xadv).numpy(), ye.numpy())
     elif a.suite:
-        suite = suite_configs(a.suite)
+        suite = load_suite(a.suite)
         sb = parse_bits(suite.get("bits", bits)) + parse_bits(suite.get("left_out_bits", [])) if suite.get("left_out_bits") else parse_bits(suite.get("bits", bits))
         for i, pc in enumerate(suite["patches"]):
             pcfg = _patch_cfg(a, n_cls, size, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in pc.items()})

@@ -360,13 +360,15 @@ def patched_images(model: nn.Module, x: torch.Tensor, y: torch.Tensor, patch: to
 
 
 def evaluate_patch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, patch: torch.Tensor, cfg: PatchConfig,
-                   device: str = "cpu") -> dict:
-    """ASR of a universal patch on (x, y) at the model's current bit-width."""
+                   device: str = "cpu", clean_pred: torch.Tensor | None = None) -> dict:
+    """ASR of a universal patch on (x, y) at the model's current bit-width (`clean_pred`: the model's predictions on
+    x, when the caller scores several patches on the same images)."""
     if len(x) == 0:
         raise QNNError("evaluation set is empty")
     xp = patched_images(model, x, y, patch, cfg, device)
-    return asr_metrics(predict(model, x, device=device).numpy(), predict(model, xp, device=device).numpy(),
-                       y.numpy(), cfg.targeted, cfg.target_class)
+    clean = predict(model, x, device=device) if clean_pred is None else clean_pred
+    return asr_metrics(clean.numpy(), predict(model, xp, device=device).numpy(), y.numpy(), cfg.targeted,
+                       cfg.target_class)
 
 
 def save_patch(path: str | Path, patch: torch.Tensor, cfg: PatchConfig, info: dict | None = None) -> Path:

@@ -94,6 +94,7 @@ def test_train_overrides_reach_the_training_config():
 def test_report_splits_unseen_asr_by_configuration_averaged_over_seeds(tmp_path):
     """aggregate(): each unseen configuration's ASR is averaged over seeds and printed, a column per (bits, config)."""
     from qnn.bench.defense_sweep import aggregate
+    from qnn.bench.defense_table import BUDGETS, unseen_of
 
     each = {0: [30.0, 10.0, 2.0], 1: [20.0, 14.0, 4.0]}
     for seed, e in each.items():
@@ -103,9 +104,9 @@ def test_report_splits_unseen_asr_by_configuration_averaged_over_seeds(tmp_path)
              "unseen_asr_pct_each": e}
         (d / "eval.json").write_text(json.dumps({"args": {}, "per_bits": {"4": r}, "epoch_seconds": 1.0}))
     grid = [{"name": "q", "defense": "qadtr", "args": {}, "bits": [4]}]
-    summary, md = aggregate(grid, tmp_path, [4], cost=False, seeds=[0, 1])
+    summary, md = aggregate(grid, tmp_path, [4], cost=False, seeds=[0, 1], unseen=unseen_of(BUDGETS["smoke"]))
     assert summary["q"]["per_bits"]["4"]["unseen_asr_pct_each"] == pytest.approx([25.0, 12.0, 3.0])
-    assert "| 4b 10x10 sq | 4b 8x8 circ | 4b 8x8 sq fixed |" in md and "| q | 25.0 | 12.0 | 3.0 |" in md
+    assert "| 4b 10x10 sq | 4b 6.25% circ | 4b 8x8 sq fixed |" in md and "| q | 25.0 | 12.0 | 3.0 |" in md
 
 
 @pytest.mark.parametrize("grid", sorted((ROOT / "bench" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)

@@ -22,16 +22,26 @@ def test_smoke_budget_end_to_end(tmp_path):
     # PBAT as the spec has it: one fixed-precision model per bit-width (no left-out bit-widths)
     assert set(t["pbat"]["models"]) == {"pbat@32", "pbat@8", "pbat@4", "pbat@2"}
     assert set(t["pbat"]["per_bits"]) == {"32", "8", "4", "2"}
+    from qnn.bench.defense_table import BUDGETS, unseen_of
+
+    n_unseen = len(unseen_of(BUDGETS["smoke"]))
     for name, e in t.items():
         assert set(e["per_bits"]) >= {"32", "8", "4", "2"} and (name == "pbat" or "3" in e["per_bits"])
         assert 0 <= e["per_bits"]["4"]["unseen_asr_pct"] <= 100 and "adaptive_asr_pct" in e["per_bits"]["2"]
+        # ASR is the worst over the budget's ensemble, each attack's figure kept beside it
+        r = e["per_bits"]["4"]
+        assert set(r["seen_per_attack"]) == {"sign 0.05", "adam 0.05"}
+        assert r["seen_asr_pct"] == max(r["seen_per_attack"].values())
+        assert len(r["unseen_per_attack"]) == len(r["unseen_asr_pct_each"]) == n_unseen
+        assert all(v == max(p.values()) for v, p in zip(r["unseen_asr_pct_each"], r["unseen_per_attack"]))
     md = (tmp_path / "t.md").read_text()
     assert md.count("|") > 20 and "total train cost" in md and (tmp_path / "t.png").is_file()
-    # the unseen mean split by configuration: the qadtr row's 4-bit cells are its three per-configuration ASRs
+    # the unseen mean split by configuration: the qadtr row's 4-bit cells are its per-configuration ASRs
     section = md.split("by configuration")[1].split("All figures")[0]
     row = next(line for line in section.splitlines() if line.startswith("| qadtr |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert len(cells) == 1 + 3 * 4 and cells[7:10] == [f"{v:.1f}" for v in t["qadtr"]["per_bits"]["4"]["unseen_asr_pct_each"]]
+    four = cells[1 + 2 * n_unseen:1 + 3 * n_unseen]  # columns: 32, 8, 4, 2 bits x configurations
+    assert len(cells) == 1 + n_unseen * 4 and four == [f"{v:.1f}" for v in t["qadtr"]["per_bits"]["4"]["unseen_asr_pct_each"]]
     # the interleaved cost measurement: QAT is its own reference, the others are ratios to it
     cost = json.loads((tmp_path / "t.json").read_text())["cost_interleaved_vs_qat"]
     assert cost["none"] == 1.0 and set(cost) == {"none", "qadtr", "pbat (one 4-bit model)"} and cost["qadtr"] > 0

@@ -23,3 +23,15 @@ def test_cuda_without_a_gpu_is_refused(capsys):
         pytest.skip("a CUDA device is present")
     assert main(["--device", "cuda", "--out", "/nonexistent/x"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_interleaved_run_writes_every_precision(tmp_path):
+    import json
+
+    from qnn.bench.train_speed import main
+
+    assert main(["--threads", "1", "--batch", "4", "--warmup", "1", "--iters", "2", "--model", "small_cnn",
+                 "--out", str(tmp_path / "ts")]) == 0
+    r = json.loads((tmp_path / "ts_small_cnn.json").read_text())
+    assert set(r["ms_per_step"]) == {"32", "8", "4", "2"} and r["ratio"]["32"] == 1.0
+    assert "interleaved" in (tmp_path / "ts_small_cnn.md").read_text()

@@ -72,3 +72,19 @@ def test_attack_curve_writes_a_curve_per_attack(trained_ckpt, tmp_path):
     r = json.loads(out.with_suffix(".json").read_text())
     assert r["points"] == [1, 2] and len(r["curves"]["sw"]) == 6
     assert all(len(c) == 2 and all(0 <= v <= 100 for v in c) for c in r["curves"]["sw"].values())
+
+
+def test_one_definition_of_the_seen_and_unseen_suites(tmp_path):
+    from qnn.attacks.suites import label, load_suite, patch_settings
+    from qnn.bench import defense_table
+    from qnn.errors import QNNError
+
+    assert defense_table.SEEN == patch_settings("seen")[0] and defense_table.UNSEEN == patch_settings("unseen")
+    assert [label(p) for p in patch_settings("unseen")][:2] == ["4x4 sq", "10x10 sq"]
+    assert label({"patch_frac": 0.0625, "shape": "circle", "placement": "random"}) == "6.25% circ"
+    with pytest.raises(QNNError, match="unknown suite"):
+        load_suite("nosuch")
+    bad = tmp_path / "s.yaml"
+    bad.write_text("patches:\n  - {patch_shape: [4, 4], colour: red}\n")
+    with pytest.raises(QNNError, match="unknown patch setting"):
+        load_suite(str(bad))
