@@ -28,7 +28,7 @@ from qnn.bench.common import environment, markdown_table, save_figure  # noqa: E
 
 BUDGETS = {
     "smoke": dict(model="small_cnn", dataset="synthetic", data_dir=None, init=None, epochs=1, n_synthetic=600,
-                  train_subset=None, batch_size=64, lr=0.05, n_eval=100, n_attack=100, patch_iters=5, patch_batch=32,
+                  train_subset=None, batch_size=64, lr=0.05, n_eval=64, n_attack=64, patch_iters=5, patch_batch=32,
                   attack_iters=3, attacks=("sign 0.05", "adam 0.05"), unseen=("10x10 sq", "6.25% circ", "8x8 sq fixed"),
                   eval_bits=[32, 8, 4, 2], left_out=[3], ablations=False, pbat_iters=3, dwq_steps=2, transfer=False,
                   cost_steps=4),
