@@ -1,4 +1,5 @@
-"""Edge bundle: integer model + evaluation set + patches + fake-quant expectations + manifest with sha256s.
+"""Edge bundle: integer model + evaluation set + patches + the PyTorch model's expected figures per CPU family +
+manifest with sha256s; optionally the 2/4-bit weights packed beside the model.
 
 `bench/run_edge.py` consumes it on the device with only numpy + onnxruntime.
 """
