@@ -166,7 +166,7 @@ def train_speed() -> str:
     """One training step, batch 128, 2 threads: float ms and fake-quant step time as a multiple of float."""
     rows = []
     for name, label in (("train_speed.json", "resnet20"), ("train_speed_mobilenetv2_cifar.json", "mobilenetv2_cifar"),
-                        ("train_speed_compiled.json", "resnet20, --compile" + EARLIER)):
+                        ("train_speed_compiled.json", "resnet20, --compile")):
         d = load(name)
         rows.append([f"{label} (`results/{name}`)", pct(d["ms_per_step"]["32"], 0),
                      *(f"{d['ratio'][str(b)]:.2f}x" for b in (8, 4, 2))])
