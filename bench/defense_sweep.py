@@ -26,9 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qnn.attacks.suites import label  # noqa: E402
 from qnn.bench.common import environment, markdown_table  # noqa: E402
 from qnn.bench.defense_table import (BUDGETS, PER_BIT, TRAIN_OVERRIDES, UNSEEN, ensemble_of, evaluate_defense,  # noqa: E402
-                                  train_defense, unseen_each, unseen_label, unseen_of)
+                                  train_defense, unseen_each, unseen_of)
 
 
 def load_grid(path: str) -> list[dict]:
@@ -191,7 +192,7 @@ def aggregate(grid: list[dict], runs: Path, eval_bits: list[int], cost: bool = T
                            [[n] + [cell(s, bt, "clean_acc_pct") for bt in bits] + [cell(s, bt, "adaptive_asr_pct") for bt in bits]
                             for n, s in summary.items()])
           + "\nUnseen-patch ASR % by configuration (means over seeds):\n\n"
-          + markdown_table(["setting"] + [f"{bt}b {unseen_label(u)}" for bt in bits for u in unseen],
+          + markdown_table(["setting"] + [f"{bt}b {label(u)}" for bt in bits for u in unseen],
                            [[n] + [unseen_each(s, bt, i) for bt in bits for i in range(len(unseen))]
                             for n, s in summary.items()]))
     return summary, md

@@ -48,7 +48,6 @@ BUDGETS = {
 # the patch configurations, defined once (qnn/configs/suite_*.yaml, shared with `qnn attack --suite`)
 SEEN = patch_settings("seen")[0]
 UNSEEN = patch_settings("unseen")
-unseen_label = label
 
 
 def unseen_of(b: dict) -> list[dict]:
@@ -336,8 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     all_bits = [str(x) for x in b["eval_bits"] + b["left_out"]]
     pivot = [[bt] + [table[n]["per_bits"].get(bt, {}).get("unseen_asr_pct", "-") for n in table] for bt in all_bits]
     # the unseen mean hides which configuration a defense fails on: one row per defense, a column per (bits, config)
-    by_cfg_head = ["defense"] + [f"{bt}b {unseen_label(u)}" for bt in b["eval_bits"] for u in unseen_of(b)]
-    by_cfg = [[n] + [unseen_each(e, str(bt), i) for bt in b["eval_bits"] for i in range(len(unseen_of(b)))]
+    unseen = unseen_of(b)
+    by_cfg_head = ["defense"] + [f"{bt}b {label(u)}" for bt in b["eval_bits"] for u in unseen]
+    by_cfg = [[n] + [unseen_each(e, str(bt), i) for bt in b["eval_bits"] for i in range(len(unseen))]
               for n, e in table.items()]
     md = (f"Defense table, budget `{a.budget}` ({b['model']} on {b['dataset']}, {b['epochs']} epoch(s), "
           f"eval on {b['n_eval']} test images; ASR: the worst of {len(ensemble_of(b))} attacks, {b['attack_iters']} iterations each). "

@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             r = subprocess.run([sys.executable, str(RUN_EDGE), "--bundle", str(d), "--threads", "2", "--skip-latency",
                                 "--save-logits", str(Path(td) / f"{d.name}.npz")], capture_output=True, text=True)
             logits[kind] = np.load(Path(td) / f"{d.name}.npz")
-            model_bytes = (d / "model.onnx").stat().st_size + sum(
-                (d / f).stat().st_size for f in (PACKED_WEIGHTS,) if (d / f).exists())
+            model_bytes = sum(f.stat().st_size for f in (d / "model.onnx", d / PACKED_WEIGHTS) if f.exists())
             res[kind] = {"model_bytes": model_bytes, "bundle_bytes": sum(f.stat().st_size for f in d.iterdir()),
                          "run_edge_exit": r.returncode, "run_edge_pass": r.returncode == 0 and "PASS" in r.stdout,
                          "fully_integer": "fully integer" in r.stdout}

@@ -161,7 +161,7 @@ def unpack_signed(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     """The first n signed `bits`-bit integers (2 or 4) packed little-end-first into the bytes `packed`, as int16."""
     per, mask = 8 // bits, (1 << bits) - 1
     u = np.stack([(packed >> (bits * i)) & mask for i in range(per)], 1).reshape(-1)[:n].astype(np.int16)
-    return np.where(u >= 1 << (bits - 1), u - (1 << bits), u).astype(np.int16)
+    return np.where(u >= 1 << (bits - 1), u - (1 << bits), u)
 
 
 def packed_weights(bundle: "Bundle") -> dict:

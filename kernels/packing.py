@@ -56,18 +56,18 @@ def pack_model_weights(model, file_name: str):
         t = inits.get(name)
         if t is None or len(t.dims) < 2 or t.data_type not in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
             continue
-        w = numpy_helper.to_array(t).astype(np.int64)
+        signed = t.data_type == onnx.TensorProto.INT8
+        zp = 0 if signed else 128
         zps = np.unique(numpy_helper.to_array(inits[zp_name])) if zp_name in inits else np.zeros(1)
-        zp = 0 if w.dtype == np.int8 or t.data_type == onnx.TensorProto.INT8 else 128
         if zps.tolist() != [zp]:
             continue
-        c = w - zp
+        c = numpy_helper.to_array(t).astype(np.int64) - zp
         bits = next((b for b in (2, 4) if c.min() >= -(1 << (b - 1)) and c.max() < 1 << (b - 1)), None)
         if bits is None:
             continue
         packed[name] = pack(c, bits)
         specs[name] = {"bits": bits, "shape": [int(d) for d in t.dims], "zero_point": zp,
-                       "dtype": "int8" if t.data_type == onnx.TensorProto.INT8 else "uint8"}
+                       "dtype": "int8" if signed else "uint8"}
         t.ClearField("raw_data")
         del t.int32_data[:]
         t.data_location = onnx.TensorProto.EXTERNAL
