@@ -210,7 +210,7 @@ def export_model(model: torch.nn.Module, bits: int, fmt: str, out: str | Path, m
           "first_last_w_bits": str(model.first_last_bits or bits), "input_layout": "NCHW",
           "input_normalisation": json.dumps({"mean": list(model.mean), "std": list(model.std), "pixel_range": [0, 1]}),
           "input_shape": json.dumps([3, model.in_size, model.in_size]), "arch": getattr(model, "arch", ""),
-          "weight_type": weight_type}
+          "weight_type": weight_type, "reduce_range": str(bool(getattr(model, "reduce_range", False))).lower()}
     md.update({k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (meta or {}).items()})
     for k, v in md.items():
         e = m.metadata_props.add()

@@ -8,7 +8,9 @@ fake quantization in a single autograd node (`qnn.layers.fake_quant`): Brevitas'
 scaling, clamp, float-to-int modules) costs an elementwise pass and an autograd node each. It returns the tuple
 Brevitas' proxies and export handlers expect: (value, scale, zero point, bit width).
 
-The recipe is the toolkit's integer one: per-output-channel symmetric narrow-range weights; unsigned activations
+The recipe is the toolkit's integer one: per-output-channel symmetric narrow-range weights (with `reduce_range`, the
+8-bit ones on the 7-bit grid [-63, 63], so that ONNX Runtime's int8 kernels are exact on every CPU: x86 without
+AVX-VNNI adds pairs of u8 x s8 products in a saturating int16, and 2 * 255 * 63 fits); unsigned activations
 after ReLU / pooling; the shifted form (uint8 with zero point 2^(b-1)) for tensors that can be negative before a
 residual add; a fixed 8-bit input quantizer. `qnn.layers.set_bit_width_` switches these like the toolkit's own
 layers. Scales are initialised from the first tensor seen at a bit-width (MSE-optimal clipping), in training only.
@@ -35,18 +37,21 @@ class SwitchableIntQuant(nn.Module, SwitchableMixin):
     kind 'weight': signed narrow range [-(2^(b-1)-1), 2^(b-1)-1], one scale per output channel (`scale_shape`);
     'unsigned': [0, 2^b-1]; 'shifted': [-2^(b-1), 2^(b-1)-1] stored with zero point 2^(b-1); 'input': 8 bits
     asymmetric over `input_range`, fixed (not learned). `fixed_bits` pins a layer (e.g. first and last at 8 bits);
-    `min_bits` is a floor (e.g. a wider residual stream).
+    `min_bits` is a floor (e.g. a wider residual stream); `reduce_range` (weights) puts 8-bit weights on the 7-bit grid.
     """
 
     def __init__(self, kind: str, scale_shape: tuple[int, ...] = (), fixed_bits: int | None = None,
-                 input_range: tuple[float, float] | None = None, min_bits: int | None = None):
+                 input_range: tuple[float, float] | None = None, min_bits: int | None = None,
+                 reduce_range: bool = False):
         super().__init__()
         if kind not in KINDS:
             raise QNNError(f"unknown quantizer kind '{kind}'; choose from {', '.join(KINDS)}")
         for b in (fixed_bits, min_bits):
             if b is not None:
                 bit_index(b)
-        self.kind, self.fixed_bits, self.min_bits = kind, fixed_bits, min_bits
+        if reduce_range and kind != "weight":
+            raise QNNError("reduce_range applies to weight quantizers only")
+        self.kind, self.fixed_bits, self.min_bits, self.reduce_range = kind, fixed_bits, min_bits, reduce_range
         self.log_scale = nn.Parameter(torch.zeros(len(BIT_CHOICES), *scale_shape))
         self.register_buffer("initialized", torch.zeros(len(BIT_CHOICES), dtype=torch.bool))
         self.register_load_state_dict_pre_hook(_forget_init)
@@ -71,10 +76,15 @@ class SwitchableIntQuant(nn.Module, SwitchableMixin):
         b = self.fixed_bits or b
         return max(b, self.min_bits) if self.min_bits else b
 
+    def grid_bits(self, bits: int) -> int:
+        """The width of the integer grid at switch position `bits`: 7 for 8-bit weights with `reduce_range`."""
+        return 7 if self.reduce_range and bits == 8 else bits
+
     def qrange(self, bits: int) -> tuple[float, float, float]:
         """(lo, hi, zero point) of the integer grid at `bits`, in the zero-point-removed domain."""
         if self.kind == "weight":
-            return float(-(2 ** (bits - 1) - 1)), float(2 ** (bits - 1) - 1), 0.0
+            g = self.grid_bits(bits)
+            return float(-(2 ** (g - 1) - 1)), float(2 ** (g - 1) - 1), 0.0
         if self.kind == "unsigned":
             return 0.0, float(2**bits - 1), 0.0
         if self.kind == "shifted":
@@ -113,12 +123,13 @@ class SwitchableIntQuant(nn.Module, SwitchableMixin):
         else:  # LSQ gradient scale: 1/sqrt(elements per scale x levels)
             gf = 1.0 / math.sqrt((x.numel() // max(s.numel(), 1)) * hi)
         y = fake_quant(x, s_x, lo, hi, gf)
-        return y, s_x, torch.full_like(s_x, zp), torch.tensor(float(b), device=x.device)
+        return y, s_x, torch.full_like(s_x, zp), torch.tensor(float(self.grid_bits(b)), device=x.device)
 
 
 class _WeightTensorQuant(SwitchableIntQuant):
-    def __init__(self, scaling_per_output_channel_shape, fixed_bits=None):
-        super().__init__("weight", tuple(scaling_per_output_channel_shape)[:1], fixed_bits)
+    def __init__(self, scaling_per_output_channel_shape, fixed_bits=None, reduce_range=False):
+        super().__init__("weight", tuple(scaling_per_output_channel_shape)[:1], fixed_bits,
+                         reduce_range=reduce_range)
 
 
 class _UnsignedTensorQuant(SwitchableIntQuant):
@@ -137,11 +148,13 @@ class _InputTensorQuant(SwitchableIntQuant):
 
 
 class SwitchableWeightQuant(Int8WeightPerTensorFloat):
-    """weight_quant=: per-output-channel symmetric narrow-range int weights, switchable bit-width."""
+    """weight_quant=: per-output-channel symmetric narrow-range int weights, switchable bit-width (`.let(
+    reduce_range=True)`: 8-bit weights on the 7-bit grid)."""
 
     scaling_per_output_channel = True
     tensor_quant = _WeightTensorQuant
     fixed_bits = None
+    reduce_range = False
 
 
 class SwitchableUnsignedActQuant(Uint8ActPerTensorFloat):

@@ -131,6 +131,7 @@ def load_checkpoint(path: str | Path, expect_arch: str | None = None, user_model
             obj["trained_bits"] = parse_bits(obj["trained_bits"])
         except QNNError as e:
             raise QNNError(f"{path}: trained_bits: {e}") from None
+    kwargs = {"reduce_range": False, **kwargs}  # checkpoints from before the option have full-range 8-bit weights
     try:
         model = create_model(arch, **kwargs)
     except (TypeError, ValueError) as e:

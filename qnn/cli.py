@@ -38,6 +38,9 @@ def _add_train(sub) -> None:
                    help="weight bits of the first conv and the classifier (default 8; 32 = float)")
     p.add_argument("--residual-bits", dest="residual_bits", type=arg_int(2, 8),
                    help="ResNets: residual stream (adds, block outputs) at >= this many bits; conv inputs stay at the bit-width")
+    p.add_argument("--no-reduce-range", dest="reduce_range", action="store_false", default=None,
+                   help="8-bit weights on the full grid [-127, 127] instead of [-63, 63]; the int8 export can then "
+                        "saturate on x86 without AVX-VNNI, so `--weight-type auto` stores those layers as uint8 (slower)")
     p.add_argument("--distill", help="knowledge distillation at quantized steps from a frozen float teacher: a checkpoint "
                                      "path, or 'init' for the --init checkpoint")
     p.add_argument("--distill-alpha", dest="distill_alpha", type=arg_float(0, 1),

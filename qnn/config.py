@@ -78,6 +78,7 @@ class TrainConfig:
     n_synthetic: int | None = None
     first_last_bits: int | None = 8
     residual_bits: int | None = None    # ResNets: keep the residual stream at >= this many bits (None: a_bits)
+    reduce_range: bool = True           # 8-bit weights on the 7-bit grid: the int8 export is exact on every CPU
     eval_bits: list[int] | None = None
     eval_every: int = 1                 # test-set evaluation every N epochs (and after the last)
     distill: str | None = None         # teacher for quantized steps: a float checkpoint, or "init" (= --init)

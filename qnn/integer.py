@@ -134,7 +134,7 @@ class QConv(Op):
         self.inputs, self.in_grid, self.out = (x,), in_grid, out
         self.linear = isinstance(layer, bnn.QuantLinear)
         q_w = quantizers(layer.weight_quant)[0]
-        self.w_bits = q_w.bits
+        self.w_bits = q_w.grid_bits(q_w.bits)  # 7 for 8-bit weights with reduce_range: the grid the emitters write
         self.w_int, self.s_w, self.b_int, self.s_bias = _fold(layer, bn, q_w, in_grid)
         if not self.linear:
             self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups

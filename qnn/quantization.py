@@ -6,7 +6,9 @@ module is swapped for its quantized counterpart on Brevitas layers with the tool
 
 - the input: a fixed 8-bit quantizer over `cfg.input_range` (the normalised input's range);
 - Conv2d (any groups / stride / padding / dilation / bias) -> QuantConv2d, Linear -> QuantLinear: per-channel
-  narrow-range int weights; the first conv and the last linear at `cfg.first_last_bits`;
+  narrow-range int weights; the first conv and the last linear at `cfg.first_last_bits`; with `cfg.reduce_range`
+  (the default) 8-bit weights on the 7-bit grid [-63, 63], as ONNX Runtime's own `reduce_range`: the exported int8
+  model is then exact on x86 without AVX-VNNI too (no saturating u8 x s8 pair) and fast everywhere;
 - BatchNorm2d -> one BatchNorm per bit-width (the switch picks it; folded at export);
 - ReLU / ReLU6 (modules or functions) -> the unsigned activation quantizer (ReLU6 keeps its clamp at 6);
 - residual adds, average / adaptive-average pooling: kept; max pooling, flatten / reshape / view, zero padding,
@@ -45,6 +47,7 @@ class QuantizeConfig:
     first_last_bits: int | None = 8                 # first conv and last linear pinned here (None: follow the switch)
     residual_bits: int | None = None                # residual adds at >= this many bits (None: the switch's)
     input_range: tuple[float, float] = (-2.5, 2.5)  # the (normalised) input's range, for the fixed 8-bit quantizer
+    reduce_range: bool = True                       # 8-bit weights on the 7-bit grid: int8 ONNX exact on every CPU
 
     def __post_init__(self) -> None:
         self.bits = parse_bits(self.bits)
@@ -184,8 +187,8 @@ class _Converter:
 
     def _fixed(self, target: str):
         pin = self.cfg.first_last_bits
-        return with_fixed_bits(SwitchableWeightQuant, pin) if pin and target in (self.first, self.last) \
-            else SwitchableWeightQuant
+        quant = SwitchableWeightQuant.let(reduce_range=self.cfg.reduce_range)
+        return with_fixed_bits(quant, pin) if pin and target in (self.first, self.last) else quant
 
     def _module(self, node: fx.Node) -> None:
         m = self.mods[node.target]

@@ -116,7 +116,7 @@ def init_model(cfg: TrainConfig, num_classes: int, in_size: int | None = None) -
     from qnn.models import is_user_model
     from qnn.models.quantized import load_float_weights
 
-    kw = {"num_classes": num_classes, "first_last_bits": cfg.first_last_bits}
+    kw = {"num_classes": num_classes, "first_last_bits": cfg.first_last_bits, "reduce_range": cfg.reduce_range}
     if cfg.residual_bits is not None:
         kw["residual_bits"] = cfg.residual_bits
     if is_user_model(cfg.model) and in_size is not None:

@@ -30,16 +30,16 @@ def input_range(mean, std) -> tuple[float, float]:
 
 class QuantizedNet(nn.Module):
     def __init__(self, body: nn.Module, num_classes: int, in_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 first_last_bits: int | None = 8, residual_bits: int | None = None):
+                 first_last_bits: int | None = 8, residual_bits: int | None = None, reduce_range: bool = True):
         super().__init__()
         from qnn.quantization import QuantizeConfig, quantize
 
         self.mean, self.std, self.in_size, self.num_classes = tuple(mean), tuple(std), in_size, num_classes
-        self.first_last_bits, self.residual_bits = first_last_bits, residual_bits
+        self.first_last_bits, self.residual_bits, self.reduce_range = first_last_bits, residual_bits, reduce_range
         self.register_buffer("_mean", torch.tensor(mean).reshape(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(std).reshape(1, 3, 1, 1), persistent=False)
         self.body = quantize(body, QuantizeConfig(first_last_bits=first_last_bits, residual_bits=residual_bits,
-                                                  input_range=input_range(mean, std)))
+                                                  input_range=input_range(mean, std), reduce_range=reduce_range))
         # Brevitas re-creates its quantizer modules on load_state_dict (at float): switch them back
         self.register_load_state_dict_post_hook(_reswitch)
 

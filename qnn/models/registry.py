@@ -81,5 +81,8 @@ def create_model(name: str, **kw) -> nn.Module:
     else:
         raise QNNError(f"unknown model '{name}'; available: {', '.join(list_models())}, or path/to/file.py:factory")
     model.arch = name  # type: ignore[attr-defined]
+    # what rebuilds this model from a checkpoint, defaults that shape its integer grids included
     model.arch_kwargs = dict(kw)  # type: ignore[attr-defined]
+    if hasattr(model, "reduce_range"):
+        model.arch_kwargs["reduce_range"] = model.reduce_range  # type: ignore[attr-defined]
     return model

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qnn.brevitas_quant import (FixedInputQuant, SwitchableShiftedActQuant, SwitchableUnsignedActQuant,
+from qnn.brevitas_quant import (FixedInputQuant, SwitchableIntQuant, SwitchableShiftedActQuant, SwitchableUnsignedActQuant,
                                 SwitchableWeightQuant, quantizers, with_fixed_bits)
 from qnn.errors import QNNError
 from qnn.layers import BIT_CHOICES, set_bit_width_
@@ -105,3 +105,43 @@ def test_an_uncalibrated_activation_width_is_refused_in_eval():
     set_bit_width_(m, 4)
     with pytest.raises(QNNError, match="never calibrated"):
         m(torch.randn(1, 3, 8, 8))
+
+
+def test_reduce_range_puts_8_bit_weights_on_the_7_bit_grid_only():
+    """reduce_range narrows 8-bit weights to [-63, 63] (reported to Brevitas as 7 bits, so its exports carry the
+    same grid) and leaves the other widths and the activations alone."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 3, 3, 3)
+    conv = {r: bnn.QuantConv2d(3, 8, 3, bias=False, weight_quant=SwitchableWeightQuant.let(reduce_range=r))
+            for r in (False, True)}
+    for r, c in conv.items():
+        with torch.no_grad():
+            c.weight.copy_(w)
+    for b in (2, 4, 8):
+        set_bit_width_(conv[True], b)
+        set_bit_width_(conv[False], b)
+        qw = {r: c.quant_weight() for r, c in conv.items()}
+        top = {r: int((q.value / q.scale).round().abs().max()) for r, q in qw.items()}
+        if b == 8:
+            assert top == {True: 63, False: 127} and int(qw[True].bit_width) == 7
+        else:
+            assert top[True] == top[False] == 2 ** (b - 1) - 1 and torch.equal(qw[True].value, qw[False].value)
+    with pytest.raises(QNNError, match="weight quantizers only"):
+        SwitchableIntQuant("unsigned", reduce_range=True)
+
+
+def test_checkpoints_keep_the_weight_range(tmp_path):
+    """A model's reduce_range travels in its checkpoint; a checkpoint saved before the option (no such key) was
+    trained on the full 8-bit grid and loads as such."""
+    from qnn.checkpoint import load_checkpoint, save_checkpoint
+    from qnn.models import create_model
+
+    for r in (True, False):
+        save_checkpoint(tmp_path / f"{r}.pt", create_model("small_cnn", reduce_range=r))
+        assert load_checkpoint(tmp_path / f"{r}.pt")[0].reduce_range is r
+    assert create_model("small_cnn").arch_kwargs["reduce_range"] is True
+    obj = torch.load(tmp_path / "False.pt", weights_only=True)
+    del obj["arch_kwargs"]["reduce_range"]
+    torch.save(obj, tmp_path / "old.pt")
+    m, _ = load_checkpoint(tmp_path / "old.pt")
+    assert m.reduce_range is False and all(not q.reduce_range for q in quantizers(m) if q.kind == "weight")
