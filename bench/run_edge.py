@@ -157,6 +157,28 @@ def cpu_report() -> dict:
             "qemu_cpu": os.environ.get("QEMU_CPU")}
 
 
+#: x86 flags whose int8 kernels (VPDPBUSD) accumulate u8 x s8 products in int32 directly
+VNNI_FLAGS = ("avx512_vnni", "avx512vnni", "avx_vnni")
+
+
+def int8_saturation_risk(meta: dict, plat: dict) -> str | None:
+    """Why ONNX Runtime's int8 kernels could compute wrong integers for this model on this CPU, or None: on x86
+    without VNNI, the u8 x s8 kernels add two products into a saturating int16 (VPMADDUBSW), safe for |w| <= 64.
+    The exporter records the model's largest int8 |w| (`int8_weight_max`; absent in models from before it)."""
+    w = meta.get("int8_weight_max")
+    if w is None or plat["machine"].lower() not in ("x86_64", "amd64") or set(VNNI_FLAGS) & set(plat["isa_flags"]):
+        return None
+    try:
+        w = int(w)
+    except ValueError:
+        raise EdgeError(f"model metadata int8_weight_max is not an integer: {w!r}") from None
+    if w <= 64:
+        return None
+    return (f"this model stores int8 weights up to |w| = {w} and this x86 CPU has no AVX-VNNI: ONNX Runtime's u8 x s8 "
+            f"kernels can saturate and compute wrong integers; export it with --weight-type auto, or train with "
+            f"reduce_range (the default)")
+
+
 def unpack_signed(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     """The first n signed `bits`-bit integers (2 or 4) packed little-end-first into the bytes `packed`, as int16."""
     per, mask = 8 // bits, (1 << bits) - 1
@@ -397,6 +419,9 @@ def _run(a) -> int:
     model, weights = bundle.read(man["model"]), packed_weights(bundle)
     sess = make_session(model, threads, weights=weights)
     meta = sess.get_modelmeta().custom_metadata_map
+    risk = int8_saturation_risk(meta, cpu_report())
+    if risk:
+        raise EdgeError(risk)
     try:
         norm = json.loads(meta.get("input_normalisation", "{}"))
         mean, std = (np.asarray(norm[k], np.float32).reshape(1, 3, 1, 1) for k in ("mean", "std"))

@@ -197,6 +197,18 @@ def check_exportable(model: torch.nn.Module) -> None:
                        f"qnn.models.quantized.QuantizedNet (pixels in [0, 1], normalisation, the quantized body)")
 
 
+def int8_weight_max(m: onnx.ModelProto) -> int:
+    """The largest |w| stored in an int8 weight container (0 when none): above SATURATION_FREE_MAX_W, ORT's u8 x s8
+    kernels can saturate on x86 without AVX-VNNI."""
+    inits = {t.name: t for t in m.graph.initializer}
+    top = 0
+    for n in m.graph.node:
+        t = inits.get(n.input[0]) if n.op_type == "DequantizeLinear" and n.input[0].startswith("w_") else None
+        if t is not None and t.data_type == onnx.TensorProto.INT8:
+            top = max(top, int(np.abs(onnx.numpy_helper.to_array(t).astype(np.int16)).max()))
+    return top
+
+
 def export_model(model: torch.nn.Module, bits: int, fmt: str, out: str | Path, meta: dict | None = None,
                  weight_type: str = "auto") -> Path:
     """Build, check, attach metadata and write atomically. Returns the path."""
@@ -211,6 +223,8 @@ def export_model(model: torch.nn.Module, bits: int, fmt: str, out: str | Path, m
           "input_normalisation": json.dumps({"mean": list(model.mean), "std": list(model.std), "pixel_range": [0, 1]}),
           "input_shape": json.dumps([3, model.in_size, model.in_size]), "arch": getattr(model, "arch", ""),
           "weight_type": weight_type, "reduce_range": str(bool(getattr(model, "reduce_range", False))).lower()}
+    if fmt == "int":  # what bench/run_edge.py checks against the CPU's flags before running
+        md["int8_weight_max"] = str(int8_weight_max(m))
     md.update({k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (meta or {}).items()})
     for k, v in md.items():
         e = m.metadata_props.add()

@@ -166,3 +166,39 @@ def test_packed_bundle_benchmark_smoke(trained_ckpt, tmp_path):
                                "--out", str(tmp_path / "pb")]) == 0
     res = json.loads((tmp_path / "pb.json").read_text())
     assert res["logits_identical"] and res["model_bytes_ratio"] > 1.5
+
+
+def test_run_edge_refuses_int8_weights_that_can_saturate_on_this_cpu():
+    """The exporter records the largest int8 |w|; run_edge refuses a model above 64 on x86 without VNNI (ORT's
+    u8 x s8 kernels saturate there) and runs it elsewhere. A default model (reduce_range) is safe everywhere."""
+    from qnn.bench import run_edge as E
+
+    avx2 = {"machine": "x86_64", "isa_flags": ["avx2"]}
+    vnni = {"machine": "x86_64", "isa_flags": ["avx2", "avx512f", "avx512_vnni"]}
+    arm = {"machine": "aarch64", "isa_flags": ["asimd"]}
+    assert "no AVX-VNNI" in E.int8_saturation_risk({"int8_weight_max": "127"}, avx2)
+    for plat in (vnni, arm):
+        assert E.int8_saturation_risk({"int8_weight_max": "127"}, plat) is None
+    assert E.int8_saturation_risk({"int8_weight_max": "64"}, avx2) is None
+    assert E.int8_saturation_risk({}, avx2) is None  # a model from before the field: the parity check stands
+    with pytest.raises(E.EdgeError, match="not an integer"):
+        E.int8_saturation_risk({"int8_weight_max": "x"}, avx2)
+
+
+@pytest.mark.parametrize("reduce_range,weight_type,top", [(True, "auto", 63), (False, "int8", 127), (False, "auto", 0)])
+def test_export_records_the_largest_int8_weight(reduce_range, weight_type, top, tmp_path):
+    import onnx
+
+    from qnn.export.onnx_export import export_model
+    from qnn.layers import ensure_calibrated_, set_bit_width_
+    from qnn.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model("small_cnn", reduce_range=reduce_range)
+    set_bit_width_(m, 8)
+    ensure_calibrated_(m, torch.rand(4, 3, 32, 32))  # MSE-optimal weight scales: some weights at the grid's edge
+    p = export_model(m.eval(), 8, "int", tmp_path / "m.onnx", weight_type=weight_type)
+    meta = {e.key: e.value for e in onnx.load(str(p)).metadata_props}
+    assert int(meta["int8_weight_max"]) <= top and meta["reduce_range"] == str(reduce_range).lower()
+    if top:
+        assert int(meta["int8_weight_max"]) > top // 2
