@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iterations", type=int, default=1000, help="attack iterations (default 1000)")
     ap.add_argument("--points", default="10,25,50,100,200,400,700,1000",
                     help="iterations at which ASR is measured (default 10,25,...,1000; capped at --iterations)")
+    ap.add_argument("--attacks", help="comma-separated names of ensemble members to run (default: all of them; "
+                                       "e.g. 'sign 0.05,adam 0.05')")
     ap.add_argument("--patch-size", type=int, default=10, help="square patch side in pixels (default 10)")
     ap.add_argument("--n-craft", type=int, default=2000, help="training images the patches are crafted on (default 2000)")
     ap.add_argument("--n-score", type=int, default=2000, help="test images the patches are scored on (default 2000)")
@@ -58,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed)
         if a.n_craft > len(train) or a.n_score > len(test):
             raise QNNError(f"--n-craft / --n-score exceed the {len(train)} / {len(test)} images")
+        names = [n.strip() for n in a.attacks.split(",")] if a.attacks else [att.name for att in ENSEMBLE]
+        unknown = sorted(set(names) - {att.name for att in ENSEMBLE})
+        if unknown:
+            raise QNNError(f"--attacks: unknown {unknown}; the ensemble's are {', '.join(att.name for att in ENSEMBLE)}")
     except QNNError as e:
         print(f"attack_curve: error: {e}", file=sys.stderr)
         return 2
@@ -70,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         base = PatchConfig(patch_shape=(a.patch_size, a.patch_size), seed=a.seed, image_size=tuple(score[0].shape[-2:]),
                            num_classes=model.num_classes)
         curves[name] = {}
-        for att in ENSEMBLE:
+        for att in (att for att in ENSEMBLE if att.name in names):
             cfg = attack_config(base, att, a.iterations, trained)
             if att.eot_bits and cfg.eot_bits is None:
                 continue
