@@ -44,9 +44,10 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 def command_line(script: str, argv: list[str] | None) -> str:
     """The command that ran `script` with `argv` (None: this process' arguments), as a results file records it."""
+    import shlex
     import sys
 
-    return " ".join([f"python {script}", *(sys.argv[1:] if argv is None else argv)])
+    return f"python {script} " + shlex.join(sys.argv[1:] if argv is None else argv)
 
 
 def write_results(out: str, payload: dict, md: str) -> None:
