@@ -182,6 +182,27 @@ def mobilenetv2() -> str:
                             *(pct(last["test_acc"][str(b)], 2) for b in (32, 8, 4, 2))]])
 
 
+# --- defense evaluation -------------------------------------------------------------------------------------------
+
+def attack_curve() -> str:
+    """ASR % of the universal patch against attack iterations, per model and attack."""
+    d = load("attack_curve_resnet20_w4.json")
+    rows = [[name, att, *(pct(v) for v in c)] for name, per in d["curves"].items() for att, c in per.items()]
+    return markdown_table(["model", "attack", *(str(p) for p in d["points"])], rows)
+
+
+# --- against ONNX Runtime's own quantization -------------------------------------------------------------------------
+
+def peer_latency() -> str:
+    """Our default integer export and the full-range one against ORT quantize_static and ORT float (ms, speed-up)."""
+    d = load("peer_latency.json")
+    rows = [[r["model"], r["batch"], r["threads"], pct(r["ms"]["ours int"], 2), pct(r["ms"]["ours full-range"], 2),
+             pct(r["ms"]["ORT quantize_static"], 2), pct(r["ms"]["ORT float"], 2), f"{r['ours_vs_ort_quant']:.2f}x",
+             f"{r['full_range_vs_ort_quant']:.2f}x", f"{r['ours_vs_ort_float']:.2f}x"] for r in d["results"]]
+    return markdown_table(["model", "batch", "threads", "ours (default)", "ours full-range", "ORT quantize_static",
+                           "ORT float", "ours vs ORT quant", "full-range vs ORT quant", "ours vs ORT float"], rows)
+
+
 # --- headline ------------------------------------------------------------------------------------------------------
 
 def headline() -> str:
@@ -203,7 +224,7 @@ def headline() -> str:
 
 TABLES = {"headline": headline, "qat": qat, "qat-all": qat_all, "defense": defense, "defense-all": defense_all, "parity": parity,
           "parity-all": parity_all, "latency": latency, "latency-b1": latency_b1, "train-speed": train_speed,
-          "mobilenetv2": mobilenetv2}
+          "mobilenetv2": mobilenetv2, "attack-curve": attack_curve, "peer-latency": peer_latency}
 
 
 def render(text: str) -> str:
