@@ -197,6 +197,14 @@ def check_exportable(model: torch.nn.Module) -> None:
                        f"qnn.models.quantized.QuantizedNet (pixels in [0, 1], normalisation, the quantized body)")
 
 
+def _reduce_range(model: torch.nn.Module) -> bool:
+    """Whether every weight quantizer puts 8-bit weights on the 7-bit grid (a user's own Brevitas model may not)."""
+    from qnn.brevitas_quant import quantizers
+
+    weights = [q for q in quantizers(model) if q.kind == "weight"]
+    return bool(weights) and all(q.reduce_range for q in weights)
+
+
 def int8_weight_max(m: onnx.ModelProto) -> int:
     """The largest |w| stored in an int8 weight container (0 when none): above SATURATION_FREE_MAX_W, ORT's u8 x s8
     kernels can saturate on x86 without AVX-VNNI."""
@@ -222,7 +230,7 @@ def export_model(model: torch.nn.Module, bits: int, fmt: str, out: str | Path, m
           "first_last_w_bits": str(model.first_last_bits or bits), "input_layout": "NCHW",
           "input_normalisation": json.dumps({"mean": list(model.mean), "std": list(model.std), "pixel_range": [0, 1]}),
           "input_shape": json.dumps([3, model.in_size, model.in_size]), "arch": getattr(model, "arch", ""),
-          "weight_type": weight_type, "reduce_range": str(bool(getattr(model, "reduce_range", False))).lower()}
+          "weight_type": weight_type, "reduce_range": str(_reduce_range(model)).lower()}
     if fmt == "int":  # what bench/run_edge.py checks against the CPU's flags before running
         md["int8_weight_max"] = str(int8_weight_max(m))
     md.update({k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (meta or {}).items()})
