@@ -56,8 +56,12 @@ def qat() -> str:
 def qat_all() -> str:
     """Every QAT run of both results files, accuracy % per bit-width."""
     rows = []
-    for name, tag in (("qat_resnet20_brevitas.json", ""), ("qat_resnet20.json", EARLIER)):
+    for name, tag, seed in (("qat_resnet20_brevitas.json", "", 0),
+                            ("qat_resnet20_brevitas_seed1.json", " (seed 1, reduce_range)", 1),
+                            ("qat_resnet20.json", EARLIER, 0)):
         for run, r in load(name)["results"].items():
+            if r.get("seed", 0) != seed:  # a run reused from another seed's directory is listed there
+                continue
             a = r["accuracy_pct"]
             rows.append([f"`{run}`{tag}", r["epochs"], *(pct(a.get(str(b)), 2) for b in (32, 8, 4, 2))])
     return markdown_table(["run", "epochs", "32", "8", "4", "2"], rows)
