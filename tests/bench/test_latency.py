@@ -25,5 +25,8 @@ def test_peer_latency_times_ours_against_ort_static_quantization(tmp_path):
                  "--n-calib", "32", "--data-dir", str(tmp_path / "none"), "--out", str(out)]) == 0
     r = json.loads(out.with_suffix(".json").read_text())
     (row,) = r["results"]
-    assert set(row["ms"]) == {"ours int", "ORT quantize_static", "ORT float"} and all(v > 0 for v in row["ms"].values())
-    assert row["ours_vs_ort_quant"] > 0 and "peer_latency.py" in r["command"]
+    assert set(row["ms"]) == {"ours int", "ours full-range", "ORT quantize_static", "ORT float"}
+    assert all(v > 0 for v in row["ms"].values()) and row["ours_vs_ort_quant"] > 0 and row["full_range_vs_ort_quant"] > 0
+    assert "peer_latency.py" in r["command"] and r["accuracy"] is None
+    # the accuracy comparison needs both checkpoints
+    assert main(["--models", "small_cnn", "--accuracy-qat", "x.pt", "--out", str(out)]) == 2
