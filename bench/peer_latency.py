@@ -117,10 +117,11 @@ def main(argv: list[str] | None = None) -> int:
             for label, reduce_range in (("ours int", True), (FULL_RANGE, False)):
                 torch.manual_seed(0)
                 models[label] = model = create_model(name, reduce_range=reduce_range)
-                pixels = calibration_pixels(model, a.n_calib, a.data_dir)
-                calib = normalise(pixels, model.mean, model.std)  # what every graph takes
-                set_bit_width_(model, a.bits)
-                ensure_calibrated_(model, torch.from_numpy(pixels[:64]))
+            pixels = calibration_pixels(model, a.n_calib, a.data_dir)
+            calib = normalise(pixels, model.mean, model.std)  # what every graph takes
+            for m in models.values():
+                set_bit_width_(m, a.bits)
+                ensure_calibrated_(m, torch.from_numpy(pixels[:64]))
             paths = {k: export_model(m, a.bits, "int", Path(td) / f"{name}_{i}.onnx", weight_type=a.weight_type)
                      for i, (k, m) in enumerate(models.items())}
             paths["ORT float"] = export_float_onnx(model, Path(td) / f"{name}_float.onnx")
