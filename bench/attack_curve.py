@@ -6,7 +6,9 @@ one optimiser than under another (gradient masking).
         --dataset cifar10 --data-dir ../shared/data/cifar10 [--iterations 1000] [--patch-size 10]
 
 Patches are crafted on the last --n-craft training images and scored on the last --n-score test images (disjoint).
-At each point the restart with the highest ASR on the crafting images is scored. Writes {--out}.{json,md,png}.
+At each point the restart with the highest ASR on the crafting images is scored. Writes {--out}.{json,md,png} after
+every (model, attack) curve; a re-run with the same settings keeps the curves {--out}.json already holds and runs
+only the missing ones (so a long run resumes, and members can be added to the ensemble later).
 """
 
 from __future__ import annotations
@@ -70,13 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     craft = train.subset(a.n_craft, start=len(train) - a.n_craft).tensors()
     score = test.subset(a.n_score, start=len(test) - a.n_score).tensors()
     points = sorted({min(int(p), a.iterations) for p in a.points.split(",")})
-    curves = {}
+    curves = _previous_curves(a, points)
+    command = command_line("bench/attack_curve.py", argv)
     for name, (model, obj) in models.items():
         trained = trained_bits(obj)
         base = PatchConfig(patch_shape=(a.patch_size, a.patch_size), seed=a.seed, image_size=tuple(score[0].shape[-2:]),
                            num_classes=model.num_classes)
-        curves[name] = {}
+        curves.setdefault(name, {})
         for att in (att for att in ENSEMBLE if att.name in names):
+            if att.name in curves[name]:
+                print(f"{name} {att.name}: kept from {a.out}.json", flush=True)
+                continue
             cfg = attack_config(base, att, a.iterations, trained)
             if att.eot_bits and cfg.eot_bits is None:
                 continue
@@ -91,7 +97,32 @@ def main(argv: list[str] | None = None) -> int:
                 asr.append(evaluate_patch(model, *score, cands[best], cfg)["asr_pct"])
             curves[name][att.name] = asr
             print(f"{name} {att.name}: " + " ".join(f"{p}:{v:.1f}" for p, v in zip(points, asr)), flush=True)
-    command = command_line("bench/attack_curve.py", argv)
+            _write(a, command, points, curves)
+    _write(a, command, points, curves)
+    return 0
+
+
+# Settings that must match for curves in an earlier results file to be kept (--attacks, --threads, --out may differ).
+_CURVE_KEYS = ("checkpoint", "bits", "dataset", "data_dir", "iterations", "patch_size", "n_craft", "n_score", "seed")
+
+
+def _previous_curves(a, points: list[int]) -> dict:
+    """The curves {a.out}.json holds if it was made with the same settings, else nothing."""
+    import json
+
+    try:
+        prev = json.loads(Path(a.out + ".json").read_text())
+        same = prev["points"] == points and all(prev["config"][k] == getattr(a, k) for k in _CURVE_KEYS)
+        return {n: dict(per) for n, per in prev["curves"].items()} if same else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _write(a, command: str, points: list[int], curves: dict) -> None:
+    from qnn.attacks.ensemble import ENSEMBLE
+
+    order = {att.name: i for i, att in enumerate(ENSEMBLE)}
+    curves = {n: dict(sorted(per.items(), key=lambda kv: order.get(kv[0], len(order)))) for n, per in curves.items()}
     rows = [[n, att] + c for n, per in curves.items() for att, c in per.items()]
     md = (f"ASR % of a {a.patch_size}x{a.patch_size} universal patch at {a.bits} bits against attack iterations, per "
           f"attack of the evaluation ensemble (crafted on {a.n_craft} training images, scored on {a.n_score} other "
@@ -99,7 +130,6 @@ def main(argv: list[str] | None = None) -> int:
     write_results(a.out, {"command": command, "bits": a.bits, "points": points, "curves": curves, "config": vars(a),
                           "threads": a.threads}, md)
     _plot(curves, points, a.out + ".png")
-    return 0
 
 
 def _plot(curves: dict, points: list[int], path: str) -> None:

@@ -74,6 +74,24 @@ def test_attack_curve_writes_a_curve_per_attack(trained_ckpt, tmp_path):
     assert all(len(c) == 2 and all(0 <= v <= 100 for v in c) for c in r["curves"]["sw"].values())
 
 
+def test_attack_curve_resumes_and_keeps_only_matching_curves(trained_ckpt, tmp_path, capsys):
+    import json
+
+    from qnn.bench.attack_curve import main
+
+    out = tmp_path / "curve"
+    args = ["--checkpoint", f"sw={trained_ckpt}", "--dataset", "synthetic", "--iterations", "2", "--points", "1,2",
+            "--n-craft", "32", "--n-score", "32", "--patch-size", "8", "--out", str(out)]
+    assert main(args + ["--attacks", "adam 0.05"]) == 0
+    first = json.loads(out.with_suffix(".json").read_text())["curves"]["sw"]
+    assert main(args + ["--attacks", "sign 0.05,adam 0.05"]) == 0
+    assert "sw adam 0.05: kept from" in capsys.readouterr().out
+    both = json.loads(out.with_suffix(".json").read_text())["curves"]["sw"]
+    assert list(both) == ["sign 0.05", "adam 0.05"] and both["adam 0.05"] == first["adam 0.05"]
+    assert main(args[:-2] + ["--seed", "1", "--out", str(out), "--attacks", "sign 0.05"]) == 0  # other settings: rerun
+    assert list(json.loads(out.with_suffix(".json").read_text())["curves"]["sw"]) == ["sign 0.05"]
+
+
 def test_one_definition_of_the_seen_and_unseen_suites(tmp_path):
     from qnn.attacks.suites import label, load_suite, patch_settings
     from qnn.bench import defense_table
