@@ -7,7 +7,8 @@ integer weights, int32 biases and scales the model's own evaluation computes wit
          x86-64 and aarch64. Sub-8-bit values travel in uint8/int8 containers with an integer Clip.
 - qcdq : float weights quantized in the graph (Q -> Clip -> DQ), Brevitas' QCDQ style.
 - qonnx: QONNX `Quant` nodes (domain qonnx.custom_op.general) for FINN / hls4ml; float compute between them.
-Data movement (Slice/Pad of the option-A shortcut, MaxPool, Flatten) runs on the uint8 tensors directly.
+Data movement (MaxPool, Flatten, Slice, Pad) runs on the uint8 tensors directly; the option-A shortcut (strided Slice
++ channel Pad) is one 1x1 QLinearConv that copies the integers in 'int' (`qnn.integer.ChannelEmbed`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class QTensor:
 
     name: str          # uint8 tensor (int/qcdq) or float tensor carrying quantized values (qonnx)
     grid: Grid
+    shape: tuple[int, ...] | None = None  # set by the integer program once the op is emitted
 
     @property
     def scale(self) -> float:
@@ -127,6 +129,25 @@ class _Builder:
         arr = lambda v, n: self.const(np.array(v, np.int64), n)  # noqa: E731
         return self.node("Slice", [name, arr(starts, "st"), arr(ends, "en"), arr(axes, "ax"), arr(steps, "sp")], "slice")
 
+    def embed_channels(self, t: QTensor, stride: tuple[int, int], before: int, after: int) -> QTensor:
+        """t[:, :, ::sh, ::sw] zero-padded by `before` / `after` channels, on t's grid. 'int': a 1x1 strided conv with
+        0/1 int8 weights at scale 1 requantized onto t's own grid (multiplier exactly 1: the integers are copied, no
+        Clip needed), which ORT runs as a QLinearConv in its conv layout; elsewhere a Slice and a Pad."""
+        sh, sw = stride
+        if self.fmt != "int":
+            name = t.name if (sh, sw) == (1, 1) else self.slice(t.name, (slice(None), slice(None), slice(None, None, sh),
+                                                                         slice(None, None, sw)))
+            return self.same_grid(self.pad(name, (0, 0, 0, 0, before, after), t), t)
+        cin = t.shape[1]
+        cout = before + cin + after
+        w = np.zeros((cout, cin, 1, 1), np.int8)
+        w[before + np.arange(cin), np.arange(cin)] = 1
+        wq = self.node("DequantizeLinear", [self.const(w, "ew"), self.const(np.ones(cout, np.float32), "ews"),
+                                            self.const(np.zeros(cout, np.int8), "ewzp")], "ewdq", axis=0)
+        y = self.node("Conv", [self.dequant(t), wq], "embed", kernel_shape=[1, 1], strides=[sh, sw])
+        return QTensor(self.node("QuantizeLinear", [y, self.const(np.float32(t.scale), "s"),
+                                                    self.const(np.uint8(t.zp), "zp")], "q"), t.grid)
+
     # ---- weights / bias
     def weight(self, w_int: np.ndarray, s_eff: np.ndarray, bits: int) -> str:
         qm = 2 ** (bits - 1) - 1
@@ -175,7 +196,7 @@ def build_graph(model: torch.nn.Module, bits: int, fmt: str = "int", batch: int 
     b = _Builder(fmt, bits, weight_type)
     H = W = model.in_size
     with torch.no_grad():
-        logits = IntegerProgram(model.body).emit(b, "input")
+        logits = IntegerProgram(model.body).emit(b, "input", (1, 3, H, W))
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_node"))
     graph = helper.make_graph(b.nodes, f"{getattr(model, 'arch', 'model')}_w{bits}a{bits}",
                               [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, H, W])],

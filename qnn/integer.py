@@ -242,6 +242,33 @@ class Move(Op):
         return b.same_grid(y, x)
 
 
+class ChannelEmbed(Op):
+    """The option-A shortcut of a downsampling residual block: x[:, :, ::sh, ::sw] zero-padded (with the zero point)
+    by `before` / `after` channels. The 'int' export writes it as one 1x1 strided conv whose 0/1 weights embed the
+    input channels, with the input's grid as output: the requantisation multiplier is exactly 1, so ORT's QLinearConv
+    copies the integers, and it runs in the convs' layout instead of a generic strided Slice and a Pad
+    (`builder.embed_channels`)."""
+
+    def __init__(self, x: int, grid: Grid, stride: tuple[int, int], before: int, after: int):
+        self.inputs, self.out, self.stride, self.before, self.after = (x,), grid, stride, before, after
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        sh, sw = self.stride
+        return F.pad(x[:, :, ::sh, ::sw], (0, 0, 0, 0, self.before, self.after))
+
+    def emit(self, b, x):
+        return b.embed_channels(x, self.stride, self.before, self.after)
+
+
+def _spatial_stride(index: tuple) -> tuple[int, int] | None:
+    """(sh, sw) when `index` is x[:, :, ::sh, ::sw] (starting at 0, to the end), else None."""
+    if len(index) != 4 or any(sl != slice(None) for sl in index[:2]):
+        return None
+    if not all(isinstance(sl, slice) and sl.start in (None, 0) and sl.stop is None for sl in index[2:]):
+        return None
+    return (index[2].step or 1, index[3].step or 1)
+
+
 def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
@@ -262,7 +289,6 @@ class IntegerProgram:
     def __init__(self, body: fx.GraphModule):
         self.ops: list[Op] = []
         self.grids: list[Grid | None] = []
-        self.names: list[str] = []  # the traced node each op's result belongs to
         self._lower(body)
 
     def _push(self, op: Op) -> int:
@@ -289,7 +315,6 @@ class IntegerProgram:
                 env[node] = self._function(node, args)
             else:
                 raise QNNError(f"unsupported graph node '{node.name}' ({node.op}) in the integer graph")
-            self.names += [node.name] * (len(self.ops) - len(self.names))
 
     def _materialise(self, v, q: SwitchableIntQuant | None, node: fx.Node) -> int:
         """Fuse the pending float result `v` with quantizer `q` (None: the float output) into one integer op."""
@@ -373,6 +398,14 @@ class IntegerProgram:
             if mode != "constant" or value not in (0, 0.0, None):
                 raise QNNError(f"'{node.name}': only zero padding has an integer form")
             xi = self._value(x, node)
+            if len(pads) == 6 and not any(pads[:4]):  # channels only: the option-A shortcut
+                src, stride = xi, (1, 1)
+                prev = self.ops[xi]
+                if isinstance(prev, Move) and prev.kind == "slice" and len(node.args[0].users) == 1 \
+                        and _spatial_stride(prev.p["index"]) and xi == len(self.ops) - 1:
+                    self.ops.pop(), self.grids.pop()  # the subsample feeds only this pad: one op does both
+                    src, stride = prev.inputs[0], _spatial_stride(prev.p["index"])
+                return self._push(ChannelEmbed(src, self.grids[src], stride, int(pads[4]), int(pads[5])))
             return self._push(Move("pad", xi, self.grids[xi], pads=pads))
         if f is operator.getitem and isinstance(x, int):
             index = args[1] if isinstance(args[1], tuple) else (args[1],)
@@ -400,20 +433,29 @@ class IntegerProgram:
         return float((last.in_grid.scale * last.s_w).max())
 
     # ---- execution
-    def run(self, x: torch.Tensor) -> torch.Tensor:
-        """The logits the exported integer graph computes for the normalised input `x`."""
+    def _values(self, x: torch.Tensor) -> list[torch.Tensor]:
         vals: list[torch.Tensor] = []
         for op in self.ops:
             vals.append(op.run(*(vals[i] for i in op.inputs)) if op.inputs else op.run(x))
-        y = vals[self.output]
+        return vals
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits the exported integer graph computes for the normalised input `x`."""
+        y = self._values(x)[self.output]
         g = self.grids[self.output]
         return y if g is None else y * g.scale
 
-    def emit(self, b, input_name: str):
-        """Write the program with builder `b` (see `qnn.export.onnx_export`); returns the output's value."""
+    def emit(self, b, input_name: str, input_shape: tuple[int, ...]):
+        """Write the program with builder `b` (see `qnn.export.onnx_export`); returns the output's value. Each
+        emitted integer tensor carries its shape (for an input of `input_shape`), which ops that write shaped
+        constants (the channel embedding's weights) read."""
+        shapes = [tuple(v.shape) for v in self._values(torch.zeros(input_shape))]
         vals = []
-        for op in self.ops:
-            vals.append(op.emit(b, *(vals[i] for i in op.inputs)) if op.inputs else op.emit(b, input_name))
+        for op, shape in zip(self.ops, shapes):
+            v = op.emit(b, *(vals[i] for i in op.inputs)) if op.inputs else op.emit(b, input_name)
+            if hasattr(v, "grid"):
+                v.shape = shape
+            vals.append(v)
         y = vals[self.output]
         return y if self.grids[self.output] is None else b.dequant(y)
 

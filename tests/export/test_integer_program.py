@@ -7,6 +7,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from qnn.export.onnx_export import build_graph, export_model
 from qnn.export.verify import verify
@@ -46,8 +47,29 @@ def _check_exact(m: nn.Module, bits: int, tmp_path, n: int = 6) -> dict:
     return c
 
 
+class Shortcuts(nn.Module):
+    """Option-A shortcuts in three forms: a subsample feeding only its channel pad (fused into one embedding conv), a
+    subsample that also feeds a conv (kept apart), and a channel pad alone, uneven."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.down = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.side = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.wide = nn.Sequential(nn.Conv2d(16, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10))
+
+    def forward(self, x):
+        h = self.stem(x)
+        y = self.down(h) + F.pad(h[:, :, ::2, ::2], (0, 0, 0, 0, 4, 4))   # fused
+        s = h[:, :, ::2, ::2]
+        y = y + self.side(s) + F.pad(s, (0, 0, 0, 0, 0, 8))              # s feeds a conv too: not fused
+        return self.head(self.wide(y) + F.pad(y, (0, 0, 0, 0, 2, 6)))     # a channel pad alone
+
+
 def _models():
     return {
+        "option-A shortcuts, add": lambda: QuantizedNet(Shortcuts(), 10, 16),
         "user tiny_cnn": lambda: QuantizedNet(tiny_cnn(), 10, 16),
         "dilated depthwise, conv bias, ReLU6, add": lambda: QuantizedNet(Net(), 10, 16),
         "dilated depthwise, conv bias, ReLU6, add, residual stream at 8 bits": lambda: QuantizedNet(
@@ -71,6 +93,27 @@ def test_pytorch_ort_numpy_identical(name, bits, tmp_path):
         plain = _check_exact(_trained_like(_models()[narrow](), bits, m.in_size), bits, tmp_path)
         fused = lambda ops: ops.get("QLinearConv", 0) + ops.get("QLinearAdd", 0)  # noqa: E731
         assert fused(c["ops"]) > fused(plain["ops"])
+
+
+def test_option_a_shortcuts_export_as_embedding_convs(tmp_path):
+    """In 'int' the shortcut's strided Slice + channel Pad is one QLinearConv (exact: see the test above); the other
+    formats keep Slice and Pad."""
+    import onnx
+
+    from qnn.integer import ChannelEmbed, Move
+
+    m = _trained_like(QuantizedNet(Shortcuts(), 10, 16), 4, 16)
+    prog = IntegerProgram(m.body)
+    embeds = [op for op in prog.ops if isinstance(op, ChannelEmbed)]
+    assert [(e.stride, e.before, e.after) for e in embeds] == [((2, 2), 4, 4), ((1, 1), 0, 8), ((1, 1), 2, 6)]
+    kinds = [op.kind for op in prog.ops if isinstance(op, Move)]
+    assert kinds.count("slice") == 1 and "pad" not in kinds  # the one slice left also feeds a conv
+    ops = lambda fmt: [n.op_type for n in build_graph(m, 4, fmt).graph.node]  # noqa: E731
+    assert "Pad" not in ops("int") and ops("int").count("Slice") == 1
+    assert ops("qcdq").count("Pad") == 3 and ops("qcdq").count("Slice") == 2
+    r20 = _trained_like(create_model("resnet20"), 8, 32)
+    g = onnx.load(str(export_model(r20, 8, "int", tmp_path / "r20.onnx")))
+    assert not {"Pad", "Slice"} & {n.op_type for n in g.graph.node}
 
 
 def test_the_evaluation_follows_the_target_cpu_family(tmp_path):
