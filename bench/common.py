@@ -50,6 +50,33 @@ def command_line(script: str, argv: list[str] | None) -> str:
     return f"python {script} " + shlex.join(sys.argv[1:] if argv is None else argv)
 
 
+def interleaved_ms(fns: dict, warmup: int, rounds: int, settle: int = 1, pause_s: float = 0.05) -> dict[str, float]:
+    """Median ms of each callable, timed in rounds that run every callable in turn, in rotating order: peers measured
+    this way see the same machine state (clock, neighbours), so their ratios hold on a noisy machine.
+
+    Each turn first sleeps `pause_s`, so that the previous callable's thread pool has stopped spinning (ONNX
+    Runtime's idle workers spin after a run and take cores from whatever runs next: measured here, a 1024^3 GEMM
+    read 16-19 ms after a model's run and 10 ms after a 50 ms pause), then runs the callable `settle` times untimed,
+    so that its timed run finds its own data in the caches, as a deployment running one model does."""
+    import statistics
+    import time
+
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            time.sleep(pause_s)
+            for _ in range(settle):
+                fns[n]()
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(t) * 1e3 for n, t in times.items()}
+
+
 def write_results(out: str, payload: dict, md: str) -> None:
     """Print the markdown and write {out}.json (payload + environment) and {out}.md, each atomically."""
     from qnn.checkpoint import atomic_write_bytes, atomic_write_json

@@ -18,15 +18,13 @@ and the float model, on the same test images. Writes {--out}.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qnn.bench.common import command_line, markdown_table, pyplot, save_figure, write_results  # noqa: E402
+from qnn.bench.common import command_line, interleaved_ms, markdown_table, pyplot, save_figure, write_results  # noqa: E402
 from qnn.bench.latency import export_float_onnx  # noqa: E402
 
 
@@ -44,21 +42,6 @@ def ort_static_quant(float_path: Path, out: Path, calib, per_channel: bool = Tru
     quantize_static(str(float_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return out
-
-
-def interleaved_ms(fns: dict, warmup: int, rounds: int) -> dict[str, float]:
-    """Median ms of each callable, timed in rounds that run every callable once, in rotating order."""
-    names = list(fns)
-    for _ in range(warmup):
-        for n in names:
-            fns[n]()
-    times = {n: [] for n in names}
-    for r in range(rounds):
-        for n in names[r % len(names):] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(t) * 1e3 for n, t in times.items()}
 
 
 def calibration_pixels(model, n: int, data_dir: str | None):
