@@ -140,17 +140,17 @@ def parity_all() -> str:
 
 # --- latency -------------------------------------------------------------------------------------------------------
 
-LATENCY = (("latency.json", EARLIER), ("latency_mobilenetv2.json", ""))
+LATENCY = ("latency.json", "latency_mobilenetv2.json")
 
 
 def _latency(batch: int, threads: int, bits: tuple[int, ...]) -> str:
     rows = []
-    for name, tag in LATENCY:
+    for name in LATENCY:
         for r in load(name)["results"]:
             if r["batch"] == batch and r["threads"] == threads and r["bits"] in bits:
-                rows.append([f"{r['model']}{tag}", r["bits"], pct(r["ort_int_ms"], 2), pct(r["ort_float_ms"], 2),
+                rows.append([r["model"], r["bits"], pct(r["ort_int_ms"], 2), pct(r["ort_float_ms"], 2),
                              f"{r['speedup_int_vs_ort_float']:.2f}x", f"{100 * r['share_of_int8_peak']:.0f}%"])
-    return markdown_table(["model", "bits", "ORT integer ms", "ORT float ms", "speed-up", "share of int8 GEMM peak"],
+    return markdown_table(["model", "bits", "ORT integer ms", "ORT float ms", "speed-up", "share of int8 peak"],
                           rows)
 
 
@@ -215,7 +215,7 @@ def headline() -> str:
     sw, fl = q["switchable_r8_kd_e5"]["accuracy_pct"], q["float"]["accuracy_pct"]["32"]
     inputs = [(load(name)["n"], v) for name, _ in PARITY for r in load(name)["results"].values() for _, v in _inputs(r)]
     same = min(v["logits_bit_identical_pct"] for _, v in inputs)
-    speed = [r["speedup_int_vs_ort_float"] for name, _ in LATENCY for r in load(name)["results"]
+    speed = [r["speedup_int_vs_ort_float"] for name in LATENCY for r in load(name)["results"]
              if r["batch"] == 32 and r["threads"] == 2]
     lines = [f"**QAT**: one switchable ResNet-20 scores {sw['8']:.2f} / {sw['4']:.2f} / {sw['2']:.2f}% on CIFAR-10 at "
              f"8 / 4 / 2 bits (float {fl:.2f}%).",
