@@ -7,19 +7,22 @@ one optimiser than under another (gradient masking).
 
 Patches are crafted on the last --n-craft training images and scored on the last --n-score test images (disjoint).
 At each point the restart with the highest ASR on the crafting images is scored. Writes {--out}.{json,md,png} after
-every (model, attack) curve; a re-run with the same settings keeps the curves {--out}.json already holds and runs
-only the missing ones (so a long run resumes, and members can be added to the ensemble later).
+every (model, attack) curve, each curve with its provenance (git commit, the attack's definition). A re-run into an
+existing {--out}.json resumes: with the same settings and the same checkpoint files (sha256) it keeps the curves
+whose attack is still defined the same and runs the others; with other settings it refuses rather than overwrite.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qnn.bench.common import command_line, markdown_table, pyplot, save_figure, write_results  # noqa: E402
+from qnn.bench.common import command_line, environment, markdown_table, pyplot, save_figure, write_results  # noqa: E402
+from qnn.errors import QNNError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,9 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from qnn.attacks.ensemble import ENSEMBLE, attack_config
     from qnn.attacks.patch import PatchConfig, evaluate_patch, optimize_universal_patch
-    from qnn.checkpoint import load_checkpoint, trained_bits
+    from qnn.checkpoint import load_checkpoint, sha256_file, trained_bits
     from qnn.data import load_dataset
-    from qnn.errors import QNNError
     from qnn.layers import set_bit_width_
 
     torch.set_num_threads(a.threads)
@@ -66,23 +68,30 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(names) - {att.name for att in ENSEMBLE})
         if unknown:
             raise QNNError(f"--attacks: unknown {unknown}; the ensemble's are {', '.join(att.name for att in ENSEMBLE)}")
+        points = sorted({min(int(p), a.iterations) for p in a.points.split(",")})
+        settings = {**{k: v for k, v in vars(a).items() if k not in _FREE}, "points": points,
+                    "checkpoint_sha256": {spec.partition("=")[0]: sha256_file(spec.partition("=")[2])
+                                          for spec in a.checkpoint}}
+        curves, provenance = _previous(a.out, settings)
     except QNNError as e:
         print(f"attack_curve: error: {e}", file=sys.stderr)
         return 2
     craft = train.subset(a.n_craft, start=len(train) - a.n_craft).tensors()
     score = test.subset(a.n_score, start=len(test) - a.n_score).tensors()
-    points = sorted({min(int(p), a.iterations) for p in a.points.split(",")})
-    curves = _previous_curves(a, points)
     command = command_line("bench/attack_curve.py", argv)
+    commit = environment()["git_sha"]
     for name, (model, obj) in models.items():
         trained = trained_bits(obj)
         base = PatchConfig(patch_shape=(a.patch_size, a.patch_size), seed=a.seed, image_size=tuple(score[0].shape[-2:]),
                            num_classes=model.num_classes)
         curves.setdefault(name, {})
+        provenance.setdefault(name, {})
         for att in (att for att in ENSEMBLE if att.name in names):
             if att.name in curves[name]:
-                print(f"{name} {att.name}: kept from {a.out}.json", flush=True)
-                continue
+                if provenance[name].get(att.name, {}).get("attack") == dataclasses.asdict(att):
+                    print(f"{name} {att.name}: kept from {a.out}.json", flush=True)
+                    continue
+                print(f"{name} {att.name}: defined differently since {a.out}.json was written: run again", flush=True)
             cfg = attack_config(base, att, a.iterations, trained)
             if att.eot_bits and cfg.eot_bits is None:
                 continue
@@ -96,29 +105,41 @@ def main(argv: list[str] | None = None) -> int:
                     if len(cands) > 1 else 0
                 asr.append(evaluate_patch(model, *score, cands[best], cfg)["asr_pct"])
             curves[name][att.name] = asr
+            provenance[name][att.name] = {"git": commit, "command": command, "attack": dataclasses.asdict(att)}
             print(f"{name} {att.name}: " + " ".join(f"{p}:{v:.1f}" for p, v in zip(points, asr)), flush=True)
-            _write(a, command, points, curves)
-    _write(a, command, points, curves)
+            _write(a, command, settings, curves, provenance)
+    _write(a, command, settings, curves, provenance)
     return 0
 
 
-# Settings that must match for curves in an earlier results file to be kept (--attacks, --threads, --out may differ).
-_CURVE_KEYS = ("checkpoint", "bits", "dataset", "data_dir", "iterations", "patch_size", "n_craft", "n_score", "seed")
+#: options that do not change the curves: a resumed run may set them differently
+_FREE = ("attacks", "threads", "out")
 
 
-def _previous_curves(a, points: list[int]) -> dict:
-    """The curves {a.out}.json holds if it was made with the same settings, else nothing."""
+def _previous(out: str, settings: dict) -> tuple[dict, dict]:
+    """(curves, provenance) that {out}.json holds, when it was made with `settings`; ({}, {}) when there is no such
+    file. Any other file there is refused: a run must not overwrite curves it cannot resume."""
     import json
 
+    path = Path(out + ".json")
+    if not path.exists():
+        return {}, {}
     try:
-        prev = json.loads(Path(a.out + ".json").read_text())
-        same = prev["points"] == points and all(prev["config"][k] == getattr(a, k) for k in _CURVE_KEYS)
-        return {n: dict(per) for n, per in prev["curves"].items()} if same else {}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
+        prev = json.loads(path.read_text())
+        old = prev["settings"]
+        curves, provenance = prev["curves"], prev["provenance"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise QNNError(f"{path} is not a curve file this program can resume ({type(e).__name__}): choose another "
+                       f"--out or move it away") from None
+    differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    if differ:
+        raise QNNError(f"{path} was made with other settings ({', '.join(differ)}): choose another --out or move it "
+                       f"away")
+    return curves, provenance
 
 
-def _write(a, command: str, points: list[int], curves: dict) -> None:
+def _write(a, command: str, settings: dict, curves: dict, provenance: dict) -> None:
+    points = settings["points"]
     from qnn.attacks.ensemble import ENSEMBLE
 
     order = {att.name: i for i, att in enumerate(ENSEMBLE)}
@@ -127,8 +148,8 @@ def _write(a, command: str, points: list[int], curves: dict) -> None:
     md = (f"ASR % of a {a.patch_size}x{a.patch_size} universal patch at {a.bits} bits against attack iterations, per "
           f"attack of the evaluation ensemble (crafted on {a.n_craft} training images, scored on {a.n_score} other "
           f"test images). Command: `{command}`\n\n" + markdown_table(["model", "attack"] + [str(p) for p in points], rows))
-    write_results(a.out, {"command": command, "bits": a.bits, "points": points, "curves": curves, "config": vars(a),
-                          "threads": a.threads}, md)
+    write_results(a.out, {"command": command, "bits": a.bits, "points": points, "curves": curves,
+                          "provenance": provenance, "settings": settings, "config": vars(a), "threads": a.threads}, md)
     _plot(curves, points, a.out + ".png")
 
 

@@ -74,6 +74,10 @@ def export_float_onnx(model, path: Path) -> Path:
     return path
 
 
+#: what `int8_peak` times, for the results' text
+PEAK_KERNEL = "a 3x3 256-channel QLinearConv, 14x14, batch 32"
+
+
 def int8_peak(threads: int):
     """(run, MACs per run): a large 3x3 convolution (256 -> 256 channels, 14x14, batch 32) as ONNX Runtime's
     QLinearConv with int8 weights, whose MAC rate is the practical int8 peak of this CPU for the kernel the models
@@ -155,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                     x = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
                     xt = torch.from_numpy(x)
                     iters = a.iters if (size <= 64 or batch == 1) else max(5, a.iters // 5)
-                    # the ORT models and the peak GEMM in the same rounds; PyTorch (a reference, far slower) after
+                    # the ORT models and the int8 peak in the same rounds; PyTorch (a reference, far slower) after
                     ms = interleaved_ms({"peak": peak_run, **{k: (lambda s=s: s.run(None, {"input": x}))
                                                                for k, s in sess.items()}}, a.warmup, iters)
                     peak = peak_macs / (ms["peak"] / 1e3)
@@ -181,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     command = command_line("bench/latency.py", argv)
     md = (f"Latency (ms, median), random-initialised weights. Command: `{command}`. ONNX Runtime "
           "ENABLE_ALL; 2/4-bit models run on int8 kernels (ORT has no 2/4-bit kernels). The ORT models and the int8 "
-          "peak (a 3x3 256-channel QLinearConv, 14x14, batch 32) are timed interleaved, in the same rounds; PyTorch after.\n\n"
+          f"peak ({PEAK_KERNEL}) are timed interleaved, in the same rounds; PyTorch after.\n\n"
           + markdown_table(["model", "bits", "batch", "threads", "ORT int", "ORT float", "int speed-up", "PyTorch float",
                             "PyTorch fake-quant", "int8 peak GMAC/s", "int MAC/s of peak"], rows))
     write_results(a.out, {"command": command, "results": results, "weight_type": a.weight_type}, md)

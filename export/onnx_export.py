@@ -38,7 +38,7 @@ class QTensor:
 
     name: str          # uint8 tensor (int/qcdq) or float tensor carrying quantized values (qonnx)
     grid: Grid
-    shape: tuple[int, ...] | None = None  # set by the integer program once the op is emitted
+    shape: tuple[int, ...] | None = None  # at batch 1; set by the integer program once the op is emitted
 
     @property
     def scale(self) -> float:
@@ -132,7 +132,10 @@ class _Builder:
     def embed_channels(self, t: QTensor, stride: tuple[int, int], before: int, after: int) -> QTensor:
         """t[:, :, ::sh, ::sw] zero-padded by `before` / `after` channels, on t's grid. 'int': a 1x1 strided conv with
         0/1 int8 weights at scale 1 requantized onto t's own grid (multiplier exactly 1: the integers are copied, no
-        Clip needed), which ORT runs as a QLinearConv in its conv layout; elsewhere a Slice and a Pad."""
+        Clip needed), which ORT runs as a QLinearConv in its conv layout; elsewhere a Slice and a Pad. The 0/1 weights
+        are int8 whatever `weight_type` says: they cannot saturate any kernel."""
+        if min(before, after) < 0:
+            raise QNNError(f"a channel embedding pads, it cannot crop (before={before}, after={after})")
         sh, sw = stride
         if self.fmt != "int":
             name = t.name if (sh, sw) == (1, 1) else self.slice(t.name, (slice(None), slice(None), slice(None, None, sh),

@@ -74,10 +74,12 @@ class IntegerInterpreter:
             for s_, e_, a_, p_ in zip(st, en, ax, sp):
                 sl[int(a_)] = slice(int(s_), int(min(e_, 2**62)), int(p_))
             return x[tuple(sl)]
-        if op == "Pad":
+        if op == "Pad":  # negative pads crop, as in ONNX
             x, pads, val = ins[0], ins[1], ins[2]
             k = x.ndim
-            return np.pad(x, [(int(pads[i]), int(pads[i + k])) for i in range(k)], constant_values=val)
+            begin, end = [int(v) for v in pads[:k]], [int(v) for v in pads[k:]]
+            x = x[tuple(slice(max(0, -b), n - max(0, -e)) for b, e, n in zip(begin, end, x.shape))]
+            return np.pad(x, [(max(0, b), max(0, e)) for b, e in zip(begin, end)], constant_values=val)
         if op == "Flatten":
             return ins[0].reshape(ins[0].shape[0], -1)
         if op == "Identity":

@@ -290,6 +290,31 @@ class IntegerProgram:
         self.ops: list[Op] = []
         self.grids: list[Grid | None] = []
         self._lower(body)
+        self._fuse_subsamples()
+
+    def _fuse_subsamples(self) -> None:
+        """A channel embedding whose input is a spatial subsample x[:, :, ::s, ::s] that nothing else reads takes the
+        subsample over (one op, one conv in ONNX); the slice is dropped and the ops re-indexed."""
+        readers = [0] * len(self.ops)
+        for i in [j for op in self.ops for j in op.inputs] + [self.output]:
+            readers[i] += 1
+        dead = set()
+        for op in self.ops:
+            if not isinstance(op, ChannelEmbed) or op.stride != (1, 1):
+                continue
+            src = self.ops[op.inputs[0]]
+            stride = _spatial_stride(src.p["index"]) if isinstance(src, Move) and src.kind == "slice" else None
+            if stride and readers[op.inputs[0]] == 1:
+                dead.add(op.inputs[0])
+                op.inputs, op.stride = src.inputs, stride
+        if not dead:
+            return
+        new = {i: n for n, i in enumerate(i for i in range(len(self.ops)) if i not in dead)}
+        for op in self.ops:
+            op.inputs = tuple(new[j] for j in op.inputs)
+        self.ops = [op for i, op in enumerate(self.ops) if i not in dead]
+        self.grids = [g for i, g in enumerate(self.grids) if i not in dead]
+        self.output = new[self.output]
 
     def _push(self, op: Op) -> int:
         self.ops.append(op)
@@ -398,14 +423,8 @@ class IntegerProgram:
             if mode != "constant" or value not in (0, 0.0, None):
                 raise QNNError(f"'{node.name}': only zero padding has an integer form")
             xi = self._value(x, node)
-            if len(pads) == 6 and not any(pads[:4]):  # channels only: the option-A shortcut
-                src, stride = xi, (1, 1)
-                prev = self.ops[xi]
-                if isinstance(prev, Move) and prev.kind == "slice" and len(node.args[0].users) == 1 \
-                        and _spatial_stride(prev.p["index"]) and xi == len(self.ops) - 1:
-                    self.ops.pop(), self.grids.pop()  # the subsample feeds only this pad: one op does both
-                    src, stride = prev.inputs[0], _spatial_stride(prev.p["index"])
-                return self._push(ChannelEmbed(src, self.grids[src], stride, int(pads[4]), int(pads[5])))
+            if len(pads) == 6 and not any(pads[:4]) and min(pads[4:]) >= 0:  # channels only: option-A shortcut
+                return self._push(ChannelEmbed(xi, self.grids[xi], (1, 1), int(pads[4]), int(pads[5])))
             return self._push(Move("pad", xi, self.grids[xi], pads=pads))
         if f is operator.getitem and isinstance(x, int):
             index = args[1] if isinstance(args[1], tuple) else (args[1],)

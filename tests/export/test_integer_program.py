@@ -48,8 +48,9 @@ def _check_exact(m: nn.Module, bits: int, tmp_path, n: int = 6) -> dict:
 
 
 class Shortcuts(nn.Module):
-    """Option-A shortcuts in three forms: a subsample feeding only its channel pad (fused into one embedding conv), a
-    subsample that also feeds a conv (kept apart), and a channel pad alone, uneven."""
+    """Option-A shortcuts in several forms: a subsample feeding only its channel pad (fused into one embedding conv);
+    a subsample that also feeds a conv whose BatchNorm comes after the pad, reached through an alias (kept apart);
+    a channel pad alone, uneven; a channel crop (negative pad: a plain Pad)."""
 
     def __init__(self):
         super().__init__()
@@ -63,7 +64,10 @@ class Shortcuts(nn.Module):
         h = self.stem(x)
         y = self.down(h) + F.pad(h[:, :, ::2, ::2], (0, 0, 0, 0, 4, 4))   # fused
         s = h[:, :, ::2, ::2]
-        y = y + self.side(s) + F.pad(s, (0, 0, 0, 0, 0, 8))              # s feeds a conv too: not fused
+        c = self.side[0](s)
+        p = F.pad(s.contiguous(), (0, 0, 0, 0, 0, 8))                    # s feeds the conv too: not fused
+        y = y + self.side[2](self.side[1](c)) + p
+        y = y + F.pad(y, (0, 0, 0, 0, -2, 2))                             # a crop: a plain Pad
         return self.head(self.wide(y) + F.pad(y, (0, 0, 0, 0, 2, 6)))     # a channel pad alone
 
 
@@ -107,10 +111,10 @@ def test_option_a_shortcuts_export_as_embedding_convs(tmp_path):
     embeds = [op for op in prog.ops if isinstance(op, ChannelEmbed)]
     assert [(e.stride, e.before, e.after) for e in embeds] == [((2, 2), 4, 4), ((1, 1), 0, 8), ((1, 1), 2, 6)]
     kinds = [op.kind for op in prog.ops if isinstance(op, Move)]
-    assert kinds.count("slice") == 1 and "pad" not in kinds  # the one slice left also feeds a conv
+    assert kinds.count("slice") == 1 and kinds.count("pad") == 1  # the slice that also feeds a conv; the crop
     ops = lambda fmt: [n.op_type for n in build_graph(m, 4, fmt).graph.node]  # noqa: E731
-    assert "Pad" not in ops("int") and ops("int").count("Slice") == 1
-    assert ops("qcdq").count("Pad") == 3 and ops("qcdq").count("Slice") == 2
+    assert ops("int").count("Pad") == 1 and ops("int").count("Slice") == 1
+    assert ops("qcdq").count("Pad") == 4 and ops("qcdq").count("Slice") == 2
     r20 = _trained_like(create_model("resnet20"), 8, 32)
     g = onnx.load(str(export_model(r20, 8, "int", tmp_path / "r20.onnx")))
     assert not {"Pad", "Slice"} & {n.op_type for n in g.graph.node}

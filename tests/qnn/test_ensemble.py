@@ -74,22 +74,29 @@ def test_attack_curve_writes_a_curve_per_attack(trained_ckpt, tmp_path):
     assert all(len(c) == 2 and all(0 <= v <= 100 for v in c) for c in r["curves"]["sw"].values())
 
 
-def test_attack_curve_resumes_and_keeps_only_matching_curves(trained_ckpt, tmp_path, capsys):
+def test_attack_curve_resumes_and_refuses_to_overwrite_other_curves(trained_ckpt, tmp_path, capsys):
     import json
 
     from qnn.bench.attack_curve import main
+    from qnn.checkpoint import sha256_file
 
     out = tmp_path / "curve"
     args = ["--checkpoint", f"sw={trained_ckpt}", "--dataset", "synthetic", "--iterations", "2", "--points", "1,2",
             "--n-craft", "32", "--n-score", "32", "--patch-size", "8", "--out", str(out)]
     assert main(args + ["--attacks", "adam 0.05"]) == 0
-    first = json.loads(out.with_suffix(".json").read_text())["curves"]["sw"]
+    first = json.loads(out.with_suffix(".json").read_text())
+    assert first["settings"]["checkpoint_sha256"] == {"sw": sha256_file(trained_ckpt)}
+    assert first["provenance"]["sw"]["adam 0.05"]["attack"]["optimizer"] == "adam"
     assert main(args + ["--attacks", "sign 0.05,adam 0.05"]) == 0
     assert "sw adam 0.05: kept from" in capsys.readouterr().out
     both = json.loads(out.with_suffix(".json").read_text())["curves"]["sw"]
-    assert list(both) == ["sign 0.05", "adam 0.05"] and both["adam 0.05"] == first["adam 0.05"]
-    assert main(args[:-2] + ["--seed", "1", "--out", str(out), "--attacks", "sign 0.05"]) == 0  # other settings: rerun
-    assert list(json.loads(out.with_suffix(".json").read_text())["curves"]["sw"]) == ["sign 0.05"]
+    assert list(both) == ["sign 0.05", "adam 0.05"] and both["adam 0.05"] == first["curves"]["sw"]["adam 0.05"]
+    before = out.with_suffix(".json").read_bytes()
+    assert main(args + ["--seed", "1", "--attacks", "sign 0.05"]) == 2  # other settings: refused, nothing overwritten
+    err = capsys.readouterr().err.strip()
+    assert "other settings (seed)" in err and "\n" not in err and out.with_suffix(".json").read_bytes() == before
+    out.with_suffix(".json").write_text("{not json")
+    assert main(args) == 2 and "is not a curve file this program can resume" in capsys.readouterr().err
 
 
 def test_one_definition_of_the_seen_and_unseen_suites(tmp_path):
