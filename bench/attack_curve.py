@@ -7,7 +7,7 @@ one optimiser than under another (gradient masking).
 
 Patches are crafted on the last --n-craft training images and scored on the last --n-score test images (disjoint).
 At each point the restart with the highest ASR on the crafting images is scored. Writes {--out}.{json,md,png} after
-every (model, attack) curve, each curve with its provenance (git commit, the attack's definition). A re-run into an
+every (model, attack) curve, each curve with its provenance (git commit / code hash, the attack's definition). A re-run into an
 existing {--out}.json resumes: with the same settings and the same checkpoint files (sha256) it keeps the curves
 whose attack is still defined the same and runs the others; with other settings it refuses rather than overwrite.
 """
@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     craft = train.subset(a.n_craft, start=len(train) - a.n_craft).tensors()
     score = test.subset(a.n_score, start=len(test) - a.n_score).tensors()
     command = command_line("bench/attack_curve.py", argv)
-    commit = environment()["git_sha"]
+    env = environment()
+    code = {k: env[k] for k in ("git_sha", "git_dirty", "code_hash")}
     for name, (model, obj) in models.items():
         trained = trained_bits(obj)
         base = PatchConfig(patch_shape=(a.patch_size, a.patch_size), seed=a.seed, image_size=tuple(score[0].shape[-2:]),
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                     if len(cands) > 1 else 0
                 asr.append(evaluate_patch(model, *score, cands[best], cfg)["asr_pct"])
             curves[name][att.name] = asr
-            provenance[name][att.name] = {"git": commit, "command": command, "attack": dataclasses.asdict(att)}
+            provenance[name][att.name] = {"code": code, "command": command, "attack": dataclasses.asdict(att)}
             print(f"{name} {att.name}: " + " ".join(f"{p}:{v:.1f}" for p, v in zip(points, asr)), flush=True)
             _write(a, command, settings, curves, provenance)
     _write(a, command, settings, curves, provenance)
