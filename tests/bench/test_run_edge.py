@@ -57,7 +57,8 @@ def test_packed_bundle_is_smaller_and_runs_the_same_model(trained_ckpt, tmp_path
                                                                            pack_weights=True)
     man = json.loads((packed / "manifest.json").read_text())
     assert man["packed_weights"]["file"] in man["files"]
-    assert {t["bits"] for t in man["packed_weights"]["tensors"].values()} == {bits}
+    packed_bits = {t["bits"] for t in man["packed_weights"]["tensors"].values()}
+    assert bits in packed_bits and packed_bits <= {2, bits}  # 0/1 shortcut embeddings fit 2 bits at any width
     size = lambda b: (b / "model.onnx").stat().st_size + sum(  # noqa: E731
         (b / f).stat().st_size for f in ("weights.packed.npz",) if (b / f).exists())
     assert size(packed) < size(plain)
