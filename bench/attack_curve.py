@@ -7,8 +7,8 @@ one optimiser than under another (gradient masking).
 
 Patches are crafted on the last --n-craft training images and scored on the last --n-score test images (disjoint).
 At each point the restart with the highest ASR on the crafting images is scored. Writes {--out}.{json,md,png} after
-every (model, attack) curve, each curve with its provenance (git commit / code hash, the attack's definition). A re-run into an
-existing {--out}.json resumes: with the same settings and the same checkpoint files (sha256) it keeps the curves
+every (model, attack) curve, each curve with its provenance (git commit / code hash, the attack's definition). A
+re-run into an existing {--out}.json resumes: with the same settings and the same checkpoint files (sha256) it keeps the curves
 whose attack is still defined the same and runs the others; with other settings it refuses rather than overwrite.
 """
 
@@ -140,8 +140,9 @@ def _previous(out: str, settings: dict) -> tuple[dict, dict]:
 
 
 def _write(a, command: str, settings: dict, curves: dict, provenance: dict) -> None:
-    points = settings["points"]
     from qnn.attacks.ensemble import ENSEMBLE
+
+    points = settings["points"]
 
     order = {att.name: i for i, att in enumerate(ENSEMBLE)}
     curves = {n: dict(sorted(per.items(), key=lambda kv: order.get(kv[0], len(order)))) for n, per in curves.items()}

@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                 so.intra_op_num_threads = threads
                 so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
                 sess = {"float": ort.InferenceSession(str(fpath), so, providers=["CPUExecutionProvider"])}
-                sess |= {b: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for b, p in ipaths.items()}
+                sess |= {b: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+                         for b, p in ipaths.items()}
                 peak_run, peak_macs = peaks[threads]
                 for batch in [int(v) for v in a.batches.split(",")]:
                     x = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)

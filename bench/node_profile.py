@@ -7,8 +7,8 @@ The model is the default export (`qnn export --format int`) of a zoo model with 
 depend on their values). ORT (ORT_ENABLE_ALL, as a deployment runs it) runs --runs batches with its profiler on;
 each op type's kernel time per batch is summed over its nodes. The share of peak is MACs per batch / time / the MAC
 rate of a large QLinearConv on this CPU (`bench/latency.py:int8_peak`, timed in the same rounds as the model): for
-the whole run (wall time without the profiler) and for the QLinearConv / QGemm kernels alone, so that what the convolutions lose and what the rest
-costs are told apart. Writes {--out}.{json,md}.
+the whole run (wall time without the profiler) and for the QLinearConv / QGemm kernels alone, so that what the
+convolutions lose and what the rest costs are told apart. Writes {--out}.{json,md}.
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             ms, count = op_times(sessions[True], x, runs)
             node_ms = sum(ms.values())
             mac_ms = sum(v for k, v in ms.items() if k in MAC_OPS)
-            r = {"macs_per_batch": macs, "wall_ms": wall_ms, "int8_peak_mac_per_s": peak, "node_ms": node_ms, "op_ms": ms, "op_nodes": count,
+            r = {"macs_per_batch": macs, "wall_ms": wall_ms, "int8_peak_mac_per_s": peak, "node_ms": node_ms,
+                 "op_ms": ms, "op_nodes": count,
                  "share_of_peak_wall": macs / (wall_ms / 1e3) / peak,
                  "share_of_peak_mac_ops": macs / (mac_ms / 1e3) / peak,
                  "outside_nodes_ms": wall_ms - node_ms}
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{100 * r['share_of_peak_wall']:.0f}% (MAC kernels alone {100 * r['share_of_peak_mac_ops']:.0f}%)",
                   flush=True)
     command = command_line("bench/node_profile.py", argv)
-    summary = markdown_table(["model", "wall ms", "GMAC/s", "int8 peak GMAC/s", "share of int8 peak", "MAC kernels' share of peak", "MAC kernels' ms",
+    summary = markdown_table(["model", "wall ms", "GMAC/s", "int8 peak GMAC/s", "share of int8 peak",
+                              "MAC kernels' share of peak", "MAC kernels' ms",
                               "other kernels' ms"],
                              [[n, f"{r['wall_ms']:.2f}", f"{r['macs_per_batch'] / r['wall_ms'] / 1e6:.1f}",
                                f"{r['int8_peak_mac_per_s'] / 1e9:.1f}",

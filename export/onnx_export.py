@@ -134,8 +134,6 @@ class _Builder:
         0/1 int8 weights at scale 1 requantized onto t's own grid (multiplier exactly 1: the integers are copied, no
         Clip needed), which ORT runs as a QLinearConv in its conv layout; elsewhere a Slice and a Pad. The 0/1 weights
         are int8 whatever `weight_type` says: they cannot saturate any kernel."""
-        if min(before, after) < 0:
-            raise QNNError(f"a channel embedding pads, it cannot crop (before={before}, after={after})")
         sh, sw = stride
         if self.fmt != "int":
             name = t.name if (sh, sw) == (1, 1) else self.slice(t.name, (slice(None), slice(None), slice(None, None, sh),

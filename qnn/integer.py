@@ -250,6 +250,8 @@ class ChannelEmbed(Op):
     (`builder.embed_channels`)."""
 
     def __init__(self, x: int, grid: Grid, stride: tuple[int, int], before: int, after: int):
+        if min(before, after) < 0:  # a crop is a Move("pad"): the embedding's weights could not express it
+            raise QNNError(f"a channel embedding pads, it cannot crop (before={before}, after={after})")
         self.inputs, self.out, self.stride, self.before, self.after = (x,), grid, stride, before, after
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
