@@ -481,6 +481,25 @@ class IntegerProgram:
         return y if self.grids[self.output] is None else b.dequant(y)
 
 
+def program_of(body: fx.GraphModule) -> IntegerProgram:
+    """`IntegerProgram(body)`, built once and reused while nothing it was built from has changed: the same graph, the
+    same switch position of every switchable module, and every parameter and buffer the same tensor (identity and
+    storage) at the same in-place version (optimizer steps, `load_state_dict` and `.to()` all change one of these).
+    An attack's forwards and a whole evaluation then lower the graph and fold the weights once, not per batch."""
+    from qnn.layers import switchable_modules
+
+    tensors = [*body.parameters(), *body.buffers()]
+    # ids are compared, and the tensors themselves are kept in the cache, so an id cannot be reused while it lives
+    key = (id(body.graph), body.code, tuple((m.w_bits, m.a_bits) for m in switchable_modules(body)),
+           tuple((id(t), t._version, t.data_ptr()) for t in tensors))
+    cached = body.__dict__.get("_integer_program")
+    if cached is not None and cached[0] == key:
+        return cached[2]
+    program = IntegerProgram(body)
+    body.__dict__["_integer_program"] = (key, tensors, program)
+    return program
+
+
 def integer_ready(body: nn.Module) -> bool:
     """Whether `body` runs quantized now (some quantizer below 32 bits)."""
     return any(q.bits != FLOAT_BITS for q in quantizers(body))

@@ -2,7 +2,7 @@
 in), normalisation first, then the quantized body; `num_classes`, `in_size`, `mean`, `std` as attributes.
 
 In eval mode at a quantized bit-width, `forward` runs the exported integer graph's arithmetic exactly
-(`qnn.integer.IntegerProgram`); with autograd on (attacks) the same integers, with straight-through gradients at each
+(`qnn.integer.IntegerProgram`, built once per bit-width and weights: `qnn.integer.program_of`); with autograd on (attacks) the same integers, with straight-through gradients at each
 rounding. Training runs Brevitas' fake-quant form (it learns the scales); `exact_integer_eval(False)` selects that
 form in eval mode too.
 """
@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from qnn.errors import QNNError
-from qnn.integer import IntegerProgram, integer_ready
+from qnn.integer import integer_ready, program_of
 from qnn.layers import (BIT_CHOICES, exact_integer_eval, get_bit_width, integer_eval_enabled, set_bit_width_,
                         uncalibrated)
 
@@ -48,7 +48,7 @@ class QuantizedNet(nn.Module):
         if integer_eval_enabled() and not self.training and integer_ready(self.body):
             if uncalibrated(self):
                 raise QNNError("activation quantizers at this bit-width were never calibrated; train or calibrate first")
-            return IntegerProgram(self.body).run(x)
+            return program_of(self.body).run(x)
         return self.body(x)
 
     def features(self, x: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:

@@ -13,7 +13,7 @@ from qnn.export.onnx_export import build_graph, export_model
 from qnn.export.verify import verify
 from qnn.kernels.interpreter import IntegerInterpreter
 from qnn.errors import QNNError
-from qnn.integer import IntegerProgram
+from qnn.integer import IntegerProgram, program_of
 from qnn.layers import set_bit_width_
 from qnn.models import create_model
 from qnn.models.quantized import QuantizedNet
@@ -45,6 +45,45 @@ def _check_exact(m: nn.Module, bits: int, tmp_path, n: int = 6) -> dict:
     c = verify(p)
     assert c["fully_integer"], c
     return c
+
+
+def test_the_integer_program_is_built_once_and_rebuilt_when_what_it_folds_changes():
+    m = _trained_like(_trained_like(QuantizedNet(tiny_cnn(), 10, 16), 8, 16), 4, 16)
+    x = torch.rand(4, 3, 16, 16)
+
+    def check_fresh() -> torch.Tensor:  # the model's (cached) program computes what a fresh lowering computes
+        with torch.no_grad():
+            y = m(x)
+            assert torch.equal(y, IntegerProgram(m.body).run((x - m._mean) / m._std))
+        return y
+
+    y4 = check_fresh()
+    p = program_of(m.body)
+    check_fresh()
+    assert program_of(m.body) is p  # nothing changed: reused
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    fc = [mod for mod in m.modules() if isinstance(mod, nn.Linear)][-1]
+    changes = {
+        "bit switch": lambda: set_bit_width_(m, 8),
+        "switch back": lambda: set_bit_width_(m, 4),
+        "optimizer step": lambda: _sgd_step(m, x),
+        "weight storage swapped": lambda: setattr(fc.weight, "data", fc.weight.data * 2),
+        "load_state_dict": lambda: m.load_state_dict(state),
+    }
+    for what, change in changes.items():
+        before = program_of(m.body)
+        change()
+        assert program_of(m.body) is not before, what
+        check_fresh()
+    assert torch.equal(check_fresh(), y4)  # the loaded state is the first one
+
+
+def _sgd_step(m: nn.Module, x: torch.Tensor) -> None:
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m.train()
+    m(x).square().mean().backward()
+    opt.step()
+    m.eval()
 
 
 class Shortcuts(nn.Module):
