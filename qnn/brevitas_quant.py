@@ -25,8 +25,8 @@ import torch.nn as nn
 from brevitas.quant.scaled_int import Int8WeightPerTensorFloat, Uint8ActPerTensorFloat
 
 from qnn.errors import QNNError
-from qnn.layers import (BIT_CHOICES, FLOAT_BITS, SwitchableMixin, _forget_init, _known_init, bit_index, fake_quant,
-                        mse_act_scale, mse_weight_scale)
+from qnn.layers import (BIT_CHOICES, FLOAT_BITS, SwitchableMixin, _forget_init, _known_init, _mark_init, bit_index,
+                        fake_quant, mse_act_scale, mse_weight_scale)
 
 KINDS = ("weight", "unsigned", "shifted", "input")
 
@@ -99,7 +99,7 @@ class SwitchableIntQuant(nn.Module, SwitchableMixin):
         else:
             s = mse_act_scale(x, lo, hi, self.kind == "unsigned").reshape(self.log_scale.shape[1:])
         self.log_scale.data[idx] = torch.log(s)
-        self.initialized[idx] = True
+        _mark_init(self, "initialized", idx)
 
     def scale(self, bits: int | None = None) -> torch.Tensor:
         return self.log_scale[bit_index(self.bits if bits is None else bits)].exp()

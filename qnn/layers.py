@@ -76,6 +76,23 @@ def _known_init(mod: nn.Module, buf_name: str, idx: int) -> bool:
     return False
 
 
+def _mark_init(mod: nn.Module, buf_name: str, idx: int) -> None:
+    """Set slot `idx` of `buf_name` and remember it on the host at once: compiled code (torch.compile) that meets a
+    slot the host does not know reads the tensor, a graph break at every quantizer."""
+    getattr(mod, buf_name)[idx] = True
+    mod.__dict__.setdefault("_init_known", set()).add((buf_name, idx))
+
+
+def remember_init_(model: nn.Module) -> None:
+    """Read every quantizer's initialised slots to the host once (e.g. after loading a checkpoint, before
+    torch.compile), so that no forward reads them again."""
+    for m in model.modules():
+        flags = getattr(m, "initialized", None)
+        if isinstance(m, SwitchableMixin) and isinstance(flags, torch.Tensor):
+            for idx in flags.nonzero().flatten().tolist():
+                m.__dict__.setdefault("_init_known", set()).add(("initialized", idx))
+
+
 def _forget_init(mod: nn.Module, *args, **kwargs) -> None:
     """load_state_dict pre-hook: the loaded buffers may say otherwise than what the host remembered of them
     (`_known_init`)."""

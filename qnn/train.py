@@ -29,7 +29,7 @@ from qnn.checkpoint import atomic_torch_save, atomic_write_json, load_checkpoint
 from qnn.config import TrainConfig
 from qnn.data import ArrayDataset, check_data_fits, iterate_batches, load_dataset
 from qnn.errors import QNNError
-from qnn.layers import FLOAT_BITS, set_bit_width_
+from qnn.layers import FLOAT_BITS, remember_init_, set_bit_width_
 from qnn.models import create_model
 from qnn.outputs import StagedDir
 
@@ -304,6 +304,8 @@ def _train_in(cfg: TrainConfig, stage: StagedDir, model: nn.Module, defense, tea
     if start_epoch == 0:
         xb0, _ = next(iterate_batches(train_ds, cfg.batch_size, True, False, cfg.seed, 0, rank, world))
         init_scales_(model, cfg.bits, xb0.to(device))
+    if cfg.compile:
+        remember_init_(model)  # compiled code that reads a quantizer's init flags breaks its graph there
     train_model: nn.Module = torch.compile(model) if cfg.compile else model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)

@@ -145,3 +145,31 @@ def test_checkpoints_keep_the_weight_range(tmp_path):
     torch.save(obj, tmp_path / "old.pt")
     m, _ = load_checkpoint(tmp_path / "old.pt")
     assert m.reduce_range is False and all(not q.reduce_range for q in quantizers(m) if q.kind == "weight")
+
+
+def test_compiled_training_reads_no_quantizer_flag_after_init_or_load():
+    """torch.compile traces one graph: a quantizer whose init flag the host does not know reads the tensor there,
+    a graph break at every quantizer (and a recompile storm once the flag flips)."""
+    import torch._dynamo as dynamo
+
+    from qnn.layers import remember_init_
+    from qnn.models.quantized import QuantizedNet
+    from qnn.train import init_scales_
+    from tests.qnn.user_models import tiny_cnn
+
+    x = torch.rand(4, 3, 16, 16)
+    m = QuantizedNet(tiny_cnn(), 10, 16)
+    init_scales_(m, [4], x)  # what `qnn train` runs before it compiles
+    set_bit_width_(m, 4)
+    m.train()
+
+    def breaks() -> int:
+        dynamo.reset()
+        return dynamo.explain(m)(x).graph_break_count
+
+    assert breaks() == 0
+    m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()})  # a resume: the host forgets
+    set_bit_width_(m, 4)
+    assert breaks() > 0
+    remember_init_(m)
+    assert breaks() == 0
