@@ -1,6 +1,6 @@
 """Fake-quant (PyTorch) vs integer ONNX Runtime parity on clean and patched images.
 
-    python bench/parity.py --checkpoint runs/qat_resnet20/switchable/model.pt --bits 8,4,2 \
+    python bench/parity.py --checkpoint runs/qat_resnet20_brevitas/switchable_r8_kd_e5/model.pt --bits 8,4,2 \
         --dataset cifar10 --data-dir ../shared/data/cifar10 [--n 10000] [--patch-iters 300]
 
 For each bit-width: export the integer model, run both backends on the test set and on the same patched images
@@ -107,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
                 xn = normalise(x[: a.interp_n].numpy(), model.mean, model.std)
                 li = IntegerInterpreter(onnx_path).run(xn)
                 r["interpreter_bit_exact_pct"] = 100 * float((li == lo[: a.interp_n]).all(1).mean())
+            print(f"{b} bits: clean images compared ({time.perf_counter() - t0:.0f}s); crafting "
+                  f"{len(patch_cfgs)} patches", flush=True)
             for name, pc in patch_cfgs.items():
                 set_bit_width_(model, b)
-                patch, _ = optimize_universal_patch(model, xa, ya, pc)
+                patch, _ = optimize_universal_patch(model, xa, ya, pc, progress=True)
                 set_bit_width_(model, b)
                 loc = placement_locations(model, x, y, patch, pc)
                 xp = apply_patch(x, patch, make_mask(pc.shape, *pc.patch_shape), loc)

@@ -1,7 +1,7 @@
 """Transfer matrices on the undefended switchable QAT ResNet-20: a universal patch crafted at float / 8 / 4 / 2 bits,
 ASR on every target bit-width; 6x6 and 8x8 squares.
 
-    python bench/transfer_matrix.py --checkpoint runs/qat_resnet20/switchable/model.pt
+    python bench/transfer_matrix.py --checkpoint runs/qat_resnet20_brevitas/switchable_r8_kd_e5/model.pt
 
 Writes results/transfer_resnet20.{json,md} and one heat-map PNG per patch size.
 """
@@ -19,8 +19,9 @@ from qnn.bench.common import environment  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", default="runs/qat_resnet20/switchable/model.pt", help="qnn checkpoint attacked "
-                    "(default runs/qat_resnet20/switchable/model.pt)")
+    ap.add_argument("--checkpoint", default="runs/qat_resnet20_brevitas/switchable_r8_kd_e5/model.pt",
+                    help="qnn checkpoint attacked (default runs/qat_resnet20_brevitas/switchable_r8_kd_e5/model.pt, "
+                    "the QAT table's switchable wide-residual row)")
     ap.add_argument("--data-dir", default="../shared/data/cifar10",
                     help="CIFAR-10 folder (default ../shared/data/cifar10)")
     ap.add_argument("--sizes", default="6,8", help="comma-separated square patch sizes in pixels, one matrix each "
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in [int(v) for v in a.sizes.split(",")]:
         cfg = PatchConfig(patch_shape=(s, s), iterations=a.iterations)
         m = transfer_matrix(model, xa, ya, xe, ye, cfg, parse_bits(a.sources), parse_bits(a.targets),
-                            patch_dir=Path(a.out + "_patches") / f"{s}x{s}")
+                            patch_dir=Path(a.out + "_patches") / f"{s}x{s}", progress=True)
         out[f"{s}x{s}"] = m
         heatmap_png(m, f"{a.out}_{s}x{s}.png", f"{s}x{s} universal patch ASR (%), undefended switchable QAT ResNet-20")
         md.append(f"\n### {s}x{s} patch (rows: crafted on, columns: evaluated on; ASR %)\n")
