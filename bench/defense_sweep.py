@@ -162,7 +162,10 @@ def aggregate(grid: list[dict], runs: Path, eval_bits: list[int], cost: bool = T
             if vals["unseen_asr_pct"]:
                 s["per_bits"][bt] = {m: statistics.fmean(v) for m, v in vals.items()} | {
                     "unseen_asr_sd": statistics.stdev(vals["unseen_asr_pct"]) if len(vals["unseen_asr_pct"]) > 1 else None,
-                    "n_seeds": len(vals["unseen_asr_pct"])}
+                    "n_seeds": len(vals["unseen_asr_pct"]),
+                    # each seed's own figure, so that a seeds table can be rendered from this file
+                    "unseen_asr_pct_by_seed": {sd: seeds[sd]["per_bits"][bt]["unseen_asr_pct"]
+                                               for sd in s["seeds"] if bt in seeds[sd]["per_bits"]}}
                 each = [ps["per_bits"][bt]["unseen_asr_pct_each"] for ps in seeds.values()
                         if "unseen_asr_pct_each" in ps["per_bits"].get(bt, {})]
                 if each:  # the unseen mean split by configuration (mean over seeds of each)

@@ -106,6 +106,7 @@ def test_report_splits_unseen_asr_by_configuration_averaged_over_seeds(tmp_path)
     grid = [{"name": "q", "defense": "qadtr", "args": {}, "bits": [4]}]
     summary, md = aggregate(grid, tmp_path, [4], cost=False, seeds=[0, 1], unseen=unseen_of(BUDGETS["smoke"]))
     assert summary["q"]["per_bits"]["4"]["unseen_asr_pct_each"] == pytest.approx([25.0, 12.0, 3.0])
+    assert summary["q"]["per_bits"]["4"]["unseen_asr_pct_by_seed"] == pytest.approx({"0": 14.0, "1": 38.0 / 3})
     assert "| 4b 10x10 sq | 4b 6.25% circ | 4b 8x8 sq fixed |" in md and "| q | 25.0 | 12.0 | 3.0 |" in md
 
 
