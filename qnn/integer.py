@@ -79,8 +79,9 @@ def _requant(acc: torch.Tensor, mult: torch.Tensor, out: Grid) -> torch.Tensor:
 
 
 def _fold(layer: nn.Module, bn: nn.Module | None, q_w: SwitchableIntQuant, in_grid: Grid):
-    """(integer weights with BatchNorm's sign folded in, per-channel float32 scale, int32 bias, the bias' float32
-    scale) of conv/linear + optional BatchNorm at the current bit-width; the integer weights are those of training."""
+    """(integer weights with BatchNorm's sign folded in, per-channel float32 scale, the bias on its grid before
+    rounding, the bias' float32 scale) of conv/linear + optional BatchNorm at the current bit-width; the integer
+    weights are those of training. The int32 bias is the rounded third item."""
     b = q_w.bits
     lo, hi, _ = q_w.qrange(b)
     s_w = q_w.scale(b).detach().float().reshape(-1)
@@ -95,10 +96,10 @@ def _fold(layer: nn.Module, bn: nn.Module | None, q_w: SwitchableIntQuant, in_gr
         s_w = (s_w * inv.abs()).float()
         bias = (bias - bn.running_mean.detach()) * inv + bn.bias.detach()
     s_bias = (in_grid.scale * s_w).float()
-    b_int = torch.round(bias.float() / s_bias)
-    if b_int.abs().max() >= 2**31:
+    b_real = bias.float() / s_bias
+    if b_real.abs().max() >= 2**31:
         raise QNNError(f"int32 bias overflow in {type(layer).__name__}: scales too small for this bias")
-    return w_int, s_w, b_int, s_bias
+    return w_int, s_w, b_real, s_bias
 
 
 class Op:
@@ -135,7 +136,10 @@ class QConv(Op):
         self.linear = isinstance(layer, bnn.QuantLinear)
         q_w = quantizers(layer.weight_quant)[0]
         self.w_bits = q_w.grid_bits(q_w.bits)  # 7 for 8-bit weights with reduce_range: the grid the emitters write
-        self.w_int, self.s_w, self.b_int, self.s_bias = _fold(layer, bn, q_w, in_grid)
+        self.w_int, self.s_w, self.b_real, self.s_bias = _fold(layer, bn, q_w, in_grid)
+        # ONNX's int32 bias lives on the accumulator's grid s_x * s_w: with coarse (2-bit) inputs and weights, its
+        # rounding moves outputs by a sizeable share of their step (`bench/bias_rounding.py` measures it)
+        self.b_int = torch.round(self.b_real)
         if not self.linear:
             self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
             self.kernel = layer.kernel_size
