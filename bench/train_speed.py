@@ -26,14 +26,13 @@ def step_times(models: dict, x, y, warmup: int, iters: int, compile_: bool, sync
     import torch
     import torch.nn.functional as F
 
-    from qnn.layers import remember_init_, set_bit_width_
+    from qnn.layers import remember_init_
     from qnn.train import init_scales_
 
     steps = {}
     for bits, model in models.items():
-        init_scales_(model, [bits], x)  # as `qnn train` does before it compiles
+        init_scales_(model, [bits], x)  # as `qnn train` does before it compiles (it leaves the model at `bits`)
         remember_init_(model)
-        set_bit_width_(model, bits)
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         steps[bits] = (torch.compile(model) if compile_ else model, opt)

@@ -67,7 +67,7 @@ def _known_init(mod: nn.Module, buf_name: str, idx: int) -> bool:
     the model's device: reading it on a GPU is a host sync, once per quantizer and forward, which stalls the launch
     queue. A slot once seen set is remembered on the host (slots are only ever set, never cleared, except by loading a
     state dict, which forgets what was remembered: see `_forget_init`)."""
-    known = mod.__dict__.setdefault("_init_known", set())
+    known = _init_memo(mod)
     if (buf_name, idx) in known:
         return True
     if bool(getattr(mod, buf_name)[idx]):
@@ -76,11 +76,16 @@ def _known_init(mod: nn.Module, buf_name: str, idx: int) -> bool:
     return False
 
 
+def _init_memo(mod: nn.Module) -> set[tuple[str, int]]:
+    """The (buffer name, slot) pairs known on the host to be set."""
+    return mod.__dict__.setdefault("_init_known", set())
+
+
 def _mark_init(mod: nn.Module, buf_name: str, idx: int) -> None:
     """Set slot `idx` of `buf_name` and remember it on the host at once: compiled code (torch.compile) that meets a
     slot the host does not know reads the tensor, a graph break at every quantizer."""
     getattr(mod, buf_name)[idx] = True
-    mod.__dict__.setdefault("_init_known", set()).add((buf_name, idx))
+    _init_memo(mod).add((buf_name, idx))
 
 
 def remember_init_(model: nn.Module) -> None:
@@ -89,8 +94,7 @@ def remember_init_(model: nn.Module) -> None:
     for m in model.modules():
         flags = getattr(m, "initialized", None)
         if isinstance(m, SwitchableMixin) and isinstance(flags, torch.Tensor):
-            for idx in flags.nonzero().flatten().tolist():
-                m.__dict__.setdefault("_init_known", set()).add(("initialized", idx))
+            _init_memo(m).update(("initialized", idx) for idx in flags.nonzero().flatten().tolist())
 
 
 def _forget_init(mod: nn.Module, *args, **kwargs) -> None:

@@ -2,8 +2,8 @@
 in), normalisation first, then the quantized body; `num_classes`, `in_size`, `mean`, `std` as attributes.
 
 In eval mode at a quantized bit-width, `forward` runs the exported integer graph's arithmetic exactly
-(`qnn.integer.IntegerProgram`, built once per bit-width and weights: `qnn.integer.program_of`); with autograd on (attacks) the same integers, with straight-through gradients at each
-rounding. Training runs Brevitas' fake-quant form (it learns the scales); `exact_integer_eval(False)` selects that
+(`qnn.integer.IntegerProgram`, built once per bit-width and weights: `qnn.integer.program_of`); with autograd on
+(attacks) the same integers, with straight-through gradients at each rounding. Training runs Brevitas' fake-quant form (it learns the scales); `exact_integer_eval(False)` selects that
 form in eval mode too.
 """
 
