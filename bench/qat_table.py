@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fixed-epochs", type=int, default=2, help="epochs of each fixed-precision run (more steps per bit-width than the switchable run gets)")
     ap.add_argument("--lr", type=float, default=0.02, help="learning rate of every run (default 0.02)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each run's training forward (qnn train "
+                    "--compile: faster steps on CPU, a few minutes of compilation per run)")
     ap.add_argument("--seed", type=int, default=0, help="training seed of every run (default 0); give each seed its own --runs-dir")
     ap.add_argument("--train-subset", type=int, help="train on the first N training images (default all)")
     ap.add_argument("--test-subset", type=int, help="score on the first N test images (default all 10,000)")
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = TrainConfig(model="resnet20", dataset="cifar10", data_dir=a.data_dir, init=a.weights, bits=bits,
                                   epochs=epochs, lr=a.lr, threads=a.threads, seed=a.seed, train_subset=a.train_subset,
                                   test_subset=a.test_subset, out_dir=str(out), resume=True, eval_bits=bits,
-                                  residual_bits=(R if wide else None), distill=(str(Path(a.runs_dir) / "float" / "model.pt") if wide and a.distill else None))
+                                  compile=a.compile, residual_bits=(R if wide else None), distill=(str(Path(a.runs_dir) / "float" / "model.pt") if wide and a.distill else None))
                 print(f"== training {name} (bits {bits})", flush=True)
                 train(cfg)
             model, obj = load_checkpoint(out / "model.pt")
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = (f"python bench/qat_table.py --epochs {a.epochs} --float-epochs {a.float_epochs} --fixed-epochs {a.fixed_epochs} "
            f"--lr {a.lr} --residual-bits {R}" + (f" --residual-epochs {a.residual_epochs}" if a.residual_epochs else "")
            + (" --distill" if a.distill else "") + (f" --seed {a.seed}" if a.seed else "")
-           + (f" --runs-dir {a.runs_dir}" if a.runs_dir != "runs/qat_resnet20" else "") + (f" --runs {a.runs}" if a.runs else "")
+           + (" --compile" if a.compile else "") + f" --runs-dir {a.runs_dir}" + (f" --runs {a.runs}" if a.runs else "")
            + (f" --compare {a.compare}" if a.compare else "")
            + (f" --out {a.out}" if a.out != "results/qat_resnet20" else ""))
     md = (f"Pretrained ResNet-20 fine-tuned on the shared (JPEG-decoded) CIFAR-10 (epochs per run: {eps}), "

@@ -89,12 +89,10 @@ def _fold(layer: nn.Module, bn: nn.Module | None, q_w: SwitchableIntQuant, in_gr
     w_int = torch.clamp(torch.round(layer.weight.detach() / s_w.reshape(shape)), lo, hi)
     bias = layer.bias.detach().float() if layer.bias is not None else torch.zeros(w_int.shape[0])
     if bn is not None:
-        bn = bn.bn
-        inv = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().float()
+        inv, bias = bn.folded(layer.bias)
         sign = torch.where(inv < 0, -1.0, 1.0)
         w_int = w_int * sign.reshape(shape)
         s_w = (s_w * inv.abs()).float()
-        bias = (bias - bn.running_mean.detach()) * inv + bn.bias.detach()
     s_bias = (in_grid.scale * s_w).float()
     b_real = bias.float() / s_bias
     if b_real.abs().max() >= 2**31:
