@@ -86,6 +86,10 @@ class SwitchableBatchNorm2d(nn.Module, SwitchableMixin):
         them to their copies."""
         self._fold_with = (conv, in_quant)
 
+    def unlink_(self) -> tuple[nn.Module, nn.Module] | None:
+        """Train and evaluate with BatchNorm's float bias again; returns the link (`link_(*link)` restores it)."""
+        return self.__dict__.pop("_fold_with", None)
+
     @torch.no_grad()
     def folded(self, conv_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(gamma / sigma, the folded bias) of the current BatchNorm after a conv with bias `conv_bias`, from the

@@ -120,7 +120,7 @@ def test_batchnorm_trains_with_the_bias_the_integer_graph_will_have():
     assert len(errs) == 3 and all(any(e.shape == d.shape and torch.equal(e, d) for d in deployed) for e in errs)
     with torch.no_grad():
         exact, fake = prog.run(x), q(x)
-        links = [bn.__dict__.pop("_fold_with") for bn in bns]
+        links = [bn.unlink_() for bn in bns]
         unrounded = q(x)
     lsb = prog.logit_lsb()
     assert (exact - fake).abs().max() < lsb < (exact - unrounded).abs().max() / 100
