@@ -1,13 +1,13 @@
 """What the int32 bias's rounding costs: clean accuracy of a checkpoint at each bit-width in four forms, the
-fake-quant form training uses (BatchNorm's bias moved onto its integer grid), the same with BatchNorm's float bias,
-the exact integer program (what ONNX Runtime computes), and that program with its bias left unrounded; and, per
-layer, the largest rounding error of the bias in steps of the layer's output.
+fake-quant form training uses, the exact integer program (what ONNX Runtime computes), the same program with its
+bias rounded onto the unlifted accumulator grid (the export before weights were lifted), and with its bias left
+unrounded; and, per layer, the largest rounding error of the bias in steps of the layer's output, both ways.
 
 ONNX's QLinearConv / QGemm take the bias as int32 on the accumulator's grid s_x * s_w. With coarse inputs and weights
-(2 bits) that grid is coarse too, and the rounded bias shifts every output of a channel by up to half of it: a share
-of the output's step that a fake-quant form with a float BatchNorm bias never sees in training (a checkpoint trained
-that way loses ~1 point at 2 bits in the integer model; `qnn.quantization.SwitchableBatchNorm2d` now trains with the
-rounded bias).
+(2 bits) that grid is coarse too, and a bias rounded onto it shifts every output of a channel by up to half of it:
+a share of the output's step that the fake-quant form, with its float BatchNorm bias, never sees in training. The
+export therefore lifts sub-8-bit weights by a power of two (`qnn.integer.weight_lift`: 64 at 2 bits, scale / 64),
+the same real weights on a grid that much finer, and the bias with them.
 
     python bench/bias_rounding.py --checkpoint runs/qat_resnet20_brevitas/switchable_r8_kd_e5/model.pt --bits 2,4,8
 """
@@ -43,7 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     from qnn.errors import QNNError
     from qnn.integer import IntegerProgram, QConv
     from qnn.layers import FLOAT_BITS, exact_integer_eval, set_bit_width_
-    from qnn.quantization import SwitchableBatchNorm2d
 
     torch.set_num_threads(a.threads)
     try:
@@ -66,32 +65,34 @@ def main(argv: list[str] | None = None) -> int:
     results, rows = {}, []
     for b in bits_list:
         set_bit_width_(model, b)
-        bns = [m for m in model.modules() if isinstance(m, SwitchableBatchNorm2d)]
         with exact_integer_eval(False):
             fake = accuracy(lambda i: model(x[i:i + 500]))
-            links = [bn.unlink_() for bn in bns]
-            fake_float_bias = accuracy(lambda i: model(x[i:i + 500]))
-        for bn, link in zip(bns, links):
-            if link is not None:
-                bn.link_(*link)
         prog = IntegerProgram(model.body)
         integer = accuracy(lambda i: prog.run(xn[i:i + 500]))
         convs = [op for op in prog.ops if isinstance(op, QConv) and op.out is not None]
-        worst = [float((0.5 * op.in_grid.scale * op.s_w / op.out.scale).max()) for op in convs]
+        lifted = [op.b_int for op in convs]
+        worst = [float((0.5 * op.s_bias / op.out.scale).max()) for op in convs]
+        worst_unlifted = [w * op.lift for w, op in zip(worst, convs)]
+        for op in convs:  # the bias on the unlifted grid: lift times coarser
+            op.b_int = torch.round(op.b_real / op.lift) * op.lift
+        unlifted = accuracy(lambda i: prog.run(xn[i:i + 500]))
         for op in convs:
             op.b_int = op.b_real
         unrounded = accuracy(lambda i: prog.run(xn[i:i + 500]))
-        results[str(b)] = {"acc_fake_quant_pct": fake, "acc_fake_quant_float_bias_pct": fake_float_bias,
-                           "acc_integer_pct": integer,
-                           "acc_integer_unrounded_bias_pct": unrounded, "worst_bias_error_out_steps": worst}
-        rows.append([b, fake, fake_float_bias, integer, unrounded, integer - unrounded, max(worst)])
-        print(f"{b} bits: fake-quant {fake:.2f} (float bias {fake_float_bias:.2f}), integer {integer:.2f}, "
-              f"unrounded bias {unrounded:.2f}", flush=True)
+        for op, b_int in zip(convs, lifted):
+            op.b_int = b_int
+        results[str(b)] = {"acc_fake_quant_pct": fake, "acc_integer_pct": integer,
+                           "acc_integer_unlifted_bias_pct": unlifted, "acc_integer_unrounded_bias_pct": unrounded,
+                           "worst_bias_error_out_steps": worst, "worst_unlifted_bias_error_out_steps": worst_unlifted}
+        rows.append([b, fake, integer, unlifted, unrounded, integer - unrounded, unlifted - unrounded,
+                     max(worst), max(worst_unlifted)])
+        print(f"{b} bits: fake-quant {fake:.2f}, integer {integer:.2f}, unlifted bias {unlifted:.2f}, unrounded bias "
+              f"{unrounded:.2f}", flush=True)
     command = "python bench/bias_rounding.py " + " ".join(sys.argv[1:] if argv is None else argv)
     md = (f"Clean accuracy %, {a.checkpoint}, {len(y)} test images. Command: `{command.strip()}`\n\n"
-          + markdown_table(["bits", "fake-quant form", "fake-quant, float bias", "integer (ORT's arithmetic)",
-                            "integer, bias unrounded",
-                            "cost of the rounding (points)", "largest bias error (output steps)"], rows))
+          + markdown_table(["bits", "fake-quant form", "integer (ORT's arithmetic)", "integer, unlifted bias",
+                            "integer, bias unrounded", "cost of the rounding (points)", "cost unlifted (points)",
+                            "largest bias error (output steps)", "largest unlifted (output steps)"], rows))
     print(md)
     atomic_write_json(a.out + ".json", {"checkpoint": a.checkpoint, "n": len(y), "results": results,
                                         "environment": environment(a.threads)})

@@ -186,6 +186,10 @@ def unpack_signed(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     return np.where(u >= 1 << (bits - 1), u - (1 << bits), u)
 
 
+#: what packed weights may be multiplied by: the export lifts sub-8-bit weights by a power of two (2-bit ones by 64)
+LIFTS = (1, 2, 4, 8, 16, 32, 64)
+
+
 def packed_weights(bundle: "Bundle") -> dict:
     """{initializer name: int8/uint8 weights} unpacked from the bundle's packed 2/4-bit weights (none when the
     model carries its weights itself). Each entry is checked against its declared bits, shape and container."""
@@ -198,15 +202,17 @@ def packed_weights(bundle: "Bundle") -> dict:
     for name, t in spec["tensors"].items():
         ok = isinstance(t, dict) and t.get("bits") in (2, 4) and isinstance(t.get("shape"), list) and t["shape"] \
             and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in t["shape"]) \
-            and (t.get("dtype"), t.get("zero_point")) in (("int8", 0), ("uint8", 128))
+            and (t.get("dtype"), t.get("zero_point")) in (("int8", 0), ("uint8", 128)) \
+            and t.get("lift", 1) in LIFTS
         if not ok:
-            raise EdgeError(f"packed weight {name!r}: needs bits 2 or 4, a shape, and dtype int8 (zero point 0) or "
-                            f"uint8 (zero point 128)")
+            raise EdgeError(f"packed weight {name!r}: needs bits 2 or 4, a shape, dtype int8 (zero point 0) or uint8 "
+                            f"(zero point 128), and a lift in {list(LIFTS)}")
         n = int(np.prod(t["shape"]))
         p = z.get(name)
         if p is None or p.dtype != np.uint8 or p.shape != ((n * t["bits"] + 7) // 8,):
             raise EdgeError(f"{spec['file']}: {name!r} missing or not {(n * t['bits'] + 7) // 8} packed bytes")
-        out[name] = (unpack_signed(p, t["bits"], n) + t["zero_point"]).astype(t["dtype"]).reshape(t["shape"])
+        w = unpack_signed(p, t["bits"], n) * t.get("lift", 1) + t["zero_point"]
+        out[name] = w.astype(t["dtype"]).reshape(t["shape"])
     return out
 
 

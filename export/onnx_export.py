@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qnn import __version__
 from qnn.errors import QNNError
-from qnn.integer import Grid, IntegerProgram
+from qnn.integer import SATURATION_FREE_MAX_W, Grid, IntegerProgram
 from qnn.layers import set_bit_width_, uncalibrated
 
 FORMATS = ("int", "qcdq", "qonnx")
@@ -49,9 +49,6 @@ class QTensor:
         return self.grid.zp
 
 
-#: |w| above this can saturate ONNX Runtime's u8 x s8 kernels on x86 without AVX-VNNI (AVX2 / AVX-512BW use
-#: VPMADDUBSW, which adds two u8*s8 products into a saturating int16: 255 * 64 * 2 = 32640 is the largest safe pair)
-SATURATION_FREE_MAX_W = 64
 WEIGHT_TYPES = ("auto", "int8", "uint8")
 
 
@@ -150,25 +147,30 @@ class _Builder:
                                                     self.const(np.uint8(t.zp), "zp")], "q"), t.grid)
 
     # ---- weights / bias
-    def weight(self, w_int: np.ndarray, s_eff: np.ndarray, bits: int) -> str:
+    def weight(self, w_int: np.ndarray, s_eff: np.ndarray, bits: int, lift: int = 1) -> str:
+        """The dequantized weights of `bits`-bit integers `w_int` with per-channel scales `s_eff`. 'int' and 'qcdq'
+        store them lifted: times `lift` at scale / `lift` (`qnn.integer.weight_lift`: the same real weights, on the
+        finer accumulator grid their int32 bias shares); 'qonnx' states the `bits`-bit grid itself."""
         qm = 2 ** (bits - 1) - 1
+        w_l, s_l = w_int * lift, (s_eff / lift).astype(np.float32)
         if self.fmt == "int":
             # 'auto': uint8 weights (zero point 128, the same integers) where int8 ones could saturate ORT's u8s8 kernels
             # on x86 without VNNI (its u8u8 kernels widen to int16 first: exact everywhere); int8 elsewhere (fastest)
-            u8 = self.weight_type == "uint8" or (self.weight_type == "auto" and np.abs(w_int).max() > SATURATION_FREE_MAX_W)
+            u8 = self.weight_type == "uint8" or (self.weight_type == "auto" and np.abs(w_l).max() > SATURATION_FREE_MAX_W)
             if u8:
-                return self.node("DequantizeLinear", [self.const((w_int + 128).astype(np.uint8), "w"), self.const(s_eff.astype(np.float32), "ws"),
-                                                      self.const(np.full(len(s_eff), 128, np.uint8), "wzp")], "wdq", axis=0)
-            return self.node("DequantizeLinear", [self.const(w_int.astype(np.int8), "w"), self.const(s_eff.astype(np.float32), "ws"),
-                                                  self.const(np.zeros(len(s_eff), np.int8), "wzp")], "wdq", axis=0)
+                return self.node("DequantizeLinear", [self.const((w_l + 128).astype(np.uint8), "w"), self.const(s_l, "ws"),
+                                                      self.const(np.full(len(s_l), 128, np.uint8), "wzp")], "wdq", axis=0)
+            return self.node("DequantizeLinear", [self.const(w_l.astype(np.int8), "w"), self.const(s_l, "ws"),
+                                                  self.const(np.zeros(len(s_l), np.int8), "wzp")], "wdq", axis=0)
         shape = (-1,) + (1,) * (w_int.ndim - 1)
         wf = (w_int * s_eff.reshape(shape)).astype(np.float32)
         if self.fmt == "qcdq":
-            q = self.node("QuantizeLinear", [self.const(wf, "wf"), self.const(s_eff.astype(np.float32), "ws"),
-                                             self.const(np.zeros(len(s_eff), np.int8), "wzp")], "wq", axis=0)
-            c = self.node("Clip", [q, self.const(np.int8(-qm), "lo"), self.const(np.int8(qm), "hi")], "wclip")
-            return self.node("DequantizeLinear", [c, self.const(s_eff.astype(np.float32), "ws"),
-                                                  self.const(np.zeros(len(s_eff), np.int8), "wzp")], "wdq", axis=0)
+            q = self.node("QuantizeLinear", [self.const(wf, "wf"), self.const(s_l, "ws"),
+                                             self.const(np.zeros(len(s_l), np.int8), "wzp")], "wq", axis=0)
+            c = self.node("Clip", [q, self.const(np.int8(-qm * lift), "lo"), self.const(np.int8(qm * lift), "hi")],
+                          "wclip")
+            return self.node("DequantizeLinear", [c, self.const(s_l, "ws"),
+                                                  self.const(np.zeros(len(s_l), np.int8), "wzp")], "wdq", axis=0)
         return self.node("Quant", [self.const(wf, "wf"), self.const(s_eff.reshape(shape).astype(np.float32), "ws"),
                                    self.const(np.float32(0), "zp"), self.const(np.float32(bits), "bw")], "wquant",
                          domain=QONNX_DOMAIN, signed=1, narrow=1, rounding_mode="ROUND")

@@ -43,8 +43,9 @@ def unpack(p: np.ndarray, bits: int, n: int) -> np.ndarray:
 def pack_model_weights(model, file_name: str):
     """(model with its 2/4-bit weight initializers declared external and emptied, {name: packed bytes}, {name:
     spec}) for an exported integer model. A weight is an int8 (zero point 0) or uint8 (zero point 128) initializer
-    of two or more dimensions read by a DequantizeLinear; it is packed at 2 or 4 bits when its values fit that
-    signed range, and left in the model otherwise (8-bit layers)."""
+    of two or more dimensions read by a DequantizeLinear; it is packed at 2 or 4 bits when its values, divided by
+    their lift (the power of two the export multiplied them by), fit that signed range, and left in the model
+    otherwise (8-bit layers)."""
     import onnx
     from onnx import numpy_helper
 
@@ -62,11 +63,14 @@ def pack_model_weights(model, file_name: str):
         if zps.tolist() != [zp]:
             continue
         c = numpy_helper.to_array(t).astype(np.int64) - zp
+        g = int(np.gcd.reduce(np.abs(c).ravel()))
+        lift = g & -g if g else 1  # the weights' lift (qnn.integer.weight_lift): the largest power of two in all
+        c = c // lift
         bits = next((b for b in (2, 4) if c.min() >= -(1 << (b - 1)) and c.max() < 1 << (b - 1)), None)
         if bits is None:
             continue
         packed[name] = pack(c, bits)
-        specs[name] = {"bits": bits, "shape": [int(d) for d in t.dims], "zero_point": zp,
+        specs[name] = {"bits": bits, "lift": lift, "shape": [int(d) for d in t.dims], "zero_point": zp,
                        "dtype": "int8" if signed else "uint8"}
         t.ClearField("raw_data")
         del t.int32_data[:]

@@ -78,10 +78,9 @@ def _requant(acc: torch.Tensor, mult: torch.Tensor, out: Grid) -> torch.Tensor:
     return out.round(acc.float() * m)
 
 
-def _fold(layer: nn.Module, bn: nn.Module | None, q_w: SwitchableIntQuant, in_grid: Grid):
-    """(integer weights with BatchNorm's sign folded in, per-channel float32 scale, the bias on its grid before
-    rounding, the bias' float32 scale) of conv/linear + optional BatchNorm at the current bit-width; the integer
-    weights are those of training. The int32 bias is the rounded third item."""
+def _fold(layer: nn.Module, bn: nn.Module | None, q_w: SwitchableIntQuant) -> tuple[torch.Tensor, ...]:
+    """(integer weights with BatchNorm's sign folded in, per-channel float32 scale, float bias) of conv/linear +
+    optional BatchNorm at the current bit-width; the integer weights are those of training."""
     b = q_w.bits
     lo, hi, _ = q_w.qrange(b)
     s_w = q_w.scale(b).detach().float().reshape(-1)
@@ -93,11 +92,24 @@ def _fold(layer: nn.Module, bn: nn.Module | None, q_w: SwitchableIntQuant, in_gr
         sign = torch.where(inv < 0, -1.0, 1.0)
         w_int = w_int * sign.reshape(shape)
         s_w = (s_w * inv.abs()).float()
-    s_bias = (in_grid.scale * s_w).float()
-    b_real = bias.float() / s_bias
-    if b_real.abs().max() >= 2**31:
-        raise QNNError(f"int32 bias overflow in {type(layer).__name__}: scales too small for this bias")
-    return w_int, s_w, b_real, s_bias
+    return w_int, s_w, bias.float()
+
+
+#: |w| above this can saturate ONNX Runtime's u8 x s8 kernels on x86 without AVX-VNNI (AVX2 / AVX-512BW use
+#: VPMADDUBSW, which adds two u8*s8 products into a saturating int16: 255 * 64 * 2 = 32640 is the largest safe pair)
+SATURATION_FREE_MAX_W = 64
+
+
+def weight_lift(grid_bits: int) -> int:
+    """The power of two a `grid_bits`-bit layer's integer weights are multiplied by in the integer graph, their scale
+    divided by it: the same real weights, on an accumulator grid s_x * s_w that much finer. ONNX's int32 bias lives on
+    that grid; with 2-bit inputs and weights it is coarse, and a bias rounded onto it would shift a channel's outputs
+    by up to half of it, about a point of 2-bit accuracy (`bench/bias_rounding.py`). The lifted weights stay within
+    SATURATION_FREE_MAX_W, so no kernel can saturate: 64 at 2 bits, 16 at 3, 8 at 4, 4 at 5, 2 at 6, 1 from 7."""
+    qmax, lift = 2 ** (grid_bits - 1) - 1, 1
+    while 2 * lift * qmax <= SATURATION_FREE_MAX_W:
+        lift *= 2
+    return lift
 
 
 class Op:
@@ -134,9 +146,14 @@ class QConv(Op):
         self.linear = isinstance(layer, bnn.QuantLinear)
         q_w = quantizers(layer.weight_quant)[0]
         self.w_bits = q_w.grid_bits(q_w.bits)  # 7 for 8-bit weights with reduce_range: the grid the emitters write
-        self.w_int, self.s_w, self.b_real, self.s_bias = _fold(layer, bn, q_w, in_grid)
-        # ONNX's int32 bias lives on the accumulator's grid s_x * s_w: with coarse (2-bit) inputs and weights, its
-        # rounding moves outputs by a sizeable share of their step (`bench/bias_rounding.py` measures it)
+        self.w_int, self.s_w, bias = _fold(layer, bn, q_w)
+        # the integer graph's weights and scales: lifted onto a finer grid, which its int32 bias shares (weight_lift)
+        self.lift = weight_lift(self.w_bits)
+        self.w_acc, self.s_acc = self.w_int * self.lift, (self.s_w / self.lift).float()
+        self.s_bias = (in_grid.scale * self.s_acc).float()
+        self.b_real = bias / self.s_bias  # the bias on its grid before rounding (bench/bias_rounding.py)
+        if self.b_real.abs().max() >= 2**31:
+            raise QNNError(f"int32 bias overflow in {type(layer).__name__}: scales too small for this bias")
         self.b_int = torch.round(self.b_real)
         if not self.linear:
             self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
@@ -145,16 +162,16 @@ class QConv(Op):
                 raise QNNError(f"integer export needs numeric zero padding on every conv, got {self.padding!r} "
                                f"({layer.padding_mode})")
         # every partial sum of the accumulator is bounded by this: float32 is exact below 2^24
-        bound = self.w_int.abs().reshape(len(self.w_int), -1).sum(1).max() * max(-in_grid.lo, in_grid.hi) \
+        bound = self.w_acc.abs().reshape(len(self.w_acc), -1).sum(1).max() * max(-in_grid.lo, in_grid.hi) \
             + self.b_int.abs().max()
         self.acc_dtype = torch.float32 if float(bound) < _EXACT_F32 else torch.float64
-        self.mult = (in_grid.scale * self.s_w / out.scale).float() if out is not None else (in_grid.scale * self.s_w).float()
+        self.mult = (in_grid.scale * self.s_acc / out.scale).float() if out is not None else self.s_bias
 
     def accumulate(self, x: torch.Tensor) -> torch.Tensor:
         # with autograd (attacks) float32 always: the gradient needs no exactness, and the values stay exact while
         # partial sums stay below 2^24, as they do in practice
         dtype = torch.float32 if x.requires_grad else self.acc_dtype
-        w, bias = self.w_int.to(dtype), self.b_int.to(dtype)
+        w, bias = self.w_acc.to(dtype), self.b_int.to(dtype)
         if self.linear:
             return F.linear(x.to(dtype), w, bias)
         return F.conv2d(x.to(dtype), w, bias, self.stride, self.padding, self.dilation, self.groups)
@@ -166,7 +183,7 @@ class QConv(Op):
         return _requant(acc, self.mult, self.out)
 
     def emit(self, b, x):
-        w = b.weight(self.w_int.numpy(), self.s_w.numpy(), self.w_bits)
+        w = b.weight(self.w_int.numpy(), self.s_w.numpy(), self.w_bits, self.lift)
         bias = b.bias(self.b_int.numpy(), self.s_bias.numpy())
         if self.linear:
             y = b.node("Gemm", [b.dequant(x), w, bias], "gemm", transB=1)

@@ -34,10 +34,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qnn.brevitas_quant import (FixedInputQuant, SwitchableIntQuant, SwitchableShiftedActQuant,
-                                SwitchableUnsignedActQuant, SwitchableWeightQuant, quantizers, with_fixed_bits)
+                                SwitchableUnsignedActQuant, SwitchableWeightQuant, with_fixed_bits)
 from qnn.config import parse_bits
 from qnn.errors import QNNError
-from qnn.layers import BIT_CHOICES, FLOAT_BITS, SwitchableMixin, bit_index
+from qnn.layers import BIT_CHOICES, SwitchableMixin, bit_index
 from qnn.validate import check_float
 
 
@@ -62,15 +62,7 @@ class QuantizeConfig:
 
 
 class SwitchableBatchNorm2d(nn.Module, SwitchableMixin):
-    """One BatchNorm2d per bit-width; the activation bit-width picks it (statistics shift most with it).
-
-    Linked to the conv it follows and that conv's input quantizer (`link_`, done by `quantize`), it trains with the
-    bias the integer graph will have: folded into the conv, the bias is an int32 on the accumulator's grid
-    s_x * s_w * |gamma / sigma|, and its rounding shifts every output of a channel by up to half of that grid, which
-    at 2 bits is a sizeable share of the output's step (`bench/bias_rounding.py`). At quantized bit-widths that
-    rounding error (from the running statistics, as folded at export; detached: the bias' gradient passes straight
-    through) is added to BatchNorm's bias, so the fake-quant form sees the deployed shift and learns around it.
-    """
+    """One BatchNorm2d per bit-width; the activation bit-width picks it (statistics shift most with it)."""
 
     def __init__(self, bn: nn.BatchNorm2d):
         super().__init__()
@@ -79,16 +71,6 @@ class SwitchableBatchNorm2d(nn.Module, SwitchableMixin):
     @property
     def bn(self) -> nn.BatchNorm2d:
         return self.bns[bit_index(self.a_bits)]
-
-    def link_(self, conv: nn.Module, in_quant: nn.Module) -> None:
-        """Fold into `conv`, whose input is quantized by the module `in_quant`. Held outside the module tree (a
-        plain tuple): they are the model's own modules, not this one's children; a deep copy of the model maps
-        them to their copies."""
-        self._fold_with = (conv, in_quant)
-
-    def unlink_(self) -> tuple[nn.Module, nn.Module] | None:
-        """Train and evaluate with BatchNorm's float bias again; returns the link (`link_(*link)` restores it)."""
-        return self.__dict__.pop("_fold_with", None)
 
     @torch.no_grad()
     def folded(self, conv_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,35 +84,8 @@ class SwitchableBatchNorm2d(nn.Module, SwitchableMixin):
         bias = bias * inv + (0.0 if bn.bias is None else bn.bias)
         return inv.detach().float(), bias.detach().float()
 
-    def bias_rounding_error(self) -> torch.Tensor | None:
-        """round(b / g) * g - b per channel, for the folded bias b on its int32 grid g; None in float mode or when
-        not linked."""
-        link = self.__dict__.get("_fold_with")
-        if link is None or self.bn.running_mean is None:  # no running statistics: nothing is folded
-            return None
-        conv, in_quant = link
-        q_w, q_x = quantizers(conv.weight_quant)[0], quantizers(in_quant)[0]
-        if FLOAT_BITS in (q_w.bits, q_x.bits):
-            return None
-        with torch.no_grad():
-            inv, bias = self.folded(conv.bias)
-            grid = q_x.scale().detach().float().reshape(()) * (q_w.scale().detach().float().reshape(-1) * inv.abs())
-            return (torch.round(bias / grid) - bias / grid) * grid
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        err = self.bias_rounding_error()
-        bn = self.bn
-        if err is None:
-            return bn(x)
-        # nn.BatchNorm2d's forward with the bias moved onto its integer grid (no extra pass over the activations)
-        momentum = bn.momentum
-        if bn.training and bn.track_running_stats:
-            bn.num_batches_tracked.add_(1)
-            if momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(bn.num_batches_tracked)
-        bias = err if bn.bias is None else bn.bias + err
-        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bias, bn.training,
-                            0.0 if momentum is None else momentum, bn.eps)
+        return self.bn(x)
 
 
 class _ReLU6Quant(nn.Module):
@@ -241,7 +196,6 @@ class _Converter:
             self._widen(self.cfg.residual_bits)
         self.graph.eliminate_dead_code()
         self.graph.lint()
-        self._link_batchnorms()
 
     def _fixed(self, target: str):
         pin = self.cfg.first_last_bits
@@ -344,21 +298,6 @@ class _Converter:
                     q = self.graph.call_module(name, (node,))
                 for u in needs:
                     u.replace_input_with(node, q)
-
-    def _link_batchnorms(self) -> None:
-        """Each BatchNorm after a conv learns with the bias it will have once folded into that conv, which needs the
-        conv and the quantizer of its input (found through the grid-preserving ops between them)."""
-        for node in self.graph.nodes:
-            bn = self._module_of(node)
-            if not (isinstance(bn, SwitchableBatchNorm2d) and self._is_weighted(node.args[0])):
-                continue
-            conv = node.args[0]
-            src = conv.args[0]
-            while self._is_pass(src) and isinstance(src.args[0], fx.Node):
-                src = src.args[0]
-            in_quant = self._module_of(src)
-            if in_quant is not None and quantizers(in_quant):
-                bn.link_(self._module_of(conv), in_quant)
 
     def _reach(self, node: fx.Node, chain: tuple = ()) -> list[tuple[fx.Node, tuple]]:
         """(consumer, pass nodes on the way) for every non-pass consumer of `node`'s value."""

@@ -51,7 +51,7 @@ def test_packed_bundle_is_smaller_and_runs_the_same_model(trained_ckpt, tmp_path
     import onnx
     from onnx import numpy_helper
 
-    from qnn.bench.run_edge import Bundle, packed_weights
+    from qnn.bench.run_edge import Bundle, EdgeError, packed_weights
 
     plain, packed = _build(trained_ckpt, tmp_path / "plain", bits), _build(trained_ckpt, tmp_path / "packed", bits,
                                                                            pack_weights=True)
@@ -59,6 +59,9 @@ def test_packed_bundle_is_smaller_and_runs_the_same_model(trained_ckpt, tmp_path
     assert man["packed_weights"]["file"] in man["files"]
     packed_bits = {t["bits"] for t in man["packed_weights"]["tensors"].values()}
     assert bits in packed_bits and packed_bits <= {2, bits}  # 0/1 shortcut embeddings fit 2 bits at any width
+    # the export lifts sub-8-bit weights (qnn.integer.weight_lift); they travel packed unlifted, with their lift
+    from qnn.integer import weight_lift
+    assert weight_lift(bits) in {t["lift"] for t in man["packed_weights"]["tensors"].values()}
     size = lambda b: (b / "model.onnx").stat().st_size + sum(  # noqa: E731
         (b / f).stat().st_size for f in ("weights.packed.npz",) if (b / f).exists())
     assert size(packed) < size(plain)
@@ -67,6 +70,10 @@ def test_packed_bundle_is_smaller_and_runs_the_same_model(trained_ckpt, tmp_path
     ref = {i.name: numpy_helper.to_array(i) for i in m_plain.graph.initializer}
     unpacked = packed_weights(Bundle(str(packed)))
     assert unpacked and all(np.array_equal(w, ref[n]) and w.dtype == ref[n].dtype for n, w in unpacked.items())
+    odd = Bundle(str(packed))
+    next(iter(odd.manifest["packed_weights"]["tensors"].values()))["lift"] = 3
+    with pytest.raises(EdgeError, match="lift"):
+        packed_weights(odd)
     for i in m_packed.graph.initializer:
         if i.name not in unpacked:
             assert np.array_equal(numpy_helper.to_array(i), ref[i.name])
