@@ -77,9 +77,8 @@ class SwitchableBatchNorm2d(nn.Module, SwitchableMixin):
         """(gamma / sigma, the folded bias) of the current BatchNorm after a conv with bias `conv_bias`, from the
         running statistics: conv(x) * gamma / sigma + bias is this BatchNorm of the conv in eval mode."""
         bn = self.bn
-        inv = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            inv = inv * bn.weight
+        sigma = torch.sqrt(bn.running_var + bn.eps)
+        inv = bn.weight / sigma if bn.weight is not None else 1.0 / sigma
         bias = (0.0 if conv_bias is None else conv_bias) - bn.running_mean
         bias = bias * inv + (0.0 if bn.bias is None else bn.bias)
         return inv.detach().float(), bias.detach().float()
