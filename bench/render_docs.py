@@ -101,7 +101,8 @@ def defense_all() -> str:
 
 # --- parity --------------------------------------------------------------------------------------------------------
 
-PARITY = (("parity.json", "ResNet-20" + EARLIER), ("parity_mobilenetv2_cifar.json", "MobileNetV2-CIFAR"))
+PARITY = (("parity.json", "ResNet-20" + EARLIER), ("parity_resnet20_brevitas_w2.json", "ResNet-20, wide residual"),
+          ("parity_mobilenetv2_cifar.json", "MobileNetV2-CIFAR"))
 
 
 def _inputs(r: dict) -> list[tuple[str, dict]]:

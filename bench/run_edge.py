@@ -62,6 +62,9 @@ class Bundle:
             raise EdgeError(f"{d}: unreadable manifest.json: {str(e)[:120]}") from None
         if not isinstance(man, dict):
             raise EdgeError(f"{d}: manifest.json must be a JSON object, got {type(man).__name__}")
+        if man.get("format") not in BUNDLE_FORMATS:
+            raise EdgeError(f"{d}: manifest format {man.get('format')!r} is not one this runner reads "
+                            f"({', '.join(BUNDLE_FORMATS)}); use the run_edge.py of the qnn that wrote the bundle")
         files = man.get("files")
         if not isinstance(files, dict) or not files:
             raise EdgeError(f"{d}: manifest has no 'files' list of sha256s; every file must be listed and hashed")
@@ -157,6 +160,10 @@ def cpu_report() -> dict:
             "qemu_cpu": os.environ.get("QEMU_CPU")}
 
 
+#: bundle formats this runner reads; v2 packed weights may carry a lift (v1 runners would ignore it)
+BUNDLE_FORMATS = ("qnn-edge-bundle-v1", "qnn-edge-bundle-v2")
+
+
 #: x86 flags whose int8 kernels (VPDPBUSD) accumulate u8 x s8 products in int32 directly
 VNNI_FLAGS = ("avx512_vnni", "avx512vnni", "avx_vnni")
 
@@ -188,6 +195,8 @@ def unpack_signed(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
 
 #: what packed weights may be multiplied by: the export lifts sub-8-bit weights by a power of two (2-bit ones by 64)
 LIFTS = (1, 2, 4, 8, 16, 32, 64)
+#: the largest |w| a packed weight may unpack to: what the export writes, and what no int8 kernel can saturate on
+PACKED_MAX_W = 64
 
 
 def packed_weights(bundle: "Bundle") -> dict:
@@ -200,10 +209,11 @@ def packed_weights(bundle: "Bundle") -> dict:
         raise EdgeError("manifest's 'packed_weights' must name a file and describe its tensors")
     z, out = bundle.npz(spec["file"]), {}
     for name, t in spec["tensors"].items():
-        ok = isinstance(t, dict) and t.get("bits") in (2, 4) and isinstance(t.get("shape"), list) and t["shape"] \
-            and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in t["shape"]) \
+        ok = isinstance(t, dict) and type(t.get("bits")) is int and t["bits"] in (2, 4) \
+            and isinstance(t.get("shape"), list) and t["shape"] \
+            and all(type(d) is int and d > 0 for d in t["shape"]) \
             and (t.get("dtype"), t.get("zero_point")) in (("int8", 0), ("uint8", 128)) \
-            and t.get("lift", 1) in LIFTS
+            and type(t.get("zero_point")) is int and type(t.get("lift", 1)) is int and t.get("lift", 1) in LIFTS
         if not ok:
             raise EdgeError(f"packed weight {name!r}: needs bits 2 or 4, a shape, dtype int8 (zero point 0) or uint8 "
                             f"(zero point 128), and a lift in {list(LIFTS)}")
@@ -211,8 +221,11 @@ def packed_weights(bundle: "Bundle") -> dict:
         p = z.get(name)
         if p is None or p.dtype != np.uint8 or p.shape != ((n * t["bits"] + 7) // 8,):
             raise EdgeError(f"{spec['file']}: {name!r} missing or not {(n * t['bits'] + 7) // 8} packed bytes")
-        w = unpack_signed(p, t["bits"], n) * t.get("lift", 1) + t["zero_point"]
-        out[name] = w.astype(t["dtype"]).reshape(t["shape"])
+        w = unpack_signed(p, t["bits"], n).astype(np.int32) * t.get("lift", 1)
+        if np.abs(w).max() > PACKED_MAX_W:
+            raise EdgeError(f"packed weight {name!r}: unpacks beyond |w| = {PACKED_MAX_W} (bits {t['bits']}, lift "
+                            f"{t.get('lift', 1)}), which no export writes")
+        out[name] = (w + t["zero_point"]).astype(t["dtype"]).reshape(t["shape"])
     return out
 
 

@@ -99,7 +99,7 @@ def _write_bundle(model, bits, out: Path, x_uint8, y, patches, checkpoint_sha, t
     atomic_write_bytes(out / "expected_predictions.npz", _npz_bytes(**pred_arrays))
     atomic_write_json(out / "expected.json", expected)
     files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST)
-    manifest = {"format": "qnn-edge-bundle-v1", "model": "model.onnx", "eval": "eval.npz", "expected": "expected.json",
+    manifest = {"format": "qnn-edge-bundle-v2", "model": "model.onnx", "eval": "eval.npz", "expected": "expected.json",
                 "files": {f: sha256_file(out / f) for f in files}}
     if packed:
         manifest["packed_weights"] = packed

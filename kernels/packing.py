@@ -64,7 +64,7 @@ def pack_model_weights(model, file_name: str):
             continue
         c = numpy_helper.to_array(t).astype(np.int64) - zp
         g = int(np.gcd.reduce(np.abs(c).ravel()))
-        lift = g & -g if g else 1  # the weights' lift (qnn.integer.weight_lift): the largest power of two in all
+        lift = min(g & -g, 64) if g else 1  # the weights' lift (qnn.integer.weight_lift): a power of two in all
         c = c // lift
         bits = next((b for b in (2, 4) if c.min() >= -(1 << (b - 1)) and c.max() < 1 << (b - 1)), None)
         if bits is None:

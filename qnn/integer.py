@@ -106,6 +106,8 @@ def weight_lift(grid_bits: int) -> int:
     that grid; with 2-bit inputs and weights it is coarse, and a bias rounded onto it would shift a channel's outputs
     by up to half of it, about a point of 2-bit accuracy (`bench/bias_rounding.py`). The lifted weights stay within
     SATURATION_FREE_MAX_W, so no kernel can saturate: 64 at 2 bits, 16 at 3, 8 at 4, 4 at 5, 2 at 6, 1 from 7."""
+    if grid_bits < 2:
+        raise QNNError(f"integer weights need 2 or more bits, got {grid_bits}")
     qmax, lift = 2 ** (grid_bits - 1) - 1, 1
     while 2 * lift * qmax <= SATURATION_FREE_MAX_W:
         lift *= 2
@@ -164,12 +166,14 @@ class QConv(Op):
         # every partial sum of the accumulator is bounded by this: float32 is exact below 2^24
         bound = self.w_acc.abs().reshape(len(self.w_acc), -1).sum(1).max() * max(-in_grid.lo, in_grid.hi) \
             + self.b_int.abs().max()
+        if float(bound) >= 2**31:
+            raise QNNError(f"int32 accumulator overflow possible in {type(layer).__name__} (bound {float(bound):.3g})")
         self.acc_dtype = torch.float32 if float(bound) < _EXACT_F32 else torch.float64
         self.mult = (in_grid.scale * self.s_acc / out.scale).float() if out is not None else self.s_bias
 
     def accumulate(self, x: torch.Tensor) -> torch.Tensor:
-        # with autograd (attacks) float32 always: the gradient needs no exactness, and the values stay exact while
-        # partial sums stay below 2^24, as they do in practice
+        # with autograd (attacks) float32 always: the gradient needs no exactness (values are exact while partial sums
+        # stay below 2^24; the scores attacks report come from the exact, gradient-free path)
         dtype = torch.float32 if x.requires_grad else self.acc_dtype
         w, bias = self.w_acc.to(dtype), self.b_int.to(dtype)
         if self.linear:
@@ -466,11 +470,12 @@ class IntegerProgram:
                                padding=_pair(padding), dilation=_pair(dilation), ceil_mode=bool(ceil_mode)))
 
     def logit_lsb(self) -> float:
-        """One LSB of the float logits: the classifier's input scale times its largest weight scale."""
+        """One LSB of the float logits: the classifier's input scale times its largest (lifted) weight scale, the
+        grid its accumulator sits on."""
         last = self.ops[self.output]
         if not isinstance(last, QConv) or last.out is not None:
             raise QNNError("the model does not end with a linear layer")
-        return float((last.in_grid.scale * last.s_w).max())
+        return float(last.s_bias.max())
 
     # ---- execution
     def _values(self, x: torch.Tensor) -> list[torch.Tensor]:

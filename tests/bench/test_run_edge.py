@@ -70,10 +70,15 @@ def test_packed_bundle_is_smaller_and_runs_the_same_model(trained_ckpt, tmp_path
     ref = {i.name: numpy_helper.to_array(i) for i in m_plain.graph.initializer}
     unpacked = packed_weights(Bundle(str(packed)))
     assert unpacked and all(np.array_equal(w, ref[n]) and w.dtype == ref[n].dtype for n, w in unpacked.items())
-    odd = Bundle(str(packed))
-    next(iter(odd.manifest["packed_weights"]["tensors"].values()))["lift"] = 3
-    with pytest.raises(EdgeError, match="lift"):
-        packed_weights(odd)
+    # a hostile manifest cannot unpack weights that wrap in their container or could saturate an int8 kernel
+    changes = [({"lift": 3}, "lift"), ({"lift": True}, "lift"), ({"bits": float(bits)}, "bits")]
+    if bits == 4:
+        changes.append(({"lift": 64}, "beyond"))
+    for change, msg in changes:
+        odd = Bundle(str(packed))
+        next(t for t in odd.manifest["packed_weights"]["tensors"].values() if t["bits"] == bits).update(change)
+        with pytest.raises(EdgeError, match=msg):
+            packed_weights(odd)
     for i in m_packed.graph.initializer:
         if i.name not in unpacked:
             assert np.array_equal(numpy_helper.to_array(i), ref[i.name])

@@ -147,6 +147,7 @@ def test_every_hostile_manifest_is_refused_and_nothing_outside_is_opened(good, s
         "unlisted patch": (unlisted_patch, "not listed"),
         "manifest is a list": (as_list, "must be a JSON object"),
         "bad hash": (lambda d, man: {**man, "files": {**man["files"], "model.onnx": "0" * 10}}, "no valid sha256"),
+        "unknown format": (lambda d, man: {**man, "format": "qnn-edge-bundle-v9"}, "not one this runner reads"),
     }
     for name, (edit, msg) in cases.items():
         d = _variant(good, root, name.replace(" ", "_"), edit)
