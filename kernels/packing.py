@@ -49,6 +49,8 @@ def pack_model_weights(model, file_name: str):
     import onnx
     from onnx import numpy_helper
 
+    from qnn.bench.run_edge import LIFTS  # the lifts the edge runner accepts
+
     zero_point = {n.input[0]: n.input[2] if len(n.input) > 2 else "" for n in model.graph.node
                   if n.op_type == "DequantizeLinear"}
     inits = {i.name: i for i in model.graph.initializer}
@@ -64,7 +66,7 @@ def pack_model_weights(model, file_name: str):
             continue
         c = numpy_helper.to_array(t).astype(np.int64) - zp
         g = int(np.gcd.reduce(np.abs(c).ravel()))
-        lift = min(g & -g, 64) if g else 1  # the weights' lift (qnn.integer.weight_lift): a power of two in all
+        lift = min(g & -g, max(LIFTS)) if g else 1  # the weights' lift (qnn.integer.weight_lift): a power of two
         c = c // lift
         bits = next((b for b in (2, 4) if c.min() >= -(1 << (b - 1)) and c.max() < 1 << (b - 1)), None)
         if bits is None:
