@@ -6,6 +6,8 @@ import os
 import platform
 from pathlib import Path
 
+from qnn.outputs import markdown_table  # noqa: F401  (re-exported: the benchmarks' table format)
+
 
 def cpu_info() -> dict:
     model, flags = platform.processor() or "", []
@@ -31,15 +33,6 @@ def environment(threads: int | None = None) -> dict:
     import onnx
 
     return {**versions(), "onnx": onnx.__version__, **cpu_info(), "threads": threads}
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    def fmt(v):
-        return f"{v:.2f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
 
 
 def command_line(script: str, argv: list[str] | None) -> str:

@@ -1,9 +1,11 @@
 """Write the `cpu` defense budget's own images as a small CIFAR-10 folder for a GPU machine that cannot see
-../shared (the device tool carries at most 64 MiB): the first `train_subset` training images plus the last
-`n_attack` (so that `len(train) - n_attack` still picks the same attack images), the first `n_eval` test images,
-and the pretrained weights. LZMA-compressed npz members (np.load reads them).
+../shared (the device tool carries at most 64 MiB): the first `train_subset` training images (the protocol's
+crafting images are among them), the first `test_subset` test images (evaluated during training) plus the protocol's
+last `n_score` (so that `len(test) - n_score` still picks the same scored images), and the pretrained weights.
+LZMA-compressed npz members (np.load reads them). Left-out bit-widths are re-calibrated on the training images this
+folder holds, so their figures can differ from a run on the whole set.
 
-    python bench/gpu_data.py --out .gpudata        # then carry .gpudata and use bench/gpu_sweep.sh
+    python bench/gpu_data.py --out .gpudata        # then carry .gpudata and run bench/defense_table.py --device cuda there
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qnn.bench.defense_table import BUDGETS  # noqa: E402
+from qnn.defense_grid import BUDGETS  # noqa: E402
+from qnn.evaluation import PROTOCOLS  # noqa: E402
 
 
 def write_npz(path: Path, **arrays) -> None:
@@ -39,28 +42,30 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=".gpudata", help="output folder; cifar10/train.npz, cifar10/test.npz and "
                     "weights/ are written in it (default .gpudata)")
     a = ap.parse_args(argv)
-    if a.budget not in BUDGETS or BUDGETS[a.budget]["dataset"] != "cifar10":
-        print(f"gpu_data: error: budget must be a CIFAR-10 one ({', '.join(k for k, v in BUDGETS.items() if v['dataset'] == 'cifar10')})",
+    if a.budget not in BUDGETS or BUDGETS[a.budget].dataset != "cifar10":
+        print(f"gpu_data: error: budget must be a CIFAR-10 one ({', '.join(k for k, v in BUDGETS.items() if v.dataset == 'cifar10')})",
               file=sys.stderr)
         return 2
     b = BUDGETS[a.budget]
-    src, out = Path(b["data_dir"]), Path(a.out)
-    for f in (src / "train.npz", src / "test.npz", Path(b["init"])):
+    p = PROTOCOLS.get(a.budget, PROTOCOLS["cpu"])
+    src, out = Path(b.data_dir), Path(a.out)
+    for f in (src / "train.npz", src / "test.npz", Path(b.init)):
         if not f.is_file():
             print(f"gpu_data: error: {f} not found (run from the repository root, ../shared beside it)", file=sys.stderr)
             return 2
     (out / "cifar10").mkdir(parents=True, exist_ok=True)
     (out / "weights").mkdir(parents=True, exist_ok=True)
     with np.load(src / "train.npz") as tr:
-        n, k = b["train_subset"] or len(tr["y"]), b["n_attack"]
-        if n + k >= len(tr["y"]):  # the whole set already holds both (and must not repeat the attack images)
-            n, k = len(tr["y"]), 0
-        keep = np.r_[0:n, len(tr["y"]) - k:len(tr["y"])]
-        write_npz(out / "cifar10" / "train.npz", x=tr["x"][keep], y=tr["y"][keep])
+        n = max(b.train_subset or len(tr["y"]), p.n_craft)
+        write_npz(out / "cifar10" / "train.npz", x=tr["x"][:n], y=tr["y"][:n])
     with np.load(src / "test.npz") as te:
-        write_npz(out / "cifar10" / "test.npz", x=te["x"][: b["n_eval"]], y=te["y"][: b["n_eval"]])
-    shutil.copy(b["init"], out / "weights" / Path(b["init"]).name)
-    print(f"wrote {out}: {n} + {k} training images, {b['n_eval']} test images, {Path(b['init']).name}")
+        m, k = b.test_subset, p.n_score
+        if m + k >= len(te["y"]):  # the whole set already holds both (and must not repeat the scored images)
+            m, k = len(te["y"]), 0
+        keep = np.r_[0:m, len(te["y"]) - k:len(te["y"])]
+        write_npz(out / "cifar10" / "test.npz", x=te["x"][keep], y=te["y"][keep])
+    shutil.copy(b.init, out / "weights" / Path(b.init).name)
+    print(f"wrote {out}: {n} training images, {m} + {k} test images, {Path(b.init).name}")
     return 0
 
 

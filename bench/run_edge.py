@@ -37,7 +37,7 @@ INTEGER_KERNELS = {"QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QGe
                    "ConvInteger", "QLinearAveragePool", "QLinearMul", "QLinearConcat", "QLinearSigmoid",
                    "QLinearLeakyRelu"}
 MOVEMENT = {"Clip", "Slice", "Pad", "Flatten", "Reshape", "MaxPool", "Identity", "Transpose", "Squeeze", "Unsqueeze",
-            "Concat", "Shape", "Gather", "QuantizeLinear", "DequantizeLinear", "MemcpyFromHost", "MemcpyToHost"}
+            "Concat", "Shape", "Gather", "Cast", "Split", "QuantizeLinear", "DequantizeLinear", "MemcpyFromHost", "MemcpyToHost"}
 
 
 class EdgeError(Exception):

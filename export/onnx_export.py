@@ -146,6 +146,46 @@ class _Builder:
         return QTensor(self.node("QuantizeLinear", [y, self.const(np.float32(t.scale), "s"),
                                                     self.const(np.uint8(t.zp), "zp")], "q"), t.grid)
 
+    def lookup(self, t: QTensor, op, out: Grid) -> QTensor:
+        """op.table (the output integers of the input grid's levels) applied to `t`. 'int' / 'qcdq': Gather on the
+        uint8 codes (cast to int32 indices) from a 256-entry uint8 table; 'qonnx': the float function between Quant
+        nodes, as QONNX tools expect."""
+        if self.fmt == "qonnx":
+            return self.quantize(self.float_fn(t.name, op.name, op.kwargs), out)
+        g = t.grid
+        table = np.full(256, out.zp, np.int64)  # codes outside the input grid cannot occur
+        table[g.lo + g.zp:g.hi + g.zp + 1] = op.table.numpy().astype(np.int64) + out.zp
+        idx = self.node("Cast", [t.name], "idx", to=TensorProto.INT32)
+        return QTensor(self.node("Gather", [self.const(table.astype(np.uint8), "lut"), idx], "lut", axis=0), out)
+
+    def float_fn(self, x: str, name: str, kw: dict) -> str:
+        """The ONNX form of an elementwise function (QONNX's float compute between quantizers)."""
+        c = lambda v: self.const(np.float32(v), "c")  # noqa: E731
+        if name == "hardswish":
+            return self.node("HardSwish", [x], "hswish")
+        if name == "hardsigmoid":
+            return self.node("HardSigmoid", [x], "hsig", alpha=1 / 6, beta=0.5)
+        if name == "sigmoid":
+            return self.node("Sigmoid", [x], "sig")
+        if name == "tanh":
+            return self.node("Tanh", [x], "tanh")
+        if name == "silu":
+            return self.node("Mul", [x, self.node("Sigmoid", [x], "sig")], "silu")
+        if name == "leaky_relu":
+            return self.node("LeakyRelu", [x], "lrelu", alpha=float(kw.get("negative_slope", 0.01)))
+        if name == "elu":
+            return self.node("Elu", [x], "elu", alpha=float(kw.get("alpha", 1.0)))
+        if name == "gelu":
+            if kw.get("approximate", "none") == "tanh":  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+                x3 = self.node("Mul", [self.node("Mul", [x, x], "sq"), x], "cube")
+                inner = self.node("Mul", [self.node("Add", [x, self.node("Mul", [x3, c(0.044715)], "m")], "a"),
+                                          c(np.sqrt(2 / np.pi))], "m")
+                t = self.node("Add", [self.node("Tanh", [inner], "tanh"), c(1.0)], "a")
+            else:  # 0.5 x (1 + erf(x / sqrt 2))
+                t = self.node("Add", [self.node("Erf", [self.node("Mul", [x, c(1 / np.sqrt(2))], "m")], "erf"), c(1.0)], "a")
+            return self.node("Mul", [self.node("Mul", [x, t], "m"), c(0.5)], "gelu")
+        raise QNNError(f"no ONNX form for elementwise function '{name}'")
+
     # ---- weights / bias
     def weight(self, w_int: np.ndarray, s_eff: np.ndarray, bits: int, lift: int = 1) -> str:
         """The dequantized weights of `bits`-bit integers `w_int` with per-channel scales `s_eff`. 'int' and 'qcdq'

@@ -16,7 +16,7 @@ INTEGER_OPS = {"QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QGemm",
                "ConvInteger", "QLinearAveragePool", "QLinearMul", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu"}
 #: data movement / clamping that is exact on integer tensors
 MOVEMENT_OPS = {"Clip", "Slice", "Pad", "Flatten", "Reshape", "MaxPool", "Identity", "Transpose", "Squeeze",
-                "Unsqueeze", "Concat", "Shape", "Gather"}
+                "Unsqueeze", "Concat", "Shape", "Gather", "Cast", "Split"}
 BOUNDARY_OPS = {"QuantizeLinear", "DequantizeLinear"}
 
 

@@ -84,13 +84,23 @@ class IntegerInterpreter:
             return ins[0].reshape(ins[0].shape[0], -1)
         if op == "Identity":
             return ins[0]
+        if op == "Concat":
+            if not all(isinstance(i, np.ndarray) for i in ins):
+                raise QNNError(f"{node.name}: Concat of non-integer tensors: graph is not fully integer")
+            return np.concatenate(ins, axis=int(at["axis"]))
+        if op == "Cast":  # integer codes to table indices
+            if not (isinstance(ins[0], np.ndarray) and np.issubdtype(ins[0].dtype, np.integer)):
+                raise QNNError(f"{node.name}: Cast of a non-integer tensor: graph is not fully integer")
+            return ins[0].astype({onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT64: np.int64}[at["to"]])
+        if op == "Gather":  # a lookup table indexed by integer codes
+            return np.take(ins[0], ins[1].astype(np.int64), axis=int(at.get("axis", 0)))
         if op == "MaxPool":
             pads = at.get("pads", [0, 0, 0, 0])
             if list(pads[:2]) != list(pads[2:]):
                 raise QNNError(f"{node.name}: asymmetric MaxPool padding is not supported")
             return K.max_pool(ins[0], at["kernel_shape"], at.get("strides", [1, 1]), pads[:2], at.get("dilations", [1, 1]),
                               bool(at.get("ceil_mode", 0)))
-        if op in ("Conv", "Add", "GlobalAveragePool"):
+        if op in ("Conv", "Add", "Mul", "GlobalAveragePool", "AveragePool"):
             if not all(isinstance(i, _DQ) for i in ins if i is not None):
                 raise QNNError(f"{node.name}: float {op} (inputs not dequantized integers): graph is not fully integer")
             return _Pending(op, (ins, at))
@@ -124,7 +134,17 @@ class IntegerInterpreter:
         if p.op == "Add":
             a, b = ins
             return K.qlinear_add(a.q, float(a.scale), int(a.zp), b.q, float(b.scale), int(b.zp), ys, yz)
+        if p.op == "Mul":
+            a, b = ins
+            return K.qlinear_mul(a.q, float(a.scale), int(a.zp), b.q, float(b.scale), int(b.zp), ys, yz)
         if p.op == "GlobalAveragePool":
             x = ins[0]
             return K.qlinear_global_avg_pool(x.q, float(x.scale), int(x.zp), ys, yz)
+        if p.op == "AveragePool":
+            x, pads = ins[0], at.get("pads", [0, 0, 0, 0])
+            if list(pads[:2]) != list(pads[2:]):
+                raise QNNError("asymmetric AveragePool padding is not supported")
+            return K.qlinear_avg_pool(x.q, float(x.scale), int(x.zp), ys, yz, at["kernel_shape"],
+                                      at.get("strides", [1, 1]), pads[:2], bool(at.get("ceil_mode", 0)),
+                                      bool(at.get("count_include_pad", 0)))
         raise QNNError(f"cannot requantize {p.op}")

@@ -150,6 +150,16 @@ def qlinear_add(a_q, a_scale, a_zp, b_q, b_scale, b_zp, y_scale, y_zp, cpu: str 
     return np.clip(np.clip(r + zy, -32768, 32767), 0, 255).astype(np.uint8)
 
 
+def qlinear_mul(a_q, a_scale, a_zp, b_q, b_scale, b_zp, y_scale, y_zp) -> np.ndarray:
+    """MLAS QLinearMul (the SSE2 and NEON kernels compute alike): the integer product (a - za) * (b - zb), exact in
+    int32, times float32(sa * sb / sy) plus zy in float32 (two roundings, no FMA), rounded half to even, saturated
+    to uint8. Broadcasts as numpy does."""
+    ratio = F32(F32(a_scale) * F32(b_scale)) / F32(y_scale)
+    prod = (a_q.astype(np.int32) - int(a_zp)) * (b_q.astype(np.int32) - int(b_zp))
+    v = (prod.astype(F32) * F32(ratio)).astype(F32) + F32(y_zp)
+    return np.clip(np.rint(v.astype(F32)), 0, 255).astype(np.uint8)
+
+
 def qlinear_global_avg_pool(x_q, x_scale, x_zp, y_scale, y_zp) -> np.ndarray:
     """MLAS: (sum - zp * HW) * (sx / (sy * HW)), requantized."""
     n, c, h, w = x_q.shape
@@ -157,6 +167,46 @@ def qlinear_global_avg_pool(x_q, x_scale, x_zp, y_scale, y_zp) -> np.ndarray:
     acc = x_q.reshape(n, c, hw).astype(np.int64).sum(2) - int(x_zp) * hw
     mult = F32(x_scale) / (F32(y_scale) * F32(hw))
     return requantize(acc, np.asarray(mult, F32), int(y_zp)).reshape(n, c, 1, 1)
+
+
+def pooled_size(h: int, w: int, k, stride, pad, ceil_mode: bool, dilation=1) -> tuple[int, int]:
+    """Output size of a 2-D pool (PyTorch / ONNX rule: a ceil_mode window must start inside the input or its left
+    padding)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = _pair(k), _pair(stride), _pair(pad), _pair(dilation)
+    rnd = (lambda v: -(-v // 1)) if ceil_mode else (lambda v: v // 1)
+    oh = int(rnd((h + 2 * ph - dh * (kh - 1) - 1) / sh)) + 1
+    ow = int(rnd((w + 2 * pw - dw * (kw - 1) - 1) / sw)) + 1
+    if ceil_mode:
+        oh -= (oh - 1) * sh >= h + ph
+        ow -= (ow - 1) * sw >= w + pw
+    return oh, ow
+
+
+def qlinear_avg_pool(x_q, x_scale, x_zp, y_scale, y_zp, k, stride, pad, ceil_mode: bool,
+                     count_include_pad: bool) -> np.ndarray:
+    """ONNX Runtime's QLinearAveragePool: a kernel covering the whole unpadded image is the global pool (its MLAS
+    integer path); otherwise the dequantized values sx * (q - zp) are summed in float32 row by row, divided by the
+    count (count_include_pad: the kernel's size, also for ceil_mode windows past the padded edge; else the window's
+    in-image part), and quantized as rint(y / sy + zy), saturated to uint8."""
+    (kh, kw), (sh, sw), (ph, pw) = _pair(k), _pair(stride), _pair(pad)
+    n, c, h, w = x_q.shape
+    if (kh, kw) == (h, w) and (ph, pw) == (0, 0):
+        return qlinear_global_avg_pool(x_q, x_scale, x_zp, y_scale, y_zp)
+    oh, ow = pooled_size(h, w, (kh, kw), (sh, sw), (ph, pw), ceil_mode)
+    d = F32(x_scale) * (x_q.astype(np.int32) - int(x_zp)).astype(F32)
+    eh, ew = max(0, (oh - 1) * sh + kh - h - ph), max(0, (ow - 1) * sw + kw - w - pw)
+    d = np.pad(d, ((0, 0), (0, 0), (ph, eh), (pw, ew)))  # cells outside the image add 0.0: the sum is unchanged
+    inside = np.pad(np.ones((h, w), F32), ((ph, eh), (pw, ew)))
+    acc = np.zeros((n, c, oh, ow), F32)
+    count = np.zeros((oh, ow), F32)
+    for i in range(kh):
+        for j in range(kw):
+            acc = (acc + d[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]).astype(F32)
+            count += inside[i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+    if count_include_pad:
+        count[:] = kh * kw
+    y = (acc / count).astype(F32) / F32(y_scale) + F32(y_zp)
+    return np.clip(np.rint(y.astype(F32)), 0, 255).astype(np.uint8)
 
 
 def gemm_int(a_q, a_zp, b_q, b_zp, bias, trans_b: bool = True) -> np.ndarray:
@@ -185,12 +235,7 @@ def max_pool(x: np.ndarray, k, stride, pad, dilation=1, ceil_mode: bool = False)
     """MaxPool on the integer tensor; padding never wins (ONNX ignores padded positions). Ints or (h, w) pairs."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = _pair(k), _pair(stride), _pair(pad), _pair(dilation)
     n, c, h, w = x.shape
-    rnd = (lambda v: -(-v // 1)) if ceil_mode else (lambda v: v // 1)
-    oh = int(rnd((h + 2 * ph - dh * (kh - 1) - 1) / sh)) + 1
-    ow = int(rnd((w + 2 * pw - dw * (kw - 1) - 1) / sw)) + 1
-    if ceil_mode:  # a last window must start inside the input or its left padding (PyTorch / ONNX rule)
-        oh -= (oh - 1) * sh >= h + ph
-        ow -= (ow - 1) * sw >= w + pw
+    oh, ow = pooled_size(h, w, k, stride, pad, ceil_mode, dilation)
     lo = np.iinfo(x.dtype).min if np.issubdtype(x.dtype, np.integer) else -np.inf
     eh, ew = max(0, (oh - 1) * sh + dh * (kh - 1) + 1 - h - ph), max(0, (ow - 1) * sw + dw * (kw - 1) + 1 - w - pw)
     xp = np.pad(x, ((0, 0), (0, 0), (ph, eh), (pw, ew)), constant_values=lo)

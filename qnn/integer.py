@@ -162,7 +162,7 @@ class QConv(Op):
             self.kernel = layer.kernel_size
             if isinstance(self.padding, str) or layer.padding_mode != "zeros":
                 raise QNNError(f"integer export needs numeric zero padding on every conv, got {self.padding!r} "
-                               f"({layer.padding_mode})")
+                               f"({layer.padding_mode}): give padding as numbers with padding_mode='zeros'")
         # every partial sum of the accumulator is bounded by this: float32 is exact below 2^24
         bound = self.w_acc.abs().reshape(len(self.w_acc), -1).sum(1).max() * max(-in_grid.lo, in_grid.hi) \
             + self.b_int.abs().max()
@@ -219,6 +219,26 @@ class QAdd(Op):
         return b.quantize(b.node("Add", [b.dequant(x), b.dequant(y)], "add"), self.out)
 
 
+class QMul(Op):
+    """QLinearMul of two quantized tensors (broadcasting: a squeeze-excitation gate times its feature map): the exact
+    integer product, then MLAS' float32 requantisation (`qnn.kernels.reference.qlinear_mul`)."""
+
+    def __init__(self, a: int, b: int, ga: Grid, gb: Grid, out: Grid):
+        self.inputs, self.out, self.ga, self.gb = (a, b), out, ga, gb
+        self.ratio = (ga.scale * gb.scale / out.scale).float()
+
+    def run(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.requires_grad or b.requires_grad:  # attacks: the gradient needs no exactness
+            return self.out.round(a * b * self.ratio)
+        ga, gb, out = self.ga, self.gb, self.out
+        y = K.qlinear_mul((a + ga.zp).cpu().numpy().astype(np.uint8), float(ga.scale), ga.zp,
+                          (b + gb.zp).cpu().numpy().astype(np.uint8), float(gb.scale), gb.zp, float(out.scale), out.zp)
+        return out.round(torch.from_numpy(y.astype(np.float32)).to(a.device) - out.zp)
+
+    def emit(self, b, x, y):
+        return b.quantize(b.node("Mul", [b.dequant(x), b.dequant(y)], "mul"), self.out)
+
+
 class QGlobalAvgPool(Op):
     """QLinearGlobalAveragePool: rint(sum * (s_x / (s_y * HW)))."""
 
@@ -232,6 +252,60 @@ class QGlobalAvgPool(Op):
 
     def emit(self, b, x):
         return b.quantize(b.node("GlobalAveragePool", [b.dequant(x)], "gap"), self.out)
+
+
+class QLookup(Op):
+    """An elementwise function of a quantized tensor as a table: every level k of the input grid maps to
+    out.round(f(k * s_x) / s_y), computed once here in float32. The 'int' and 'qcdq' graphs index the table with the
+    uint8 codes (Cast + Gather: data movement, so ONNX Runtime, the interpreter and PyTorch agree by construction);
+    QONNX writes the float function between its Quant nodes. With autograd the value is the table's and the gradient
+    the real function's (straight through the output rounding)."""
+
+    def __init__(self, fn, name: str, kwargs: dict, x: int, in_grid: Grid, out: Grid):
+        self.inputs, self.in_grid, self.out, self.fn, self.name, self.kwargs = (x,), in_grid, out, fn, name, kwargs
+        levels = torch.arange(in_grid.lo, in_grid.hi + 1, dtype=torch.float32)
+        with torch.no_grad():
+            self.table = out.round(fn(levels * in_grid.scale) / out.scale)  # centred output integers
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.table[(x.detach() - self.in_grid.lo).long()]
+        if not x.requires_grad:
+            return y
+        smooth = self.fn(x * self.in_grid.scale) / self.out.scale
+        return smooth + (y - smooth).detach()
+
+    def emit(self, b, x):
+        return b.lookup(x, self, self.out)
+
+
+class QAvgPool(Op):
+    """QLinearAveragePool, as ONNX Runtime's kernel computes it: the window's dequantized values s_x * (q - zp) summed
+    in float32 row by row, divided by the count (with count_include_pad the whole kernel, even for a ceil_mode window
+    past the padded edge; without, the window's in-image part), then rint(y / s_y + zp) saturated."""
+
+    def __init__(self, x: int, in_grid: Grid, out: Grid, kernel, stride, padding, ceil_mode: bool,
+                 count_include_pad: bool):
+        self.inputs, self.in_grid, self.out = (x,), in_grid, out
+        self.kernel, self.stride, self.padding = _pair(kernel), _pair(stride or kernel), _pair(padding)
+        self.ceil_mode, self.count_include_pad = bool(ceil_mode), bool(count_include_pad)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:  # attacks: the gradient needs no exactness
+            count = (float(self.kernel[0] * self.kernel[1]) if self.count_include_pad else
+                     F.avg_pool2d(torch.ones_like(x[:1, :1]), self.kernel, self.stride, self.padding, self.ceil_mode,
+                                  count_include_pad=False, divisor_override=1))
+            total = F.avg_pool2d(x, self.kernel, self.stride, self.padding, self.ceil_mode, divisor_override=1)
+            return self.out.round(total * (self.in_grid.scale / (self.out.scale * count)))
+        g, out = self.in_grid, self.out
+        y = K.qlinear_avg_pool((x + g.zp).cpu().numpy().astype(np.uint8), float(g.scale), g.zp, float(out.scale),
+                               out.zp, self.kernel, self.stride, self.padding, self.ceil_mode, self.count_include_pad)
+        return out.round(torch.from_numpy(y.astype(np.float32)).to(x.device) - out.zp)
+
+    def emit(self, b, x):
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
+        y = b.node("AveragePool", [b.dequant(x)], "avgpool", kernel_shape=[kh, kw], strides=[sh, sw],
+                   pads=[ph, pw, ph, pw], ceil_mode=int(self.ceil_mode), count_include_pad=int(self.count_include_pad))
+        return b.quantize(y, self.out)
 
 
 class Move(Op):
@@ -263,6 +337,24 @@ class Move(Op):
         else:
             y = b.slice(name, p["index"])
         return b.same_grid(y, x)
+
+
+class Concat(Op):
+    """Concatenation of tensors on one grid (`qnn.quantize` gives every input the same quantizer): integers moved."""
+
+    def __init__(self, xs: tuple[int, ...], grids: list[Grid], dim: int, name: str):
+        g = grids[0]
+        for other in grids[1:]:
+            if (float(other.scale), other.zp, other.lo, other.hi) != (float(g.scale), g.zp, g.lo, g.hi):
+                raise QNNError(f"'{name}': the concatenated tensors are on different grids (quantize the model with "
+                               "qnn.quantize, which shares one quantizer among them)")
+        self.inputs, self.out, self.dim = tuple(xs), g, dim
+
+    def run(self, *xs: torch.Tensor) -> torch.Tensor:
+        return torch.cat(xs, self.dim)
+
+    def emit(self, b, *xs):
+        return b.same_grid(b.node("Concat", [x.name for x in xs], "concat", axis=self.dim), xs[0])
 
 
 class ChannelEmbed(Op):
@@ -302,10 +394,12 @@ def _pair(v) -> tuple[int, int]:
 class _Pending:
     """A float result waiting for the activation quantizer that fuses with it."""
 
-    kind: str                 # 'layer', 'add', 'gap'
+    kind: str                 # 'layer', 'add', 'gap', 'avgpool'
     args: tuple
     bn: nn.Module | None = None
     clamp_hi: float | None = None
+    pool: dict | None = None  # avgpool: its window
+    flatten: bool = False     # gap from a spatial mean without keepdim: (N, C), not (N, C, 1, 1)
 
 
 class IntegerProgram:
@@ -352,19 +446,43 @@ class IntegerProgram:
         raise QNNError(f"'{node.name}' takes a float tensor: the integer graph needs a quantizer before it")
 
     def _lower(self, gm: fx.GraphModule) -> None:
+        """Lower every node; the constructs with no integer form are all named in one error (a node fed by one of
+        them is not reported again)."""
         env: dict[fx.Node, object] = {}
+        failed = object()
+        errors: list[str] = []
+
+        def resolve(a):
+            if isinstance(a, (list, tuple)):
+                return type(a)(resolve(v) for v in a)
+            return env.get(a, a) if isinstance(a, fx.Node) else a
+
+        def flat(a):
+            return [x for v in a for x in flat(v)] if isinstance(a, (list, tuple)) else [a]
+
         for node in gm.graph.nodes:
-            args = [env.get(a, a) if isinstance(a, fx.Node) else a for a in node.args]
-            if node.op == "placeholder":
-                env[node] = "input"
-            elif node.op == "output":
-                self.output = self._materialise(env[node.args[0]], None, node)
-            elif node.op == "call_module":
-                env[node] = self._module(gm.get_submodule(node.target), node, args)
-            elif node.op in ("call_function", "call_method"):
-                env[node] = self._function(node, args)
-            else:
-                raise QNNError(f"unsupported graph node '{node.name}' ({node.op}) in the integer graph")
+            args = [resolve(a) for a in node.args]
+            if any(v is failed for v in flat(args)):
+                env[node] = failed
+                continue
+            try:
+                if node.op == "placeholder":
+                    env[node] = "input"
+                elif node.op == "output":
+                    self.output = self._materialise(env[node.args[0]], None, node)
+                elif node.op == "call_module":
+                    env[node] = self._module(gm.get_submodule(node.target), node, args)
+                elif node.op in ("call_function", "call_method"):
+                    env[node] = self._function(node, args)
+                else:
+                    raise QNNError(f"unsupported graph node '{node.name}' ({node.op}) in the integer graph")
+            except QNNError as e:
+                errors.append(str(e))
+                env[node] = failed
+        if len(errors) == 1:
+            raise QNNError(errors[0])
+        if errors:
+            raise QNNError(f"{len(errors)} constructs have no integer form: " + "; ".join(errors))
 
     def _materialise(self, v, q: SwitchableIntQuant | None, node: fx.Node) -> int:
         """Fuse the pending float result `v` with quantizer `q` (None: the float output) into one integer op."""
@@ -382,12 +500,21 @@ class IntegerProgram:
         if v.kind == "add":
             a, b = v.args
             return self._push(QAdd(a, b, self.grids[a], self.grids[b], out))
-        return self._push(QGlobalAvgPool(v.args[0], self.grids[v.args[0]], out))
+        if v.kind == "mul":
+            a, b = v.args
+            return self._push(QMul(a, b, self.grids[a], self.grids[b], out))
+        if v.kind == "avgpool":
+            return self._push(QAvgPool(v.args[0], self.grids[v.args[0]], out, **v.pool))
+        y = self._push(QGlobalAvgPool(v.args[0], self.grids[v.args[0]], out))
+        return self._push(Move("flatten", y, out)) if v.flatten else y
 
     def _module(self, m: nn.Module, node: fx.Node, args: list):
-        from qnn.quantization import SwitchableBatchNorm2d, _ReLU6Quant
+        from qnn.quantization import QuantElementwise, SwitchableBatchNorm2d, _ReLU6Quant
 
         x = args[0] if args else None
+        if isinstance(m, QuantElementwise):
+            xi = self._value(x, node)
+            return self._push(QLookup(m.fn, m.name, m.kwargs, xi, self.grids[xi], Grid.of(quantizers(m.quant)[0])))
         if isinstance(m, (bnn.QuantReLU, bnn.QuantIdentity, _ReLU6Quant)):
             q = quantizers(m)[0]
             if q.kind == "input":
@@ -401,7 +528,8 @@ class IntegerProgram:
             return _Pending("layer", (m, self._value(x, node)))
         if isinstance(m, SwitchableBatchNorm2d):
             if not (isinstance(x, _Pending) and x.kind == "layer" and x.bn is None):
-                raise QNNError(f"BatchNorm '{node.name}' does not follow a conv: it cannot be folded")
+                raise QNNError(f"BatchNorm '{node.name}' does not follow a conv: it cannot be folded (put each BatchNorm "
+                               "right after its conv, before the activation)")
             x.bn = m
             return x
         if isinstance(m, (nn.Dropout, nn.Identity)):
@@ -410,20 +538,53 @@ class IntegerProgram:
             return self._flatten(x, node, m.start_dim, m.end_dim)
         if isinstance(m, nn.MaxPool2d):
             return self._maxpool(x, node, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+        if isinstance(m, nn.AvgPool2d):
+            if m.divisor_override is not None:
+                raise QNNError(f"'{node.name}': AvgPool2d with divisor_override has no integer kernel")
+            return _Pending("avgpool", (self._value(x, node),), pool=dict(
+                kernel=m.kernel_size, stride=m.stride, padding=m.padding, ceil_mode=m.ceil_mode,
+                count_include_pad=m.count_include_pad))
         if isinstance(m, nn.AdaptiveAvgPool2d):
             if _pair(m.output_size) != (1, 1):
-                raise QNNError(f"'{node.name}': only global average pooling (output size 1) has an integer kernel")
+                raise QNNError(f"'{node.name}': only global average pooling (output size 1) has an integer kernel "
+                               "(use AvgPool2d with a fixed kernel for other sizes)")
             return _Pending("gap", (self._value(x, node),))
-        raise QNNError(f"'{node.name}' ({type(m).__name__}) has no integer kernel")
+        hint = {"AdaptiveMaxPool2d": " (use MaxPool2d with a fixed kernel, or AdaptiveAvgPool2d(1))"}.get(type(m).__name__, "")
+        raise QNNError(f"'{node.name}' ({type(m).__name__}) has no integer kernel{hint}")
 
     def _function(self, node: fx.Node, args: list):
         f = node.target
         x = args[0] if args else None
         if f in (operator.add, torch.add):
             return _Pending("add", (self._value(args[0], node), self._value(args[1], node)))
+        if f in (operator.mul, torch.mul):
+            return _Pending("mul", (self._value(args[0], node), self._value(args[1], node)))
+        if f in (torch.cat, torch.concat, torch.concatenate):
+            if not args:
+                raise QNNError(f"'{node.name}': pass the tensors to concatenate positionally")
+            parts, dim = args[0], args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
+            xs = tuple(self._value(v, node) for v in parts)
+            return self._push(Concat(xs, [self.grids[i] for i in xs], int(dim), node.name))
+        if f in (torch.mean, "mean"):
+            dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
+            keep = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
+            dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+            if sorted(d % 4 for d in dims) != [2, 3] or node.kwargs.get("dtype") is not None:
+                raise QNNError(f"'{node.name}': only a mean over the two spatial dims (the global average pool) has an "
+                               "integer kernel")
+            return _Pending("gap", (self._value(x, node),), flatten=not keep)
+        if f is F.avg_pool2d:
+            kw = dict(zip(("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+                          args[1:]), **node.kwargs)
+            if kw.get("divisor_override") is not None:
+                raise QNNError(f"'{node.name}': avg_pool2d with divisor_override has no integer kernel")
+            return _Pending("avgpool", (self._value(x, node),), pool=dict(
+                kernel=kw["kernel_size"], stride=kw.get("stride") or kw["kernel_size"], padding=kw.get("padding", 0),
+                ceil_mode=kw.get("ceil_mode", False), count_include_pad=kw.get("count_include_pad", True)))
         if f is F.adaptive_avg_pool2d:
             if _pair(args[1] if len(args) > 1 else node.kwargs["output_size"]) != (1, 1):
-                raise QNNError(f"'{node.name}': only global average pooling (output size 1) has an integer kernel")
+                raise QNNError(f"'{node.name}': only global average pooling (output size 1) has an integer kernel "
+                               "(use AvgPool2d with a fixed kernel for other sizes)")
             return _Pending("gap", (self._value(x, node),))
         if f is F.max_pool2d:
             kw = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), args[1:]), **node.kwargs)

@@ -62,37 +62,60 @@ def holds_results(d: Path) -> bool:
 
 class RunLock:
     """An exclusive, non-blocking lock on `<parent>/.<name>.lock` for as long as a run writes `<name>` (and its
-    `.partial`). The lock file stays (it is empty); the lock itself goes with the process, even after kill -9."""
+    `.partial`). The lock goes with the process, even after kill -9; the file is removed on release (and a folder
+    made only to hold it), so a command leaves nothing behind, refused or not. A lock file removed by its holder
+    while another process opened it is detected (its inode is no longer the path's) and taken again."""
 
     def __init__(self, out: str | Path):
         out = Path(out)
         self.path = out.parent / f".{out.name}.lock"
         self.out = out
         self.fd = None
+        self.made: list[Path] = []
 
     def __enter__(self) -> "RunLock":
         try:
             import fcntl
         except ImportError:  # no advisory locks on this platform
             return self
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise QNNError(f"cannot write beside {self.out}: {e.strerror}") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
+        missing = [p for p in [self.path.parent, *self.path.parent.parents] if not p.exists()]
+        while True:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.made = missing
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise QNNError(f"cannot write beside {self.out}: {e.strerror}") from None
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self.fd)
+                self.fd = None
+                raise QNNError(f"another run is writing {self.out} (lock {self.path} is held); wait for it or use "
+                               f"another output") from None
+            try:
+                same = os.fstat(self.fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return self
+            os.close(self.fd)  # the holder released and removed it between our open and our lock: take the new one
             self.fd = None
-            raise QNNError(f"another run is writing {self.out} (lock {self.path} is held); wait for it or use "
-                           f"another output") from None
-        return self
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
+            try:
+                os.unlink(self.path)  # while still held: whoever opens the path next makes a fresh file
+            except OSError:
+                pass
             os.close(self.fd)  # closing releases the flock
             self.fd = None
+        for d in self.made:  # folders made only for the lock, if the run left nothing in them
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        self.made = []
 
 
 class StagedDir:
@@ -193,3 +216,12 @@ class StagedDir:
         shutil.rmtree(self.old, ignore_errors=True)
         self.work = self.out
         return self.out
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

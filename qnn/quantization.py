@@ -115,13 +115,65 @@ def act_module(kind: str, min_bits: int | None = None, relu6: bool = False) -> n
     return bnn.QuantIdentity(act_quant=_act_quant(kind, min_bits))
 
 
+#: elementwise functions of one quantized tensor: name -> (function, whether its values are >= 0). On a grid of at
+#: most 256 levels any of them is exactly a table of output integers (`qnn.integer.QLookup`)
+ELEMENTWISE = {
+    "hardswish": (F.hardswish, False), "hardsigmoid": (F.hardsigmoid, True), "silu": (F.silu, False),
+    "sigmoid": (torch.sigmoid, True), "gelu": (F.gelu, False), "tanh": (torch.tanh, False),
+    "leaky_relu": (F.leaky_relu, False), "elu": (F.elu, False),
+}
+_ELEMENTWISE_MODULES = {nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid", nn.SiLU: "silu",
+                        nn.Sigmoid: "sigmoid", nn.GELU: "gelu", nn.Tanh: "tanh", nn.LeakyReLU: "leaky_relu",
+                        nn.ELU: "elu"}
+_ELEMENTWISE_FUNCTIONS = {F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", F.silu: "silu",
+                          torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.gelu: "gelu", torch.tanh: "tanh",
+                          F.tanh: "tanh", F.leaky_relu: "leaky_relu", F.elu: "elu"}
+_ELEMENTWISE_METHODS = {"sigmoid": "sigmoid", "tanh": "tanh"}
+
+
+def _elementwise_kwargs(name: str, m: nn.Module | None = None, node: fx.Node | None = None) -> dict:
+    """The function's settings, from the module or the call: GELU's approximation, LeakyReLU's slope, ELU's alpha."""
+    keys = {"gelu": ("approximate",), "leaky_relu": ("negative_slope",), "elu": ("alpha",)}.get(name, ())
+    if m is not None:
+        return {k: getattr(m, k) for k in keys}
+    kw = {k: v for k, v in node.kwargs.items() if k in keys}
+    for k, v in zip(keys, node.args[1:]):
+        kw.setdefault(k, v)
+    return kw
+
+
+class QuantElementwise(nn.Module):
+    """An elementwise function of a quantized tensor, then its own activation quantizer (unsigned where the function
+    is non-negative, else shifted). Training runs the real function (straight-through at the roundings); the
+    integer program evaluates it as a table of the input grid's levels (`qnn.integer.QLookup`)."""
+
+    def __init__(self, name: str, kwargs: dict | None = None):
+        super().__init__()
+        if name not in ELEMENTWISE:
+            raise QNNError(f"unknown elementwise function '{name}'; known: {', '.join(ELEMENTWISE)}")
+        self.name, self.kwargs = name, dict(kwargs or {})
+        self.nonneg = ELEMENTWISE[name][1]
+        self.quant = act_module("unsigned" if self.nonneg else "shifted")
+
+    def fn(self, x: torch.Tensor) -> torch.Tensor:
+        return ELEMENTWISE[self.name][0](x, **self.kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant(self.fn(x))
+
+    def extra_repr(self) -> str:
+        return self.name + (f", {self.kwargs}" if self.kwargs else "")
+
+
 _PASS_MODULES = (nn.Flatten, nn.Dropout, nn.Identity, nn.MaxPool2d, nn.AdaptiveMaxPool2d)
 _AVG_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 _PASS_FUNCTIONS = {torch.flatten, torch.reshape, getattr, operator.getitem, F.dropout, F.max_pool2d, F.pad}
 _PASS_METHODS = {"view", "reshape", "flatten", "size", "contiguous", "squeeze", "unsqueeze"}
 _RELU_FUNCTIONS = {F.relu, torch.relu}
 _ADD_FUNCTIONS = {operator.add, torch.add}
-_AVG_POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.avg_pool2d}
+_MUL_FUNCTIONS = {operator.mul, torch.mul}
+_CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+_AVG_POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.avg_pool2d, torch.mean}
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -144,7 +196,25 @@ def quantize(model: nn.Module, cfg: QuantizeConfig | None = None) -> nn.Module:
     _Converter(gm, cfg).run()
     gm.recompile()
     gm.quantize_config = cfg  # type: ignore[attr-defined]
+    check_integer_form(gm, cfg)
     return gm
+
+
+def check_integer_form(gm: fx.GraphModule, cfg: QuantizeConfig) -> None:
+    """Lower the converted model to its integer program once, now, with the quantizers as initialised: every construct
+    the export could not take is refused before the first training step, all of them in one message."""
+    from qnn.integer import IntegerProgram
+    from qnn.layers import get_bit_width, set_bit_width_
+
+    quantized = [b for b in cfg.bits if b != 32]
+    if not quantized:
+        return
+    before = get_bit_width(gm)
+    set_bit_width_(gm, min(quantized))
+    try:
+        IntegerProgram(gm)
+    finally:
+        set_bit_width_(gm, *before)
 
 
 class _Converter:
@@ -176,25 +246,42 @@ class _Converter:
         setattr(self.gm.get_submodule(parent) if parent else self.gm, attr, module)
 
     def run(self) -> None:
+        errors = []
         for node in list(self.graph.nodes):
-            if node.op == "placeholder":
-                name = self._add(bnn.QuantIdentity(act_quant=FixedInputQuant.let(input_range=self.cfg.input_range)),
-                                 "input_quant")
-                with self.graph.inserting_after(node):
-                    new = self.graph.call_module(name, (node,))
-                node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
-            elif node.op == "call_module":
-                self._module(node)
-            elif node.op == "call_function":
-                self._function(node)
-            elif node.op == "call_method" and node.target not in _PASS_METHODS:
-                raise QNNError(f"unsupported tensor method '.{node.target}()' in the traced model; supported: "
-                               f"{', '.join(sorted(_PASS_METHODS))}")
+            try:
+                self._convert(node)
+            except QNNError as e:
+                errors.append(str(e))
+        if len(errors) > 1:
+            raise QNNError(f"{len(errors)} parts of the model cannot be quantized: " + "; ".join(errors))
+        if errors:
+            raise QNNError(errors[0])
         self._legalise()
+        self._share_concat_grids()
         if self.cfg.residual_bits:
             self._widen(self.cfg.residual_bits)
         self.graph.eliminate_dead_code()
         self.graph.lint()
+        self.gm.delete_all_unused_submodules()
+
+    def _convert(self, node: fx.Node) -> None:
+        if node.op == "placeholder":
+            name = self._add(bnn.QuantIdentity(act_quant=FixedInputQuant.let(input_range=self.cfg.input_range)),
+                             "input_quant")
+            with self.graph.inserting_after(node):
+                new = self.graph.call_module(name, (node,))
+            node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        elif node.op == "call_module":
+            self._module(node)
+        elif node.op == "call_function":
+            self._function(node)
+        elif node.op == "call_method" and node.target == "mean":
+            return  # a spatial mean is the global average pool (checked at lowering)
+        elif node.op == "call_method" and node.target in _ELEMENTWISE_METHODS:
+            self._elementwise(node, _ELEMENTWISE_METHODS[node.target])
+        elif node.op == "call_method" and node.target not in _PASS_METHODS:
+            raise QNNError(f"unsupported tensor method '.{node.target}()' in the traced model; supported: "
+                           f"{', '.join(sorted(_PASS_METHODS))}")
 
     def _fixed(self, target: str):
         pin = self.cfg.first_last_bits
@@ -218,12 +305,17 @@ class _Converter:
         elif type(m) in (nn.ReLU, nn.ReLU6):
             q = act_module("unsigned", relu6=type(m) is nn.ReLU6)
             self.acts[node.target] = ("unsigned", type(m) is nn.ReLU6)
+        elif type(m) in _ELEMENTWISE_MODULES:
+            name = _ELEMENTWISE_MODULES[type(m)]
+            q = QuantElementwise(name, _elementwise_kwargs(name, m))
         elif isinstance(m, _PASS_MODULES + _AVG_POOLS) or isinstance(m, (SwitchableIntQuant, SwitchableMixin)) \
                 or type(m).__module__.startswith("brevitas."):
             return
         else:
             raise QNNError(f"cannot quantize module '{node.target}' of type {type(m).__name__}; supported: Conv2d, "
-                           f"Linear, BatchNorm2d, ReLU, ReLU6, pooling, Flatten, Dropout, Identity and residual adds")
+                           f"Linear, BatchNorm2d, ReLU, ReLU6, "
+                           f"{', '.join(sorted(t.__name__ for t in _ELEMENTWISE_MODULES))}, AvgPool2d, "
+                           f"AdaptiveAvgPool2d(1), MaxPool2d, Flatten, Dropout, Identity")
         self._replace(node, q)
 
     @staticmethod
@@ -233,17 +325,31 @@ class _Converter:
             if src.bias is not None:
                 dst.bias.copy_(src.bias)
 
+    def _elementwise(self, node: fx.Node, name: str) -> None:
+        mod = self._add(QuantElementwise(name, _elementwise_kwargs(name, node=node)), name)
+        node.op, node.target, node.kwargs = "call_module", mod, {}
+        node.args = node.args[:1]
+
     def _function(self, node: fx.Node) -> None:
         f = node.target
-        if f in _RELU_FUNCTIONS or f is F.relu6:
+        if f in _ELEMENTWISE_FUNCTIONS:
+            self._elementwise(node, _ELEMENTWISE_FUNCTIONS[f])
+        elif f in _RELU_FUNCTIONS or f is F.relu6:
             name = self._act("unsigned", "relu", relu6=f is F.relu6)
             node.op, node.target, node.kwargs = "call_module", name, {}
             node.args = node.args[:1]
-        elif f in _ADD_FUNCTIONS and all(isinstance(a, fx.Node) for a in node.args[:2]) and not node.kwargs:
+        elif (f in _ADD_FUNCTIONS or f in _MUL_FUNCTIONS) and all(isinstance(a, fx.Node) for a in node.args[:2]) \
+                and not node.kwargs:
+            return
+        elif f in _CAT_FUNCTIONS:
+            parts = node.args[0] if node.args else node.kwargs.get("tensors")
+            if not (isinstance(parts, (list, tuple)) and parts and all(isinstance(a, fx.Node) for a in parts)):
+                raise QNNError(f"'{node.name}': concatenate a list of tensors computed by the model")
             return
         elif f not in _PASS_FUNCTIONS and f not in _AVG_POOL_FUNCTIONS:
             raise QNNError(f"unsupported operation {getattr(f, '__name__', f)!r} in the traced model; supported: "
-                           f"relu, residual add, pooling, flatten/reshape")
+                           f"relu, relu6, {', '.join(ELEMENTWISE)}, add and multiply of two tensors, concatenation, "
+                           "pooling, flatten/reshape, zero padding, slicing")
 
     # ---- node roles in the swapped graph
     def _module_of(self, node: fx.Node) -> nn.Module | None:
@@ -257,10 +363,14 @@ class _Converter:
 
     def _is_avg_pool(self, node: fx.Node) -> bool:
         return isinstance(self._module_of(node), _AVG_POOLS) or (node.op == "call_function"
-                                                                  and node.target in _AVG_POOL_FUNCTIONS)
+                                                                  and node.target in _AVG_POOL_FUNCTIONS) \
+            or (node.op == "call_method" and node.target == "mean")
 
     def _is_add(self, node: fx.Node) -> bool:
         return node.op == "call_function" and node.target in _ADD_FUNCTIONS
+
+    def _is_mul(self, node: fx.Node) -> bool:
+        return node.op == "call_function" and node.target in _MUL_FUNCTIONS
 
     def _is_pass(self, node: fx.Node) -> bool:
         m = self._module_of(node)
@@ -270,12 +380,16 @@ class _Converter:
     def _produces_float(self, node: fx.Node) -> bool:
         """Compute whose result is a float (wide accumulator) value: it must meet a quantizer before anything else."""
         return self._is_weighted(node) or isinstance(self._module_of(node), SwitchableBatchNorm2d) \
-            or self._is_add(node) or self._is_avg_pool(node)
+            or self._is_add(node) or self._is_mul(node) or self._is_avg_pool(node)
 
     def _nonneg(self, node: fx.Node) -> bool:
         """Whether the value is known non-negative (the unsigned grid fits it)."""
         if self._is_act(node):
             return self.acts[node.target][0] == "unsigned"
+        if isinstance(self._module_of(node), QuantElementwise):
+            return self._module_of(node).nonneg
+        if self._is_mul(node):
+            return all(isinstance(a, fx.Node) and self._nonneg(a) for a in node.args[:2])
         if (self._is_pass(node) or self._is_avg_pool(node)) and node.args and isinstance(node.args[0], fx.Node):
             return self._nonneg(node.args[0])
         return False
@@ -297,6 +411,50 @@ class _Converter:
                     q = self.graph.call_module(name, (node,))
                 for u in needs:
                     u.replace_input_with(node, q)
+
+    def _is_cat(self, node: fx.Node) -> bool:
+        return node.op == "call_function" and node.target in _CAT_FUNCTIONS
+
+    def _grid_holders(self, node: fx.Node) -> list:
+        """The quantizers that set the grid of `node`'s value: an activation quantizer node, an elementwise module
+        (its output quantizer), or, through data movement and nested concatenations, those of their inputs."""
+        if self._is_act(node):
+            return [node]
+        m = self._module_of(node)
+        if isinstance(m, QuantElementwise):
+            return [m]
+        if self._is_cat(node):
+            return [h for a in (node.args[0] if node.args else node.kwargs["tensors"]) for h in self._grid_holders(a)]
+        if self._is_pass(node) and node.args and isinstance(node.args[0], fx.Node):
+            return self._grid_holders(node.args[0])
+        raise QNNError(f"'{node.name}' feeds a concatenation but has no activation quantizer of its own: end each "
+                       "concatenated branch with an activation (ReLU, a quantizer, an elementwise function)")
+
+    def _share_concat_grids(self) -> None:
+        """Every tensor a concatenation joins is quantized by one shared quantizer: the concatenation then moves
+        integers (one grid), as ONNX's Concat of uint8 tensors does. Unsigned when every branch is non-negative."""
+        groups: list[list] = []
+        for node in self.graph.nodes:
+            if self._is_cat(node):
+                hs = self._grid_holders(node)
+                merged = [g for g in groups if any(h in g for h in hs)]
+                group = list(dict.fromkeys(hs + [h for g in merged for h in g]))
+                groups = [g for g in groups if g not in merged] + [group]
+        for group in groups:
+            kinds = [("unsigned" if h.nonneg else "shifted", False) if isinstance(h, QuantElementwise)
+                     else self.acts[h.target] for h in group]
+            relu6 = {r for _, r in kinds}
+            if len(relu6) > 1:
+                raise QNNError("a concatenation joins ReLU6 and other activations: one grid needs one clamp; use the "
+                               "same activation on every branch")
+            kind = "unsigned" if all(k == "unsigned" for k, _ in kinds) else "shifted"
+            name = self._act(kind, "concat_quant", relu6=relu6.pop())
+            for h in group:
+                if isinstance(h, QuantElementwise):
+                    h.quant = self.gm.get_submodule(name)
+                    h.nonneg = kind == "unsigned"
+                else:
+                    h.target = name
 
     def _reach(self, node: fx.Node, chain: tuple = ()) -> list[tuple[fx.Node, tuple]]:
         """(consumer, pass nodes on the way) for every non-pass consumer of `node`'s value."""

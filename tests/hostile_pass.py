@@ -310,7 +310,7 @@ def cases(w: Path, P: dict, F: dict, B: dict) -> list[tuple[str, str, list]]:
     q("train cifar10 batch of the wrong length", T + ["--dataset", "cifar10", "--data-dir", F["batch_short"]])
     user = ROOT / "tests" / "qnn" / "user_models.py"
     for spec in (f"{w / 'nope.py'}:f", f"{user}:nope", f"{user}:not_a_module", f"{user}:untraceable",
-                 f"{user}:with_gelu", f"{user}:1bad", f"{F['afile']}.py:f"):
+                 f"{user}:with_softplus", f"{user}:1bad", f"{F['afile']}.py:f"):
         q(f"train --model {spec.rpartition('/')[2]}", T + ["--model", spec])
     q("eval --model on a zoo checkpoint with another file", E + ["--model", f"{user}:tiny_cnn"])
     r("run_edge --bundle missing", R + [w / "nope"])

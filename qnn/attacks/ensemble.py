@@ -23,13 +23,15 @@ from qnn.layers import set_bit_width_
 
 @dataclass(frozen=True)
 class Attack:
-    """One member of the ensemble (its iteration count is the ensemble's)."""
+    """One member of an ensemble (`iterations` None: the caller's count, as in `ensemble_asr`)."""
 
     name: str
     optimizer: str = "sign"      # sign | adam
     step: float = 0.05           # signed-gradient step or Adam learning rate (pixels in [0, 1])
     restarts: int = 1            # patches optimised in parallel, the best on the crafting set kept
+    independent: bool = False    # each restart on the whole batch (cost x restarts), not on a share of it
     eot_bits: bool = False       # adaptive: the model's bit-width drawn per step from its trained set
+    iterations: int | None = None
 
 
 ENSEMBLE = (
@@ -42,11 +44,13 @@ ENSEMBLE = (
 )
 
 
-def attack_config(base: PatchConfig, attack: Attack, iterations: int, trained_bits: list[int] | None) -> PatchConfig:
-    """`base` (the patch: size, shape, placement, seed...) with `attack`'s optimiser settings."""
+def attack_config(base: PatchConfig, attack: Attack, iterations: int | None, trained_bits: list[int] | None) -> PatchConfig:
+    """`base` (the patch: size, shape, placement, seed...) with `attack`'s optimiser settings (and its own iteration
+    count where it has one)."""
     eot = sorted(set(trained_bits)) if attack.eot_bits and trained_bits and len(set(trained_bits)) > 1 else None
     return dataclasses.replace(base, optimizer=attack.optimizer, step=attack.step, restarts=attack.restarts,
-                               iterations=iterations, eot_bits=eot)
+                               independent_restarts=attack.independent,
+                               iterations=attack.iterations or iterations, eot_bits=eot)
 
 
 def ensemble_asr(model: nn.Module, bits: int, craft: tuple[torch.Tensor, torch.Tensor],

@@ -44,6 +44,8 @@ class PatchConfig:
     optimizer: str = "sign"                  # sign | adam
     eot_samples: int = 1                     # transformations per image per step
     restarts: int = 1                        # patches optimised in parallel; the best on the attack set is kept
+    independent_restarts: bool = False       # each restart on the whole batch (independent starts, cost x restarts),
+                                             # not on a 1/restarts share of it
     batch_size: int = 128
     seed: int = 0
     image_size: tuple[int, int] = (32, 32)
@@ -236,9 +238,11 @@ def optimize_universal_patch(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             if it in snapshots:
                 snaps[it] = patches.detach().cpu().clone()
             idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
-            xb = x[idx].to(device).repeat(cfg.eot_samples, 1, 1, 1)
-            yb = y[idx].to(device).repeat(cfg.eot_samples)
-            who = torch.arange(len(xb)) % R
+            copies = cfg.eot_samples * (R if cfg.independent_restarts else 1)
+            xb = x[idx].to(device).repeat(copies, 1, 1, 1)
+            yb = y[idx].to(device).repeat(copies)
+            # independent restarts: copy r of the batch goes to restart r; shared: the batch is dealt out among them
+            who = (torch.arange(len(xb)) // (len(xb) // R)) if cfg.independent_restarts else torch.arange(len(xb)) % R
             xp = apply_patch_eot(xb, patches[who], mask, cfg, gen)
             loss = _model_loss(model, xp, yb, cfg, gen).mean()
             g, = torch.autograd.grad(loss, patches)

@@ -50,7 +50,7 @@ def test_zoo_exports_fully_integer(name, bits, tmp_path):
     p = export_model(m, bits, "int", tmp_path / "m.onnx")
     c = verify(p)
     assert c["fully_integer"], c
-    assert c["ops"].get("QLinearConv", 0) >= 3 and c["ops"].get("QGemm") == 1
+    assert c["ops"].get("QLinearConv", 0) >= 3 and c["ops"].get("QGemm", 0) >= 1
     # every architecture's exact integer eval (max pool, projection shortcuts...) is the integer reference's, bit for
     # bit, and ORT's. The default reduce_range keeps 8-bit weights in [-63, 63],
     # so every weight is int8 and no u8 x s8 pair can saturate ORT's kernels on x86 without VNNI.

@@ -24,7 +24,7 @@ def test_own_model_trains_and_evaluates_and_its_checkpoint_needs_that_file(tmp_p
     with open(changed, "a") as f:
         f.write("\nprint('this line must never run')\n")
     assert "is not the file and factory" in cli_error(e + ["--model", f"{changed}:tiny_cnn"], capsys)
-    assert "is not the file and factory" in cli_error(e + ["--model", f"{USER}:with_gelu"], capsys)
+    assert "is not the file and factory" in cli_error(e + ["--model", f"{USER}:with_softplus"], capsys)
     x = ["export", "--checkpoint", ck, "--bits", 4, "--out", tmp_path / "m.onnx"]
     assert "trained from user code" in cli_error(x, capsys) and not (tmp_path / "m.onnx").exists()
     assert run_cli(x + ["--model", spec]) == 0 and run_cli(["verify", tmp_path / "m.onnx"]) == 0
@@ -35,9 +35,9 @@ def test_bad_model_files_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "broken.py").write_text("import nonexistent_module_xyz\n")
     for spec, msg in ((tmp_path / "missing.py", "model file not found"), (USER, "defines no function 'nope'"),
                       (tmp_path / "broken.py", "importing it failed"), (USER, "not a torch nn.Module"),
-                      (USER, "cannot be traced"), (USER, "of type GELU")):
+                      (USER, "cannot be traced"), (USER, "of type Softplus")):
         factory = {"defines no function 'nope'": "nope", "not a torch nn.Module": "not_a_module",
-                   "cannot be traced": "untraceable", "of type GELU": "with_gelu"}.get(msg, "tiny_cnn")
+                   "cannot be traced": "untraceable", "of type Softplus": "with_softplus"}.get(msg, "tiny_cnn")
         assert msg in cli_error(t + ["--model", f"{spec}:{factory}"], capsys), msg
     assert "file.py:factory" in cli_error(t + ["--model", f"{USER}:not-a-name"], capsys)
     assert not (tmp_path / "o").exists()
