@@ -69,23 +69,47 @@ def qat_all() -> str:
 
 # --- defense -------------------------------------------------------------------------------------------------------
 
-DEFENSE_HEADLINE = {"none": "none (QAT)", "qadtr": "QADT-R", "pbat": "PBAT, one model per bit-width",
-                    "dwq": "DWQ", "pbat+dbwt": "PBAT + DBWT",
-                    "pbat-fp (one 32-bit model, every bit-width)": "PBAT, one float model at every bit-width"}
+EQUAL_COMPUTE = "defense_equal_compute.json"
+
+
+def _equal_compute():
+    from qnn.defense_report import Table, summarize
+
+    res = load(EQUAL_COMPUTE)
+    return res, summarize(res, n_boot=1000), Table(res)
 
 
 def defense() -> str:
-    """Clean accuracy % / unseen-patch ASR % per defense at the trained bit-widths (seed 0)."""
-    table = load("defense_table_cpu.json")["table"]
-    rows = [[b, *(f"{pct(table[k]['per_bits'][str(b)]['clean_acc_pct'])} / "
-                  f"{pct(table[k]['per_bits'][str(b)]['unseen_asr_pct'])}" for k in DEFENSE_HEADLINE)]
-            for b in (32, 8, 4, 2)]
-    return markdown_table(["bits", *DEFENSE_HEADLINE.values()], rows)
+    """The defense verdict: QADT-R minus per-bit PBAT at equal compute per bit-width, with both intervals, and the
+    progress of the table while it runs."""
+    from qnn.defense_report import fmt_interval, verdict
+
+    res, s, _ = _equal_compute()
+    rows = [[c["bits"], f"{c['qadtr_row']} vs {c['pbat_row']}", len(c["seeds"]), f"{c['mean_diff']:+.1f}",
+             fmt_interval(c["t95"]), fmt_interval(c["bootstrap95"]), verdict(c)] for c in s["comparisons"]]
+    table = markdown_table(["bits", "QADT-R vs per-bit PBAT, equal compute", "seeds", "unseen ASR difference (points)",
+                            "t 95%", "bootstrap 95%", "verdict"], rows) if rows else ""
+    done = len(res["cells"])
+    clean = [f"{r}: {v['per_bits']['4']['clean_acc_pct']:.1f} / {v['per_bits']['4']['unseen_asr_pct']:.1f}"
+             for r, v in s["rows"].items() if "4" in v["per_bits"]]
+    status = (f"{done} cells finished (protocol `{res['protocol']['name']}`, seeds so far "
+              f"{', '.join(map(str, s['seeds'])) or 'none'}); rows with every unseen cell at 4 bits, clean % / unseen "
+              f"ASR %: {'; '.join(clean) or 'none yet'}.")
+    return table + ("\n" if table else "") + textwrap.fill(status, 118) + "\n"
 
 
-def defense_all() -> str:
-    """Every row of the defense table: clean % / unseen ASR % / adaptive ASR % per bit-width, left-out bit-widths."""
-    d = load("defense_table_cpu.json")
+def defense_equal_compute() -> str:
+    """The whole equal-compute table as its report renders it (results/defense_equal_compute.md's tables)."""
+    from qnn.defense_report import markdown
+
+    res, s, _ = _equal_compute()
+    return markdown(s, res, res.get("command", "")).split("\n", 1)[1].lstrip("\n") + "\n"
+
+
+def defense_archive() -> str:
+    """The earlier, equal-epochs single-seed table under a 40-iteration attack (results/archive/defense_table_cpu.json):
+    clean % / unseen ASR % / adaptive ASR % per bit-width, left-out bit-widths."""
+    d = load("archive/defense_table_cpu.json")
     rows = []
     for name, r in d["table"].items():
         pb = r["per_bits"]
@@ -97,6 +121,31 @@ def defense_all() -> str:
         rows.append([f"`{name}`", *cells, left, "-" if cost is None else f"{cost:.2f}"])
     return markdown_table(["setting", "32", "8", "4", "2", "left out 3 ; 5 ; 6 (clean / unseen)",
                            "cost vs QAT, interleaved"], rows)
+
+
+def saturation_witness() -> str:
+    """The full ensemble beside the cpu protocol and the independent attack, 4 bits, 10x10 square, seed 0."""
+    from qnn.defense_report import Table
+
+    full = Table(load("defense_equal_compute_witness.json"))
+    cpu = Table(load(EQUAL_COMPUTE))
+    ind = load("independent_attack_w4.json")["results"]
+    rows = []
+    for row, name in (("none", "qat"), ("qadtr", "qadtr")):
+        f, c = full.asr(row, 0, 4, "10x10 sq"), cpu.asr(row, 0, 4, "10x10 sq")
+        rows.append([row, pct(f[0]) if f else "-", (max(f[1], key=f[1].get) if f else "-"), pct(c[0]) if c else "-",
+                     (max(c[1], key=c[1].get) if c else "-"),
+                     " / ".join(pct(v) for v in ind[name]["start_asr_pct"]) if name in ind else "-"])
+    return markdown_table(["model", "full ensemble ASR %", "its strongest attack", "cpu protocol ASR %",
+                           "its strongest attack", "independent attack, per start"], rows)
+
+
+def zoo_exactness() -> str:
+    """Every zoo and test model x 8/4/2 bits: exact, integer only (results/zoo_exactness.json)."""
+    from qnn.bench.zoo_exactness import table
+
+    d = load("zoo_exactness.json")
+    return table(d["results"], [int(b) for b in d["config"]["bits"].split(",")])
 
 
 # --- parity --------------------------------------------------------------------------------------------------------
@@ -229,7 +278,9 @@ def headline() -> str:
     return "".join(textwrap.fill(line, 118, initial_indent="- ", subsequent_indent="  ") + "\n" for line in lines)
 
 
-TABLES = {"headline": headline, "qat": qat, "qat-all": qat_all, "defense": defense, "defense-all": defense_all, "parity": parity,
+TABLES = {"headline": headline, "qat": qat, "qat-all": qat_all, "defense": defense,
+          "defense-equal-compute": defense_equal_compute, "defense-archive": defense_archive,
+          "saturation-witness": saturation_witness, "zoo-exactness": zoo_exactness, "parity": parity,
           "parity-all": parity_all, "latency": latency, "latency-b1": latency_b1, "train-speed": train_speed,
           "mobilenetv2": mobilenetv2, "attack-curve": attack_curve, "peer-latency": peer_latency}
 

@@ -222,9 +222,12 @@ class _Builder:
                                               self.const(np.zeros(len(b_int), np.int32), "bzp")], "bdq", axis=0)
 
 
-def build_graph(model: torch.nn.Module, bits: int, fmt: str = "int", batch: int | str = "N",
+def build_graph(model: torch.nn.Module, bits: int, fmt: str = "int", batch: int | str | None = None,
                 weight_type: str = "auto") -> onnx.ModelProto:
     """Build the ONNX model of `model` at `bits` (weights and activations; first/last layers per the model).
+
+    batch: the input's batch dimension; by default symbolic ("N", any batch in ONNX Runtime) for 'int' and 'qcdq', and
+    1 for 'qonnx' (qonnx and FINN read a symbolic dimension as 0).
 
     weight_type (format 'int'): 'int8', 'uint8' (zero point 128) or 'auto' (uint8 for layers whose |w| > 64, which
     ORT's u8s8 kernels can saturate on x86 CPUs without VNNI; int8 for the others)."""
@@ -236,6 +239,8 @@ def build_graph(model: torch.nn.Module, bits: int, fmt: str = "int", batch: int 
     model.eval()
     if uncalibrated(model):
         raise QNNError(f"model has no calibrated {bits}-bit activation scales: it was not trained at {bits} bits")
+    if batch is None:
+        batch = 1 if fmt == "qonnx" else "N"
     b = _Builder(fmt, bits, weight_type)
     H = W = model.in_size
     with torch.no_grad():

@@ -362,8 +362,10 @@ def read_results(path: Path, budget: Budget, protocol) -> dict:
         raise QNNError(f"{path}: not a readable results file ({type(e).__name__}); move it away or choose another --out")
     if not isinstance(old, dict) or old.get("kind") != "defense-grid":
         raise QNNError(f"{path} is not a defense-grid results file; choose another --out")
-    want = {"budget": dataclasses.asdict(budget), "protocol": protocol.to_dict()}
-    have = {"budget": old.get("budget"), "protocol": old.get("protocol")}
+    # the protocol's images and scoring must match; its members may grow (each cell records its attack's definition)
+    images = lambda p: {k: v for k, v in (p or {}).items() if k != "members"}  # noqa: E731
+    want = {"budget": dataclasses.asdict(budget), "protocol": images(protocol.to_dict())}
+    have = {"budget": old.get("budget"), "protocol": images(old.get("protocol"))}
     if json.loads(json.dumps(want)) != have:
         diff = [k for k in want if json.loads(json.dumps(want[k])) != have[k]]
         raise QNNError(f"{path} was made with another {' and '.join(diff)}; choose another --out")
@@ -375,11 +377,13 @@ def read_results(path: Path, budget: Budget, protocol) -> dict:
     return old
 
 
-def is_done(cell: dict | None, job: Job, sha: str) -> bool:
+def is_done(cell: dict | None, job: Job, sha: str, member) -> bool:
+    """A finished cell of this model (checkpoint), row definition, attack definition and protocol version."""
     from qnn.evaluation import PROTOCOL_VERSION
 
     return bool(cell) and cell.get("checkpoint_sha256") == sha and cell.get("row_definition") == job.row.definition() \
-        and cell.get("protocol_version") == PROTOCOL_VERSION
+        and cell.get("protocol_version") == PROTOCOL_VERSION \
+        and cell.get("attack_definition") == dataclasses.asdict(member)
 
 
 class Scorer:
@@ -434,6 +438,7 @@ def run_work(w: Work, scorer: Scorer, budget: Budget, protocol, data: dict, code
                     "trained_bits": w.job.trained_bits, "compute_qat_epochs": w.job.compute_qat_epochs,
                     "train_epochs": w.job.cfg.epochs, "train_images": w.job.cfg.train_subset,
                     "row_definition": w.job.row.definition(), "protocol_version": PROTOCOL_VERSION, "code": code,
+                    "attack_definition": dataclasses.asdict(w.member),
                     "patch_mean": float(np.asarray(patch).mean())}
     return out
 
@@ -585,7 +590,7 @@ def _run(a, prog: str) -> int:
 
                 sha = sha256_file(j.checkpoint)
                 for w in todo:
-                    if all(is_done(cells.get(k), j, sha) for k in w.keys()):
+                    if all(is_done(cells.get(k), j, sha, w.member) for k in w.keys()):
                         continue
                     scorer = scorer or Scorer(j, budget, data, device)
                     new = run_work(w, scorer, budget, protocol, data, code)

@@ -18,9 +18,13 @@ from qnn.models import create_model, list_models
 from tests.conftest import cli_error as _err, run_cli
 
 
+#: zoo models of the 224x224 kind: tested at a smaller input (they are fully convolutional)
+IMAGENET_SIZED = ("resnet18", "mobilenetv2", "mobilenetv3_small", "efficientnet_lite0", "efficientnet_b0")
+
+
 def _calibrated(name, bits, size=None, **kw):
     torch.manual_seed(0)
-    m = create_model(name, **({"num_classes": 10, "in_size": size} if name in ("resnet18", "mobilenetv2") else {}), **kw)
+    m = create_model(name, **({"num_classes": 10, "in_size": size} if name in IMAGENET_SIZED else {}), **kw)
     s = m.in_size
     set_bit_width_(m, bits)
     ensure_calibrated_(m, torch.rand(4, 3, s, s))
