@@ -136,7 +136,22 @@ def _previous(out: str, settings: dict) -> tuple[dict, dict]:
     if differ:
         raise QNNError(f"{path} was made with other settings ({', '.join(differ)}): choose another --out or move it "
                        f"away")
+    _check_curves(path, curves, provenance, len(settings["points"]))
     return curves, provenance
+
+
+def _check_curves(path: Path, curves, provenance, n_points: int) -> None:
+    """What a resumed run would republish: every curve a list of one ASR in [0, 100] per point, with provenance."""
+    import math
+
+    ok = isinstance(curves, dict) and isinstance(provenance, dict) and all(
+        isinstance(per, dict) and isinstance(provenance.get(name), dict) and all(
+            isinstance(c, list) and len(c) == n_points and att in provenance[name] and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 100
+                for v in c) for att, c in per.items()) for name, per in curves.items())
+    if not ok:
+        raise QNNError(f"{path}: its curves are malformed (each needs one ASR in [0, 100] per point and its "
+                       "provenance): move it away or choose another --out")
 
 
 def _write(a, command: str, settings: dict, curves: dict, provenance: dict) -> None:

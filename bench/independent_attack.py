@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-craft", type=int, default=2000, help="crafting images: the first n training images")
     ap.add_argument("--n-score", type=int, default=2000, help="scored images: the last n test images")
     ap.add_argument("--placements", type=int, default=3, help="random positions per scored image (default 3)")
-    ap.add_argument("--dataset", default="cifar10")
-    ap.add_argument("--data-dir", default="../shared/data/cifar10")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dataset", default="cifar10", help="dataset (default cifar10)")
+    ap.add_argument("--data-dir", default="../shared/data/cifar10", help="dataset folder (default ../shared/data/cifar10)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--out", default="results/independent_attack", help="results path without extension")
     a = ap.parse_args(argv)
     import torch

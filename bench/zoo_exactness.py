@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=float, default=0.25, help="width multiplier of the MobileNet / EfficientNet / "
                     "SqueezeNet models (default 0.25)")
     ap.add_argument("--size", type=int, default=64, help="input size of the 224x224 models (default 64)")
-    ap.add_argument("--bits", default="8,4,2")
+    ap.add_argument("--bits", default="8,4,2", help="comma-separated bit-widths, each 2..8 (default 8,4,2)")
     ap.add_argument("--out", default="results/zoo_exactness", help="results path without extension")
     a = ap.parse_args(argv)
     bits = [int(b) for b in a.bits.split(",")]

@@ -30,6 +30,7 @@ def add_export(sub) -> None:
     p.add_argument("--format", default="int",
                    help="int: true-integer ONNX (QLinearConv...) | qcdq: Quantize-Clip-Dequantize | qonnx: QONNX Quant nodes (default int)")
     p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--weight-type", default="auto", choices=["auto", "int8", "uint8"],
                    help="integer weight container (format int): auto = uint8 (zero point 128) for layers whose |w| > 64, "
                         "which ORT's u8s8 kernels can saturate on x86 without VNNI, int8 for the rest")
@@ -41,7 +42,7 @@ def cmd_export(a) -> int:
 
     if a.format not in FORMATS:
         raise QNNError(f"unknown format '{a.format}'; choose from {', '.join(FORMATS)}")
-    check_output(a.out, "file", (a.checkpoint,))
+    check_output(a.out, "file", (a.checkpoint,), overwrite=a.overwrite)
     model, obj, sha = _load_at_bits(a.checkpoint, a.bits, a.model)
     meta = {"source_checkpoint_sha256": sha, "class_names": obj.get("classes") or [str(i) for i in range(model.num_classes)],
             "trained_bits": obj.get("trained_bits", []), "defense": obj.get("defense", "none")}
@@ -51,7 +52,8 @@ def cmd_export(a) -> int:
         info["census"] = verify(out)
     print(json.dumps(info, indent=2))
     if a.format != "qonnx" and not info["census"]["fully_integer"]:
-        print(f"qnn: export: {out} is NOT fully integer: float compute ops {info['census']['float_compute_ops']}",
+        print(f"qnn: export: {out} is NOT fully integer: float compute ops {info['census']['float_compute_ops']}"
+              + ("" if info["census"].get("integer_compute_ops", True) else " and no integer compute node"),
               file=sys.stderr)
         return 1
     return 0
@@ -74,6 +76,9 @@ def cmd_verify(a) -> int:
     if c["fully_integer"]:
         print("fully integer: yes (only the input QuantizeLinear and data movement outside integer kernels)")
         return 0
+    if not c["integer_compute_ops"] and not c["float_compute_ops"]:
+        print("fully integer: NO, the graph has no compute node at all (data movement only): not an integer model")
+        return 1
     print(f"fully integer: NO, float compute ops remain: {sorted(set(c['float_compute_ops']))}")
     return 1
 

@@ -73,7 +73,11 @@ def census(model: onnx.ModelProto) -> dict:
         if n.op_type == "QGemm" or n.op_type.startswith("QLinear"):
             continue
         float_ops.append(n.op_type)
-    return {"ops": dict(sorted(ops.items())), "float_compute_ops": float_ops, "fully_integer": not float_ops}
+    # a graph of data movement alone computes nothing in integers: it is not an integer model
+    computes = any(n.op_type in INTEGER_OPS or n.op_type == "QGemm" or n.op_type.startswith("QLinear")
+                   for n in model.graph.node)
+    return {"ops": dict(sorted(ops.items())), "float_compute_ops": float_ops, "integer_compute_ops": computes,
+            "fully_integer": not float_ops and computes}
 
 
 def verify(path: str | Path, level: str = "extended") -> dict:

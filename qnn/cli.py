@@ -122,6 +122,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--subset", type=arg_int(1), help="evaluate on the first N test images")
     p.add_argument("--calibrate", action="store_true", help="recompute BN/scales for bit-widths never trained")
     p.add_argument("--json", help="write the result here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--seed", type=arg_seed(), default=0, help="seed (default 0)")
 
 
@@ -134,7 +135,7 @@ def cmd_eval(a) -> int:
 
     bits = parse_bits(a.bits)
     if a.json:
-        check_output(a.json, "file", (a.checkpoint, a.data_dir))
+        check_output(a.json, "file", (a.checkpoint, a.data_dir), overwrite=a.overwrite)
     model, obj = load_checkpoint(a.checkpoint, user_model=a.model)
     test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed).subset(a.subset)
     check_data_fits(model, test, "test set")

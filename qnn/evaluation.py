@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from qnn.attacks.ensemble import Attack, attack_config
+from qnn.attacks.ensemble import ENSEMBLE, Attack, attack_config
 from qnn.attacks.patch import PatchConfig, apply_patch, make_mask, optimize_universal_patch, predict, random_locations
 from qnn.errors import QNNError
 from qnn.layers import set_bit_width_
@@ -68,14 +68,7 @@ PROTOCOLS = {
         Attack("adam 0.01", optimizer="adam", step=0.01, iterations=500),
     )),
     # every member of the evaluation ensemble at 500 iterations (the saturation witness; GPU tables)
-    "full": Protocol("full", tuple(dataclasses.replace(a, iterations=500) for a in (
-        Attack("sign 0.05"),
-        Attack("sign 0.01", step=0.01),
-        Attack("adam 0.05", optimizer="adam", step=0.05),
-        Attack("adam 0.01", optimizer="adam", step=0.01),
-        Attack("sign 0.05 x4 restarts", restarts=4),
-        Attack("adam 0.05 EOT bit-widths", optimizer="adam", step=0.05, eot_bits=True),
-    ))),
+    "full": Protocol("full", tuple(dataclasses.replace(a, iterations=500) for a in ENSEMBLE)),
     # a few seconds on CI: tiny models, synthetic data
     "smoke": Protocol("smoke", (
         Attack("sign 0.05 x2 restarts", restarts=2, iterations=4),

@@ -26,8 +26,19 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def check_output(path: str | Path, kind: str = "file", inputs: tuple = ()) -> Path:
-    """Validate an output path up front. kind: 'file' or 'dir'. `inputs`: paths the command reads."""
+#: a training run's own files: no command writes over them in another run's folder, --overwrite or not
+RUN_FILES = ("model.pt", "last.pt", "config.json", "metrics.json")
+
+
+def _run_folder(d: Path) -> bool:
+    """Whether `d` holds a training run (its resume point, or a finished checkpoint with its config)."""
+    return (d / "last.pt").is_file() or ((d / "model.pt").is_file() and (d / "config.json").is_file())
+
+
+def check_output(path: str | Path, kind: str = "file", inputs: tuple = (), overwrite: bool | None = None) -> Path:
+    """Validate an output path up front. kind: 'file' or 'dir'. `inputs`: paths the command reads. For a file,
+    `overwrite` False refuses an existing file (True replaces it; None: the caller stages and decides itself), and a
+    training run's own files (RUN_FILES in a folder holding a run) are refused whatever it says."""
     p = Path(path)
     if not str(path).strip():
         raise QNNError("output path is empty")
@@ -53,6 +64,11 @@ def check_output(path: str | Path, kind: str = "file", inputs: tuple = ()) -> Pa
         raise QNNError(f"output {p}: folder {parent} is not writable")
     if p.exists() and not os.access(p, os.W_OK):
         raise QNNError(f"output {p} is not writable")
+    if kind == "file" and overwrite is not None:
+        if p.name in RUN_FILES and _run_folder(p.parent):
+            raise QNNError(f"output {p} is a file of the training run in {p.parent}; write elsewhere")
+        if p.exists() and not overwrite:
+            raise QNNError(f"output {p} exists; pass --overwrite to replace it, or choose another path")
     return p
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from qnn.models.mobilenetv2 import init_weights_
 from qnn.models.mobilenetv3 import SqueezeExcite
 from qnn.models.quantized import QuantizedNet
 from qnn.models.registry import register_model
@@ -57,12 +58,7 @@ class EfficientNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(last, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights_(self)
 
     def forward(self, x):
         return self.classifier(self.pool(self.features(x)))

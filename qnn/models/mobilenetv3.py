@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qnn.models.mobilenetv2 import _divisible
+from qnn.models.mobilenetv2 import _divisible, init_weights_
 from qnn.models.quantized import QuantizedNet
 from qnn.models.registry import register_model
 
@@ -69,12 +69,7 @@ class MobileNetV3Small(nn.Module):
         head = _divisible(1024 * max(1.0, width_mult))
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(last, head), nn.Hardswish(), nn.Dropout(0.2),
                                         nn.Linear(head, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights_(self)
 
     def forward(self, x):
         return self.classifier(self.pool(self.features(x)))

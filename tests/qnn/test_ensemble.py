@@ -97,14 +97,24 @@ def test_attack_curve_resumes_and_refuses_to_overwrite_other_curves(trained_ckpt
     assert "other settings (seed)" in err and "\n" not in err and out.with_suffix(".json").read_bytes() == before
     out.with_suffix(".json").write_text("{not json")
     assert main(args) == 2 and "is not a curve file this program can resume" in capsys.readouterr().err
+    for bad in (99.9 + 1, "12", float("nan")):  # edited values are refused, not republished
+        edited = dict(first, curves={"sw": {"adam 0.05": [bad, 1.0]}})
+        out.with_suffix(".json").write_text(json.dumps(edited))
+        before = out.with_suffix(".json").read_bytes()
+        assert main(args + ["--attacks", "adam 0.05"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "curves are malformed" in err and "\n" not in err and out.with_suffix(".json").read_bytes() == before
 
 
 def test_one_definition_of_the_seen_and_unseen_suites(tmp_path):
     from qnn.attacks.suites import label, load_suite, patch_settings
-    from qnn.bench import defense_table
+    from qnn.defense_grid import table_configs
     from qnn.errors import QNNError
 
-    assert defense_table.SEEN == patch_settings("seen")[0] and defense_table.UNSEEN == patch_settings("unseen")
+    by_label = {label(p): p for p in patch_settings("unseen")}
+    cfgs = table_configs()
+    assert [c.patch for c in cfgs[:3]] == [by_label["10x10 sq"], by_label["6.25% circ"], by_label["10x10 sq"]]
+    assert cfgs[3].patch == patch_settings("seen")[0] and cfgs[3].label == "6x6 sq (seen)"
     assert [label(p) for p in patch_settings("unseen")][:2] == ["4x4 sq", "10x10 sq"]
     assert label({"patch_frac": 0.0625, "shape": "circle", "placement": "random"}) == "6.25% circ"
     with pytest.raises(QNNError, match="unknown suite"):

@@ -360,3 +360,49 @@ def test_malformed_files_and_values_are_one_line_errors(tmp_path, capsys, traine
     assert "mapping" in cli_error(t + ["-c", tmp_path / "c.yaml"], capsys)
     assert "invalid choice" in cli_error(["nosuchcommand"], capsys)
     assert not (tmp_path / "t").exists()
+
+
+def test_file_outputs_never_replace_what_the_command_did_not_make(trained_ckpt, tmp_path, capsys):
+    """An existing file is replaced only with --overwrite, and a training run's own files never (#36)."""
+    import hashlib
+    import shutil
+
+    run = tmp_path / "other_run"
+    shutil.copytree(trained_ckpt.parent, run)
+    (run / "last.pt").write_bytes((run / "model.pt").read_bytes())  # a run that could still resume
+    digest = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.iterdir()}  # noqa: E731
+    before = digest()
+    ev = ["eval", "--checkpoint", trained_ckpt, "--bits", "4", "--subset", "32"]
+    ex = ["export", "--checkpoint", trained_ckpt, "--bits", "4"]
+    for args in (ev + ["--json", run / "model.pt"], ev + ["--json", run / "metrics.json", "--overwrite"],
+                 ex + ["--out", run / "last.pt", "--overwrite"], ex + ["--out", run / "config.json"]):
+        assert "file of the training run" in cli_error(args, capsys)
+    assert digest() == before
+    (tmp_path / "mine.onnx").write_bytes(b"keep")
+    assert "exists; pass --overwrite" in cli_error(ex + ["--out", tmp_path / "mine.onnx"], capsys)
+    assert (tmp_path / "mine.onnx").read_bytes() == b"keep"
+    assert run_cli(ex + ["--out", tmp_path / "mine.onnx", "--overwrite"]) == 0
+    assert (tmp_path / "mine.onnx").read_bytes() != b"keep"
+    (tmp_path / "r.json").write_text("{}")
+    assert "exists; pass --overwrite" in cli_error(ev + ["--json", tmp_path / "r.json"], capsys)
+    assert run_cli(ev + ["--json", tmp_path / "r.json", "--overwrite"]) == 0
+
+
+def test_a_refused_command_leaves_no_lock_file(trained_ckpt, tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "run"
+    cli_error(["train", "--bits", "4,9", "--out", out], capsys)
+    cli_error(["attack", "--checkpoint", tmp_path / "missing.pt", "--out", out], capsys)
+    assert not list(tmp_path.rglob("*.lock")) and not (tmp_path / "new").exists()
+
+
+def test_a_graph_without_compute_is_not_reported_integer(tmp_path, capsys):
+    """An identity-only ONNX graph has no float op, and no integer one either: not 'fully integer'."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "id",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)]), tmp_path / "id.onnx")
+    assert run_cli(["verify", tmp_path / "id.onnx"]) == 1
+    assert "no compute node" in capsys.readouterr().out
