@@ -51,15 +51,7 @@ def candidates(width: float, size: int) -> dict:
 
 
 def check(make, bits: int, n: int) -> dict:
-    import numpy as np
-    import onnxruntime as ort
-    import torch
-
     from qnn.errors import QNNError
-    from qnn.export.onnx_export import export_model
-    from qnn.export.verify import verify
-    from qnn.kernels.interpreter import IntegerInterpreter
-    from qnn.layers import set_bit_width_
 
     try:
         m = make()
