@@ -27,7 +27,9 @@ EARLIER = " (earlier layers)"  # results measured before every model ran on Brev
 
 
 def load(name: str) -> dict:
-    return json.loads((ROOT / "results" / name).read_text())
+    from qnn.outputs import read_results_json
+
+    return read_results_json(ROOT / "results" / name)
 
 
 def pct(v: float | None, nd: int = 1) -> str:

@@ -193,8 +193,11 @@ def unpack_signed(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     return np.where(u >= 1 << (bits - 1), u - (1 << bits), u)
 
 
+EXPECTED_LOGITS = "expected_logits.npz"
 #: what packed weights may be multiplied by: the export lifts sub-8-bit weights by a power of two (2-bit ones by 64)
 LIFTS = (1, 2, 4, 8, 16, 32, 64)
+#: the most values one packed weight tensor may declare (a 2**28-weight conv is far beyond any edge model)
+MAX_PACKED_VALUES = 1 << 28
 #: the largest |w| a packed weight may unpack to: what the export writes, and what no int8 kernel can saturate on
 PACKED_MAX_W = 64
 
@@ -217,7 +220,10 @@ def packed_weights(bundle: "Bundle") -> dict:
         if not ok:
             raise EdgeError(f"packed weight {name!r}: needs bits 2 or 4, a shape, dtype int8 (zero point 0) or uint8 "
                             f"(zero point 128), and a lift in {list(LIFTS)}")
-        n = int(np.prod(t["shape"]))
+        n = math.prod(t["shape"])  # Python's integers: a hostile shape cannot wrap around as int64 would
+        if n > MAX_PACKED_VALUES:
+            raise EdgeError(f"packed weight {name!r}: shape {t['shape']} holds {n} values, more than any model's "
+                            f"weight tensor ({MAX_PACKED_VALUES})")
         p = z.get(name)
         if p is None or p.dtype != np.uint8 or p.shape != ((n * t["bits"] + 7) // 8,):
             raise EdgeError(f"{spec['file']}: {name!r} missing or not {(n * t['bits'] + 7) // 8} packed bytes")
@@ -226,6 +232,32 @@ def packed_weights(bundle: "Bundle") -> dict:
             raise EdgeError(f"packed weight {name!r}: unpacks beyond |w| = {PACKED_MAX_W} (bits {t['bits']}, lift "
                             f"{t.get('lift', 1)}), which no export writes")
         out[name] = (w + t["zero_point"]).astype(t["dtype"]).reshape(t["shape"])
+    return out
+
+
+def weight_bits(meta: dict, bundle: "Bundle") -> int:
+    """The bit-width of the model's weights, read from the model itself: its packed tensors' bits where the bundle
+    packs them (2/4-bit), else the exported model's own record (`w_bits` in its metadata)."""
+    packed = (bundle.manifest.get("packed_weights") or {}).get("tensors") or {}
+    if packed:
+        return max(t["bits"] for t in packed.values())
+    try:
+        b = int(meta.get("w_bits", ""))
+    except ValueError:
+        b = 0
+    if not 2 <= b <= 8:
+        raise EdgeError(f"model metadata w_bits {meta.get('w_bits')!r} is not a bit-width in 2..8")
+    return b
+
+
+def compare_logits(got: dict, ref, key: str) -> dict:
+    """Per set (clean, each patch): images whose integer logits equal the reference's bit for bit."""
+    out = {}
+    for name, lg in got.items():
+        r = ref.get(f"{key}{name}")
+        if r is None or r.shape != lg.shape or r.dtype != np.float32:
+            raise EdgeError(f"{EXPECTED_LOGITS}: '{key}{name}' missing or not float32 logits of shape {list(lg.shape)}")
+        out[name] = int((lg == r).all(1).sum())
     return out
 
 
@@ -441,6 +473,10 @@ def _run(a) -> int:
     risk = int8_saturation_risk(meta, cpu_report())
     if risk:
         raise EdgeError(risk)
+    bits = weight_bits(meta, bundle)
+    if exp.get("bits") != bits:
+        raise EdgeError(f"{man['expected']} gives figures for {exp.get('bits')}-bit, but the model's weights are "
+                        f"{bits}-bit: they are not this model's")
     try:
         norm = json.loads(meta.get("input_normalisation", "{}"))
         mean, std = (np.asarray(norm[k], np.float32).reshape(1, 3, 1, 1) for k in ("mean", "std"))
@@ -467,7 +503,7 @@ def _run(a) -> int:
     fam, key, clean_ref, asr_ref = expectations(exp)
     res = {"bundle": bundle.dir, "platform": cpu_report(), "threads": threads,
            "optimisation_level": "ORT_ENABLE_EXTENDED", "model_bytes": len(model),
-           "bits": exp.get("bits"), "n_images": int(len(y)), "graph": census, "tolerance_pct": tol,
+           "bits": bits, "n_images": int(len(y)), "graph": census, "tolerance_pct": tol,
            "expected_for_cpu_family": fam}
     acc_int = 100.0 * float((pred == y).mean())
     rows = [("clean accuracy %", clean_ref, acc_int,
@@ -490,7 +526,11 @@ def _run(a) -> int:
         res["latency"] = [latency(sess, x, 1, a.warmup, a.iters), latency(sess, x, a.batch, max(2, a.warmup // 2), max(5, a.iters // 2))]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     res["peak_rss_mb"] = peak / 1024.0 if sys.platform != "darwin" else peak / 2**20
-    ok = census["fully_integer"] and all(c["abs_diff"] <= tol for c in res["comparison"])
+    if EXPECTED_LOGITS in man["files"]:
+        got = {k: v for k, v in all_logits.items() if not k.startswith("input_")}
+        res["logits_identical"] = compare_logits(got, bundle.npz(EXPECTED_LOGITS), key)
+    ok = census["fully_integer"] and all(c["abs_diff"] <= tol for c in res["comparison"]) \
+        and all(v == len(y) for v in res.get("logits_identical", {}).values())
     res["pass"] = ok
 
     p = res["platform"]
@@ -498,7 +538,8 @@ def _run(a) -> int:
           + (f" [emulated {p['qemu_cpu']}]" if p["qemu_cpu"] else ""))
     print(f"runtime  : onnxruntime {p['onnxruntime']}, {res['optimisation_level']}, {threads} threads, python {p['python']}")
     print(f"expected : fake-quant figures for {fam}'s arithmetic")
-    print(f"model    : {res['model_bytes'] / 1024:.1f} KiB, {exp['bits']}-bit weights/activations (int8 kernels)")
+    print(f"model    : {res['model_bytes'] / 1024:.1f} KiB, {res['bits']}-bit weights/activations (int8 kernels"
+          f"{', weights packed' if weights else ''})")
     print(f"graph    : {'fully integer' if census['fully_integer'] else 'FLOAT OPS: ' + ', '.join(census['float_compute_ops'])}"
           f" ({', '.join(f'{k} x{v}' for k, v in sorted(census['executed_ops'].items()))})")
     print("\n| metric | fake-quant | integer (ORT) | top-1 agreement % | |diff| |\n|---|---|---|---|---|")
@@ -508,6 +549,12 @@ def _run(a) -> int:
         print("\n| batch | p50 ms | p90 ms | p99 ms | images/s |\n|---|---|---|---|---|")
         for l in res["latency"]:
             print(f"| {l['batch']} | {l['p50_ms']:.3f} | {l['p90_ms']:.3f} | {l['p99_ms']:.3f} | {l['throughput_img_s']:.1f} |")
+    if "logits_identical" in res:
+        n = res["n_images"]
+        print("\nlogits   : " + ", ".join(f"{k} {v}/{n} bit-identical" for k, v in res["logits_identical"].items())
+              + f" to the fake-quant model's ({fam})")
+    else:
+        print("\nlogits   : the bundle carries no reference logits (built by an earlier version): not compared")
     print(f"\npeak RSS {res['peak_rss_mb']:.1f} MB; tolerance {tol} points: {'PASS' if ok else 'FAIL'}")
     if a.json:
         _write_atomic(a.json, lambda f: f.write(json.dumps(res, indent=2).encode()))
@@ -516,14 +563,19 @@ def _run(a) -> int:
 
 def _write_atomic(path: str, write) -> None:
     """Write beside, then rename into place: an earlier file survives a crash mid-write."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".run_edge.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".run_edge.", suffix=".tmp")
+    except OSError as e:
+        raise EdgeError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):  # disk full, read-only: one line, the earlier file unchanged
+            raise EdgeError(f"cannot write {path}: {e.strerror or e}") from None
         raise
 
 

@@ -53,7 +53,7 @@ def build_bundle(model, bits: int, out_dir: str | Path, x_uint8: np.ndarray, y: 
 
 def _write_bundle(model, bits, out: Path, x_uint8, y, patches, checkpoint_sha, tolerance_pct, pack_weights) -> None:
     from qnn.export.onnx_export import export_model
-    from qnn.attacks.patch import asr_metrics, make_mask, placement_locations, apply_patch, predict
+    from qnn.attacks.patch import asr_metrics, make_mask, placement_locations, apply_patch
     from qnn.data import to_tensor
     from qnn.kernels.reference import CPU_FAMILIES, host_cpu_family, target_cpu
     from qnn.layers import set_bit_width_
@@ -75,14 +75,17 @@ def _write_bundle(model, bits, out: Path, x_uint8, y, patches, checkpoint_sha, t
     # the expected figures per CPU family: ORT's QLinearAdd rounds differently on x86-64 and aarch64, and the
     # device checks against its own family's; the top-level figures are the building host's family
     host = host_cpu_family()
-    pred_arrays, by_family, host_patches = {}, {}, {}
+    pred_arrays, logit_arrays, by_family, host_patches = {}, {}, {}, {}
     for family in CPU_FAMILIES:
         with target_cpu(family):
-            clean_pred = predict(model, x).numpy()
-            preds = {"clean": clean_pred}
+            logits = {"clean": _logits(model, x)}
+            for name, patch, mask, loc, cfg in placed:
+                logits[f"patch_{name}"] = _logits(model, apply_patch(x, patch, mask, loc))
+            preds = {k: v.argmax(1) for k, v in logits.items()}
+            clean_pred = preds["clean"]
             fam = {"clean_acc_pct": float(100 * (clean_pred == y).mean()), "asr_pct": {}}
             for name, patch, mask, loc, cfg in placed:
-                preds[f"patch_{name}"] = adv_pred = predict(model, apply_patch(x, patch, mask, loc)).numpy()
+                adv_pred = preds[f"patch_{name}"]
                 m = asr_metrics(clean_pred, adv_pred, y, cfg.targeted, cfg.target_class)
                 fam["asr_pct"][name] = m["asr_pct"]
                 if family == host:
@@ -91,12 +94,17 @@ def _write_bundle(model, bits, out: Path, x_uint8, y, patches, checkpoint_sha, t
                                           "placement": cfg.placement}
         by_family[family] = fam
         pred_arrays.update({f"{family}.{k}": v.astype(np.int64) for k, v in preds.items()})
+        logit_arrays.update({f"{family}.{k}": v for k, v in logits.items()})
         if family == host:
             pred_arrays.update({k: v.astype(np.int64) for k, v in preds.items()})
     expected = {"bits": bits, "n_images": int(len(y)), "num_classes": int(model.num_classes),
                 "clean_acc_pct": by_family[host]["clean_acc_pct"], "tolerance_pct": tolerance_pct,
                 "cpu_family": host, "patches": host_patches, "by_cpu_family": by_family}
     atomic_write_bytes(out / "expected_predictions.npz", _npz_bytes(**pred_arrays))
+    # the integer model's logits must equal these bit for bit on the device (its family's): the edge runner checks
+    from qnn.bench.run_edge import EXPECTED_LOGITS
+
+    atomic_write_bytes(out / EXPECTED_LOGITS, _npz_bytes(**logit_arrays))
     atomic_write_json(out / "expected.json", expected)
     files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST)
     manifest = {"format": "qnn-edge-bundle-v2", "model": "model.onnx", "eval": "eval.npz", "expected": "expected.json",
@@ -104,6 +112,12 @@ def _write_bundle(model, bits, out: Path, x_uint8, y, patches, checkpoint_sha, t
     if packed:
         manifest["packed_weights"] = packed
     atomic_write_json(out / MANIFEST, manifest)
+
+
+@torch.no_grad()
+def _logits(model, x: torch.Tensor, batch: int = 500) -> np.ndarray:
+    """The model's float32 logits (it is in eval mode at the bundle's bit-width)."""
+    return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)]).numpy().astype(np.float32)
 
 
 def _pack_weights(out: Path) -> dict | None:

@@ -19,18 +19,22 @@ FORMAT = "qnn-checkpoint-v2"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write beside `path`, then rename into place: an earlier file survives a crash or a full disk (one line)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):  # disk full, read-only, permissions: the earlier file is unchanged
+            raise QNNError(f"cannot write {path}: {e.strerror or e}") from None
         raise
 
 

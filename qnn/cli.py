@@ -1,4 +1,4 @@
-"""`qnn` command line: train, eval, attack, export, verify, bundle, pipeline, list.
+"""`qnn` command line: train, eval, attack, certify, export, verify, bundle, pipeline, list.
 
 Every user error (bad file, bad option) prints one line `qnn: error: ...` and exits 2.
 """
@@ -47,7 +47,9 @@ def _add_train(sub) -> None:
                    help="weight of the distillation term, in [0, 1] (default 0.5)")
     p.add_argument("--distill-temp", dest="distill_temp", type=arg_float(0, 100, lo_open=True),
                    help="distillation temperature (default 2)")
-    p.add_argument("--defense", help="none | qadtr | pbat | dwq (default none); each defense's options below")
+    from qnn.defenses import list_defenses
+
+    p.add_argument("--defense", help=f"{' | '.join(list_defenses())} (default none); each defense's options below")
     _add_defense_options(p)
     p.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when present)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training forward")
@@ -210,7 +212,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     _add_eval(sub)
     _add_list(sub)
     cmds = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list}
-    for mod in ("qnn.attacks.cli", "qnn.export.cli", "qnn.pipeline"):  # subcommands living beside their code
+    for mod in ("qnn.attacks.cli", "qnn.export.cli", "qnn.pipeline", "qnn.certify_cli"):  # commands beside their code
         for name, (adder, fn) in importlib.import_module(mod).COMMANDS.items():
             adder(sub)
             cmds[name] = fn
@@ -218,16 +220,38 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        ap, cmds = build_parser()
-        a = ap.parse_args(argv)
-        return cmds[a.cmd](a)
-    except QNNError as e:
-        print(f"qnn: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("qnn: interrupted (outputs so far are kept; rerun with --resume where supported)", file=sys.stderr)
-        return 130
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:  # the filters stay as they are; only the showing waits
+        try:
+            ap, cmds = build_parser()
+            a = ap.parse_args(argv)
+            rc = cmds[a.cmd](a)
+        except (QNNError, OSError) as e:  # a refusal is one line: warnings the failed attempt raised are dropped
+            said = e if isinstance(e, QNNError) else f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}"
+            print(f"qnn: error: {said}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("qnn: interrupted (outputs so far are kept; rerun with --resume where supported)", file=sys.stderr)
+            return 130
+        except BaseException:  # a bug's traceback: its warnings may explain it
+            _replay(seen)
+            raise
+        pending = list(seen)
+    _replay(pending)
+    return rc
+
+
+def _replay(seen) -> None:
+    """Show the warnings a command raised, once each, after it (a failed command shows only its error line)."""
+    import warnings
+
+    shown = set()
+    for w in seen:
+        key = (str(w.message), w.category, w.filename, w.lineno)
+        if key not in shown:
+            shown.add(key)
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,9 @@ class ArrayDataset:
             return self
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0 or start < 0:
             raise QNNError(f"subset size must be a positive integer, got {n!r}")
+        if start + n > len(self):  # a silent cut would report figures on fewer images than asked for
+            raise QNNError(f"{n} images asked for{f' from image {start} on' if start else ''}, but the set has "
+                           f"{len(self)}; ask for at most {len(self) - start}")
         return ArrayDataset(self.x[start:start + n], self.y[start:start + n], self.classes)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:

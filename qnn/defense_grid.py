@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qnn.errors import QNNError
+from qnn.outputs import read_results_json
 
 PER_BIT = "per-bit"
 #: training settings a row may change from the budget's
@@ -208,8 +209,8 @@ def measure_costs(budget: Budget, rows: list[Row], path: Path, threads: int, dev
             if k not in keys:
                 keys.append(k)
                 cfgs.append(train_config(budget, row, bits, 0, "unused", threads, device))
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    if isinstance(old, dict) and set(keys) <= set(old.get("ratio_vs_qat", {})):
+    old = read_results_json(path, "training-cost file") if path.is_file() else {}
+    if isinstance(old.get("ratio_vs_qat"), dict) and set(keys) <= set(old["ratio_vs_qat"]):
         return old["ratio_vs_qat"]
     print(f"== training cost: {budget.cost_steps} interleaved steps of each of {len(cfgs)} models", flush=True)
     secs = interleaved_epoch_seconds(cfgs, budget.cost_steps, warmup=min(3, budget.cost_steps // 4))
@@ -360,11 +361,8 @@ def read_results(path: Path, budget: Budget, protocol) -> dict:
     protocol, and validates every cell."""
     if not path.is_file():
         return {}
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise QNNError(f"{path}: not a readable results file ({type(e).__name__}); move it away or choose another --out")
-    if not isinstance(old, dict) or old.get("kind") != "defense-grid":
+    old = read_results_json(path)
+    if old.get("kind") != "defense-grid":
         raise QNNError(f"{path} is not a defense-grid results file; choose another --out")
     # the protocol's images and scoring must match; its members may grow (each cell records its attack's definition)
     images = lambda p: {k: v for k, v in (p or {}).items() if k != "members"}  # noqa: E731
@@ -563,7 +561,7 @@ def _run(a, prog: str) -> int:
         old = read_results(res_path, budget, protocol)
         cells: dict = dict(old.get("cells", {}))
         ratios = measure_costs(budget, grid, runs / "cost.json", a.threads, device)
-        qat_epoch_s = json.loads((runs / "cost.json").read_text())["epoch_seconds"][cost_key(Row("none", "none"), [2, 4, 8, 32])]
+        qat_epoch_s = read_results_json(runs / "cost.json")["epoch_seconds"][cost_key(Row("none", "none"), [2, 4, 8, 32])]
         jobs = jobs_for(budget, rows, seeds, runs, ratios, a.threads, device)
         if a.rows:  # the compute-matched rows' targets were needed for their settings, not to be run
             jobs = [j for j in jobs if j.row.name in a.rows.split(",")]

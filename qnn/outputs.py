@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -134,6 +136,14 @@ class RunLock:
         self.made = []
 
 
+def remove_stale_temps(folder: Path) -> None:
+    """Delete the half-written files a killed atomic write left (`.<name>.*.tmp`, `qnn.checkpoint`'s pattern): the
+    caller holds the run's lock, so no live writer owns them."""
+    for f in folder.glob(".*.tmp"):
+        if f.is_file() and not f.is_symlink():
+            f.unlink(missing_ok=True)
+
+
 class StagedDir:
     """Where a run into `out` writes, and the swap that publishes it. A context manager: it holds the run's lock from
     the decision (is there an earlier result? what does --resume continue?) to the swap, so two runs can neither both
@@ -156,6 +166,7 @@ class StagedDir:
         self.lock = RunLock(self.out) if lock else None
         self.work: Path | None = None
         self.resuming = False
+        self.created = False  # whether prepare() made `work` afresh (a failure then removes it again)
 
     def __enter__(self) -> "StagedDir":
         if self.lock is not None:
@@ -168,9 +179,14 @@ class StagedDir:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self.lock is not None:
-            self.lock.__exit__()
+    def __exit__(self, exc_type=None, exc=None, tb=None) -> None:
+        try:  # a failure leaves no staging folder this run made and that holds nothing to resume (no marker)
+            if exc_type is not None and issubclass(exc_type, Exception) and self.created and self.work == self.partial \
+                    and not (self.marker and (self.work / self.marker).is_file()):
+                shutil.rmtree(self.work, ignore_errors=True)
+        finally:
+            if self.lock is not None:
+                self.lock.__exit__()
 
     def _recover(self) -> None:
         """Finish a swap a crash interrupted: between its two renames `out` is missing and the earlier result waits
@@ -216,7 +232,9 @@ class StagedDir:
         try:
             if not self.resume and self.partial.exists():
                 shutil.rmtree(self.partial)  # an interrupted earlier attempt; `out` itself is untouched
+            self.created = not self.work.exists()
             self.work.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.work)
         except OSError as e:
             raise QNNError(f"cannot create {self.work}: {e.strerror}") from None
         return self.work
@@ -224,6 +242,7 @@ class StagedDir:
     def publish(self) -> Path:
         """Replace `out` with the finished work: the earlier `out` is renamed aside, the work renamed into place,
         then the earlier one deleted (a crash in between is repaired by the next run's `_recover`)."""
+        remove_stale_temps(self.work)
         if self.work == self.out:
             return self.out
         if self.out.exists():
@@ -232,6 +251,39 @@ class StagedDir:
         shutil.rmtree(self.old, ignore_errors=True)
         self.work = self.out
         return self.out
+
+
+def read_results_json(path: str | Path, what: str = "results file") -> dict:
+    """A results file read back (to resume, compare or render): a JSON object whose numbers are all finite, whose
+    percentages (`*_pct`, `*acc*`, `asr*`) lie in [0, 100] and whose durations and counts (`*seconds*`, `n_*`) are
+    not negative; one line naming the first value that is not."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise QNNError(f"{path}: not a readable {what} ({type(e).__name__}); move it away or re-run what made it") \
+            from None
+    if not isinstance(obj, dict):
+        raise QNNError(f"{path}: a {what} must be a JSON object")
+
+    def check(v, where: str, key: str) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                check(x, f"{where}.{k}", str(k))
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                check(x, f"{where}[{i}]", key)
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise QNNError(f"{path}: {where} is {v}; a {what} holds finite numbers only")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            k = key.lower()
+            if (k.endswith("_pct") or "acc" in k or k.startswith("asr")) and not 0 <= v <= 100:
+                raise QNNError(f"{path}: {where} = {v} is not a percentage in [0, 100]")
+            if ("seconds" in k or k.startswith("n_")) and v < 0:
+                raise QNNError(f"{path}: {where} = {v} must not be negative")
+
+    check(obj, path.name, "")
+    return obj
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

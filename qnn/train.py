@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -198,6 +199,67 @@ def check_resume_config(saved: dict, now: dict, where: Path, ignored: tuple = RE
                        f"or start again with --overwrite")
 
 
+def run_inputs(cfg: TrainConfig, train_ds: ArrayDataset, test_ds: ArrayDataset) -> dict[str, str]:
+    """What a run depends on beyond its settings, as sha256: the images and labels it trains and tests on (a folder
+    whose files changed under the same --data-dir), and the files it starts from (the user-model file, --init,
+    --distill)."""
+    import hashlib
+
+    from qnn.checkpoint import sha256_file
+    from qnn.models import is_user_model
+    from qnn.models.registry import user_model_parts
+
+    def data_sha(ds: ArrayDataset) -> str:
+        h = hashlib.sha256(np.ascontiguousarray(ds.x).tobytes())
+        h.update(np.ascontiguousarray(ds.y).tobytes())
+        return h.hexdigest()
+
+    out = {"train_data": data_sha(train_ds), "test_data": data_sha(test_ds)}
+    if is_user_model(cfg.model):
+        out["model_file"] = user_model_parts(cfg.model)[2]
+    for key, path in (("init", cfg.init), ("distill", cfg.init if cfg.distill == "init" else cfg.distill)):
+        if path:
+            out[key] = sha256_file(path)
+    return out
+
+
+def read_run_info(path: Path) -> dict:
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise QNNError(f"--resume: {path} is not readable ({type(e).__name__}); start anew with --overwrite") from None
+    if not isinstance(info, dict):
+        raise QNNError(f"--resume: {path} is not a run's record; start anew with --overwrite")
+    return info
+
+
+def check_resume_inputs(saved, now: dict[str, str], where: Path) -> None:
+    """A resumed run must read the same data and files it started from: name those that changed."""
+    if saved is None:  # states written before inputs were recorded: say so rather than pretend they were checked
+        print(f"note: {where} records no fingerprints of its data and files (an earlier version wrote it); "
+              f"they are not checked", file=sys.stderr)
+        return
+    if not isinstance(saved, dict):
+        raise QNNError(f"--resume: {where}: its record of inputs is not a mapping; start anew with --overwrite")
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if changed:
+        names = {"train_data": "the training images", "test_data": "the test images", "model_file": "the model file",
+                 "init": "--init", "distill": "--distill"}
+        raise QNNError(f"--resume: {where} was started on other inputs: {', '.join(names.get(k, k) for k in changed)} "
+                       f"changed since; resume with the same ones or start anew with --overwrite")
+
+
+def check_resume_state(st: dict, cfg: TrainConfig, where: Path) -> None:
+    """The epoch and history of a training state must be ones this run can have written."""
+    ep, hist = st["epoch"], st["history"]
+    if isinstance(ep, bool) or not isinstance(ep, int) or not 1 <= ep <= cfg.epochs:
+        raise QNNError(f"--resume: {where} says epoch {ep!r}; a state of this {cfg.epochs}-epoch run is at epoch "
+                       f"1..{cfg.epochs}")
+    if not isinstance(hist, list) or len(hist) != ep or any(
+            not isinstance(r, dict) or r.get("epoch") != i + 1 for i, r in enumerate(hist)):
+        raise QNNError(f"--resume: {where}: its history does not record epochs 1..{ep} in order")
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train per `cfg`; returns the final metrics dict (also written to out_dir/metrics.json)."""
     from qnn.defenses import make_defense
@@ -277,15 +339,19 @@ def _train_in(cfg: TrainConfig, stage: StagedDir, model: nn.Module, defense, tea
         * 0.5 * (1 + math.cos(math.pi * step / total))  # noqa: E731
 
     start_epoch, history, st = 0, [], None
+    inputs = run_inputs(cfg, train_ds, test_ds)
     if stage.resuming:
         st = load_torch_file(out / "last.pt") if (out / "last.pt").is_file() else None
         if st is not None and (not isinstance(st, dict) or not {"state_dict", "optimizer", "epoch", "history"} <= set(st)):
             raise QNNError(f"--resume: {out / 'last.pt'} is not a training state (state_dict, optimizer, epoch)")
-        saved = st.get("config") if st else None
-        if saved is None and (out / "config.json").is_file():  # killed before its first epoch ended, or older states
-            saved = json.loads((out / "config.json").read_text()).get("config")
-        if saved:
-            check_resume_config(saved, cfg.to_dict(), out)
+        info = st or {}
+        if not info.get("config") and (out / "config.json").is_file():  # killed before its first epoch ended
+            info = read_run_info(out / "config.json")
+        if info.get("config"):
+            check_resume_config(info["config"], cfg.to_dict(), out)
+            check_resume_inputs(info.get("inputs"), inputs, out)
+        if st is not None:
+            check_resume_state(st, cfg, out / "last.pt")
     # the optimizer is made after the model's state is loaded: Brevitas re-creates quantizer modules (and so their
     # scale parameters) on load_state_dict, and an optimizer made before would update the discarded ones
     opt = None
@@ -294,10 +360,14 @@ def _train_in(cfg: TrainConfig, stage: StagedDir, model: nn.Module, defense, tea
             model.load_state_dict(st["state_dict"])
             opt = make_optimizer(cfg, model, defense)
             opt.load_state_dict(st["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
             raise QNNError(f"--resume: {out / 'last.pt'} does not fit this model: "
                            f"{' '.join(str(e).split())[:200]}") from None
-        defense.load_state_dict(st.get("defense", {}))
+        try:
+            defense.load_state_dict(st.get("defense") or {})
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            raise QNNError(f"--resume: {out / 'last.pt'}: the {cfg.defense} defense state is not one this run wrote "
+                           f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
         start_epoch, history = st["epoch"], st["history"]
     opt = opt or make_optimizer(cfg, model, defense)
 
@@ -310,7 +380,8 @@ def _train_in(cfg: TrainConfig, stage: StagedDir, model: nn.Module, defense, tea
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
 
-    run_info = {"config": cfg.to_dict(), "versions": versions(), "world_size": world, "device": device}
+    run_info = {"config": cfg.to_dict(), "inputs": inputs, "versions": versions(), "world_size": world,
+                "device": device}
     if rank == 0:
         atomic_write_json(out / "config.json", run_info)
     show = cfg.progress and rank == 0
@@ -354,13 +425,15 @@ def _train_in(cfg: TrainConfig, stage: StagedDir, model: nn.Module, defense, tea
             print(f"epoch {epoch + 1}/{cfg.epochs} loss {rec['train_loss']:.4f} " +
                   " ".join(f"acc@{k}={v:.2f}" for k, v in acc.items()) + f" ({sec:.1f}s)", flush=True)
             atomic_torch_save({"state_dict": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                               "history": history, "defense": defense.state_dict(), "config": cfg.to_dict()},
+                               "history": history, "defense": defense.state_dict(), "config": cfg.to_dict(),
+                               "inputs": inputs},
                               out / "last.pt")
             atomic_write_json(out / "metrics.json", {**run_info, "history": history})
     final = history[-1] if history else {}
     if rank == 0:
         save_checkpoint(out / "model.pt", model, {"trained_bits": cfg.bits, "defense": cfg.defense,
-                                                  "dataset": cfg.dataset, "final": final, "config": cfg.to_dict()})
+                                                  "dataset": cfg.dataset, "final": final, "config": cfg.to_dict(),
+                                                  "inputs": run_info["inputs"]})
     return {**run_info, "history": history, "final": final}
 
 

@@ -65,7 +65,61 @@ def setup(w: Path) -> dict:
     patch = torch.rand(3, 6, 6, generator=torch.Generator().manual_seed(0))
     bundle = build_bundle(m, 4, w / "protected" / "bundle", ds.x, ds.y, [("p6", patch, PatchConfig())])
     save_patch(w / "protected" / "p6", patch, PatchConfig())
-    return {"run": run, "ck": ck, "bundle": bundle, "patch": w / "protected" / "p6.npz"}
+    packed = build_bundle(m, 4, w / "protected" / "packed", ds.x, ds.y, [("p6", patch, PatchConfig())],
+                          pack_weights=True)
+    # finished runs a resume must not trust once tampered: on CIFAR-layout data and a user-model file of their own
+    data = w / "protected" / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        np.savez(data / f"{split}.npz", x=rng.integers(0, 256, (128, 32, 32, 3), dtype=np.uint8),
+                 y=rng.integers(0, 10, 128))
+    src = w / "protected" / "mymodel.py"
+    src.write_text((ROOT / "tests" / "qnn" / "user_models.py").read_text())
+    resumable = {}
+    for name, defense in (("qat", "none"), ("qadtr", "qadtr")):
+        resumable[name] = w / "protected" / f"resume_{name}"
+        train(TrainConfig(model=f"{src}:tiny_cnn", dataset="cifar10", data_dir=str(data), bits=[4, 8], epochs=2,
+                          batch_size=64, defense=defense, out_dir=str(resumable[name]), progress=False))
+    return {"run": run, "ck": ck, "bundle": bundle, "packed": packed, "patch": w / "protected" / "p6.npz",
+            "data": data, "model_file": src, "resumable": resumable}
+
+
+def tampered_runs(w: Path, P: dict) -> dict:
+    """Copies of the finished runs whose resume state, data or model file was changed after they ran."""
+    def variant(name, base, edit):
+        d = w / f"resume_{name}"
+        shutil.copytree(base, d)
+        st = torch.load(d / "last.pt", weights_only=False)
+        edit(st)
+        torch.save(st, d / "last.pt")
+        return d
+
+    qat, qadtr = P["resumable"]["qat"], P["resumable"]["qadtr"]
+    out = {"epoch 99": variant("e99", qat, lambda st: st.update(epoch=99)),
+           "epoch -1": variant("em1", qat, lambda st: st.update(epoch=-1)),
+           "epoch '1'": variant("estr", qat, lambda st: st.update(epoch="1")),
+           "history of another length": variant("hist", qat, lambda st: st.update(history=st["history"][:1])),
+           "qadtr pool NaN": variant("pool", qadtr, lambda st: st["defense"]["pool"].fill_(float("nan"))),
+           "qadtr state a list": variant("dlist", qadtr, lambda st: st.update(defense=[1, 2])),
+           "qadtr ema out of range": variant("ema", qadtr, lambda st: st["defense"]["asr_ema"].update({"4": 7.0}))}
+    # runs whose data folder, or model file, changed under the same path after they ran
+    from qnn.config import TrainConfig
+    from qnn.train import train
+
+    data2, model2 = w / "data_changed", w / "model_edited.py"
+    shutil.copytree(P["data"], data2)
+    model2.write_text(P["model_file"].read_text())
+    inputs = {"data_changed": (P["model_file"], data2), "model_edited": (model2, P["data"])}
+    for name, (model, data) in inputs.items():
+        out[name] = w / f"resume_{name}"
+        train(TrainConfig(model=f"{model}:tiny_cnn", dataset="cifar10", data_dir=str(data), bits=[4, 8], epochs=2,
+                          batch_size=64, out_dir=str(out[name]), progress=False))
+    z = dict(np.load(data2 / "train.npz"))
+    z["x"][0, 0, 0, 0] ^= 1  # one pixel
+    np.savez(data2 / "train.npz", **z)
+    model2.write_text(model2.read_text() + "\n# edited; same parameter shapes\n")
+    return {"runs": out, "inputs": inputs}
 
 
 def files(w: Path, P: dict) -> dict:
@@ -150,11 +204,11 @@ def files(w: Path, P: dict) -> dict:
     return f
 
 
-def bundle_variants(w: Path, bundle: Path) -> dict:
+def bundle_variants(w: Path, bundle: Path, packed: Path) -> dict:
     """Hostile bundles: contents re-signed so that only the content checks can catch them."""
-    def variant(name, edit, resign=True):
+    def variant(name, edit, resign=True, base=bundle):
         d = w / f"bundle_{name}"
-        shutil.copytree(bundle, d)
+        shutil.copytree(base, d)
         man = json.loads((d / "manifest.json").read_text())
         man = edit(d, man)
         if resign and isinstance(man, dict) and isinstance(man.get("files"), dict):
@@ -177,7 +231,14 @@ def bundle_variants(w: Path, bundle: Path) -> dict:
             return man
         return edit
 
+    def packed_shape(d, man):
+        next(iter(man["packed_weights"]["tensors"].values()))["shape"] = [2 ** 32, 2 ** 32, 4]  # wraps int64
+        return man
+
     return {
+        "packed shape overflows int64": variant("pshape", packed_shape, resign=False, base=packed),
+        "expected.json says 8-bit for a 4-bit packed model": variant("pbits", expected(lambda e: {**e, "bits": 8}),
+                                                                     base=packed),
         "manifest_not_json": variant("notjson", lambda d, m: None),
         "files_values_int": variant("intsha", lambda d, m: {**m, "files": {k: 1 for k in m["files"]}}, resign=False),
         "model_garbage": variant("garbage", put("model.onnx", b"\x08\x01garbage")),
@@ -195,7 +256,7 @@ def bundle_variants(w: Path, bundle: Path) -> dict:
     }
 
 
-def cases(w: Path, P: dict, F: dict, B: dict) -> list[tuple[str, str, list]]:
+def cases(w: Path, P: dict, F: dict, B: dict, TR: dict) -> list[tuple[str, str, list]]:
     ck, out = P["ck"], w / "out"
     T = ["train", "--no-progress", "--out", out / "t"]
     E = ["eval", "--checkpoint", ck]
@@ -313,6 +374,37 @@ def cases(w: Path, P: dict, F: dict, B: dict) -> list[tuple[str, str, list]]:
                  f"{user}:with_softplus", f"{user}:1bad", f"{F['afile']}.py:f"):
         q(f"train --model {spec.rpartition('/')[2]}", T + ["--model", spec])
     q("eval --model on a zoo checkpoint with another file", E + ["--model", f"{user}:tiny_cnn"])
+    # round three (#36): outputs over what the command did not make, resume trusting its state, nonsense values
+    q("eval --json over a run's model.pt", E + ["--json", P["run"] / "model.pt", "--overwrite"])
+    q("export --out over a run's last.pt", X[:-1] + [P["run"] / "last.pt", "--overwrite"])
+    q("export --out an existing file", X[:-1] + [P["bundle"] / "model.onnx"])
+    q("eval --json an existing file", E + ["--json", P["bundle"] / "expected.json"])
+    RS = ["train", "--no-progress", "--model", f"{P['model_file']}:tiny_cnn", "--dataset", "cifar10", "--bits", "4,8",
+          "--epochs", 2, "--batch-size", 64, "--resume"]
+    for name, d in TR["runs"].items():
+        model, data = TR["inputs"].get(name, (P["model_file"], P["data"]))
+        q(f"train --resume {name}", RS[:2] + ["--model", f"{model}:tiny_cnn"] + RS[4:] + ["--data-dir", data, "--out", d]
+          + (["--defense", "qadtr"] if "qadtr" in name else []))
+    QT = T + ["--defense", "qadtr"]
+    for flag, v in (("--inner-steps", "1000000000"), ("--patch-step", "1e9"), ("--inner-step", "5"),
+                    ("--gir-batch", "1000")):
+        q(f"train qadtr {flag} {v}", QT + [flag, v])
+    q("train qadtr --no-gir --lambda-gir 3", QT + ["--no-gir", "--lambda-gir", 3])
+    q("train qadtr --no-aqapa --pool-size 4", QT + ["--no-aqapa", "--pool-size", 4])
+    q("train pbat iters 1e6", T + ["--defense", "pbat", "--iters", 10**6])
+    q("bundle --n 100000", BU + ["--n", 100000])
+    q("eval --subset 100000", E + ["--subset", 100000])
+    q("attack --n-eval 100000", A + ["--n-eval", 100000])
+    fac = w / "factories.py"
+    fac.write_text("import sys\ndef exits():\n    sys.exit(0)\ndef interrupts():\n    raise KeyboardInterrupt\n"
+                   "raise_at_import = False\n")
+    for f in ("exits", "interrupts"):
+        q(f"train --model factory that {f}", T + ["--model", f"{fac}:{f}"])
+    (w / "exits_at_import.py").write_text("import sys\nsys.exit(0)\n")
+    q("train --model file that exits on import", T + ["--model", f"{w / 'exits_at_import.py'}:f"])
+    c.append(("eval --json on a full disk", "qnn_full_disk", E + ["--bits", 4, "--json", out / "r.json"]))
+    c.append(("train on a full disk", "qnn_full_disk", T + ["--bits", 4, "--epochs", 1]))
+    c.append(("export on a full disk", "qnn_full_disk", X))
     r("run_edge --bundle missing", R + [w / "nope"])
     r("run_edge --bundle a file", R + [F["afile"]])
     r("run_edge --bundle a run folder", R + [P["run"]])
@@ -322,6 +414,23 @@ def cases(w: Path, P: dict, F: dict, B: dict) -> list[tuple[str, str, list]]:
                     ("--json", w / "no" / "r.json"), ("--save-logits", P["bundle"] / "model.onnx")):
         r(f"run_edge {flag} {v}", R + [P["bundle"], flag, v])
     return c
+
+
+@contextlib.contextmanager
+def full_disk():
+    """Every write through qnn's atomic writers fails as on a full disk (ENOSPC at the flush)."""
+    import errno
+
+    import qnn.checkpoint as C
+
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    orig, C.os.fsync = C.os.fsync, fsync
+    try:
+        yield
+    finally:
+        C.os.fsync = orig
 
 
 def main(argv=None) -> int:
@@ -336,20 +445,27 @@ def main(argv=None) -> int:
         w = Path(tmp)
         P = setup(w)
         F = files(w, P)
-        B = bundle_variants(w, P["bundle"])
+        B = bundle_variants(w, P["bundle"], P["packed"])
+        TR = tampered_runs(w, P)
         protected = tree_hashes(w / "protected")
         outcomes, t0 = [], time.perf_counter()
         cwd = os.getcwd()
         os.chdir(w)  # `--out .` must not be able to reach the repository
         try:
-            for name, tool, argv in cases(w, P, F, B):
-                rc, err, exc = run_case(qnn_main if tool == "qnn" else run_edge_main, argv)
-                prefix = f"{tool}: error:"
+            for name, tool, argv in cases(w, P, F, B, TR):
+                with full_disk() if tool == "qnn_full_disk" else contextlib.nullcontext():
+                    rc, err, exc = run_case(run_edge_main if tool == "run_edge" else qnn_main, argv)
+                prefix = f"{'run_edge' if tool == 'run_edge' else 'qnn'}: error:"
                 one_line = bool(err) and "\n" not in err and err.startswith(prefix)
                 intact = tree_hashes(w / "protected") == protected
-                ok = exc is None and rc == 2 and one_line and intact
+                # a refusal or failure leaves no staging folder, lock or half-written file behind
+                left = [str(p.relative_to(w)) for p in w.rglob("*")
+                        if p.name.endswith((".partial", ".lock", ".tmp"))]
+                for p in left:
+                    shutil.rmtree(w / p, ignore_errors=True) if (w / p).is_dir() else (w / p).unlink()
+                ok = exc is None and rc == 2 and one_line and intact and not left
                 outcomes.append({"case": name, "rc": rc, "ok": ok, "stderr": err[-300:], "exception": exc,
-                                 "protected_unchanged": intact})
+                                 "protected_unchanged": intact, "left_behind": left})
                 print(f"{'ok  ' if ok else 'FAIL'} rc={rc} {name}: {(exc or err).splitlines()[-1][:150] if (exc or err) else ''}",
                       flush=True)
         finally:

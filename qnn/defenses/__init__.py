@@ -27,7 +27,7 @@ def register_defense(name: str):
 
 
 def _load_all() -> None:
-    from qnn.defenses import qadtr, baselines  # noqa: F401, I001  (they register qadtr, then pbat and dwq)
+    from qnn.defenses import qadtr, baselines, masking  # noqa: F401, I001  (qadtr, then pbat and dwq, then masking)
 
 
 def list_defenses() -> list[str]:
@@ -91,8 +91,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def patched_count(n: int, frac: float) -> int:
-    """How many images of an n-image batch carry a patch (they come first)."""
-    return int(round(n * frac))
+    """How many images of an n-image batch carry a patch (they come first): at least one, so any share > 0 patches."""
+    return min(n, max(1, int(round(n * frac))))
 
 
 class FrozenEval:

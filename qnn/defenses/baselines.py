@@ -16,11 +16,12 @@ from qnn.defenses.options import DefenseOptions, option
 
 @dataclass(frozen=True)
 class PBATOptions(DefenseOptions):
-    iters: int = option(25, "signed-gradient steps per patch", lo=1)
-    patch_step: float = option(0.1, "signed-gradient step of a patch (pixels in [0, 1])", lo=0, lo_open=True)
+    # each step is a forward and backward more per training step: PBAT's paper uses tens, a thousand is only cost
+    iters: int = option(25, "signed-gradient steps per patch", lo=1, hi=1000)
+    patch_step: float = option(0.1, "signed-gradient step of a patch (pixels in [0, 1])", lo=0, hi=1, lo_open=True)
     patch_size: int = option(8, "side of the training patches in pixels", lo=1)
-    frac_patched: float = option(0.5, "share of each batch that is attacked (the rest stays clean)", lo=0, hi=1,
-                                 lo_open=True)
+    frac_patched: float = option(0.5, "share of each batch that is attacked, at least one image (the rest stays "
+                                      "clean)", lo=0, hi=1, lo_open=True)
 
 
 @register_defense("pbat")
@@ -56,11 +57,11 @@ class PBAT(Defense):
 
 @dataclass(frozen=True)
 class DWQOptions(DefenseOptions):
-    eps: float = option(8 / 255, "L-inf radius of the PGD perturbation (pixels in [0, 1])", lo=0)
-    pgd_steps: int = option(3, "PGD steps", lo=1)
-    alpha: float = option(2.5 * (8 / 255) / 3, "PGD step size", lo=0, lo_open=True)
-    frac_patched: float = option(0.5, "share of each batch that is attacked (the rest stays clean)", lo=0, hi=1,
-                                 lo_open=True)
+    eps: float = option(8 / 255, "L-inf radius of the PGD perturbation (pixels in [0, 1])", lo=0, hi=1)
+    pgd_steps: int = option(3, "PGD steps", lo=1, hi=1000)
+    alpha: float = option(2.5 * (8 / 255) / 3, "PGD step size (pixels in [0, 1])", lo=0, hi=1, lo_open=True)
+    frac_patched: float = option(0.5, "share of each batch that is attacked, at least one image (the rest stays "
+                                      "clean)", lo=0, hi=1, lo_open=True)
 
 
 @register_defense("dwq")

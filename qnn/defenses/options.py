@@ -71,7 +71,11 @@ class DefenseOptions:
                 low = f"> {lo}" if f.metadata["lo_open"] else f">= {lo}"
                 rng = low if hi is None else f"in {'(' if f.metadata['lo_open'] else '['}{lo}, {hi}]"
                 raise QNNError(f"defense option {f.name} must be {rng}, got {v}")
+        opts.check_given(frozenset(k for k, v in (args or {}).items() if v is not None))
         return opts
+
+    def check_given(self, given: frozenset[str]) -> None:
+        """Refuse options given together that contradict each other (`given`: the names set explicitly)."""
 
     @classmethod
     def describe(cls) -> dict[str, tuple[type, str, object, tuple]]:

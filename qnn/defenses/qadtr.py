@@ -35,24 +35,35 @@ from qnn.layers import set_bit_width_
 class QADTROptions(DefenseOptions):
     pool_size: int = option(2, "universal patches in each bit-width's A-QAPA pool", lo=1, hi=1024)
     patch_size: int = option(6, "side of the training patches in pixels", lo=1)
-    patch_step: float = option(0.1, "signed-gradient step of a patch (pixels in [0, 1])", lo=0, lo_open=True)
+    patch_step: float = option(0.1, "signed-gradient step of a patch (pixels in [0, 1])", lo=0, hi=1, lo_open=True)
     sizes: tuple[int, ...] | None = option(
         None, "sides a pool patch is pasted at, one drawn per step (nearest resize, on the pixel grid), e.g. "
               "5,6,7,8; default patch_size-1..patch_size+2; '' = patch_size only")
-    frac_patched: float = option(0.5, "share of each batch that is attacked (the rest stays clean)", lo=0, hi=1,
-                                 lo_open=True)
-    inner_steps: int = option(1, "per-image signed steps inside the pasted pool patch", lo=0)
-    inner_step: float = option(0.25, "size of those per-image steps", lo=0)
+    frac_patched: float = option(0.5, "share of each batch that is attacked, at least one image (the rest stays "
+                                      "clean)", lo=0, hi=1, lo_open=True)
+    # each inner step is a forward and backward more per step: beyond a few tens the epoch cost is what grows
+    inner_steps: int = option(1, "per-image signed steps inside the pasted pool patch", lo=0, hi=50)
+    inner_step: float = option(0.25, "size of those per-image steps (pixels in [0, 1])", lo=0, hi=1)
     adapt_alpha: float = option(0.5, "share of steps whose bit-width A-QAPA draws by patch success (the "
                                      "rest follow --schedule)", lo=0, hi=1)
     adapt_temp: float = option(0.1, "softmax temperature of that draw over the patched-error EMA per "
                                     "bit-width", lo=0, lo_open=True)
     lambda_gir: float = option(0.5, "weight of the GIR penalty", lo=0, hi=100)
     gir_every: int = option(16, "GIR (a double backward) every k steps", lo=1)
-    gir_batch: int = option(32, "images in the GIR sub-batch", lo=1)
+    gir_batch: int = option(32, "images in the GIR sub-batch (taken from the patched images: at most the batch "
+                                "size times frac_patched; the default takes all when they are fewer)", lo=1)
     no_aqapa: bool = option(False, "ablation: fresh random patches instead of the A-QAPA pool, and the "
                                    "schedule's bit-widths")
     no_gir: bool = option(False, "ablation: no GIR penalty")
+
+    def check_given(self, given: frozenset[str]) -> None:
+        unused = {"no_gir": ("lambda_gir", "gir_every", "gir_batch"), "no_aqapa": ("pool_size", "patch_step",
+                                                                                   "adapt_alpha", "adapt_temp")}
+        for ablation, names in unused.items():
+            clash = [n for n in names if n in given]
+            if getattr(self, ablation) and clash:
+                raise QNNError(f"defense option {ablation} turns off what {', '.join(clash)} set{'s' if len(clash) == 1 else ''}; "
+                               f"give one or the other")
 
 
 class PatchPool:
@@ -92,8 +103,10 @@ class BitSampler:
         self.ema = {b: 0.5 for b in self.bits}
 
     def weights(self) -> list[float]:
-        """The unnormalised preference of each trained bit-width."""
-        return [math.exp(self.ema[b] / self.temp) for b in self.bits]
+        """The unnormalised preference of each trained bit-width (shifted by the largest EMA, so that no positive
+        temperature overflows: the best bit-width weighs 1)."""
+        top = max(self.ema.values())
+        return [math.exp((self.ema[b] - top) / self.temp) for b in self.bits]
 
     def choose(self, step: int, scheduled: int) -> int:
         if len(self.bits) == 1:
@@ -148,6 +161,10 @@ class QADTR(Defense):
         if P > H or any(not (0 < v <= H) for v in self.sizes):
             raise QNNError(f"patch_size and sizes must be in 1..{H} (the image side), got {P} and {self.sizes}")
         self.image_size = (H, W)
+        n_p, default_gir = patched_count(cfg.batch_size, opts.frac_patched), type(opts)().gir_batch
+        if opts.gir_batch > n_p and opts.gir_batch != default_gir and not opts.no_gir:
+            raise QNNError(f"defense option gir_batch={opts.gir_batch} is more than the {n_p} patched images of a "
+                           f"batch (batch size {cfg.batch_size} x frac_patched {opts.frac_patched}); at most {n_p}")
         self.pcfg = PatchConfig(patch_shape=(P, P), image_size=(H, W))
         self.mask = make_mask("square", P, P)
         self.bits = list(cfg.bits)
@@ -201,6 +218,18 @@ class QADTR(Defense):
         return {"pool": self.pool.patches, "asr_ema": {str(k): v for k, v in self.sampler.ema.items()}}
 
     def load_state_dict(self, st: dict) -> None:
-        if st:
-            self.pool.load(st["pool"])
-            self.sampler.ema = {int(k): v for k, v in st["asr_ema"].items()}
+        if not st:
+            return
+        if not isinstance(st, dict) or set(st) != {"pool", "asr_ema"}:
+            raise QNNError("defense state: expected the keys pool and asr_ema")
+        pool, ema = st["pool"], st["asr_ema"]
+        if not isinstance(pool, torch.Tensor) or not pool.is_floating_point() or not bool(
+                ((pool >= 0) & (pool <= 1)).all()):
+            raise QNNError("defense state: the patch pool must be a tensor of pixels in [0, 1]")
+        want = {str(b) for b in self.bits}
+        if not isinstance(ema, dict) or set(ema) != want or not all(
+                isinstance(v, float) and 0 <= v <= 1 for v in ema.values()):
+            raise QNNError(f"defense state: asr_ema must map each trained bit-width ({', '.join(sorted(want))}) to an "
+                           f"error rate in [0, 1]")
+        self.pool.load(pool)
+        self.sampler.ema = {int(k): v for k, v in ema.items()}

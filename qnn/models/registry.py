@@ -25,6 +25,13 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def takes_in_size(name: str) -> bool:
+    """Whether the zoo model's factory takes `in_size` (the 224x224 models, fully convolutional); the CIFAR models
+    are 32x32 only."""
+    fn = _REGISTRY.get(name)
+    return fn is not None and "in_size" in inspect.signature(fn).parameters
+
+
 def is_user_model(name) -> bool:
     """`file.py:factory`: a model defined in the user's own file."""
     return isinstance(name, str) and ".py:" in name
@@ -41,14 +48,20 @@ def user_model_parts(spec: str) -> tuple[Path, str, str]:
     return p, factory, hashlib.sha256(p.read_bytes()).hexdigest()
 
 
+def _said(e: BaseException) -> str:
+    """`Type: first line of its message` of an exception raised by the user's code."""
+    msg = str(e).splitlines()[0][:120] if str(e) else ""
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
 def _user_factory(spec: str) -> Callable[..., nn.Module]:
     p, name, sha = user_model_parts(spec)
     mod_spec = importlib.util.spec_from_file_location(f"qnn_user_model_{sha[:16]}", p)
     module = importlib.util.module_from_spec(mod_spec)
     try:
         mod_spec.loader.exec_module(module)
-    except Exception as e:  # the user's file failed to import: say where, in one line
-        raise QNNError(f"{p}: importing it failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}") from None
+    except (Exception, SystemExit, KeyboardInterrupt) as e:  # the user's file failed to import (or exited): say where
+        raise QNNError(f"{p}: importing it failed: {_said(e)}") from None
     fn = getattr(module, name, None)
     if not callable(fn):
         raise QNNError(f"{p} defines no function '{name}'")
@@ -62,8 +75,8 @@ def _user_model(spec: str, num_classes: int | None = None, in_size: int | None =
     takes = inspect.signature(factory).parameters
     try:
         model = factory(**({"num_classes": num_classes} if num_classes is not None and "num_classes" in takes else {}))
-    except Exception as e:
-        raise QNNError(f"{spec}: the factory raised {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}") from None
+    except (Exception, SystemExit, KeyboardInterrupt) as e:  # sys.exit in a factory must not end the command silently
+        raise QNNError(f"{spec}: the factory raised {_said(e)}") from None
     if not isinstance(model, nn.Module):
         raise QNNError(f"{spec}: the factory returned a {type(model).__name__}, not a torch nn.Module")
     heads = [m.out_features for m in model.modules() if hasattr(m, "out_features")]

@@ -215,3 +215,57 @@ def test_export_records_the_largest_int8_weight(reduce_range, weight_type, top, 
     assert int(meta["int8_weight_max"]) <= top and meta["reduce_range"] == str(reduce_range).lower()
     if top:
         assert int(meta["int8_weight_max"]) > top // 2
+
+
+def _resign(d, *names):
+    import hashlib
+
+    man = json.loads((d / "manifest.json").read_text())
+    for n in names:
+        man["files"][n] = hashlib.sha256((d / n).read_bytes()).hexdigest()
+    (d / "manifest.json").write_text(json.dumps(man))
+    return man
+
+
+def test_run_edge_reports_bit_identical_logits_and_fails_on_one_differing_value(bundle, tmp_path):
+    """The bundle carries the fake-quant model's logits per CPU family; the device's integer logits must equal its
+    family's bit for bit (#36: report that the logits match, not only accuracy and agreement)."""
+    import shutil
+
+    r = _run(["--bundle", bundle, "--threads", "1", "--skip-latency", "--json", tmp_path / "r.json"])
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert r.returncode == 0 and res["logits_identical"] == {"clean": 64, "patch_p6": 64}, r.stdout
+    assert "clean 64/64 bit-identical" in r.stdout
+    t = tmp_path / "one_off"
+    shutil.copytree(bundle, t)
+    ref = dict(np.load(t / "expected_logits.npz"))
+    from qnn.kernels.reference import host_cpu_family
+
+    k = f"{host_cpu_family()}.clean"
+    ref[k][3, 0] = np.nextafter(ref[k][3, 0], np.float32(np.inf))  # one logit, one float step away
+    np.savez_compressed(t / "expected_logits.npz", **ref)
+    _resign(t, "expected_logits.npz")
+    r = _run(["--bundle", t, "--threads", "1", "--skip-latency"])
+    assert r.returncode == 1 and "clean 63/64 bit-identical" in r.stdout and "FAIL" in r.stdout, r.stdout
+
+
+def test_run_edge_reads_the_bit_width_from_the_weights(trained_ckpt, tmp_path):
+    """A 2-bit packed bundle whose expected.json says 8 is refused (its figures are not this model's); an int64
+    overflow in a packed shape is one line, not a traceback."""
+    import shutil
+
+    b = _build(trained_ckpt, tmp_path / "b2", bits=2, pack_weights=True)
+    r = _run(["--bundle", b, "--threads", "1", "--skip-latency"])
+    assert r.returncode == 0 and "2-bit weights/activations (int8 kernels, weights packed)" in r.stdout, r.stdout
+    lie = tmp_path / "lie"
+    shutil.copytree(b, lie)
+    exp = json.loads((lie / "expected.json").read_text())
+    (lie / "expected.json").write_text(json.dumps({**exp, "bits": 8}))
+    _resign(lie, "expected.json")
+    _bad(["--bundle", lie], "the model's weights are 2-bit")
+    big = tmp_path / "big"
+    shutil.copytree(b, big)
+    man = json.loads((big / "manifest.json").read_text())
+    next(iter(man["packed_weights"]["tensors"].values()))["shape"] = [2 ** 32, 2 ** 32, 2 ** 2]  # 2**66 wraps int64
+    (big / "manifest.json").write_text(json.dumps(man))
+    _bad(["--bundle", big], "more than any model's")

@@ -406,3 +406,175 @@ def test_a_graph_without_compute_is_not_reported_integer(tmp_path, capsys):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)]), tmp_path / "id.onnx")
     assert run_cli(["verify", tmp_path / "id.onnx"]) == 1
     assert "no compute node" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- resume trusts nothing it reads (#36)
+
+
+def _tamper(path, **fields):
+    st = torch.load(path, weights_only=False)
+    for k, v in fields.items():
+        if k == "defense_pool":
+            st["defense"]["pool"] = v
+        else:
+            st[k] = v
+    torch.save(st, path)
+
+
+def test_resume_validates_its_state_and_inputs(tmp_path, capsys):
+    """A tampered epoch, history or defense state, data changed under the same --data-dir, or an edited user-model
+    file: one line, exit 2, the staged run unchanged; the untampered state then resumes."""
+    from tests.qnn.test_train import _train_epochs
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (192, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 192)
+    data = _cifar_dir(tmp_path, "data", x, y)
+    src = tmp_path / "mymodels.py"
+    src.write_text((__import__("pathlib").Path(__file__).parent / "user_models.py").read_text())
+    out = tmp_path / "r"
+    cfg = TrainConfig(**{**TINY, "n_synthetic": None, "model": f"{src}:tiny_cnn"}, dataset="cifar10",
+                      data_dir=str(data), bits=[4, 8], epochs=2, out_dir=str(out), defense="qadtr",
+                      defense_args={"gir_every": 1})
+    _train_epochs(cfg, stop_after=1)
+    last = tmp_path / "r.partial" / "last.pt"
+    pristine = last.read_bytes()
+    argv = ["train", "--model", cfg.model, "--dataset", "cifar10", "--data-dir", data, "--bits", "4,8", "--epochs", "2",
+            "--batch-size", "64", "--lr", "0.05", "--defense", "qadtr", "--gir-every", "1", "--no-progress",
+            "--out", out, "--resume"]
+    cases = [(dict(epoch=99), "epoch 99"), (dict(epoch=-1), "epoch -1"), (dict(epoch="1"), "epoch '1'"),
+             (dict(history=[]), "history"), (dict(defense_pool=torch.full((2, 2, 3, 6, 6), float("nan"))), "pixels"),
+             (dict(defense={"pool": 1}), "defense state"), (dict(inputs={"train_data": "0" * 64}), "inputs")]
+    for fields, said in cases:
+        last.write_bytes(pristine)
+        _tamper(last, **fields)
+        before = tree_hashes(tmp_path / "r.partial")
+        assert said in cli_error(argv, capsys), fields
+        assert tree_hashes(tmp_path / "r.partial") == before and not out.exists()
+    last.write_bytes(pristine)
+    x2 = x.copy()
+    x2[0, 0, 0, 0] ^= 1  # one pixel of the training set changed under the same folder
+    np.savez(data / "train.npz", x=x2, y=y)
+    assert "the training images changed" in cli_error(argv, capsys)
+    np.savez(data / "train.npz", x=x, y=y)
+    src.write_text(src.read_text() + "\n# edited, same parameter shapes\n")
+    assert "the model file changed" in cli_error(argv, capsys)
+    src.write_text(src.read_text().removesuffix("\n# edited, same parameter shapes\n"))
+    assert run_cli(argv) == 0 and (out / "model.pt").is_file()
+    assert torch.load(out / "model.pt", weights_only=True)["inputs"]["train_data"]
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--frac-patched", "0.001"], None), (["--adapt-temp", "1e-300"], None),
+    (["--no-gir", "--lambda-gir", "3"], "no_gir turns off"), (["--no-aqapa", "--adapt-temp", "1"], "no_aqapa turns off"),
+    (["--gir-batch", "1000"], "more than the 32 patched images"), (["--inner-steps", "1000000000"], "[0, 50]"),
+    (["--patch-step", "1e9"], "(0, 1]"), (["--inner-step", "2"], "[0, 1]")])
+def test_qadtr_ranges_are_the_ones_that_work(tmp_path, capsys, args, said):
+    """Values inside the allowed ranges train (no traceback); contradictions and useless values are one line."""
+    argv = ["train", "--model", "small_cnn", "--bits", "4,8", "--epochs", "1", "--train-subset", "128",
+            "--test-subset", "64", "--batch-size", "64", "--defense", "qadtr", "--no-progress", "--out", tmp_path / "r",
+            *args]
+    if said is None:
+        assert run_cli(argv) == 0
+    else:
+        assert said in cli_error(argv, capsys)
+        assert not (tmp_path / "r").exists() and not (tmp_path / "r.partial").exists()
+
+
+def test_a_failed_run_leaves_no_staging_folder_unless_it_holds_work_to_resume(tmp_path, monkeypatch):
+    """A crash before the first finished epoch removes the `.partial` the run made; one after keeps it (last.pt)
+    for --resume; a temp file a kill -9 left mid-save is gone from the finished run."""
+    import qnn.train as T
+
+    orig, calls = T.train_step, {"n": 0}
+
+    def crash_at(n):
+        def step(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise RuntimeError("boom")
+            return orig(*a, **k)
+        return step
+
+    cfg = TrainConfig(bits=[4], epochs=2, out_dir=str(tmp_path / "r"), **TINY)  # 4 steps an epoch
+    monkeypatch.setattr(T, "train_step", crash_at(2))
+    with pytest.raises(RuntimeError):
+        train(cfg)
+    assert not (tmp_path / "r.partial").exists() and not (tmp_path / "r").exists()
+    calls["n"] = 0
+    monkeypatch.setattr(T, "train_step", crash_at(6))
+    with pytest.raises(RuntimeError):
+        train(cfg)
+    assert (tmp_path / "r.partial" / "last.pt").is_file()
+    (tmp_path / "r.partial" / ".last.pt.k9x2.tmp").write_bytes(b"half a state")  # what kill -9 mid-save leaves
+    monkeypatch.setattr(T, "train_step", orig)
+    train(TrainConfig(**{**cfg.to_dict(), "resume": True}))
+    assert (tmp_path / "r" / "model.pt").is_file() and not list((tmp_path / "r").glob(".*.tmp"))
+
+
+def test_a_crashed_bundle_or_attack_leaves_no_staging_folder(trained_ckpt, tmp_path, monkeypatch):
+    import qnn.export.bundle as B
+    from qnn.attacks.patch import PatchConfig
+    from qnn.checkpoint import load_checkpoint
+    from qnn.data import load_dataset
+
+    model, _ = load_checkpoint(trained_ckpt)
+    ds = load_dataset("synthetic", "test", n_synthetic=2000).subset(16)
+    monkeypatch.setattr(B, "_pack_weights", lambda out: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError):
+        B.build_bundle(model, 4, tmp_path / "b", ds.x, ds.y, [("p", torch.rand(3, 6, 6), PatchConfig())],
+                       pack_weights=True)
+    assert not (tmp_path / "b.partial").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_full_disk_is_one_line_and_keeps_earlier_files(trained_ckpt, run_copy, tmp_path, capsys, monkeypatch):
+    """ENOSPC in any writer (results JSON, ONNX, a training run's state, the edge runner's outputs): one line, exit 2,
+    the earlier file or run unchanged, no temp file left."""
+    import errno
+    import os
+
+    import qnn.checkpoint as C
+    from qnn.bench import run_edge as E
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    (tmp_path / "r.json").write_text("{}")
+    d, before = run_copy
+    monkeypatch.setattr(C.os, "fsync", full)
+    ev = ["eval", "--checkpoint", trained_ckpt, "--bits", "4", "--subset", "32"]
+    assert "No space left on device" in cli_error(ev + ["--json", tmp_path / "r.json", "--overwrite"], capsys)
+    assert (tmp_path / "r.json").read_text() == "{}"
+    ex = ["export", "--checkpoint", trained_ckpt, "--bits", "4", "--out", tmp_path / "m.onnx"]
+    assert "No space left on device" in cli_error(ex, capsys)
+    tr = ["train", "--model", "small_cnn", "--bits", "4", "--epochs", "1", "--no-progress", "--out", d, "--overwrite"]
+    assert "No space left on device" in cli_error(tr, capsys)
+    assert tree_hashes(d) == before and not (tmp_path / "run.partial").exists()
+    assert not list(tmp_path.rglob("*.tmp"))
+    monkeypatch.setattr(E.np, "savez", lambda f, **k: full(0))
+    with pytest.raises(E.EdgeError, match="No space left on device"):
+        E._write_atomic(str(tmp_path / "logits.npz"), lambda f: E.np.savez(f, a=1))
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_user_factory_exits_and_warnings_are_one_line(tmp_path, capsys):
+    """A factory that calls sys.exit or raises KeyboardInterrupt is named (not a silent exit or a traceback); a
+    warning raised before a refusal does not come before the error line."""
+    src = tmp_path / "m.py"
+    src.write_text("import sys, warnings\nimport torch.nn as nn\n"
+                   "def exits():\n    sys.exit(3)\n"
+                   "def interrupts():\n    raise KeyboardInterrupt\n"
+                   "def warns():\n    warnings.warn('this layer is deprecated')\n"
+                   "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),"
+                   " nn.Linear(4, 5))\n")
+    base = ["train", "--bits", "4", "--epochs", "1", "--no-progress", "--out", tmp_path / "r", "--model"]
+    assert "the factory raised SystemExit: 3" in cli_error(base + [f"{src}:exits"], capsys)
+    assert "the factory raised KeyboardInterrupt" in cli_error(base + [f"{src}:interrupts"], capsys)
+    import subprocess
+    import sys
+
+    # in a process of its own: pytest would otherwise collect the warning before it reached stderr
+    r = subprocess.run([sys.executable, "-m", "qnn.cli", *map(str, base), f"{src}:warns"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().startswith("qnn: error:") and "5 outputs" in r.stderr \
+        and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "r").exists() and not (tmp_path / "r.partial").exists()
