@@ -11,7 +11,8 @@ node is an integer kernel, measures latency (p50/p90/p99 after warm-up) at batch
 model size, then integer accuracy and patch ASR on the bundled images, and compares them with the figures of the
 PyTorch model the bundle carries for this CPU family's arithmetic (x86-64 or aarch64: ONNX Runtime rounds
 QLinearAdd differently on the two). Exits 1 when they differ by more than the tolerance or the graph is not integer,
-2 on bad input.
+2 on bad input. With --certify (a bundle from `qnn bundle --certify-patch-size`), also runs the certified inference
+over the bundle's mask set and exits 1 unless every image's prediction and certificate equal PyTorch's.
 """
 
 from __future__ import annotations
@@ -304,8 +305,8 @@ def executed_ops(model: bytes, x: np.ndarray, weights: dict | None = None) -> di
 
 def normalise(x_uint8_nhwc: np.ndarray, mean, std) -> np.ndarray:
     x = x_uint8_nhwc.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)
-    m = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
-    s = np.asarray(std, np.float32).reshape(1, 3, 1, 1)
+    m = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
     return ((x - m) / s).astype(np.float32)
 
 
@@ -413,7 +414,7 @@ def _checked_patch(name: str, z: dict, x_shape) -> tuple:
     n, _, H, W = x_shape
     if any(not np.issubdtype(v.dtype, np.number) for v in (patch, mask, loc)):
         raise EdgeError(f"patch_{name}.npz: patch, mask and loc must be numeric arrays")
-    if patch.ndim != 3 or patch.shape[0] != 3 or 0 in patch.shape or mask.shape[-2:] != patch.shape[1:] \
+    if patch.ndim != 3 or patch.shape[0] != x_shape[1] or 0 in patch.shape or mask.shape[-2:] != patch.shape[1:] \
             or loc.shape != (n, 2):
         raise EdgeError(f"patch_{name}.npz: shapes patch {patch.shape}, mask {mask.shape}, loc {loc.shape} do not "
                         f"fit {n} images")
@@ -424,6 +425,286 @@ def _checked_patch(name: str, z: dict, x_shape) -> tuple:
             or (loc[:, 1] > W - pw).any():
         raise EdgeError(f"patch_{name}.npz: patch locations outside the {H}x{W} images")
     return patch.astype(np.float32), mask, loc
+
+
+# ---- certified inference (--certify, issue #37) ----------------------------------------------------------------------
+# The bundle's mask set (masks.json, written by `qnn bundle --certify-patch-size`) and PyTorch's certified inference
+# per image and CPU family (expected_certify.npz). The decisions below are copies of qnn/certify.py's (this file
+# cannot import qnn; a test holds them equal). A masked pixel is 0.0 after normalisation: the model's mean in pixels,
+# which the input quantizer maps exactly to its zero point, as in PyTorch.
+
+MASKS_FORMAT = "qnn-mask-set-v1"
+CERTIFY_METHODS = ("patchcleanser", "certmask")
+#: the most masks a set may hold: PatchCleanser's CIFAR set has 36, and double masking certifies with N(N-1)/2
+#: two-mask images per image beyond the N one-mask ones
+MAX_MASKS = 1024
+
+
+def _short(v) -> str:
+    r = repr(v) if not isinstance(v, int) or abs(v) < 10 ** 30 else f"an integer of {len(str(abs(v)))} digits"
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _int_in(v, what: str, lo: int, hi: int) -> int:
+    if type(v) is not int or not lo <= v <= hi:
+        raise EdgeError(f"{what} must be an integer in [{lo}, {hi}], got {_short(v)}")
+    return v
+
+
+def _int_pair(v, what: str, lo: int, his) -> tuple:
+    if not isinstance(v, list) or len(v) != 2:
+        raise EdgeError(f"{what} must be a list of 2 integers, got {_short(v)}")
+    return tuple(_int_in(e, what, lo, hi) for e, hi in zip(v, his))
+
+
+def mask_cover(rects: np.ndarray, image_size, patch_size) -> np.ndarray:
+    """(L, N) bool: mask n holds the whole patch at location l (row-major over top-left corners); qnn's MaskSet.cover."""
+    (H, W), (ph, pw) = image_size, patch_size
+    u, v = np.arange(H - ph + 1)[:, None], np.arange(W - pw + 1)[:, None]
+    rows = (rects[:, 0] <= u) & (rects[:, 1] >= u + ph)
+    cols = (rects[:, 2] <= v) & (rects[:, 3] >= v + pw)
+    return (rows[:, None, :] & cols[None, :, :]).reshape(-1, len(rects))
+
+
+def load_mask_set(bundle: "Bundle", image_size) -> dict:
+    """The bundle's mask set, every field checked: method, sizes, counts, every rect inside the images, and (for
+    PatchCleanser, whose certificate needs it) every patch location inside some mask."""
+    spec = bundle.manifest.get("certify")
+    if spec is None:
+        raise EdgeError("--certify: this bundle carries no mask set; build it with qnn bundle --certify-patch-size P "
+                        "(--mask-positions K --method patchcleanser|certmask)")
+    if not isinstance(spec, dict) or not all(isinstance(spec.get(k), str) for k in ("masks", "expected")):
+        raise EdgeError("manifest's 'certify' must name its 'masks' and 'expected' files")
+    name = spec["masks"]
+    try:
+        m = json.loads(bundle.read(name))
+    except (ValueError, RecursionError) as e:  # RecursionError: a hostile nesting depth
+        raise EdgeError(f"{name}: unreadable JSON: {str(e)[:120]}") from None
+    if not isinstance(m, dict) or m.get("format") != MASKS_FORMAT:
+        raise EdgeError(f"{name}: not a mask set of format {MASKS_FORMAT!r}")
+    H, W = (int(s) for s in image_size)
+    if m.get("method") not in CERTIFY_METHODS:
+        raise EdgeError(f"{name}: method must be one of {', '.join(CERTIFY_METHODS)}, got {_short(m.get('method'))}")
+    if _int_pair(m.get("image_size"), f"{name}: image_size", 1, (H, W)) != (H, W):
+        raise EdgeError(f"{name}: image_size {m['image_size']} is not the bundle's images' [{H}, {W}]")
+    ph, pw = _int_pair(m.get("patch_size"), f"{name}: patch_size", 1, (H - 1, W - 1))
+    _int_pair(m.get("positions"), f"{name}: positions", 2, (H, W))
+    cov = _int_in(m.get("axis_coverage"), f"{name}: axis_coverage", 1, 1 if m["method"] == "patchcleanser"
+                  else max(m["positions"]))
+    rects = m.get("rects")
+    if not isinstance(rects, list):
+        raise EdgeError(f"{name}: rects must be a list of masks [y0, y1, x0, x1], got {_short(rects)}")
+    if not 1 <= len(rects) <= MAX_MASKS:
+        raise EdgeError(f"{name}: {len(rects)} rects; a mask set holds 1 to {MAX_MASKS} masks")
+    _int_in(m.get("n_masks"), f"{name}: n_masks (the number of rects)", len(rects), len(rects))
+    for i, r in enumerate(rects):
+        if not isinstance(r, list) or len(r) != 4 or any(type(e) is not int for e in r):
+            raise EdgeError(f"{name}: rect {i} must be 4 integers [y0, y1, x0, x1], got {_short(r)}")
+        if not (0 <= r[0] < r[1] <= H and 0 <= r[2] < r[3] <= W):
+            raise EdgeError(f"{name}: rect {i} {r} is not a non-empty [y0, y1, x0, x1] inside the {H}x{W} images")
+    r = np.asarray(rects, dtype=np.int64)
+    cover = mask_cover(r, (H, W), (ph, pw))
+    lowest = int(cover.sum(1).min())
+    if m["method"] == "patchcleanser" and lowest < 1:
+        u, v = divmod(int(np.flatnonzero(~cover.any(1))[0]), W - pw + 1)
+        raise EdgeError(f"{name}: no mask holds a {ph}x{pw} patch at ({u}, {v}): PatchCleanser's certificate "
+                        f"would not hold")
+    if "min_coverage" in m and m["min_coverage"] != lowest:
+        raise EdgeError(f"{name}: min_coverage {_short(m['min_coverage'])} is not its rects' ({lowest})")
+    masks = np.zeros((len(r), H, W), dtype=bool)
+    for i, (y0, y1, x0, x1) in enumerate(r):
+        masks[i, y0:y1, x0:x1] = True
+    return {"file": name, "expected": spec["expected"], "method": m["method"], "patch_size": [ph, pw],
+            "positions": list(m["positions"]), "axis_coverage": cov, "n_masks": len(r), "min_coverage": lowest,
+            "masks": masks, "cover": cover}
+
+
+def plurality(pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """(B, N) labels -> (B,) the most frequent, ties to the smallest label (qnn.certify.plurality)."""
+    counts = (pred[..., None] == np.arange(num_classes)).sum(-2)
+    return counts.argmax(-1)
+
+
+def pair_table(first: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """(B, N, N) symmetric two-mask table: one-mask labels on the diagonal, np.triu_indices order (qnn.certify)."""
+    B, N = first.shape
+    i, j = np.triu_indices(N, 1)
+    t = np.empty((B, N, N), dtype=first.dtype)
+    t[:, np.arange(N), np.arange(N)] = first
+    t[:, i, j] = pairs
+    t[:, j, i] = pairs
+    return t
+
+
+def double_masking(first: np.ndarray, table: np.ndarray, num_classes: int):
+    """PatchCleanser's double masking (qnn.certify.double_masking): (prediction, certified, inference forwards)."""
+    B, N = first.shape
+    if table.shape != (B, N, N) or not (table[:, np.arange(N), np.arange(N)] == first).all():
+        raise ValueError("table must be (B, N, N) with the one-mask predictions on its diagonal")
+    pred = plurality(first, num_classes)
+    forwards = np.full(B, N, dtype=np.int64)
+    for b in range(B):
+        done = np.zeros(N, dtype=bool)
+        for i in np.flatnonzero(first[b] != pred[b]):
+            done[i] = True
+            if (table[b, i] == first[b, i]).all():
+                pred[b] = first[b, i]
+                break
+        k = int(done.sum())
+        forwards[b] += k * (N - 1) - k * (k - 1) // 2
+    certified = (table == pred[:, None, None]).all((1, 2))
+    return pred, certified, forwards
+
+
+def one_round_vote(first: np.ndarray, cover: np.ndarray, num_classes: int):
+    """The one-round vote and its worst-case certificate (qnn.certify.one_round_vote): (prediction, certified)."""
+    pred = plurality(first, num_classes)
+    onehot = (first[..., None] == np.arange(num_classes)).astype(np.int64)
+    votes = np.einsum("ln,bnc->blc", cover.astype(np.int64), onehot)
+    rival = votes + (cover.shape[1] - cover.sum(1))[None, :, None]
+    own = np.take_along_axis(votes, pred[:, None, None], 2)
+    labels = np.arange(num_classes)[None, None, :]
+    holds = (own > rival) | ((own == rival) & (pred[:, None, None] < labels)) | (labels == pred[:, None, None])
+    return pred, holds.all((1, 2))
+
+
+def masked_labels(sess, x: np.ndarray, masks: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(B, U) ORT labels (first maximum, as torch's argmax) of each normalised image of x with the union
+    masks[a[u]] | masks[b[u]] set to 0.0, built a chunk of about 16 MB at a time."""
+    B, U = len(x), len(a)
+    per = max(1, (1 << 22) // x[0].size)
+    out = np.empty(B * U, dtype=np.int64)
+    for s in range(0, B * U, per):
+        idx = np.arange(s, min(s + per, B * U))
+        u = idx % U
+        xm = np.where((masks[a[u]] | masks[b[u]])[:, None], np.float32(0), x[idx // U])
+        out[s:s + len(idx)] = run_batches(sess, xm).argmax(1)
+    return out.reshape(B, U)
+
+
+def certify_np(sess, x: np.ndarray, ms: dict, num_classes: int):
+    """(prediction, certified, inference forwards) per image, as qnn.certify.certify: every masked image once (the
+    one-mask ones, then for PatchCleanser every unordered pair), in chunks of images."""
+    masks, N = ms["masks"], ms["n_masks"]
+    diag = np.arange(N)
+    i, j = np.triu_indices(N, 1) if ms["method"] == "patchcleanser" else (diag[:0], diag[:0])
+    a, b = np.concatenate([diag, i]), np.concatenate([diag, j])
+    step = max(1, min(128, (1 << 24) // (N * N + ms["cover"].shape[0] * num_classes)))
+    parts = []
+    for s in range(0, len(x), step):
+        lab = masked_labels(sess, x[s:s + step], masks, a, b)
+        first = lab[:, :N]
+        if ms["method"] == "patchcleanser":
+            parts.append(double_masking(first, pair_table(first, lab[:, N:]), num_classes))
+        else:
+            p, c = one_round_vote(first, ms["cover"], num_classes)
+            parts.append((p, c, np.full(len(p), N, dtype=np.int64)))
+    return tuple(np.concatenate([q[k] for q in parts]) for k in range(3))
+
+
+def defended_inference(sess, x1: np.ndarray, ms: dict, num_classes: int) -> tuple:
+    """The deployed defended prediction of one normalised image (3, H, W) and its masked forwards: the one-mask
+    images in one batch, then (PatchCleanser) each disagreeing mask's second round in mask order, running only the
+    pairs no earlier round ran, until one agrees. What a device does per image; `certify_np` checks it."""
+    masks = ms["masks"]
+    N = len(masks)
+    first = run_batches(sess, np.where(masks[:, None], np.float32(0), x1[None])).argmax(1)
+    pred, forwards = int(plurality(first[None], num_classes)[0]), N
+    if ms["method"] != "patchcleanser":
+        return pred, forwards
+    seen: dict = {}  # (i, j), i < j: the two-mask label
+    for i in np.flatnonzero(first != pred):
+        todo = [j for j in range(N) if j != i and (min(i, j), max(i, j)) not in seen]
+        if todo:
+            xm = np.where((masks[i] | masks[todo])[:, None], np.float32(0), x1[None])
+            seen.update({(min(i, j), max(i, j)): int(v) for j, v in zip(todo, run_batches(sess, xm).argmax(1))})
+            forwards += len(todo)
+        if all(seen[(min(i, j), max(i, j))] == first[i] for j in range(N) if j != i):
+            return int(first[i]), forwards
+    return pred, forwards
+
+
+def _expected_certificates(z: dict, name: str, key: str, n: int, ms: dict, num_classes: int) -> tuple:
+    """PyTorch's (prediction, certified, inference forwards) per image for this family, checked."""
+    N = ms["n_masks"]
+    top = N + (N * (N - 1) // 2 if ms["method"] == "patchcleanser" else 0)
+    out = []
+    for k, kind, lo, hi in (("pred", "int", 0, num_classes - 1), ("certified", "bool", 0, 1),
+                            ("inference_forwards", "int", N, top)):
+        v = z.get(f"{key}{k}")
+        ok = v is not None and v.shape == (n,) and (v.dtype == np.bool_ if kind == "bool"
+                                                    else np.issubdtype(v.dtype, np.integer))
+        if not ok or (kind == "int" and n and (v.min() < lo or v.max() > hi)):
+            raise EdgeError(f"{name}: '{key}{k}' missing or not one {kind} per image"
+                            + (f" in [{lo}, {hi}]" if kind == "int" else ""))
+        out.append(v.astype(np.int64) if kind == "int" else v)
+    return tuple(out)
+
+
+def run_certify(sess, bundle: "Bundle", ms: dict, x: np.ndarray, y: np.ndarray, key: str, num_classes: int,
+                timed: int) -> dict:
+    """The certified inference with ORT, compared image by image with PyTorch's; the defended inference's latency
+    per image over `timed` images after one warm-up (none when 0)."""
+    name = ms["expected"]
+    e_pred, e_cert, e_fw = _expected_certificates(bundle.npz(name), name, key, len(y), ms, num_classes)
+    pred, cert, fw = certify_np(sess, x, ms, num_classes)
+    differ = (pred != e_pred) | (cert != e_cert) | (fw != e_fw)
+    N = ms["n_masks"]
+    res = {"method": ms["method"], "masks_file": ms["file"], "patch_size": ms["patch_size"],
+           "positions": ms["positions"], "axis_coverage": ms["axis_coverage"], "n_masks": N,
+           "min_coverage": ms["min_coverage"], "n_images": int(len(y)),
+           "clean_acc_pct": 100.0 * float((pred == y).mean()),
+           "certified_acc_pct": 100.0 * float((cert & (pred == y)).mean()),
+           "expected_clean_acc_pct": 100.0 * float((e_pred == y).mean()),
+           "expected_certified_acc_pct": 100.0 * float((e_cert & (e_pred == y)).mean()),
+           "forwards_per_image_certify": N + (N * (N - 1) // 2 if ms["method"] == "patchcleanser" else 0),
+           "forwards_per_image_inference_mean": float(fw.mean()),
+           "pred_equal": int((pred == e_pred).sum()), "certified_equal": int((cert == e_cert).sum()),
+           "forwards_equal": int((fw == e_fw).sum()), "n_differ": int(differ.sum()),
+           "differing_images": [int(i) for i in np.flatnonzero(differ)[:20]],
+           "predictions": pred.tolist(), "certified": "".join("1" if c else "0" for c in cert)}
+    if timed:
+        k = min(timed, len(x))
+        defended_inference(sess, x[0], ms, num_classes)  # warm-up
+        ts, lazy_ok = [], 0
+        for i in range(k):
+            t0 = time.perf_counter()
+            p, f = defended_inference(sess, x[i], ms, num_classes)
+            ts.append((time.perf_counter() - t0) * 1e3)
+            lazy_ok += int(p == pred[i] and f == fw[i])
+        ts = np.array(ts)
+        res["latency"] = {"images": k, "warmup_images": 1, "mean_ms": float(ts.mean()),
+                          "p50_ms": float(np.percentile(ts, 50)), "p90_ms": float(np.percentile(ts, 90)),
+                          "max_ms": float(ts.max()), "forwards_mean": float(fw[:k].mean()),
+                          "note": "one image at a time: masking (numpy), the one-mask batch, then the second rounds "
+                                  "it needs"}
+        # the per-image inference a device deploys must decide as the batched certification did
+        res["inference_agrees"] = lazy_ok
+        res["inference_checked"] = k
+    res["pass"] = res["n_differ"] == 0 and res.get("inference_agrees") == res.get("inference_checked")
+    return res
+
+
+def _print_certify(c: dict, fam: str) -> None:
+    n = c["n_images"]
+    print(f"\ncertify  : {c['method']}, {c['n_masks']} masks for a {c['patch_size'][0]}x{c['patch_size'][1]} patch "
+          f"({c['positions'][0]}x{c['positions'][1]} positions"
+          + (f", axis coverage {c['axis_coverage']}" if c["method"] == "certmask" else "")
+          + f"), {c['forwards_per_image_certify']} masked images per image to certify, "
+          f"{c['forwards_per_image_inference_mean']:.1f} per defended inference (mean)")
+    print("\n| metric | PyTorch | integer (ORT) |\n|---|---|---|")
+    print(f"| defended clean accuracy % | {c['expected_clean_acc_pct']:.2f} | {c['clean_acc_pct']:.2f} |")
+    print(f"| certified accuracy % | {c['expected_certified_acc_pct']:.2f} | {c['certified_acc_pct']:.2f} |")
+    same = n - c["n_differ"]
+    print(f"\ncertificates: {same}/{n} images equal to PyTorch's ({fam}): predictions {c['pred_equal']}/{n}, "
+          f"certificates {c['certified_equal']}/{n}, forwards {c['forwards_equal']}/{n}"
+          + (f"; {c['n_differ']} image(s) differ: {c['differing_images']}" if c["n_differ"] else ""))
+    if "latency" in c:
+        lt = c["latency"]
+        print(f"defended : {lt['p50_ms']:.3f} ms p50 per image (mean {lt['mean_ms']:.3f}, p90 {lt['p90_ms']:.3f}; "
+              f"{lt['forwards_mean']:.1f} forwards; {lt['images']} images after {lt['warmup_images']} warm-up); "
+              f"the per-image inference decides as the batched one on {c['inference_agrees']}/"
+              f"{c['inference_checked']}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -442,6 +723,12 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-latency", action="store_true", help="correctness only (e.g. under emulation)")
     ap.add_argument("--save-logits", help="write the integer logits and the inputs that produced them (npz: <set>, "
                                           "input_<set>) for cross-platform comparison")
+    ap.add_argument("--certify", action="store_true",
+                    help="also run the certified inference with the bundle's mask set (qnn bundle "
+                         "--certify-patch-size) and check each image's prediction and certificate against PyTorch's")
+    ap.add_argument("--certify-latency-images", type=int, default=10,
+                    help="images the defended inference is timed on, one at a time after a warm-up (default 10; "
+                         "--skip-latency skips it)")
     ap.add_argument("--json", help="write the result JSON here")
     try:
         return _run(ap.parse_args(argv))
@@ -459,7 +746,11 @@ def _run(a) -> int:
         raise EdgeError(f"--threads must be in 1..1024, got {threads}")
     if a.batch <= 0 or a.iters <= 0 or a.warmup < 0:
         raise EdgeError(f"--batch and --iters must be > 0 and --warmup >= 0, got {a.batch}, {a.iters}, {a.warmup}")
+    if not 1 <= a.certify_latency_images <= 100000:
+        raise EdgeError(f"--certify-latency-images must be in 1..100000, got {a.certify_latency_images}")
     bundle = Bundle(a.bundle)
+    if a.certify and bundle.manifest.get("certify") is None:
+        load_mask_set(bundle, (0, 0))  # refuses, saying how to build one
     for path, what in ((a.json, "--json"), (a.save_logits, "--save-logits")):
         if path:
             check_output_path(path, bundle, what)
@@ -479,9 +770,9 @@ def _run(a) -> int:
                         f"{bits}-bit: they are not this model's")
     try:
         norm = json.loads(meta.get("input_normalisation", "{}"))
-        mean, std = (np.asarray(norm[k], np.float32).reshape(1, 3, 1, 1) for k in ("mean", "std"))
+        mean, std = (np.asarray(norm[k], np.float32).reshape(1, -1, 1, 1) for k in ("mean", "std"))
     except (ValueError, KeyError, TypeError):
-        raise EdgeError("model metadata has no valid input_normalisation (mean and std of 3 channels)") from None
+        raise EdgeError("model metadata has no valid input_normalisation (a mean and std per channel)") from None
     ev = bundle.npz(man["eval"])
     x_u8, y = ev.get("x"), ev.get("y")
     if x_u8 is None or y is None or x_u8.dtype != np.uint8 or x_u8.ndim != 4 or y.ndim != 1 \
@@ -491,8 +782,12 @@ def _run(a) -> int:
     in_shape = sess.get_inputs()[0].shape
     if len(x_u8.shape) != 4 or list(in_shape[1:]) != [x_u8.shape[3], x_u8.shape[1], x_u8.shape[2]]:
         raise EdgeError(f"model input shape {in_shape} disagrees with the bundled data {list(x_u8.shape)} (NHWC)")
+    if mean.shape[1] != x_u8.shape[3] or std.shape[1] != x_u8.shape[3]:
+        raise EdgeError(f"model metadata normalises {mean.shape[1]} / {std.shape[1]} channels (mean / std), the images "
+                        f"have {x_u8.shape[3]}")
     x01 = x_u8.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)
     x = ((x01 - mean) / std).astype(np.float32)
+    masks = load_mask_set(bundle, x.shape[2:]) if a.certify else None
     census = executed_ops(model, x[:2], weights)
     logits = run_batches(sess, x)
     n_cls = exp.get("num_classes") or int(y.max()) + 1
@@ -529,8 +824,12 @@ def _run(a) -> int:
     if EXPECTED_LOGITS in man["files"]:
         got = {k: v for k, v in all_logits.items() if not k.startswith("input_")}
         res["logits_identical"] = compare_logits(got, bundle.npz(EXPECTED_LOGITS), key)
+    if masks is not None:
+        res["certify"] = run_certify(sess, bundle, masks, x, y, key, logits.shape[1],
+                                     0 if a.skip_latency else a.certify_latency_images)
     ok = census["fully_integer"] and all(c["abs_diff"] <= tol for c in res["comparison"]) \
-        and all(v == len(y) for v in res.get("logits_identical", {}).values())
+        and all(v == len(y) for v in res.get("logits_identical", {}).values()) \
+        and res.get("certify", {}).get("pass", True)
     res["pass"] = ok
 
     p = res["platform"]
@@ -555,6 +854,8 @@ def _run(a) -> int:
               + f" to the fake-quant model's ({fam})")
     else:
         print("\nlogits   : the bundle carries no reference logits (built by an earlier version): not compared")
+    if "certify" in res:
+        _print_certify(res["certify"], fam)
     print(f"\npeak RSS {res['peak_rss_mb']:.1f} MB; tolerance {tol} points: {'PASS' if ok else 'FAIL'}")
     if a.json:
         _write_atomic(a.json, lambda f: f.write(json.dumps(res, indent=2).encode()))

@@ -1,5 +1,6 @@
 """Edge bundle: integer model + evaluation set + patches + the PyTorch model's expected figures per CPU family +
-manifest with sha256s; optionally the 2/4-bit weights packed beside the model.
+manifest with sha256s; optionally the 2/4-bit weights packed beside the model, and a certification mask set with
+PyTorch's per-image certificates (issue #37).
 
 `bench/run_edge.py` consumes it on the device with only numpy + onnxruntime.
 """
@@ -17,6 +18,9 @@ from qnn.errors import QNNError
 
 MANIFEST = "manifest.json"
 PACKED_WEIGHTS = "weights.packed.npz"
+#: the certification mask set (JSON) and PyTorch's certified inference per image and CPU family (npz)
+MASKS, EXPECTED_CERTIFY = "masks.json", "expected_certify.npz"
+MASKS_FORMAT = "qnn-mask-set-v1"
 
 
 def _npz_bytes(**arrays) -> bytes:
@@ -27,10 +31,15 @@ def _npz_bytes(**arrays) -> bytes:
 
 def build_bundle(model, bits: int, out_dir: str | Path, x_uint8: np.ndarray, y: np.ndarray,
                  patches: list[tuple[str, torch.Tensor, object]], checkpoint_sha: str | None = None,
-                 tolerance_pct: float = 0.5, overwrite: bool = False, pack_weights: bool = False) -> Path:
-    """Write the bundle. `patches`: (name, patch (3,h,w), PatchConfig) evaluated at fixed per-image locations.
+                 tolerance_pct: float = 0.5, overwrite: bool = False, pack_weights: bool = False,
+                 certify_masks=None) -> Path:
+    """Write the bundle. `patches`: (name, patch (C,h,w), PatchConfig) evaluated at fixed per-image locations (C: the
+    model's input channels).
     `pack_weights`: 2/4-bit weights travel packed (4 or 2 per byte) in `weights.packed.npz`, declared external in
     the model, and `bench/run_edge.py` unpacks them into the session.
+    `certify_masks`: a qnn.certify.MaskSet for the bundle's images; the bundle then carries it (masks.json) and
+    PyTorch's certified inference per image and CPU family (expected_certify.npz), which `run_edge.py --certify`
+    checks image by image.
     Built beside `out_dir` and swapped in when complete and checked: an earlier bundle survives a failure."""
     from qnn.export.onnx_export import check_exportable
     from qnn.outputs import StagedDir
@@ -42,16 +51,25 @@ def build_bundle(model, bits: int, out_dir: str | Path, x_uint8: np.ndarray, y: 
     for name, patch, cfg in patches:  # validated before anything is written
         if not isinstance(name, str) or not name or any(c in name for c in "/\\\0") or name.startswith("."):
             raise QNNError(f"patch name {name!r} is not a plain file name")
-        if tuple(patch.shape) != (3, *cfg.patch_shape) or not bool(((patch >= 0) & (patch <= 1)).all()):
-            raise QNNError(f"patch '{name}': expected finite pixels in [0, 1] of shape {(3, *cfg.patch_shape)}")
+        want = (model.in_channels, *cfg.patch_shape)
+        if tuple(patch.shape) != want or not bool(((patch >= 0) & (patch <= 1)).all()):
+            raise QNNError(f"patch '{name}': expected finite pixels in [0, 1] of shape {want}")
+    if certify_masks is not None:
+        from qnn.certify import MaskSet
+
+        if not isinstance(certify_masks, MaskSet) or tuple(certify_masks.image_size) != tuple(x_uint8.shape[1:3]):
+            raise QNNError(f"certify_masks must be a qnn.certify.MaskSet for the bundle's "
+                           f"{tuple(x_uint8.shape[1:3])} images")
     with StagedDir(out_dir, overwrite=overwrite, what="bundle") as stage:
         out = stage.prepare()
-        _write_bundle(model, bits, out, x_uint8, y, patches, checkpoint_sha, tolerance_pct, pack_weights)
+        _write_bundle(model, bits, out, x_uint8, y, patches, checkpoint_sha, tolerance_pct, pack_weights,
+                      certify_masks)
         check_manifest(out)
         return stage.publish()
 
 
-def _write_bundle(model, bits, out: Path, x_uint8, y, patches, checkpoint_sha, tolerance_pct, pack_weights) -> None:
+def _write_bundle(model, bits, out: Path, x_uint8, y, patches, checkpoint_sha, tolerance_pct, pack_weights,
+                  certify_masks=None) -> None:
     from qnn.export.onnx_export import export_model
     from qnn.attacks.patch import asr_metrics, make_mask, placement_locations, apply_patch
     from qnn.data import to_tensor
@@ -106,12 +124,40 @@ def _write_bundle(model, bits, out: Path, x_uint8, y, patches, checkpoint_sha, t
 
     atomic_write_bytes(out / EXPECTED_LOGITS, _npz_bytes(**logit_arrays))
     atomic_write_json(out / "expected.json", expected)
+    if certify_masks is not None:
+        _write_certificates(model, bits, out, x, certify_masks, host)
     files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST)
     manifest = {"format": "qnn-edge-bundle-v2", "model": "model.onnx", "eval": "eval.npz", "expected": "expected.json",
                 "files": {f: sha256_file(out / f) for f in files}}
     if packed:
         manifest["packed_weights"] = packed
+    if certify_masks is not None:
+        manifest["certify"] = {"masks": MASKS, "expected": EXPECTED_CERTIFY}
     atomic_write_json(out / MANIFEST, manifest)
+
+
+def _write_certificates(model, bits: int, out: Path, x: torch.Tensor, ms, host: str) -> None:
+    """masks.json (the mask set) and expected_certify.npz: per CPU family `{family}.pred`, `{family}.certified`,
+    `{family}.inference_forwards` of qnn.certify.certify on the bundle's images (the host family's also unprefixed,
+    as expected_predictions.npz has them)."""
+    from qnn.certify import certify
+    from qnn.kernels.reference import CPU_FAMILIES, target_cpu
+
+    arrays = {}
+    for family in CPU_FAMILIES:  # the masked images go through QLinearAdd too: each family's own certificates
+        with target_cpu(family):
+            c = certify(model, x, ms, bits)
+        fam = {"pred": c.pred.astype(np.int64), "certified": c.certified.astype(bool),
+               "inference_forwards": c.inference_forwards.astype(np.int64)}
+        arrays.update({f"{family}.{k}": v for k, v in fam.items()})
+        if family == host:
+            arrays.update(fam)
+    atomic_write_bytes(out / EXPECTED_CERTIFY, _npz_bytes(**arrays))
+    atomic_write_json(out / MASKS, {
+        "format": MASKS_FORMAT, **ms.to_dict(), "bits": bits, "num_classes": int(model.num_classes),
+        "forwards_per_image_certify": int(c.certify_forwards),
+        "fill": "the input normalisation's zero (the mean in pixels): masked pixels are exactly 0.0 normalised, the "
+                "input quantizer's zero point"})
 
 
 @torch.no_grad()

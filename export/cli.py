@@ -96,6 +96,17 @@ def add_bundle(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle (swapped in only when complete)")
     p.add_argument("--pack-weights", action="store_true",
                    help="ship 2/4-bit weights packed 4/2 per byte (weights.packed.npz); run_edge.py unpacks them")
+    # the mask set's options are `qnn certify`'s (one patch size: a bundle carries one set)
+    p.add_argument("--certify-patch-size", type=arg_int(1),
+                   help="carry a certification mask set for a square patch of this side (pixels) and PyTorch's "
+                        "certified inference per image (masks.json, expected_certify.npz); run_edge.py --certify "
+                        "checks it on the device (default: no mask set)")
+    p.add_argument("--mask-positions", type=arg_int(2),
+                   help="with --certify-patch-size: mask positions per axis (default 6)")
+    p.add_argument("--method", help="with --certify-patch-size: patchcleanser | certmask (default patchcleanser)")
+    p.add_argument("--axis-coverage", type=arg_int(1),
+                   help="with --certify-patch-size --method certmask: masks covering each patch location per axis "
+                        "(default 2)")
 
 
 def cmd_bundle(a) -> int:
@@ -105,7 +116,7 @@ def cmd_bundle(a) -> int:
 
     check_output(a.out, "dir", (a.checkpoint, a.data_dir, *a.patch))
     model, obj, sha = _load_at_bits(a.checkpoint, a.bits, a.model)
-    ds = load_dataset(a.dataset, "test", a.data_dir).subset(a.n)
+    ds = load_dataset(a.dataset, "test", a.data_dir, like=model).subset(a.n)
     check_data_fits(model, ds, "bundle images")
     patches = []
     for p in a.patch:
@@ -113,9 +124,29 @@ def cmd_bundle(a) -> int:
         if cfg.image_size != tuple(ds.x.shape[1:3]):
             raise QNNError(f"{p}: patch made for {cfg.image_size} images, the bundle's are {tuple(ds.x.shape[1:3])}")
         patches.append((Path(p).stem, t, cfg))
-    out = build_bundle(model, a.bits, a.out, ds.x, ds.y, patches, sha, overwrite=a.overwrite, pack_weights=a.pack_weights)
+    out = build_bundle(model, a.bits, a.out, ds.x, ds.y, patches, sha, overwrite=a.overwrite,
+                       pack_weights=a.pack_weights, certify_masks=_bundle_mask_set(a, tuple(ds.x.shape[1:3])))
     print(json.dumps({"bundle": str(out)}))
     return 0
+
+
+def _bundle_mask_set(a, image_size: tuple[int, int]):
+    """The mask set `qnn bundle` carries (None without --certify-patch-size), validated as `qnn certify` does."""
+    from qnn.certify import METHODS, mask_set
+
+    given = [f for f, v in (("--mask-positions", a.mask_positions), ("--method", a.method),
+                            ("--axis-coverage", a.axis_coverage)) if v is not None]
+    if a.certify_patch_size is None:
+        if given:
+            raise QNNError(f"{', '.join(given)} describe the certification mask set: give --certify-patch-size too")
+        return None
+    method = a.method or "patchcleanser"
+    if method not in METHODS:
+        raise QNNError(f"unknown --method '{method}'; choose from {', '.join(METHODS)}")
+    if method != "certmask" and a.axis_coverage is not None:
+        raise QNNError("--axis-coverage applies to --method certmask only (PatchCleanser's coverage is 1)")
+    coverage = (2 if a.axis_coverage is None else a.axis_coverage) if method == "certmask" else 1
+    return mask_set(method, image_size, a.certify_patch_size, a.mask_positions or 6, coverage)
 
 
 COMMANDS = {"export": (add_export, cmd_export), "verify": (add_verify, cmd_verify), "bundle": (add_bundle, cmd_bundle)}

@@ -242,12 +242,12 @@ def build_graph(model: torch.nn.Module, bits: int, fmt: str = "int", batch: int 
     if batch is None:
         batch = 1 if fmt == "qonnx" else "N"
     b = _Builder(fmt, bits, weight_type)
-    H = W = model.in_size
+    C, H, W = model.in_channels, model.in_size, model.in_size
     with torch.no_grad():
-        logits = IntegerProgram(model.body).emit(b, "input", (1, 3, H, W))
+        logits = IntegerProgram(model.body).emit(b, "input", (1, C, H, W))
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_node"))
     graph = helper.make_graph(b.nodes, f"{getattr(model, 'arch', 'model')}_w{bits}a{bits}",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, H, W])],
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, C, H, W])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, model.num_classes])], b.inits)
     opsets = [helper.make_opsetid("", OPSET)]
     if fmt == "qonnx":
@@ -298,7 +298,8 @@ def export_model(model: torch.nn.Module, bits: int, fmt: str, out: str | Path, m
           "residual_bits": str(max(bits, model.residual_bits) if getattr(model, "residual_bits", None) else bits),
           "first_last_w_bits": str(model.first_last_bits or bits), "input_layout": "NCHW",
           "input_normalisation": json.dumps({"mean": list(model.mean), "std": list(model.std), "pixel_range": [0, 1]}),
-          "input_shape": json.dumps([3, model.in_size, model.in_size]), "arch": getattr(model, "arch", ""),
+          "input_shape": json.dumps([model.in_channels, model.in_size, model.in_size]),
+          "arch": getattr(model, "arch", ""),
           "weight_type": weight_type, "reduce_range": str(_reduce_range(model)).lower()}
     if fmt == "int":  # what bench/run_edge.py checks against the CPU's flags before running
         md["int8_weight_max"] = str(int8_weight_max(m))
@@ -313,7 +314,7 @@ def export_model(model: torch.nn.Module, bits: int, fmt: str, out: str | Path, m
 
 
 def normalise(x01: np.ndarray, mean, std) -> np.ndarray:
-    """NCHW pixels in [0,1] -> the exported graph's input."""
-    m = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
-    s = np.asarray(std, np.float32).reshape(1, 3, 1, 1)
+    """NCHW pixels in [0,1] -> the exported graph's input (mean and std: one value per channel)."""
+    m = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
     return ((x01.astype(np.float32) - m) / s).astype(np.float32)

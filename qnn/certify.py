@@ -225,9 +225,9 @@ def one_round_vote(first: np.ndarray, cover: np.ndarray, num_classes: int) -> tu
 # ---- the model (torch) -----------------------------------------------------------------------------------------------
 
 def fill_pixels(model: nn.Module) -> torch.Tensor:
-    """(3,) pixel values that normalise to exactly 0.0: the model's mean (float32, as its normalisation holds it)."""
+    """(C,) pixel values that normalise to exactly 0.0: the model's mean (float32, as its normalisation holds it)."""
     mean = getattr(model, "mean", None)
-    if mean is None or len(mean) != 3:
+    if mean is None or len(mean) != getattr(model, "in_channels", len(mean)):
         raise QNNError("masking needs the model's input normalisation (a qnn.models.quantized.QuantizedNet has it)")
     return torch.tensor(tuple(mean), dtype=torch.float32)
 
@@ -240,7 +240,7 @@ def masked_predictions(model: nn.Module, x: torch.Tensor, unions: np.ndarray, fi
     B, U = len(x), len(unions)
     out = torch.empty(B * U, dtype=torch.long)
     xs, un = x.to(device), torch.as_tensor(unions, device=device)
-    f = fill.to(device=device, dtype=x.dtype).view(1, 3, 1, 1)
+    f = fill.to(device=device, dtype=x.dtype).view(1, -1, 1, 1)
     for s in range(0, B * U, batch):
         idx = torch.arange(s, min(s + batch, B * U), device=device)
         xm = torch.where(un[idx % U][:, None], f, xs[idx // U])

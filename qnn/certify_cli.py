@@ -89,7 +89,7 @@ def cmd_certify(a) -> int:
         H = getattr(model, "in_size", None) or 32
         coverage = a.axis_coverage if a.method == "certmask" else 1
         sets = {p: mask_set(a.method, (H, H), p, a.mask_positions, coverage) for p in sizes}  # validates each size
-        test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed)
+        test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed, like=model)
         check_data_fits(model, test, "test set")
         if a.n > len(test):
             raise QNNError(f"--n {a.n} is more than the {len(test)} images of the test set; give at most {len(test)}")

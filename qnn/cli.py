@@ -31,6 +31,10 @@ def _add_train(sub) -> None:
     p.add_argument("--threads", type=arg_int(1, 1024), help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--train-subset", dest="train_subset", type=arg_int(1), help="train on the first N images only")
     p.add_argument("--test-subset", dest="test_subset", type=arg_int(1), help="evaluate on the first N test images only")
+    p.add_argument("--image-size", dest="image_size", type=arg_int(1, 4096),
+                   help="side of synthetic / ImageFolder images in pixels (default: the model's, else 32 / 224)")
+    p.add_argument("--num-classes", dest="num_classes", type=arg_int(2, 1000),
+                   help="classes of the synthetic set (default: your model's head, else 10)")
     p.add_argument("--eval-bits", dest="eval_bits", help="bit-widths evaluated after each epoch (default: --bits)")
     p.add_argument("--eval-every", dest="eval_every", type=arg_int(1),
                    help="evaluate on the test set every N epochs and after the last (default 1)")
@@ -139,14 +143,14 @@ def cmd_eval(a) -> int:
     if a.json:
         check_output(a.json, "file", (a.checkpoint, a.data_dir), overwrite=a.overwrite)
     model, obj = load_checkpoint(a.checkpoint, user_model=a.model)
-    test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed).subset(a.subset)
+    test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed, like=model).subset(a.subset)
     check_data_fits(model, test, "test set")
     trained = obj.get("trained_bits", [])
     missing = [b for b in bits if b not in trained and b != 32]
     if missing and not a.calibrate:
         raise QNNError(f"{a.checkpoint} was not trained at {missing} bits (trained: {trained}); pass --calibrate")
     if missing:
-        train_ds = load_dataset(a.dataset, "train", a.data_dir, seed=a.seed)
+        train_ds = load_dataset(a.dataset, "train", a.data_dir, seed=a.seed, like=model)
         for b in missing:
             calibrate_(model, train_ds, b)
     acc = evaluate(model, test, bits)
@@ -243,15 +247,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _replay(seen) -> None:
-    """Show the warnings a command raised, once each, after it (a failed command shows only its error line)."""
-    import warnings
-
+    """Show the warnings a command raised, once each and one line each, after it (a failed command shows only its
+    error line)."""
     shown = set()
     for w in seen:
-        key = (str(w.message), w.category, w.filename, w.lineno)
-        if key not in shown:
-            shown.add(key)
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        text = " ".join(str(w.message).split())
+        if text not in shown:
+            shown.add(text)
+            print(f"qnn: warning: {text}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,8 @@ class TrainConfig:
     train_subset: int | None = None
     test_subset: int | None = None
     n_synthetic: int | None = None
+    image_size: int | None = None       # side of synthetic / ImageFolder images (default: the model's, else 32 / 224)
+    num_classes: int | None = None      # classes of the synthetic set (default: the user model's head, else 10)
     first_last_bits: int | None = 8
     residual_bits: int | None = None    # ResNets: keep the residual stream at >= this many bits (None: a_bits)
     reduce_range: bool = True           # 8-bit weights on the 7-bit grid: the int8 export is exact on every CPU
@@ -123,6 +125,10 @@ class TrainConfig:
         for n in ("train_subset", "test_subset", "n_synthetic"):
             if getattr(self, n) is not None:
                 check_int(n, getattr(self, n), 1)
+        if self.image_size is not None:
+            check_int("image_size", self.image_size, 1, 4096)
+        if self.num_classes is not None:
+            check_int("num_classes", self.num_classes, 2, 1000)
         if not isinstance(self.defense_args, dict):
             raise QNNError(f"defense_args must be a mapping of option: value, got {self.defense_args!r}")
         check_device(self.device)

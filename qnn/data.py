@@ -1,6 +1,10 @@
 """Datasets without torchvision: CIFAR-10 (shared npz layout or `cifar-10-batches-py`), ImageFolder (Pillow),
-and an embedded synthetic 10-class set generated from a seed. Batches are float NCHW in [0, 1]; augmentation
-(random crop with padding, horizontal flip) runs on whole batches in plain torch.
+and an embedded synthetic set generated from a seed. Batches are float NCHW in [0, 1]; augmentation (random crop
+with padding, horizontal flip) runs on whole batches in plain torch.
+
+Data fits the model: the synthetic set is made, and ImageFolder images are read, with the model's input channels
+(1 grayscale, 3 RGB), image side and (synthetic) classes (`load_dataset(..., like=model)`); CIFAR-10 is what it is.
+`check_data_fits` refuses, in one line, data the model cannot take.
 """
 
 from __future__ import annotations
@@ -25,19 +29,22 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # published on the dataset's page
 DATASETS = ("synthetic", "cifar10", "imagefolder")
+CHANNELS = {1: "grayscale", 3: "RGB"}  # image channels the loaders make and read
+DEFAULT_SIZE = {"synthetic": 32, "cifar10": 32, "imagefolder": 224}  # image side when neither model nor option says
 
 
 @dataclass
 class ArrayDataset:
-    """Images as uint8 NHWC plus int64 labels."""
+    """Images as uint8 NHWC (1 channel: grayscale, 3: RGB) plus int64 labels."""
 
     x: np.ndarray
     y: np.ndarray
     classes: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        if self.x.ndim != 4 or self.x.shape[-1] != 3 or self.x.dtype != np.uint8:
-            raise QNNError(f"images must be uint8 NHWC RGB, got {self.x.dtype} {self.x.shape}")
+        if self.x.ndim != 4 or self.x.shape[-1] not in CHANNELS or self.x.dtype != np.uint8:
+            raise QNNError(f"images must be uint8 NHWC with 1 (grayscale) or 3 (RGB) channels, got {self.x.dtype} "
+                           f"{self.x.shape}")
         y = np.asarray(self.y)
         if y.ndim != 1 or y.dtype == np.bool_ or not np.issubdtype(y.dtype, np.integer):
             raise QNNError(f"labels must be a 1-D integer array, got {y.dtype} {y.shape}")
@@ -52,6 +59,10 @@ class ArrayDataset:
 
     def __len__(self) -> int:
         return len(self.x)
+
+    @property
+    def channels(self) -> int:
+        return int(self.x.shape[-1])
 
     def subset(self, n: int | None, start: int = 0) -> "ArrayDataset":
         if n is None:
@@ -68,13 +79,22 @@ class ArrayDataset:
 
 
 def check_data_fits(model, ds: ArrayDataset, what: str = "data") -> None:
-    """The images have the size the model takes, and every label is one of the model's classes."""
+    """The images have the channels and size the model takes, and every label is one of the model's classes."""
+    ch = getattr(model, "in_channels", None)
+    if ch is not None and ds.channels != ch:
+        raise QNNError(f"{what}: images have {_channels(ds.channels)}, the model's first conv takes {_channels(ch)}"
+                       + ("; the synthetic set and ImageFolder are made to the model's channels" if ch in CHANNELS
+                          else ""))
     size = getattr(model, "in_size", None)
     if size is not None and tuple(ds.x.shape[1:3]) != (size, size):
         raise QNNError(f"{what}: images are {ds.x.shape[1]}x{ds.x.shape[2]}, the model takes {size}x{size}")
     n_cls = getattr(model, "num_classes", None)
     if n_cls is not None and int(ds.y.max()) >= n_cls:
         raise QNNError(f"{what}: label {int(ds.y.max())} is outside the model's {n_cls} classes")
+
+
+def _channels(c: int) -> str:
+    return f"{c} channel{'s' if c != 1 else ''}" + (f" ({CHANNELS[c]})" if c in CHANNELS else "")
 
 
 def to_tensor(x_uint8: np.ndarray) -> torch.Tensor:
@@ -216,9 +236,13 @@ def download_cifar10(cache_dir: str | Path) -> Path:
 # --------------------------------------------------------------------------- ImageFolder
 
 
-def load_image_folder(root: str | Path, size: int = 224, max_per_class: int | None = None) -> ArrayDataset:
-    """root/<class>/<image>; images resized (shorter side) and center-cropped to size x size."""
+def load_image_folder(root: str | Path, size: int = 224, max_per_class: int | None = None,
+                      channels: int = 3) -> ArrayDataset:
+    """root/<class>/<image>; images resized (shorter side) and center-cropped to size x size, as RGB (channels 3) or
+    grayscale (channels 1: Pillow's "L", ITU-R 601 luma)."""
     from PIL import Image
+
+    _check_shape(size, channels)
 
     root = Path(root)
     if not root.is_dir():
@@ -231,7 +255,7 @@ def load_image_folder(root: str | Path, size: int = 224, max_per_class: int | No
         files = sorted(f for f in (root / c).iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
         for f in files[:max_per_class]:
             try:
-                im = Image.open(f).convert("RGB")
+                im = Image.open(f).convert("L" if channels == 1 else "RGB")
             except Exception as e:
                 raise QNNError(f"{f}: unreadable image: {e}") from None
             w, h = im.size
@@ -239,7 +263,8 @@ def load_image_folder(root: str | Path, size: int = 224, max_per_class: int | No
             im = im.resize((max(size, round(w * r)), max(size, round(h * r))), Image.BILINEAR)
             w, h = im.size
             left, top = (w - size) // 2, (h - size) // 2
-            xs.append(np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8))
+            xs.append(np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8).reshape(size, size,
+                                                                                                       channels))
             ys.append(ci)
     if not xs:
         raise QNNError(f"no images under {root}")
@@ -251,29 +276,42 @@ def load_image_folder(root: str | Path, size: int = 224, max_per_class: int | No
 SYNTH_CLASSES = tuple(f"class{i}" for i in range(10))
 
 
-def synthetic_dataset(n: int, seed: int = 0, size: int = 32) -> ArrayDataset:
-    """Deterministic 10-class RGB set: each class is an oriented grating of its own frequency and colour pair
-    mixed with a class-shaped blob; random phase, position, contrast, colour jitter, clutter from the other
-    classes' patterns and pixel noise make it non-trivial (a small CNN does not reach 100% in one epoch).
-    Generated once per process for each (n, seed, size) (it takes seconds); each call gets its own copy."""
-    x, y = _synthetic_arrays(n, seed, size)
-    return ArrayDataset(x.copy(), y.copy(), SYNTH_CLASSES)
+def synthetic_dataset(n: int, seed: int = 0, size: int = 32, channels: int = 3, num_classes: int = 10) -> ArrayDataset:
+    """Deterministic set of `num_classes` classes (RGB, or grayscale with channels 1): each class is an oriented
+    grating of its own frequency and colour (grey level) pair mixed with a class-shaped blob; random phase,
+    position, contrast, colour jitter, clutter from the other classes' patterns and pixel noise make it non-trivial
+    (a small CNN does not reach 100% in one epoch). The default 32x32 RGB 10-class set is the one earlier versions
+    made, image for image. Generated once per process for each setting (it takes seconds); each call gets its own
+    copy."""
+    _check_shape(size, channels)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 2 <= num_classes <= 1000:
+        raise QNNError(f"synthetic set: num_classes must be an integer in 2..1000, got {num_classes!r}")
+    x, y = _synthetic_arrays(n, seed, size, channels, num_classes)
+    return ArrayDataset(x.copy(), y.copy(), tuple(f"class{i}" for i in range(num_classes)))
+
+
+def _check_shape(size, channels) -> None:
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 4096:
+        raise QNNError(f"image size must be an integer side in pixels in 1..4096, got {size!r}")
+    if channels not in CHANNELS or isinstance(channels, bool):
+        raise QNNError(f"image channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
 
 
 @functools.lru_cache(maxsize=4)
-def _synthetic_arrays(n: int, seed: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _synthetic_arrays(n: int, seed: int, size: int, channels: int = 3, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    # the draws are those of the original 10-class RGB generator whenever (channels, k) = (3, 10): same images
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     base_rng = np.random.default_rng(12345)  # class definitions fixed, independent of the sample seed
-    angles = np.linspace(0, np.pi, 10, endpoint=False) + base_rng.uniform(-0.1, 0.1, 10)
-    freqs = base_rng.uniform(2.0, 6.0, 10)
-    cols = base_rng.uniform(0.2, 1.0, (10, 2, 3))
-    y = rng.integers(0, 10, n)
-    x = np.empty((n, size, size, 3), dtype=np.uint8)
+    angles = np.linspace(0, np.pi, k, endpoint=False) + base_rng.uniform(-0.1, 0.1, k)
+    freqs = base_rng.uniform(2.0, 6.0, k)
+    cols = base_rng.uniform(0.2, 1.0, (k, 2, channels))
+    y = rng.integers(0, k, n)
+    x = np.empty((n, size, size, channels), dtype=np.uint8)
     for i in range(n):
         c = y[i]
         img = _pattern(c, xx, yy, angles, freqs, cols, rng) * rng.uniform(0.5, 1.0)
-        d = rng.integers(0, 10)  # distractor from another class, weaker
+        d = rng.integers(0, k)  # distractor from another class, weaker
         img += 0.35 * rng.uniform(0.3, 1.0) * _pattern(d, xx, yy, angles, freqs, cols, rng)
         img += rng.normal(0, 0.12, img.shape)
         img = (img - img.min()) / (img.max() - img.min() + 1e-6)
@@ -288,15 +326,32 @@ def _pattern(c, xx, yy, angles, freqs, cols, rng) -> np.ndarray:
     cx, cy = rng.uniform(0.25, 0.75, 2)
     r = 0.12 + 0.02 * (c % 3)
     blob = np.exp(-(((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r)))
-    cj = cols[c] + rng.normal(0, 0.08, (2, 3))
+    cj = cols[c] + rng.normal(0, 0.08, cols.shape[1:])
     return g[..., None] * cj[0] + blob[..., None] * cj[1]
 
 
 def load_dataset(name: str, split: str, data_dir: str | None = None, seed: int = 0, n_synthetic: int | None = None,
-                 image_size: int = 224, download: bool = False) -> ArrayDataset:
+                 image_size: int | None = None, download: bool = False, channels: int | None = None,
+                 num_classes: int | None = None, like=None) -> ArrayDataset:
+    """The `split` of dataset `name`, made (synthetic) or read (ImageFolder) to fit a model.
+
+    Args:
+        image_size: side in pixels of synthetic and ImageFolder images (default: `like`'s, else 32 and 224).
+        channels: 1 (grayscale) or 3 (RGB) for synthetic and ImageFolder images (default: `like`'s, else 3).
+        num_classes: classes of the synthetic set (default: `like`'s, else 10).
+        like: a model (its `in_channels`, `in_size`, `num_classes`) whose input the data is made to fit; explicit
+            arguments take precedence. CIFAR-10 is 32x32 RGB with 10 classes whatever is asked: `check_data_fits`
+            then says what does not fit.
+    """
+    if like is not None:
+        image_size = image_size or getattr(like, "in_size", None)
+        channels = channels or getattr(like, "in_channels", None)
+        num_classes = num_classes or getattr(like, "num_classes", None)
+    size, channels = image_size or DEFAULT_SIZE.get(name, 32), channels or 3
     if name == "synthetic":
         n = n_synthetic or (5000 if split == "train" else 1000)
-        return synthetic_dataset(n, seed=seed + (0 if split == "train" else 99_991))
+        return synthetic_dataset(n, seed=seed + (0 if split == "train" else 99_991), size=size, channels=channels,
+                                 num_classes=num_classes or len(SYNTH_CLASSES))
     if name == "cifar10":
         if data_dir is None:
             raise QNNError("--data-dir is required for cifar10 (e.g. ../shared/data/cifar10)")
@@ -306,5 +361,54 @@ def load_dataset(name: str, split: str, data_dir: str | None = None, seed: int =
     if name == "imagefolder":
         if data_dir is None:
             raise QNNError("--data-dir is required for imagefolder")
-        return load_image_folder(Path(data_dir) / split if (Path(data_dir) / split).is_dir() else data_dir, image_size)
+        return load_image_folder(Path(data_dir) / split if (Path(data_dir) / split).is_dir() else data_dir, size,
+                                 channels=channels)
     raise QNNError(f"unknown dataset '{name}'; choose from {', '.join(DATASETS)}")
+
+
+def dataset_classes(name: str, data_dir: str | None, split: str = "train") -> int | None:
+    """How many classes the dataset has before its images are read (None: the synthetic set, made to order)."""
+    if name == "cifar10":
+        return len(CIFAR10_CLASSES)
+    if name == "imagefolder" and data_dir is not None:
+        root = Path(data_dir) / split if (Path(data_dir) / split).is_dir() else Path(data_dir)
+        if root.is_dir():
+            return sum(1 for p in root.iterdir() if p.is_dir()) or None
+    return None
+
+
+def model_fit_kwargs(cfg) -> dict:
+    """`num_classes` and `in_size` to build the model of training config `cfg` with, before any image is read.
+
+    Classes: the dataset's (CIFAR-10: 10, ImageFolder: its class folders), else `cfg.num_classes`, else (synthetic)
+    a user's model decides (its fixed head or its factory's default) and a zoo model gets 10. Size: `cfg.image_size`,
+    else for a user's model (which does not say what images it takes) the dataset's default side; a zoo model keeps
+    its own. None values mean: not passed. `train_test_sets` then makes the data to fit the model built."""
+    from qnn.models.registry import is_user_model, takes_in_size
+
+    user = is_user_model(cfg.model)
+    n_cls = dataset_classes(cfg.dataset, cfg.data_dir)
+    if n_cls is not None and cfg.num_classes is not None and cfg.num_classes != n_cls:
+        raise QNNError(f"num_classes {cfg.num_classes}: {cfg.dataset} at {cfg.data_dir} has {n_cls} classes")
+    n_cls = n_cls or cfg.num_classes or (None if user else len(SYNTH_CLASSES))
+    size = cfg.image_size
+    if size is None and user:
+        size = DEFAULT_SIZE.get(cfg.dataset, 32)
+    if size is not None and not user and not takes_in_size(cfg.model):
+        size = None  # a fixed-size zoo model: train_test_sets names the clash with image_size
+    return {"num_classes": n_cls, "in_size": size}
+
+
+def train_test_sets(cfg, model) -> tuple[ArrayDataset, ArrayDataset]:
+    """The training and test sets of `cfg`, made or read to fit `model` (channels, size, synthetic classes) and
+    checked: data the model cannot take is one line (a QNNError), before any training."""
+    if cfg.image_size is not None and getattr(model, "in_size", None) not in (None, cfg.image_size):
+        raise QNNError(f"image_size {cfg.image_size}: model '{cfg.model}' takes {model.in_size}x{model.in_size} "
+                       f"images")
+    kw = {"seed": cfg.seed, "n_synthetic": cfg.n_synthetic, "image_size": cfg.image_size,
+          "num_classes": cfg.num_classes, "like": model}
+    train = load_dataset(cfg.dataset, "train", cfg.data_dir, **kw).subset(cfg.train_subset)
+    test = load_dataset(cfg.dataset, "test", cfg.data_dir, **kw).subset(cfg.test_subset)
+    check_data_fits(model, train, "training set")
+    check_data_fits(model, test, "test set")
+    return train, test

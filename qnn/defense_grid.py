@@ -234,10 +234,14 @@ def matched_training(budget: Budget, row: Row, target: Row, ratios: dict[str, fl
     return epochs, subset
 
 
+#: TrainConfig keys added after grid runs were first named: left out while unset, so those runs keep their folders
+LATER_KEYS = ("image_size", "num_classes")
+
+
 def settings_hash(cfg) -> str:
     from qnn.train import RESUME_IGNORED
 
-    d = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_IGNORED}
+    d = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_IGNORED and not (k in LATER_KEYS and v is None)}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

@@ -268,8 +268,8 @@ def read_results_json(path: str | Path, what: str = "results file") -> dict:
 
     def check(v, where: str, key: str) -> None:
         if isinstance(v, dict):
-            for k, x in v.items():
-                check(x, f"{where}.{k}", str(k))
+            for k, x in v.items():  # values keyed by bit-width ({"4": 81.2}) are what their parent's key names
+                check(x, f"{where}.{k}", key if str(k).isdigit() else str(k))
         elif isinstance(v, list):
             for i, x in enumerate(v):
                 check(x, f"{where}[{i}]", key)

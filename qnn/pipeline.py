@@ -71,7 +71,7 @@ def cmd_pipeline(a) -> int:
     from qnn.attacks.patch import PatchConfig
     from qnn.checkpoint import atomic_write_json
     from qnn.config import parse_bits
-    from qnn.data import load_dataset
+    from qnn.data import check_data_fits, load_dataset, model_fit_kwargs
     from qnn.outputs import StagedDir
     from qnn.train import check_resume_config, versions
 
@@ -92,12 +92,15 @@ def cmd_pipeline(a) -> int:
         for name, _ in STAGES:  # the exact configs the stages will train with, and their defenses
             cfg = _train_config(a, name, bits, stage.out / name)
             make_defense(cfg.defense, cfg.defense_args, cfg, create_model(cfg.model))
-        check_exportable(create_model(a.model))
+        # the model as the stages build it: the data is made (synthetic) or read to fit it, and checked before training
+        probe = create_model(a.model, **{k: v for k, v in model_fit_kwargs(cfg).items() if v is not None})
+        check_exportable(probe)
         if stage.resuming and (stage.work / CONFIG).is_file():
             check_resume_config(json.loads((stage.work / CONFIG).read_text()), config, stage.work, RESUME_IGNORED)
         t_start = time.perf_counter()
-        test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed, n_synthetic=a.n_synthetic)
-        train_ds = load_dataset(a.dataset, "train", a.data_dir, seed=a.seed, n_synthetic=a.n_synthetic)
+        test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed, n_synthetic=a.n_synthetic, like=probe)
+        train_ds = load_dataset(a.dataset, "train", a.data_dir, seed=a.seed, n_synthetic=a.n_synthetic, like=probe)
+        check_data_fits(probe, test, "test set")
         if a.n_attack >= len(train_ds):
             raise QNNError(f"--n-attack {a.n_attack} must be smaller than the {len(train_ds)} training images")
         xe, ye = test.subset(a.n_eval).tensors()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from dataclasses import dataclass
 
 import brevitas.nn as bnn
@@ -33,6 +34,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qnn.brevitas_import import brevitas_layers, copy_learned_scales_, to_float
 from qnn.brevitas_quant import (FixedInputQuant, SwitchableIntQuant, SwitchableShiftedActQuant,
                                 SwitchableUnsignedActQuant, SwitchableWeightQuant, with_fixed_bits)
 from qnn.config import parse_bits
@@ -176,18 +178,14 @@ _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 _AVG_POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.avg_pool2d, torch.mean}
 
 
-def is_quantized(model: nn.Module) -> bool:
-    """Built from Brevitas layers with the toolkit's quantizers, no float conv or linear left."""
-    mods = list(model.modules())
-    has_float = any(type(m) in (nn.Conv2d, nn.Linear) for m in mods)
-    return not has_float and any(isinstance(m, SwitchableIntQuant) for m in mods)
-
-
 def quantize(model: nn.Module, cfg: QuantizeConfig | None = None) -> nn.Module:
     """The switchable Brevitas model of the float CNN `model` (which is left unchanged)."""
     cfg = cfg or QuantizeConfig()
-    if is_quantized(model):
-        return model
+    if isinstance(model, fx.GraphModule) and hasattr(model, "quantize_config"):
+        return model  # made by quantize already
+    report = None
+    if brevitas_layers(model):  # a model on Brevitas layers: its float form, then the scales it learned
+        model, report = to_float(model)
     try:
         gm = fx.symbolic_trace(copy.deepcopy(model).eval())
     except Exception as e:  # FX raises many types (TraceError, TypeError on control flow, ...)
@@ -196,6 +194,10 @@ def quantize(model: nn.Module, cfg: QuantizeConfig | None = None) -> nn.Module:
     _Converter(gm, cfg).run()
     gm.recompile()
     gm.quantize_config = cfg  # type: ignore[attr-defined]
+    if report is not None:
+        copy_learned_scales_(gm, report)
+        for note in report.notes:
+            warnings.warn(f"Brevitas model: {note}", stacklevel=2)
     check_integer_form(gm, cfg)
     return gm
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from qnn import __version__
 from qnn.checkpoint import atomic_torch_save, atomic_write_json, load_checkpoint, load_torch_file, save_checkpoint
 from qnn.config import TrainConfig
-from qnn.data import ArrayDataset, check_data_fits, iterate_batches, load_dataset
+from qnn.data import ArrayDataset, iterate_batches, model_fit_kwargs, train_test_sets
 from qnn.errors import QNNError
 from qnn.layers import FLOAT_BITS, remember_init_, set_bit_width_
 from qnn.models import create_model
@@ -113,15 +113,15 @@ def distill_loss(ce: torch.Tensor, logits: torch.Tensor, t_logits: torch.Tensor,
     return (1 - alpha) * ce + alpha * temp * temp * kl
 
 
-def init_model(cfg: TrainConfig, num_classes: int, in_size: int | None = None) -> nn.Module:
-    from qnn.models import is_user_model
+def init_model(cfg: TrainConfig, num_classes: int | None, in_size: int | None = None) -> nn.Module:
+    """The model of `cfg` (num_classes None: a user's model decides, by its head or its factory's default)."""
     from qnn.models.quantized import load_float_weights
 
     kw = {"num_classes": num_classes, "first_last_bits": cfg.first_last_bits, "reduce_range": cfg.reduce_range}
     if cfg.residual_bits is not None:
         kw["residual_bits"] = cfg.residual_bits
-    if is_user_model(cfg.model) and in_size is not None:
-        kw["in_size"] = in_size  # a user's model does not say what images it takes; the data does
+    if in_size is not None:  # a user's model does not say what images it takes, nor a 224x224 model at another size
+        kw["in_size"] = in_size
     if cfg.init:
         obj = load_torch_file(cfg.init)
         if isinstance(obj, dict) and obj.get("format", "").startswith("qnn-checkpoint"):
@@ -278,14 +278,9 @@ def train(cfg: TrainConfig) -> dict:
         try:  # everything is validated (outputs, data, model, defense, teacher) before any output is touched
             if rank == 0:
                 held.enter_context(stage)  # the lock, and the decision what to write into
-            train_ds = load_dataset(cfg.dataset, "train", cfg.data_dir, seed=cfg.seed,
-                                    n_synthetic=cfg.n_synthetic).subset(cfg.train_subset)
-            test_ds = load_dataset(cfg.dataset, "test", cfg.data_dir, seed=cfg.seed,
-                                   n_synthetic=cfg.n_synthetic).subset(cfg.test_subset)
             torch.manual_seed(cfg.seed)
-            model = init_model(cfg, len(train_ds.classes), train_ds.x.shape[1]).to(device)
-            check_data_fits(model, train_ds, "training set")
-            check_data_fits(model, test_ds, "test set")
+            model = init_model(cfg, **model_fit_kwargs(cfg)).to(device)  # classes and size known before any image
+            train_ds, test_ds = train_test_sets(cfg, model)  # made or read to fit the model; a mismatch is one line
             defense = make_defense(cfg.defense, cfg.defense_args, cfg, model)
             teacher = load_teacher(cfg, len(train_ds.classes), device)
             if rank == 0:

@@ -86,7 +86,7 @@ def cmd_attack(a) -> int:
         bits = parse_bits(a.bits)
         model, obj = load_checkpoint(a.checkpoint, user_model=a.model)
         n_cls = model.num_classes
-        test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed)
+        test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed, like=model)
         check_data_fits(model, test, "test set")
         xe, ye = test.subset(a.n_eval).tensors()
         size = tuple(xe.shape[-2:])
@@ -97,7 +97,7 @@ def cmd_attack(a) -> int:
             for pc in load_suite(a.suite)["patches"]:
                 _patch_cfg(a, n_cls, size, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in pc.items()})
         source = load_checkpoint(a.source_checkpoint)[0] if a.source_checkpoint else None
-        train = load_dataset(a.dataset, "train", a.data_dir, seed=a.seed)
+        train = load_dataset(a.dataset, "train", a.data_dir, seed=a.seed, like=model)
         xa, ya = train.subset(a.n_attack).tensors()
         res: dict = {"checkpoint": a.checkpoint, "attack": a.attack, "n_eval": len(xe), "versions": versions(),
                      "results": {}}
@@ -183,7 +183,7 @@ def _attack(a, model, source, cfg, bits, xa, ya, xe, ye, out: Path, res: dict) -
 
         n = min(256, len(xe))
         res["gradient_alignment_clean"] = gradient_alignment(model, xe[:n], ye[:n], [b for b in bits if b != 32])
-        pm = torch.rand(3, *cfg.patch_shape, generator=torch.Generator().manual_seed(a.seed))
+        pm = torch.rand(xe.shape[1], *cfg.patch_shape, generator=torch.Generator().manual_seed(a.seed))
         loc = random_locations(n, *size, *cfg.patch_shape, torch.Generator().manual_seed(a.seed))
         xpn = apply_patch(xe[:n], pm, make_mask(cfg.shape, *cfg.patch_shape), loc)
         res["gradient_alignment_patched"] = gradient_alignment(model, xpn, ye[:n], [b for b in bits if b != 32])

@@ -2,7 +2,8 @@
 
 Knob names follow IBM ART where users know them (`scale_min`, `scale_max`, `rotation_max`, `patch_shape`,
 `targeted`); the size can also be given as `patch_frac`, a fraction of the image area (CIFAR 6x6 = 3.5%).
-Images are pixels in [0, 1]; patches live in the same space, so they are valid images and export-ready.
+Images are pixels in [0, 1]; patches live in the same space, so they are valid images and export-ready. A patch has
+the images' channels (C = 3 RGB, 1 grayscale): (C, h, w).
 """
 
 from __future__ import annotations
@@ -127,8 +128,10 @@ def random_locations(n: int, H: int, W: int, ph: int, pw: int, gen: torch.Genera
 
 
 def apply_patch(x: torch.Tensor, patch: torch.Tensor, mask: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
-    """Exact paste (no interpolation) of patch (3,h,w) or per-image (N,3,h,w) at integer top-left locations (N,2)."""
-    n, _, H, W = x.shape
+    """Exact paste (no interpolation) of patch (C,h,w) or per-image (N,C,h,w) at integer top-left locations (N,2)."""
+    n, C, H, W = x.shape
+    if patch.shape[-3] != C:
+        raise QNNError(f"patch has {patch.shape[-3]} channel(s), the images {C}")
     ph, pw = mask.shape[-2:]
     iy = loc[:, 0:1] + torch.arange(ph)[None]          # n,ph
     ix = loc[:, 1:2] + torch.arange(pw)[None]          # n,pw
@@ -136,7 +139,7 @@ def apply_patch(x: torch.Tensor, patch: torch.Tensor, mask: torch.Tensor, loc: t
     canvas_m = torch.zeros(n, H, W, dtype=x.dtype, device=x.device)
     canvas_m[b, iy[:, :, None], ix[:, None, :]] = mask[0].to(x.dtype).expand(n, ph, pw)
     p = patch if patch.dim() == 4 else patch.expand(n, *patch.shape)
-    canvas_p = torch.zeros(n, H, W, 3, dtype=x.dtype, device=x.device)
+    canvas_p = torch.zeros(n, H, W, C, dtype=x.dtype, device=x.device)
     canvas_p = canvas_p.index_put((b, iy[:, :, None], ix[:, None, :]), p.permute(0, 2, 3, 1))
     m = canvas_m[:, None]
     return x * (1 - m) + canvas_p.permute(0, 3, 1, 2) * m
@@ -155,8 +158,8 @@ def apply_patch_eot(x: torch.Tensor, patch: torch.Tensor, mask: torch.Tensor, cf
 
 def eot_warp(x: torch.Tensor, patch: torch.Tensor, mask: torch.Tensor, cfg: PatchConfig,
              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The patch (3,h,w) or per-image (N,3,h,w) warped onto image canvases under a random EOT transform: returns
-    (warped patch (N,3,H,W), soft mask (N,1,H,W)); the patched image is x * (1 - mask) + warped * mask."""
+    """The patch (C,h,w) or per-image (N,C,h,w) warped onto image canvases under a random EOT transform: returns
+    (warped patch (N,C,H,W), soft mask (N,1,H,W)); the patched image is x * (1 - mask) + warped * mask."""
     n, _, H, W = x.shape
     ph, pw = mask.shape[-2:]
     s = cfg.scale_min + (cfg.scale_max - cfg.scale_min) * torch.rand(n, generator=gen)
@@ -181,7 +184,8 @@ def eot_warp(x: torch.Tensor, patch: torch.Tensor, mask: torch.Tensor, cfg: Patc
     grid = F.affine_grid(theta.to(x.device), (n, 4, H, W), align_corners=False)
     pm = torch.cat([patch if patch.dim() == 4 else patch.expand(n, *patch.shape), mask.expand(n, 1, ph, pw).to(x)], 1)
     warped = F.grid_sample(pm, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return warped[:, :3], warped[:, 3:4]
+    c = patch.shape[-3]
+    return warped[:, :c], warped[:, c:c + 1]
 
 
 def _attack_loss(logits: torch.Tensor, y: torch.Tensor, cfg: PatchConfig) -> torch.Tensor:
@@ -208,8 +212,9 @@ def optimize_universal_patch(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                              snapshots: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict]:
     """Optimise one universal patch (best of `restarts`) on the attack set (x, y).
 
-    Returns (patch (3,h,w) in [0,1], info with per-restart ASR and images x EOT samples per second; with
-    `snapshots`, info["snapshots"][i] holds the restarts' patches (R,3,h,w) after i iterations, for ASR curves).
+    Returns (patch (C,h,w) in [0,1], C the images' channels, info with per-restart ASR and images x EOT samples per
+    second; with `snapshots`, info["snapshots"][i] holds the restarts' patches (R,C,h,w) after i iterations, for ASR
+    curves).
     The model is used in eval mode at its current bit-width unless cfg.eot_bits / ensemble_bits say otherwise.
     """
     import time
@@ -225,7 +230,7 @@ def optimize_universal_patch(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     ph, pw = cfg.patch_shape
     R = cfg.restarts
     mask = make_mask(cfg.shape, ph, pw).to(device)
-    patches = torch.rand(R, 3, ph, pw, generator=gen).to(device).requires_grad_(True)
+    patches = torch.rand(R, x.shape[1], ph, pw, generator=gen).to(device).requires_grad_(True)
     opt = torch.optim.Adam([patches], lr=cfg.step) if cfg.optimizer == "adam" else None
     bar = None
     if progress:
@@ -287,7 +292,7 @@ def per_image_patch_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, c
     mask = make_mask(cfg.shape, ph, pw).to(device)
     n, _, H, W = x.shape
     loc = random_locations(n, H, W, ph, pw, gen) if cfg.placement != "fixed" else fixed_locations(n, H, W, ph, pw)
-    p = torch.rand(n, 3, ph, pw, generator=gen).to(device).requires_grad_(True)
+    p = torch.rand(n, x.shape[1], ph, pw, generator=gen).to(device).requires_grad_(True)
     x, y = x.to(device), y.to(device)
     for _ in range(cfg.iterations):
         loss = _attack_loss(model(apply_patch(x, p, mask, loc)), y, cfg).sum()
@@ -357,8 +362,8 @@ def predict(model: nn.Module, x: torch.Tensor, batch: int = 500, device: str = "
 def patched_images(model: nn.Module, x: torch.Tensor, y: torch.Tensor, patch: torch.Tensor, cfg: PatchConfig,
                    device: str = "cpu") -> torch.Tensor:
     mask = make_mask(cfg.shape, *cfg.patch_shape)
-    if tuple(patch.shape) != (3, *cfg.patch_shape):
-        raise QNNError(f"patch has shape {tuple(patch.shape)}, expected {(3, *cfg.patch_shape)}")
+    if tuple(patch.shape) != (x.shape[1], *cfg.patch_shape):
+        raise QNNError(f"patch has shape {tuple(patch.shape)}, expected {(x.shape[1], *cfg.patch_shape)}")
     patch = patch.detach().to(x.device)  # a patch optimised on a GPU, pasted on CPU images
     loc = placement_locations(model, x, y, patch, cfg, device)
     return apply_patch(x, patch, mask, loc)
@@ -393,7 +398,9 @@ def save_patch(path: str | Path, patch: torch.Tensor, cfg: PatchConfig, info: di
     img = (patch.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     alpha = (mask[0].numpy() * 255).astype(np.uint8)
     png = io.BytesIO()
-    Image.fromarray(np.dstack([img, alpha]), "RGBA").resize((img.shape[1] * 8, img.shape[0] * 8), Image.NEAREST).save(png, "PNG")
+    mode = "RGBA" if img.shape[-1] == 3 else "LA"  # a grayscale patch: grey plus alpha
+    Image.fromarray(np.dstack([img, alpha]), mode).resize((img.shape[1] * 8, img.shape[0] * 8), Image.NEAREST).save(
+        png, "PNG")
     atomic_write_bytes(path.with_suffix(".png"), png.getvalue())
     return path
 
@@ -417,8 +424,9 @@ def load_patch(path: str | Path, expect_shape: tuple[int, int] | None = None) ->
         raise QNNError(f"{p}: malformed patch config ({type(e).__name__}: {str(e)[:100]})") from None
     except QNNError as e:
         raise QNNError(f"{p}: patch config: {e}") from None
-    if patch.dim() != 3 or patch.shape[0] != 3 or tuple(patch.shape[1:]) != tuple(cfg.patch_shape):
-        raise QNNError(f"{p}: patch array has shape {tuple(patch.shape)}, config says {(3, *cfg.patch_shape)}")
+    if patch.dim() != 3 or patch.shape[0] not in (1, 3) or tuple(patch.shape[1:]) != tuple(cfg.patch_shape):
+        raise QNNError(f"{p}: patch array has shape {tuple(patch.shape)}, config says (1 or 3 channels, "
+                       f"{cfg.patch_shape[0]}, {cfg.patch_shape[1]})")
     if expect_shape is not None and tuple(patch.shape[1:]) != tuple(expect_shape):
         raise QNNError(f"{p}: patch is {tuple(patch.shape[1:])}, expected {tuple(expect_shape)}")
     if not bool(((patch >= 0) & (patch <= 1)).all()):  # NaN fails both comparisons

@@ -43,7 +43,7 @@ class PBAT(Defense):
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
         mask = make_mask("square", o.patch_size, o.patch_size).to(x)
         loc = random_locations(n_p, x.shape[2], x.shape[3], o.patch_size, o.patch_size, gen)
-        p = torch.rand(n_p, 3, o.patch_size, o.patch_size, generator=gen).to(x)
+        p = torch.rand(n_p, x.shape[1], o.patch_size, o.patch_size, generator=gen).to(x)
         with FrozenEval(model, x) as m:
             for _ in range(o.iters):
                 p.requires_grad_(True)

@@ -45,7 +45,7 @@ class Masking(Defense):
         # validates the patch size and positions against the image (one line on error)
         self.ms = mask_set("patchcleanser", (H, H), opts.mask_patch_size, opts.mask_positions)
         self.masks = torch.from_numpy(self.ms.masks())
-        self.fill = fill_pixels(model).view(1, 3, 1, 1)
+        self.fill = fill_pixels(model).view(1, -1, 1, 1)
 
     def loss(self, model, x, y, bits, step):
         o = self.opts

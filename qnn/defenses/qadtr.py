@@ -71,10 +71,10 @@ class PatchPool:
     transfer only partly between precisions). Each patched image draws its own patch, so every patch of the step's
     pool gets a gradient, and a signed-gradient step, at every step."""
 
-    def __init__(self, bits: list[int], size: int, side: int, seed: int):
+    def __init__(self, bits: list[int], size: int, side: int, seed: int, channels: int = 3):
         self.bits = list(bits)
         g = torch.Generator().manual_seed(seed + 4242)
-        self.patches = torch.rand(len(self.bits), size, 3, side, side, generator=g)
+        self.patches = torch.rand(len(self.bits), size, channels, side, side, generator=g)
 
     def draw(self, bits: int, n: int, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(the pool of `bits` as a leaf that collects its gradient, the patch index of each of n images)."""
@@ -168,7 +168,7 @@ class QADTR(Defense):
         self.pcfg = PatchConfig(patch_shape=(P, P), image_size=(H, W))
         self.mask = make_mask("square", P, P)
         self.bits = list(cfg.bits)
-        self.pool = PatchPool(self.bits, opts.pool_size, P, cfg.seed)
+        self.pool = PatchPool(self.bits, opts.pool_size, P, cfg.seed, getattr(model, "in_channels", 3))
         self.sampler = BitSampler(self.bits, opts.adapt_alpha, opts.adapt_temp, cfg.seed)
         self._pending: tuple[int, torch.Tensor] | None = None  # (bit-width, pasted pool) awaiting this step's gradient
 
@@ -180,7 +180,7 @@ class QADTR(Defense):
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
         n_p = patched_count(len(x), o.frac_patched)
         if o.no_aqapa:  # ablation: a fresh random patch per step instead of the optimised pool
-            patch = torch.rand(1, 3, o.patch_size, o.patch_size, generator=gen).to(x)
+            patch = torch.rand(1, x.shape[1], o.patch_size, o.patch_size, generator=gen).to(x)
             k = torch.zeros(n_p, dtype=torch.long)
         else:
             patch, k = self.pool.draw(bits, n_p, gen, x.device)

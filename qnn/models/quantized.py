@@ -1,5 +1,6 @@
 """A float CNN made switchable by `qnn.quantize`, with the zoo's interface: pixels in [0, 1] in (what patches live
-in), normalisation first, then the quantized body; `num_classes`, `in_size`, `mean`, `std` as attributes.
+in), normalisation first, then the quantized body; `num_classes`, `in_size`, `in_channels` (the first conv's),
+`mean`, `std` (one value per input channel) as attributes.
 
 In eval mode at a quantized bit-width, `forward` runs the exported integer graph's arithmetic exactly
 (`qnn.integer.IntegerProgram`, built once per bit-width and weights: `qnn.integer.program_of`); with autograd on
@@ -19,6 +20,13 @@ from qnn.layers import (BIT_CHOICES, exact_integer_eval, get_bit_width, integer_
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Grayscale (and any other channel count): no dataset statistics to borrow, so pixels in [0, 1] map to [-1, 1]
+GRAY_MEAN, GRAY_STD = (0.5,), (0.5,)
+
+
+def first_conv_channels(body: nn.Module) -> int:
+    """The input channels of the first convolution (in definition order), 3 when the model has none."""
+    return next((m.in_channels for m in body.modules() if isinstance(m, nn.Conv2d)), 3)
 
 
 def input_range(mean, std) -> tuple[float, float]:
@@ -29,15 +37,22 @@ def input_range(mean, std) -> tuple[float, float]:
 
 
 class QuantizedNet(nn.Module):
-    def __init__(self, body: nn.Module, num_classes: int, in_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    def __init__(self, body: nn.Module, num_classes: int, in_size: int, mean=None, std=None,
                  first_last_bits: int | None = 8, residual_bits: int | None = None, reduce_range: bool = True):
+        """mean / std: one value per input channel; by default ImageNet's for 3 channels, 0.5 / 0.5 otherwise (not
+        stored in checkpoints: a model rebuilt from one gets the same defaults)."""
         super().__init__()
         from qnn.quantization import QuantizeConfig, quantize
 
+        c = self.in_channels = first_conv_channels(body)
+        mean = (IMAGENET_MEAN if c == 3 else GRAY_MEAN * c) if mean is None else mean
+        std = (IMAGENET_STD if c == 3 else GRAY_STD * c) if std is None else std
+        if len(mean) != c or len(std) != c:
+            raise QNNError(f"mean and std need one value per input channel ({c}), got {len(mean)} and {len(std)}")
         self.mean, self.std, self.in_size, self.num_classes = tuple(mean), tuple(std), in_size, num_classes
         self.first_last_bits, self.residual_bits, self.reduce_range = first_last_bits, residual_bits, reduce_range
-        self.register_buffer("_mean", torch.tensor(mean).reshape(1, 3, 1, 1), persistent=False)
-        self.register_buffer("_std", torch.tensor(std).reshape(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_mean", torch.tensor(mean).reshape(1, c, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(std).reshape(1, c, 1, 1), persistent=False)
         self.body = quantize(body, QuantizeConfig(first_last_bits=first_last_bits, residual_bits=residual_bits,
                                                   input_range=input_range(mean, std), reduce_range=reduce_range))
         # Brevitas re-creates its quantizer modules on load_state_dict (at float): switch them back

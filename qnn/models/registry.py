@@ -96,6 +96,8 @@ def create_model(name: str, **kw) -> nn.Module:
     model.arch = name  # type: ignore[attr-defined]
     # what rebuilds this model from a checkpoint, defaults that shape its integer grids included
     model.arch_kwargs = dict(kw)  # type: ignore[attr-defined]
+    if "num_classes" in kw and kw["num_classes"] is None:  # a user's model chose its classes: record them
+        model.arch_kwargs["num_classes"] = model.num_classes  # type: ignore[attr-defined]
     if hasattr(model, "reduce_range"):
         model.arch_kwargs["reduce_range"] = model.reduce_range  # type: ignore[attr-defined]
     return model

@@ -564,8 +564,8 @@ def test_user_factory_exits_and_warnings_are_one_line(tmp_path, capsys):
                    "def exits():\n    sys.exit(3)\n"
                    "def interrupts():\n    raise KeyboardInterrupt\n"
                    "def warns():\n    warnings.warn('this layer is deprecated')\n"
-                   "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),"
-                   " nn.Linear(4, 5))\n")
+                   "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Softplus(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),"
+                   " nn.Linear(4, 10))\n")
     base = ["train", "--bits", "4", "--epochs", "1", "--no-progress", "--out", tmp_path / "r", "--model"]
     assert "the factory raised SystemExit: 3" in cli_error(base + [f"{src}:exits"], capsys)
     assert "the factory raised KeyboardInterrupt" in cli_error(base + [f"{src}:interrupts"], capsys)
@@ -575,6 +575,38 @@ def test_user_factory_exits_and_warnings_are_one_line(tmp_path, capsys):
     # in a process of its own: pytest would otherwise collect the warning before it reached stderr
     r = subprocess.run([sys.executable, "-m", "qnn.cli", *map(str, base), f"{src}:warns"], capture_output=True,
                        text=True, timeout=300)
-    assert r.returncode == 2 and r.stderr.strip().startswith("qnn: error:") and "5 outputs" in r.stderr \
+    assert r.returncode == 2 and r.stderr.strip().startswith("qnn: error:") and "Softplus" in r.stderr \
         and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "r").exists() and not (tmp_path / "r.partial").exists()
+
+
+def test_results_read_back_are_validated(tmp_path):
+    """Every reader of a results file (render_docs, the defense grid, its cost cache) refuses NaN, infinities,
+    percentages outside [0, 100] and negative durations or counts, in one line naming the value."""
+    from qnn.outputs import read_results_json
+
+    good = {"asr_pct": 12.5, "rows": [{"clean_acc_pct": 80.0, "epoch_seconds": 3.0, "n_images": 10}]}
+    (tmp_path / "ok.json").write_text(json.dumps(good))
+    assert read_results_json(tmp_path / "ok.json") == good
+    for bad, said in (({"asr_pct": float("nan")}, "finite"), ({"rows": [{"clean_acc_pct": 150.0}]}, "percentage"),
+                      ({"asr": {"4": -1.0}}, "percentage"), ({"epoch_seconds": -2}, "negative"),
+                      ({"n_images": -5}, "negative"), ([1, 2], "JSON object")):
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(QNNError, match=said):
+            read_results_json(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text("{trunc")
+    with pytest.raises(QNNError, match="not a readable"):
+        read_results_json(tmp_path / "bad.json")
+
+
+def test_a_subset_larger_than_the_set_is_refused_not_cut(capsys, trained_ckpt, tmp_path):
+    from qnn.data import load_dataset
+
+    ds = load_dataset("synthetic", "test", n_synthetic=100)
+    assert len(ds.subset(100)) == 100 and len(ds.subset(10, start=90)) == 10
+    for n, start in ((101, 0), (11, 90)):
+        with pytest.raises(QNNError, match="ask for at most"):
+            ds.subset(n, start=start)
+    assert "ask for at most" in cli_error(["bundle", "--checkpoint", trained_ckpt, "--bits", "4", "--n", "100000",
+                                           "--out", tmp_path / "b"], capsys)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()

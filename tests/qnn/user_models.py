@@ -49,3 +49,34 @@ def brevitas_stock_cnn(num_classes: int = 10) -> nn.Module:
         qnn.QuantConv2d(8, 16, 3, stride=2, padding=1, weight_bit_width=4, bias=False), nn.BatchNorm2d(16),
         qnn.QuantReLU(bit_width=4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         qnn.QuantLinear(16, num_classes, bias=True, weight_bit_width=8))
+
+
+def brevitas_toolkit_cnn(num_classes: int = 10) -> nn.Module:
+    """Brevitas layers with the toolkit's switchable quantizers (the form `qnn.quantize` itself builds)."""
+    import brevitas.nn as qnn
+
+    from qnn.brevitas_quant import SwitchableUnsignedActQuant, SwitchableWeightQuant
+
+    return nn.Sequential(
+        qnn.QuantConv2d(3, 8, 3, padding=1, bias=False, weight_quant=SwitchableWeightQuant, return_quant_tensor=False),
+        nn.BatchNorm2d(8), qnn.QuantReLU(act_quant=SwitchableUnsignedActQuant, return_quant_tensor=False),
+        qnn.QuantConv2d(8, 16, 3, stride=2, padding=1, bias=False, weight_quant=SwitchableWeightQuant,
+                        return_quant_tensor=False),
+        nn.BatchNorm2d(16), qnn.QuantReLU(act_quant=SwitchableUnsignedActQuant, return_quant_tensor=False),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        qnn.QuantLinear(16, num_classes, bias=True, weight_quant=SwitchableWeightQuant, return_quant_tensor=False))
+
+
+def brevitas_per_channel_cnn(num_classes: int = 10) -> nn.Module:
+    """Stock Brevitas: per-channel weights, signed 8-bit activations after a ReLU, as Brevitas' tutorials mix them."""
+    import brevitas.nn as qnn
+    from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat, Uint8ActPerTensorFloat
+
+    return nn.Sequential(
+        qnn.QuantConv2d(3, 8, 3, padding=1, weight_bit_width=8, weight_quant=Int8WeightPerChannelFloat),
+        qnn.QuantReLU(bit_width=8, act_quant=Int8ActPerTensorFloat),
+        qnn.QuantConv2d(8, 16, 3, padding=1, weight_bit_width=2, weight_quant=Int8WeightPerChannelFloat),
+        nn.BatchNorm2d(16), qnn.QuantReLU(bit_width=2, act_quant=Uint8ActPerTensorFloat), nn.MaxPool2d(2),
+        qnn.QuantConv2d(16, 16, 3, padding=1, weight_bit_width=2, weight_quant=Int8WeightPerChannelFloat),
+        qnn.QuantReLU(bit_width=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        qnn.QuantLinear(16, num_classes, bias=True, weight_bit_width=8))
