@@ -44,9 +44,9 @@ def candidates(width: float, size: int) -> dict:
         out[f"{USER_FILE}:{name}"] = lambda name=name: create_model(f"{USER_FILE}:{name}", num_classes=10, in_size=16)
     out["test: Functional (elementwise calls, concat, avg_pool2d, gate)"] = lambda: QuantizedNet(Functional(), 10, 16)
     out["test: Shortcuts (option-A shortcut forms)"] = lambda: QuantizedNet(Shortcuts(), 10, 16)
-    for name in ("brevitas_stock_cnn", "grayscale_28"):
-        if hasattr(user_models, name):
-            out[f"{USER_FILE}:{name}"] = lambda name=name: create_model(f"{USER_FILE}:{name}", num_classes=10, in_size=28)
+    for name in ("brevitas_stock_cnn", "brevitas_per_channel_cnn", "brevitas_toolkit_cnn", "grayscale_28"):
+        getattr(user_models, name)  # the test file defines each
+        out[f"{USER_FILE}:{name}"] = lambda name=name: create_model(f"{USER_FILE}:{name}", num_classes=10, in_size=28)
     return out
 
 
