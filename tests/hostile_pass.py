@@ -405,6 +405,16 @@ def cases(w: Path, P: dict, F: dict, B: dict, TR: dict) -> list[tuple[str, str, 
     c.append(("eval --json on a full disk", "qnn_full_disk", E + ["--bits", 4, "--json", out / "r.json"]))
     c.append(("train on a full disk", "qnn_full_disk", T + ["--bits", 4, "--epochs", 1]))
     c.append(("export on a full disk", "qnn_full_disk", X))
+    C = ["certify", "--checkpoint", ck, "--bits", 4, "--n", 4, "--mask-positions", 2, "--out", out / "c"]
+    for flag, v in (("--patch-size", 0), ("--patch-size", 40), ("--patch-size", "4,x"), ("--mask-positions", 0),
+                    ("--method", "derandomized"), ("--bits", 3), ("--n", 100000), ("--n", -1), ("--batch-size", 0)):
+        q(f"certify {flag} {v}", C + [flag, v])
+    q("certify --axis-coverage 0 certmask", C + ["--method", "certmask", "--axis-coverage", 0])
+    q("certify --out the protected run", C[:-1] + [P["run"]])
+    q("certify --checkpoint text", ["certify", "--checkpoint", F["text"], "--out", out / "c"])
+    q("bundle --certify-patch-size 40", BU + ["--certify-patch-size", 40])
+    q("bundle --mask-positions without a patch size", BU + ["--mask-positions", 3])
+    r("run_edge --certify on a bundle without masks", R + [P["bundle"], "--certify", "--skip-latency"])
     r("run_edge --bundle missing", R + [w / "nope"])
     r("run_edge --bundle a file", R + [F["afile"]])
     r("run_edge --bundle a run folder", R + [P["run"]])
