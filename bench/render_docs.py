@@ -154,7 +154,8 @@ def zoo_exactness() -> str:
 
 PARITY = (("parity.json", "ResNet-20" + EARLIER), ("parity_resnet20_brevitas_w4.json", "ResNet-20, wide residual"),
           ("parity_resnet20_brevitas_w2.json", "ResNet-20, wide residual"),
-          ("parity_mobilenetv2_cifar.json", "MobileNetV2-CIFAR"))
+          ("parity_mobilenetv2_cifar.json", "MobileNetV2-CIFAR"),
+          ("parity_mobilenetv3_small_cifar.json", "MobileNetV3-Small-CIFAR"))
 
 
 def _inputs(r: dict) -> list[tuple[str, dict]]:
