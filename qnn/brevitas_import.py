@@ -76,6 +76,12 @@ def _toolkit(m: nn.Module) -> Learned | None:
     return Learned(q.kind, scales) if scales else None
 
 
+def _injector_name(proxy) -> str:
+    """The quantizer a Brevitas proxy was made from (`Int8WeightPerTensorFloat`, ...), for messages."""
+    inj = proxy.quant_injector
+    return inj.__name__ if isinstance(inj, type) else type(inj).__name__
+
+
 def _bits(proxy) -> int:
     b = float(proxy.bit_width())
     if b != int(b) or not 2 <= b <= 8:
@@ -87,7 +93,7 @@ def _weight(name: str, m: nn.Module) -> Learned | None:
     wq = m.weight_quant
     if not wq.is_quant_enabled:
         return None  # a float weight: the toolkit quantizes it like a float model's
-    what = type(wq.quant_injector).__name__ if not isinstance(wq.quant_injector, type) else wq.quant_injector.__name__
+    what = _injector_name(wq)
     try:
         bits = _bits(wq)
     except ValueError as e:
@@ -113,7 +119,7 @@ def _act(name: str, m: nn.Module, report: ImportReport) -> Learned | None:
     aq = m.act_quant
     if not aq.is_quant_enabled:
         return None
-    what = aq.quant_injector.__name__ if isinstance(aq.quant_injector, type) else type(aq.quant_injector).__name__
+    what = _injector_name(aq)
     try:
         bits = _bits(aq)
     except ValueError as e:

@@ -234,7 +234,6 @@ class StagedDir:
                 shutil.rmtree(self.partial)  # an interrupted earlier attempt; `out` itself is untouched
             self.created = not self.work.exists()
             self.work.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(self.work)
         except OSError as e:
             raise QNNError(f"cannot create {self.work}: {e.strerror}") from None
         return self.work
