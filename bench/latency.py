@@ -53,7 +53,7 @@ def count_macs(model, size: int) -> int:
 
     hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (convs, linears))]
     with torch.no_grad():
-        model(torch.rand(1, 3, size, size))
+        model(torch.rand(1, model.in_channels, size, size))
     for h in hs:
         h.remove()
     return macs
@@ -69,7 +69,7 @@ def export_float_onnx(model, path: Path) -> Path:
     set_bit_width_(model, 32)
     model.eval()
     size = model.in_size
-    torch.onnx.export(model.body, torch.rand(1, 3, size, size), str(path), dynamo=False, input_names=["input"],
+    torch.onnx.export(model.body, torch.rand(1, model.in_channels, size, size), str(path), dynamo=False, input_names=["input"],
                       output_names=["logits"], dynamic_axes={"input": {0: "N"}}, opset_version=17)
     return path
 
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             ipaths = {}
             for b in [int(v) for v in a.bits.split(",")]:
                 set_bit_width_(model, b)
-                ensure_calibrated_(model, torch.rand(8, 3, size, size))
+                ensure_calibrated_(model, torch.rand(8, model.in_channels, size, size))
                 ipaths[b] = export_model(model, b, "int", Path(td) / f"{name}_int{b}.onnx", weight_type=a.weight_type)
             for threads in [int(t) for t in a.threads.split(",")]:
                 torch.set_num_threads(threads)
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                          for b, p in ipaths.items()}
                 peak_run, peak_macs = peaks[threads]
                 for batch in [int(v) for v in a.batches.split(",")]:
-                    x = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
+                    x = np.random.default_rng(0).random((batch, model.in_channels, size, size), dtype=np.float32)
                     xt = torch.from_numpy(x)
                     iters = a.iters if (size <= 64 or batch == 1) else max(5, a.iters // 5)
                     # the ORT models and the int8 peak in the same rounds; PyTorch (a reference, far slower) after

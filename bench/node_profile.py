@@ -84,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
             model = create_model(name)
             size = model.in_size
             set_bit_width_(model, a.bits)
-            ensure_calibrated_(model, torch.rand(8, 3, size, size))
+            ensure_calibrated_(model, torch.rand(8, model.in_channels, size, size))
             set_bit_width_(model, 32)  # the float forward runs the layers (hooks); same shapes
             macs = count_macs(model.eval(), size) * a.batch
             set_bit_width_(model, a.bits)
             path = export_model(model, a.bits, "int", Path(td) / f"{name}.onnx")
-            x = np.random.default_rng(0).standard_normal((a.batch, 3, size, size)).astype(np.float32)
+            x = np.random.default_rng(0).standard_normal((a.batch, model.in_channels, size, size)).astype(np.float32)
             sessions = {}
             for profile in (False, True):
                 so = ort.SessionOptions()

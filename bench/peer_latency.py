@@ -55,7 +55,7 @@ def calibration_pixels(model, n: int, data_dir: str | None):
 
         x = load_dataset("cifar10", "train", data_dir).subset(n).tensors()[0].numpy()
     if x is None:
-        x = np.random.default_rng(0).random((n, 3, model.in_size, model.in_size), dtype=np.float32)
+        x = np.random.default_rng(0).random((n, model.in_channels, model.in_size, model.in_size), dtype=np.float32)
     return x
 
 

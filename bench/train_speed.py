@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(default 15)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (fuses the elementwise work)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    ap.add_argument("--image-size", type=int, default=None, help="input side for a model file's model (default: "
+                    "the model's own, else 32)")
     ap.add_argument("--profile", action="store_true", help="also print the top operators of five 4-bit steps "
                     "(torch.profiler) and how many device-to-host copies (host syncs) one step makes")
     ap.add_argument("--out", default="results/train_speed", help="results path without extension (.json and .md are "
@@ -121,9 +123,13 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    x, y = torch.rand(a.batch, 3, 32, 32).to(dev), torch.randint(0, 10, (a.batch,)).to(dev)
-    res = step_times({bits: create_model(a.model).to(dev) for bits in (32, 8, 4, 2)}, x, y, a.warmup, a.iters,
-                     a.compile, sync)
+    kw = {"in_size": a.image_size} if a.image_size else {}
+    models = {bits: create_model(a.model, **kw).to(dev) for bits in (32, 8, 4, 2)}
+    m = models[32]  # batches of the shape and classes the model takes
+    size = m.in_size or 32  # a user's model that does not say takes CIFAR's side
+    x = torch.rand(a.batch, m.in_channels, size, size).to(dev)
+    y = torch.randint(0, m.num_classes, (a.batch,)).to(dev)
+    res = step_times(models, x, y, a.warmup, a.iters, a.compile, sync)
     for bits, ms in res.items():
         print(f"{'float' if bits == 32 else f'{bits}-bit'}: {ms:.1f} ms/step", flush=True)
     prof = profile_step(model_at(a.model, 4, x), x, y) if a.profile else None

@@ -37,13 +37,14 @@ def candidates(width: float, size: int) -> dict:
         if n.startswith(WIDTH_MODELS):
             kw["width_mult"] = width
         out[n] = lambda n=n, kw=kw: create_model(n, **kw)
-    from tests.export.test_integer_program import Functional, Shortcuts
+    from tests.export.test_integer_program import Functional, Movement, Shortcuts
     from tests.qnn import user_models
 
     for name in ("tiny_cnn", "with_softplus"):
         out[f"{USER_FILE}:{name}"] = lambda name=name: create_model(f"{USER_FILE}:{name}", num_classes=10, in_size=16)
     out["test: Functional (elementwise calls, concat, avg_pool2d, gate)"] = lambda: QuantizedNet(Functional(), 10, 16)
     out["test: Shortcuts (option-A shortcut forms)"] = lambda: QuantizedNet(Shortcuts(), 10, 16)
+    out["test: Movement (ShuffleNet-V2 unit, split, permute, upsample)"] = lambda: QuantizedNet(Movement(), 10, 16)
     for name in ("brevitas_stock_cnn", "brevitas_per_channel_cnn", "brevitas_toolkit_cnn", "grayscale_28"):
         getattr(user_models, name)  # the test file defines each
         out[f"{USER_FILE}:{name}"] = lambda name=name: create_model(f"{USER_FILE}:{name}", num_classes=10, in_size=28)

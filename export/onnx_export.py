@@ -7,7 +7,7 @@ integer weights, int32 biases and scales the model's own evaluation computes wit
          x86-64 and aarch64. Sub-8-bit values travel in uint8/int8 containers with an integer Clip.
 - qcdq : float weights quantized in the graph (Q -> Clip -> DQ), Brevitas' QCDQ style.
 - qonnx: QONNX `Quant` nodes (domain qonnx.custom_op.general) for FINN / hls4ml; float compute between them.
-Data movement (MaxPool, Flatten, Slice, Pad) runs on the uint8 tensors directly; the option-A shortcut (strided Slice
+Data movement (MaxPool, Flatten, Slice, Pad, Reshape, Transpose, nearest Resize) runs on the uint8 tensors directly; the option-A shortcut (strided Slice
 + channel Pad) is one 1x1 QLinearConv that copies the integers in 'int' (`qnn.integer.ChannelEmbed`).
 """
 
@@ -125,6 +125,13 @@ class _Builder:
             steps.append(sl.step or 1)
         arr = lambda v, n: self.const(np.array(v, np.int64), n)  # noqa: E731
         return self.node("Slice", [name, arr(starts, "st"), arr(ends, "en"), arr(axes, "ax"), arr(steps, "sp")], "slice")
+
+    def upsample(self, name: str, factor: tuple[int, int]) -> str:
+        """Nearest upsampling of a 4-D tensor by whole factors: Resize(nearest) with 'asymmetric' coordinates and
+        'floor' rounding reads input pixel floor(i / f), each integer repeated f times."""
+        scales = self.const(np.array([1, 1, *factor], np.float32), "scales")
+        return self.node("Resize", [name, "", scales], "upsample", mode="nearest",
+                         coordinate_transformation_mode="asymmetric", nearest_mode="floor")
 
     def embed_channels(self, t: QTensor, stride: tuple[int, int], before: int, after: int) -> QTensor:
         """t[:, :, ::sh, ::sw] zero-padded by `before` / `after` channels, on t's grid. 'int': a 1x1 strided conv with

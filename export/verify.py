@@ -16,7 +16,7 @@ INTEGER_OPS = {"QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QGemm",
                "ConvInteger", "QLinearAveragePool", "QLinearMul", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu"}
 #: data movement / clamping that is exact on integer tensors
 MOVEMENT_OPS = {"Clip", "Slice", "Pad", "Flatten", "Reshape", "MaxPool", "Identity", "Transpose", "Squeeze",
-                "Unsqueeze", "Concat", "Shape", "Gather", "Cast", "Split"}
+                "Unsqueeze", "Concat", "Shape", "Gather", "Cast", "Split", "Resize"}
 BOUNDARY_OPS = {"QuantizeLinear", "DequantizeLinear"}
 
 
@@ -57,6 +57,12 @@ def optimized_graph(path: str | Path, level: str = "extended", threads: int = 1)
         os.unlink(tmp)
 
 
+def _interpolates(n: onnx.NodeProto) -> bool:
+    """A Resize other than nearest computes new values."""
+    modes = [a.s for a in n.attribute if a.name == "mode"]
+    return n.op_type == "Resize" and modes != [b"nearest"]
+
+
 def census(model: onnx.ModelProto) -> dict:
     """Op counts and the float compute ops left (with the input Quantize and final Dequantize allowed)."""
     ops = Counter(n.op_type for n in model.graph.node)
@@ -64,7 +70,7 @@ def census(model: onnx.ModelProto) -> dict:
     graph_outputs = {o.name for o in model.graph.output}
     float_ops = []
     for n in model.graph.node:
-        if n.op_type in INTEGER_OPS or n.op_type in MOVEMENT_OPS:
+        if n.op_type in INTEGER_OPS or (n.op_type in MOVEMENT_OPS and not _interpolates(n)):
             continue
         if n.op_type == "QuantizeLinear" and any(i in graph_inputs for i in n.input):
             continue

@@ -82,6 +82,19 @@ class IntegerInterpreter:
             return np.pad(x, [(max(0, b), max(0, e)) for b, e in zip(begin, end)], constant_values=val)
         if op == "Flatten":
             return ins[0].reshape(ins[0].shape[0], -1)
+        if op == "Reshape":  # allowzero 0: a 0 copies the input's dim
+            shape = [ins[0].shape[i] if d == 0 else int(d) for i, d in enumerate(ins[1])]
+            return self._integer(ins[0], node).reshape(shape)
+        if op == "Transpose":
+            return self._integer(ins[0], node).transpose(at["perm"])
+        if op == "Resize":  # nearest, asymmetric, floor, whole scale factors: each element repeated
+            x, scales = self._integer(ins[0], node), ins[2]
+            how = tuple(at.get(k) for k in ("mode", "coordinate_transformation_mode", "nearest_mode"))
+            if how != (b"nearest", b"asymmetric", b"floor") or any(float(f) != int(f) for f in scales):
+                raise QNNError(f"{node.name}: only nearest Resize by whole factors is integer data movement")
+            for axis, f in enumerate(scales):
+                x = np.repeat(x, int(f), axis=axis)
+            return x
         if op == "Identity":
             return ins[0]
         if op == "Concat":
@@ -113,6 +126,12 @@ class IntegerInterpreter:
             return K.qgemm_float_out(a.q, float(a.scale), int(a.zp), b.q, b.scale, b.zp,
                                      None if c is None else c.q, bool(at.get("transB", 0)))
         raise QNNError(f"{node.name}: op {op} not supported by the integer interpreter")
+
+    @staticmethod
+    def _integer(x, node) -> np.ndarray:
+        if not (isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.integer)):
+            raise QNNError(f"{node.name}: {node.op_type} of a non-integer tensor: graph is not fully integer")
+        return x
 
     def _consumer_is_quantize(self, node) -> bool:
         users = [n for n in self.model.graph.node if node.output[0] in n.input]

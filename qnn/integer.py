@@ -309,7 +309,8 @@ class QAvgPool(Op):
 
 
 class Move(Op):
-    """Data movement on the integer tensor (same grid): max pool, flatten, zero padding, strided slicing."""
+    """Data movement on the integer tensor (same grid): max pool, flatten, zero padding, strided slicing, a
+    permutation of the dims after the batch, nearest upsampling by integer factors."""
 
     def __init__(self, kind: str, x: int, grid: Grid, **params):
         self.inputs, self.out, self.kind, self.p = (x,), grid, kind, params
@@ -322,6 +323,13 @@ class Move(Op):
             return x.flatten(1)
         if self.kind == "pad":
             return F.pad(x, p["pads"])
+        if self.kind == "permute":
+            return x.permute(p["perm"])
+        if self.kind == "transpose":
+            return x.transpose(*p["dims"])
+        if self.kind == "upsample":  # nearest: every integer repeated, exactly what Resize(nearest, floor) copies
+            (fh, fw) = p["factor"]
+            return x.repeat_interleave(fh, 2).repeat_interleave(fw, 3)
         return x[p["index"]]
 
     def emit(self, b, x):
@@ -334,9 +342,96 @@ class Move(Op):
             y = b.node("Flatten", [name], "flatten", axis=1)
         elif self.kind == "pad":
             y = b.pad(name, p["pads"], x)
+        elif self.kind in ("permute", "transpose"):
+            perm = list(p["perm"]) if self.kind == "permute" else _swapped(len(x.shape), *p["dims"])
+            if perm[0] != 0:
+                raise QNNError("a permutation that moves the batch dim has no integer form")
+            y = b.node("Transpose", [name], "transpose", perm=perm)
+        elif self.kind == "upsample":
+            y = b.upsample(name, p["factor"])
         else:
             y = b.slice(name, p["index"])
         return b.same_grid(y, x)
+
+
+class Part(Op):
+    """Part `index` of torch.split(x, sizes, dim) or torch.chunk(x, chunks, dim): a slice of the integer tensor,
+    whose bounds the emitter reads off the input's shape."""
+
+    def __init__(self, x: int, grid: Grid, how: str, arg, dim: int, index: int):
+        self.inputs, self.out, self.how, self.arg, self.dim, self.index = (x,), grid, how, arg, dim, index
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        return (torch.split if self.how == "split" else torch.chunk)(x, self.arg, self.dim)[self.index]
+
+    def emit(self, b, x):
+        dim = self.dim % len(x.shape)
+        part = self.run(torch.arange(x.shape[dim]).reshape([-1 if d == dim else 1 for d in range(len(x.shape))]))
+        if part.numel() == 0:
+            raise QNNError(f"part {self.index} of the {self.how} along dim {self.dim} is empty")
+        lo, hi = int(part.min()), int(part.max()) + 1
+        return b.same_grid(b.slice(x.name, (slice(None),) * dim + (slice(lo, hi),)), x)
+
+
+@dataclass(frozen=True)
+class Size:
+    """A size the model reads off one of its tensors (x.size(i), x.shape[i]), or integer arithmetic on such sizes:
+    resolved from the tensors' shapes when the program runs, so the batch size stays free."""
+
+    expr: tuple  # ("dim", value index, axis) or (operator, a, b) with a, b Size or int
+
+    def refs(self) -> set[int]:
+        if self.expr[0] == "dim":
+            return {self.expr[1]}
+        return set().union(*(a.refs() for a in self.expr[1:] if isinstance(a, Size)))
+
+    def reads_batch(self) -> bool:
+        if self.expr[0] == "dim":
+            return self.expr[2] == 0
+        return any(isinstance(a, Size) and a.reads_batch() for a in self.expr[1:])
+
+    def value(self, shapes: dict[int, tuple]) -> int:
+        if self.expr[0] == "dim":
+            return int(shapes[self.expr[1]][self.expr[2]])
+        fn, *args = self.expr
+        return int(fn(*(a.value(shapes) if isinstance(a, Size) else a for a in args)))
+
+
+class Shape:
+    """x.size() / x.shape, indexed later."""
+
+    def __init__(self, x: int):
+        self.x = x
+
+    def __getitem__(self, axis: int) -> Size:
+        return Size(("dim", self.x, axis))
+
+
+class Reshape(Op):
+    """view / reshape of the integer tensor. Sizes read off tensors are inputs of the op, resolved when it runs. The
+    batch must stay the first dim: the ONNX Reshape copies it (0), every other entry is written as a constant."""
+
+    def __init__(self, x: int, grid: Grid, shape: list, name: str):
+        for i, d in enumerate(shape):
+            if isinstance(d, Size) and d.reads_batch() and not (i == 0 and d.expr[0] == "dim"):
+                raise QNNError(f"'{name}': a reshape that moves the batch size out of the first dim has no integer "
+                               "form: keep the batch first, as in x.view(x.size(0), ...)")
+            if not isinstance(d, (int, Size)):
+                raise QNNError(f"'{name}': reshape sizes must be integers or sizes of the model's tensors, got {d!r}")
+        self.refs = sorted(set().union(*(d.refs() for d in shape if isinstance(d, Size))))
+        self.inputs, self.out, self.shape = (x, *self.refs), grid, list(shape)
+
+    def _shape(self, shapes: dict[int, tuple]) -> list[int]:
+        return [d.value(shapes) if isinstance(d, Size) else d for d in self.shape]
+
+    def run(self, x: torch.Tensor, *refs: torch.Tensor) -> torch.Tensor:
+        return x.reshape(self._shape({i: r.shape for i, r in zip(self.refs, refs)}))
+
+    def emit(self, b, x, *refs):
+        shape = self._shape({i: r.shape for i, r in zip(self.refs, refs)})
+        if isinstance(self.shape[0], Size) and self.shape[0].reads_batch():
+            shape[0] = 0  # ONNX Reshape: copy the input's dim 0, the batch
+        return b.same_grid(b.node("Reshape", [x.name, b.const(np.array(shape, np.int64), "shape")], "reshape"), x)
 
 
 class Concat(Op):
@@ -384,6 +479,29 @@ def _spatial_stride(index: tuple) -> tuple[int, int] | None:
     if not all(isinstance(sl, slice) and sl.start in (None, 0) and sl.stop is None for sl in index[2:]):
         return None
     return (index[2].step or 1, index[3].step or 1)
+
+
+def _swapped(rank: int, d0: int, d1: int) -> list[int]:
+    perm = list(range(rank))
+    perm[d0 % rank], perm[d1 % rank] = perm[d1 % rank], perm[d0 % rank]
+    return perm
+
+
+SIZE_ARITHMETIC = {operator.floordiv, operator.mul, operator.add, operator.sub, operator.truediv}
+
+#: what a transposed conv is refused with: ONNX Runtime runs ConvTranspose in float only (no QDQ fusion)
+CONV_TRANSPOSE_HINT = (" (ONNX Runtime runs ConvTranspose in float only: use nn.Upsample(scale_factor=s, mode='nearest') "
+                       "followed by a Conv2d)")
+
+
+@dataclass
+class _Parts:
+    """The tuple torch.split / torch.chunk returns, waiting for the index that picks one part."""
+
+    x: int
+    how: str
+    arg: object
+    dim: int
 
 
 def _pair(v) -> tuple[int, int]:
@@ -549,12 +667,53 @@ class IntegerProgram:
                 raise QNNError(f"'{node.name}': only global average pooling (output size 1) has an integer kernel "
                                "(use AvgPool2d with a fixed kernel for other sizes)")
             return _Pending("gap", (self._value(x, node),))
-        hint = {"AdaptiveMaxPool2d": " (use MaxPool2d with a fixed kernel, or AdaptiveAvgPool2d(1))"}.get(type(m).__name__, "")
+        if isinstance(m, nn.Upsample):
+            return self._upsample(x, node, m.size, m.scale_factor, m.mode)
+        hint = {"AdaptiveMaxPool2d": " (use MaxPool2d with a fixed kernel, or AdaptiveAvgPool2d(1))",
+                "ConvTranspose2d": CONV_TRANSPOSE_HINT}.get(type(m).__name__, "")
         raise QNNError(f"'{node.name}' ({type(m).__name__}) has no integer kernel{hint}")
 
     def _function(self, node: fx.Node, args: list):
         f = node.target
         x = args[0] if args else None
+        if f in SIZE_ARITHMETIC and any(isinstance(a, Size) for a in args):
+            return Size((f, *args))
+        if f == "size":
+            xi = self._value(x, node)
+            dim = args[1] if len(args) > 1 else node.kwargs.get("dim")
+            return Shape(xi) if dim is None else Shape(xi)[dim]
+        if f is getattr and args[1] == "shape":
+            return Shape(self._value(x, node))
+        if f is operator.getitem and isinstance(x, Shape):
+            return x[args[1]]
+        if f is operator.getitem and isinstance(x, _Parts):
+            return self._push(Part(x.x, self.grids[x.x], x.how, x.arg, x.dim, int(args[1])))
+        if f in (torch.split, "split", torch.chunk, "chunk"):
+            how = "split" if f in (torch.split, "split") else "chunk"
+            arg = args[1] if len(args) > 1 else node.kwargs.get("chunks" if how == "chunk" else "split_size_or_sections",
+                                                                 node.kwargs.get("split_size"))
+            dim = args[2] if len(args) > 2 else node.kwargs.get("dim", 0)
+            if dim == 0:
+                raise QNNError(f"'{node.name}': a {how} along the batch dim has no integer form: split a feature dim")
+            return _Parts(self._value(x, node), how, arg, int(dim))
+        if f in ("permute", torch.permute):
+            perm = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else tuple(args[1:])
+            if not perm or perm[0] != 0:
+                raise QNNError(f"'{node.name}': a permutation that moves the batch dim has no integer form")
+            xi = self._value(x, node)
+            return self._push(Move("permute", xi, self.grids[xi], perm=perm))
+        if f in ("transpose", torch.transpose):
+            d0, d1 = args[1:3]
+            if 0 in (d0, d1):
+                raise QNNError(f"'{node.name}': a transpose of the batch dim has no integer form")
+            xi = self._value(x, node)
+            return self._push(Move("transpose", xi, self.grids[xi], dims=(int(d0), int(d1))))
+        if f is F.interpolate:
+            kw = dict(zip(("size", "scale_factor", "mode"), args[1:]), **node.kwargs)
+            if kw.get("align_corners") or kw.get("antialias"):
+                raise QNNError(f"'{node.name}': only nearest upsampling (no align_corners, no antialias) has an "
+                               "integer form")
+            return self._upsample(x, node, kw.get("size"), kw.get("scale_factor"), kw.get("mode", "nearest"))
         if f in (operator.add, torch.add):
             return _Pending("add", (self._value(args[0], node), self._value(args[1], node)))
         if f in (operator.mul, torch.mul):
@@ -597,11 +756,13 @@ class IntegerProgram:
                                  args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1))
         if f in ("view", "reshape", torch.reshape):
             shape = args[1:] if f != torch.reshape else args[1]
-            if len(shape) == 2 and shape[1] == -1:
-                return self._flatten(x, node, 1, -1)
-            raise QNNError(f"'{node.name}': only a reshape to (batch, -1) has an integer form")
-        if f == "size":
-            return None
+            if len(shape) == 1 and isinstance(shape[0], (list, tuple)):
+                shape = shape[0]
+            xi = self._value(x, node)
+            if len(shape) == 2 and shape[1] == -1 and isinstance(shape[0], Size) and shape[0].expr[0] == "dim" \
+                    and shape[0].reads_batch():
+                return self._flatten(xi, node, 1, -1)
+            return self._push(Reshape(xi, self.grids[xi], list(shape), node.name))
         if f is F.pad:
             pads = tuple(args[1]) if len(args) > 1 else tuple(node.kwargs["pad"])
             mode = node.kwargs.get("mode", args[2] if len(args) > 2 else "constant")
@@ -620,10 +781,21 @@ class IntegerProgram:
         raise QNNError(f"'{node.name}' ({getattr(f, '__name__', f)}) has no integer kernel")
 
     def _flatten(self, x, node: fx.Node, start: int, end: int) -> int:
-        xi = self._value(x, node)
+        xi = x if isinstance(x, int) else self._value(x, node)
         if start != 1 or end != -1:
             raise QNNError(f"'{node.name}': only flatten(1) has an integer form")
         return self._push(Move("flatten", xi, self.grids[xi]))
+
+    def _upsample(self, x, node, size, scale_factor, mode) -> int:
+        if mode not in ("nearest", "nearest-exact"):
+            raise QNNError(f"'{node.name}': {mode} upsampling computes new values, it has no integer form: use "
+                           "mode='nearest'")
+        factor = (scale_factor,) * 2 if isinstance(scale_factor, (int, float)) else scale_factor
+        if size is not None or factor is None or any(float(f) != int(f) or int(f) < 1 for f in factor):
+            raise QNNError(f"'{node.name}': only upsampling by whole scale factors has an integer form (give "
+                           f"scale_factor=2, not size=...), got size={size}, scale_factor={scale_factor}")
+        xi = self._value(x, node)
+        return self._push(Move("upsample", xi, self.grids[xi], factor=tuple(int(f) for f in factor)))
 
     def _maxpool(self, x, node, kernel, stride, padding, dilation, ceil_mode) -> int:
         xi = self._value(x, node)

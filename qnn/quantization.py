@@ -39,6 +39,7 @@ from qnn.brevitas_quant import (FixedInputQuant, SwitchableIntQuant, SwitchableS
                                 SwitchableUnsignedActQuant, SwitchableWeightQuant, with_fixed_bits)
 from qnn.config import parse_bits
 from qnn.errors import QNNError
+from qnn.integer import CONV_TRANSPOSE_HINT, SIZE_ARITHMETIC
 from qnn.layers import BIT_CHOICES, SwitchableMixin, bit_index
 from qnn.validate import check_float
 
@@ -167,10 +168,12 @@ class QuantElementwise(nn.Module):
         return self.name + (f", {self.kwargs}" if self.kwargs else "")
 
 
-_PASS_MODULES = (nn.Flatten, nn.Dropout, nn.Identity, nn.MaxPool2d, nn.AdaptiveMaxPool2d)
+_PASS_MODULES = (nn.Flatten, nn.Dropout, nn.Identity, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)
 _AVG_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-_PASS_FUNCTIONS = {torch.flatten, torch.reshape, getattr, operator.getitem, F.dropout, F.max_pool2d, F.pad}
-_PASS_METHODS = {"view", "reshape", "flatten", "size", "contiguous", "squeeze", "unsqueeze"}
+_PASS_FUNCTIONS = {torch.flatten, torch.reshape, getattr, operator.getitem, F.dropout, F.max_pool2d, F.pad,
+                   torch.split, torch.chunk, torch.permute, torch.transpose, F.interpolate}
+_PASS_METHODS = {"view", "reshape", "flatten", "size", "contiguous", "squeeze", "unsqueeze", "split", "chunk", "permute",
+                 "transpose"}
 _RELU_FUNCTIONS = {F.relu, torch.relu}
 _ADD_FUNCTIONS = {operator.add, torch.add}
 _MUL_FUNCTIONS = {operator.mul, torch.mul}
@@ -314,10 +317,11 @@ class _Converter:
                 or type(m).__module__.startswith("brevitas."):
             return
         else:
-            raise QNNError(f"cannot quantize module '{node.target}' of type {type(m).__name__}; supported: Conv2d, "
-                           f"Linear, BatchNorm2d, ReLU, ReLU6, "
+            hint = CONV_TRANSPOSE_HINT if isinstance(m, nn.ConvTranspose2d) else ""
+            raise QNNError(f"cannot quantize module '{node.target}' of type {type(m).__name__}{hint}; supported: "
+                           f"Conv2d, Linear, BatchNorm2d, ReLU, ReLU6, "
                            f"{', '.join(sorted(t.__name__ for t in _ELEMENTWISE_MODULES))}, AvgPool2d, "
-                           f"AdaptiveAvgPool2d(1), MaxPool2d, Flatten, Dropout, Identity")
+                           f"AdaptiveAvgPool2d(1), MaxPool2d, Upsample (nearest), Flatten, Dropout, Identity")
         self._replace(node, q)
 
     @staticmethod
@@ -343,6 +347,8 @@ class _Converter:
         elif (f in _ADD_FUNCTIONS or f in _MUL_FUNCTIONS) and all(isinstance(a, fx.Node) for a in node.args[:2]) \
                 and not node.kwargs:
             return
+        elif self._is_shape_value(node):  # sizes for a reshape: resolved by the integer program when it runs
+            return
         elif f in _CAT_FUNCTIONS:
             parts = node.args[0] if node.args else node.kwargs.get("tensors")
             if not (isinstance(parts, (list, tuple)) and parts and all(isinstance(a, fx.Node) for a in parts)):
@@ -354,6 +360,17 @@ class _Converter:
                            "pooling, flatten/reshape, zero padding, slicing")
 
     # ---- node roles in the swapped graph
+    def _is_shape_value(self, node: fx.Node) -> bool:
+        """A size read off a tensor (x.size(), x.shape and their items) or integer arithmetic on sizes."""
+        if node.op == "call_method" and node.target == "size":
+            return True
+        if node.op == "call_function" and node.target is getattr:
+            return node.args[1] == "shape"
+        if node.op == "call_function" and node.target in (operator.getitem, *SIZE_ARITHMETIC):
+            nodes = [a for a in node.args if isinstance(a, fx.Node)]
+            return bool(nodes) and all(self._is_shape_value(a) for a in nodes)
+        return False
+
     def _module_of(self, node: fx.Node) -> nn.Module | None:
         return self.gm.get_submodule(node.target) if node.op == "call_module" else None
 
@@ -382,7 +399,7 @@ class _Converter:
     def _produces_float(self, node: fx.Node) -> bool:
         """Compute whose result is a float (wide accumulator) value: it must meet a quantizer before anything else."""
         return self._is_weighted(node) or isinstance(self._module_of(node), SwitchableBatchNorm2d) \
-            or self._is_add(node) or self._is_mul(node) or self._is_avg_pool(node)
+            or ((self._is_add(node) or self._is_mul(node)) and not self._is_shape_value(node)) or self._is_avg_pool(node)
 
     def _nonneg(self, node: fx.Node) -> bool:
         """Whether the value is known non-negative (the unsigned grid fits it)."""

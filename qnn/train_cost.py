@@ -12,7 +12,7 @@ def interleaved_epoch_seconds(cfgs: list, steps: int, warmup: int) -> list[float
 
     import torch
 
-    from qnn.data import iterate_batches, load_dataset
+    from qnn.data import iterate_batches, model_fit_kwargs, train_test_sets
     from qnn.defenses import make_defense
     from qnn.train import BitSchedule, _device, init_model, init_scales_, make_optimizer, train_step
 
@@ -20,7 +20,8 @@ def interleaved_epoch_seconds(cfgs: list, steps: int, warmup: int) -> list[float
     dev = _device(c0)
     sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
     torch.set_num_threads(c0.threads)
-    ds = load_dataset(c0.dataset, "train", c0.data_dir, seed=c0.seed, n_synthetic=c0.n_synthetic).subset(c0.train_subset)
+    fit = model_fit_kwargs(c0)
+    ds, _ = train_test_sets(c0, init_model(c0, **fit))  # made to fit the model (channels, size, classes)
     per_epoch = math.ceil(len(ds) / c0.batch_size)
     batches = []
     for xb, yb in iterate_batches(ds, c0.batch_size, True, True, c0.seed, 0, 0, 1):
@@ -30,7 +31,7 @@ def interleaved_epoch_seconds(cfgs: list, steps: int, warmup: int) -> list[float
     runs = []
     for c in cfgs:
         torch.manual_seed(c.seed)
-        model = init_model(c, num_classes=len(ds.classes)).to(dev)
+        model = init_model(c, **fit).to(dev)
         init_scales_(model, c.bits, batches[0][0])
         model.train()
         defense = make_defense(c.defense, c.defense_args, c, model)

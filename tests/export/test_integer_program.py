@@ -99,10 +99,41 @@ class Functional(nn.Module):
         return self.fc(F.hardsigmoid(F.avg_pool2d(F.elu(y), 2, ceil_mode=True)).mean((2, 3)))
 
 
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """ShuffleNet's channel shuffle, as torchvision writes it."""
+    batch, channels, height, width = x.size()
+    x = x.view(batch, groups, channels // groups, height, width)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(batch, -1, height, width)
+
+
+class Movement(nn.Module):
+    """A ShuffleNet-V2 unit (chunk, a branch, concat, channel shuffle), a split by sizes, a permutation, nearest
+    upsampling as a module and as a function."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.branch = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                                    nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8),
+                                    nn.Conv2d(8, 8, 1), nn.ReLU())
+        self.up, self.mix, self.fc = nn.Upsample(scale_factor=2), nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = self.stem(x)
+        a, b = h.chunk(2, dim=1)
+        h = channel_shuffle(torch.cat([a, self.branch(b)], 1), 2)
+        p, q = torch.split(h, [6, 10], 1)
+        h = torch.cat([q, p], 1).permute(0, 1, 3, 2)
+        h = F.relu(self.mix(self.up(h)))
+        h = F.interpolate(h, scale_factor=2, mode="nearest")
+        return self.fc(h.mean((2, 3), keepdim=True).reshape(h.shape[0], -1))
+
+
 class _Unsupported(nn.Module):
     def __init__(self):
         super().__init__()
-        self.c, self.up, self.fc = nn.Conv2d(3, 8, 3), nn.Upsample(scale_factor=2), nn.Linear(8, 10)
+        self.c, self.up, self.fc = nn.Conv2d(3, 8, 3), nn.ConvTranspose2d(8, 8, 2, stride=2), nn.Linear(8, 10)
 
     def forward(self, x):
         return self.fc(torch.abs(self.up(self.c(x))).sum((2, 3)))
@@ -156,6 +187,7 @@ def _models():
         "efficientnet_lite0_cifar": lambda: create_model("efficientnet_lite0_cifar", width_mult=0.25),
         "squeezenet_cifar": lambda: create_model("squeezenet_cifar", width_mult=0.25),
         "functional elementwise, concat, avg_pool2d": lambda: QuantizedNet(Functional(), 10, 16),
+        "shuffle unit, split, permute, upsample": lambda: QuantizedNet(Movement(), 10, 16),
     }
 
 
@@ -167,10 +199,11 @@ def test_pytorch_ort_numpy_identical(name, bits, tmp_path):
     c = _check_exact(m, bits, tmp_path)
     assert c["ops"].get("QLinearConv", 0) >= 2 and c["ops"].get("QGemm") == (2 if "mobilenetv3" in name else 1)
     expect = {"mobilenetv3": ("Gather", "QLinearMul"), "b0": ("Gather", "QLinearMul"), "squeezenet": ("Concat", "QLinearAveragePool"),
-              "functional": ("Gather", "Concat", "QLinearAveragePool", "QLinearMul")}
+              "functional": ("Gather", "Concat", "QLinearAveragePool", "QLinearMul"),
+              "shuffle": ("Concat", "Split", "Reshape", "Transpose", "Resize")}  # ORT merges the parts' Slices
     for key, ops in expect.items():
         if key in name:
-            assert all(c["ops"].get(op, 0) >= 1 for op in ops), c["ops"]
+            assert all(c["ops"].get(op, 0) >= 1 for op in ops), str(c["ops"])
     if "Net" in name or "add" in name:
         assert c["ops"].get("QLinearAdd", 0) >= 1
     if "residual" in name:  # where a value feeds both a conv and the residual stream, its op runs once per grid
@@ -215,7 +248,8 @@ def test_the_evaluation_follows_the_target_cpu_family(tmp_path):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_qonnx_file_runs_in_qonnx_as_written(tmp_path, bits):
+@pytest.mark.parametrize("net", [Net, Movement])
+def test_qonnx_file_runs_in_qonnx_as_written(tmp_path, bits, net):
     """The file `qnn export --format qonnx` writes runs in qonnx's own executor with no edit (batch 1, concrete).
     QONNX computes in float between its Quant nodes: where an intermediate value lies within float error of a
     rounding boundary it lands one step away, and through the layers after it that reads as tens to hundreds of
@@ -224,7 +258,7 @@ def test_qonnx_file_runs_in_qonnx_as_written(tmp_path, bits):
     from qonnx.core.onnx_exec import execute_onnx
     from qonnx.util.cleanup import cleanup_model
 
-    m = _trained_like(QuantizedNet(Net(), 10, 16), bits, 16)
+    m = _trained_like(QuantizedNet(net(), 10, 16), bits, 16)
     x = torch.rand(16, 3, 16, 16)
     with torch.no_grad():
         ref = m(x).numpy()
@@ -260,7 +294,29 @@ def test_what_has_no_integer_form_is_refused_at_quantize_all_at_once(tmp_path):
                             nn.Flatten(), nn.Linear(16, 10))
     with pytest.raises(QNNError, match="padding_mode='zeros'"):
         QuantizedNet(reflect, 10, 16)
-    with pytest.raises(QNNError, match="3 parts of the model cannot be quantized: .*Upsample.*'abs'.*'.sum\\(\\)'"):
+    with pytest.raises(QNNError, match="3 parts of the model cannot be quantized: .*ConvTranspose2d \\(ONNX Runtime "
+                                       "runs ConvTranspose in float only: use nn.Upsample.*'abs'.*'.sum\\(\\)'"):
         QuantizedNet(_Unsupported(), 10, 16)
+    for up, why in ((nn.Upsample(scale_factor=2, mode="bilinear"), "use mode='nearest'"),
+                    (nn.Upsample(size=(20, 20)), "whole scale factors"), (nn.Upsample(scale_factor=1.5), "whole scale")):
+        with pytest.raises(QNNError, match=why):
+            QuantizedNet(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), up, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                       nn.Linear(4, 10)), 10, 16)
+    class MovesTheBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), nn.Linear(4, 10)
+
+        def forward(self, x):
+            h = self.c(x)
+            a, b = h.chunk(2, 0)
+            h = torch.cat([a, b], 0) + h.permute(1, 0, 2, 3) + h.view(-1, h.size(0), h.size(2), h.size(3))
+            return self.fc(h.mean((2, 3)))
+
+    with pytest.raises(QNNError) as e:
+        QuantizedNet(MovesTheBatch(), 10, 16)
+    msg = str(e.value)
+    assert msg.startswith("3 constructs have no integer form") and "a chunk along the batch dim" in msg
+    assert "moves the batch dim" in msg and "keep the batch first" in msg
     with pytest.raises(QNNError, match="not trained at 8 bits"):
         export_model(_trained_like(QuantizedNet(tiny_cnn(), 10, 16), 4, 16), 8, "int", tmp_path / "m.onnx")
