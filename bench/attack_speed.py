@@ -37,12 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from qnn.attacks.patch import PatchConfig, optimize_universal_patch
-    from qnn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
-    from qnn.config import parse_bits
+    from qnn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, load_float_weights
     from qnn.data import load_cifar10
-    from qnn.layers import ensure_calibrated_, set_bit_width_
+    from qnn.layers import ensure_calibrated_, parse_bits, set_bit_width_
     from qnn.models import create_model
-    from qnn.models.quantized import load_float_weights
 
     torch.set_num_threads(a.threads)
     if a.checkpoint:

@@ -38,11 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from qnn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
-    from qnn.config import parse_bits
     from qnn.data import load_dataset
     from qnn.errors import QNNError
     from qnn.integer import IntegerProgram, QConv
-    from qnn.layers import FLOAT_BITS, exact_integer_eval, set_bit_width_
+    from qnn.layers import FLOAT_BITS, exact_integer_eval, parse_bits, set_bit_width_
 
     torch.set_num_threads(a.threads)
     try:

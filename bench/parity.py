@@ -53,11 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     from qnn.kernels.interpreter import IntegerInterpreter
     from qnn.attacks.patch import PatchConfig, apply_patch, asr_metrics, make_mask, optimize_universal_patch, placement_locations
     from qnn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
-    from qnn.config import parse_bits
     from qnn.data import load_dataset
     from qnn.errors import QNNError
     from qnn.integer import IntegerProgram
-    from qnn.layers import exact_integer_eval, set_bit_width_
+    from qnn.layers import exact_integer_eval, parse_bits, set_bit_width_
 
     torch.set_num_threads(a.threads)
     try:

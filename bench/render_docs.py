@@ -165,16 +165,19 @@ def _inputs(r: dict) -> list[tuple[str, dict]]:
 def parity() -> str:
     """Fake-quant PyTorch vs ONNX Runtime integer, per model and bit-width, the worst over clean and patched inputs;
     the models on Brevitas layers (`parity_all` lists the earlier layers' file too)."""
-    rows = []
+    per_model: dict = {}  # one row a model, over its files (ResNet-20 has one per bit-width)
     for name, model in [(n, m) for n, m in PARITY if not m.endswith(EARLIER)]:
         d = load(name)
-        for b, r in d["results"].items():
-            ins = [v for _, v in _inputs(r)]
-            rows.append([model, d["n"], b, pct(min(v["logits_bit_identical_pct"] for v in ins), 2),
-                         pct(min(v["top1_agreement_pct"] for v in ins), 2),
-                         pct(max(v.get("asr_abs_diff", 0.0) for v in ins), 2)])
-    return markdown_table(["model", "images", "bits", "logits bit-identical % (worst input)",
-                           "top-1 agreement % (worst input)", "max ASR difference (points)"], rows)
+        row = per_model.setdefault(model, {"n": set(), "bits": [], "ins": []})
+        row["n"].add(d["n"])
+        row["bits"] += list(d["results"])
+        row["ins"] += [v for r in d["results"].values() for _, v in _inputs(r)]
+    rows = [[model, " / ".join(map(str, sorted(r["n"]))), " / ".join(r["bits"]),
+             pct(min(v["logits_bit_identical_pct"] for v in r["ins"]), 2),
+             pct(min(v["top1_agreement_pct"] for v in r["ins"]), 2),
+             pct(max(v.get("asr_abs_diff", 0.0) for v in r["ins"]), 2)] for model, r in per_model.items()]
+    return markdown_table(["model", "images", "bits", "logits bit-identical % (worst bit-width and input)",
+                           "top-1 agreement % (worst)", "max ASR difference (points)"], rows)
 
 
 def parity_all() -> str:
@@ -281,7 +284,37 @@ def headline() -> str:
     return "".join(textwrap.fill(line, 118, initial_indent="- ", subsequent_indent="  ") + "\n" for line in lines)
 
 
-TABLES = {"headline": headline, "qat": qat, "qat-all": qat_all, "defense": defense,
+# --- certified robustness ------------------------------------------------------------------------------------------
+
+CERTIFIED = "certify_resnet20.json"
+
+
+def certified() -> str:
+    """PatchCleanser on ResNet-20, certified accuracy % for 6x6 / 4x4 patches per bit-width, masking-trained against
+    undefended QAT, the defended clean accuracy at 4 bits, and on how many images ONNX Runtime's integer
+    certificates equal PyTorch's (the worst cell)."""
+    res = load(CERTIFIED)
+    cells, n = res["cells"], res["settings"]["n_images"]
+    rows = []
+    for model, label in (("masking", "ResNet-20, masking-trained"), ("qat", "ResNet-20, undefended QAT")):
+        got = {(b, p): cells.get(f"{model}/patchcleanser/{b}/{p}") for b in (32, 8, 4, 2) for p in (6, 4)}
+        ort = [c["ort"]["n_equal"] for c in got.values() if c and "ort" in c]
+        four = got[(4, 6)] or got[(4, 4)]
+        rows.append([label, *(" / ".join(pct(got[(b, p)] and got[(b, p)]["certified_acc_pct"]) for p in (6, 4))
+                              for b in (32, 8, 4, 2)), pct(four and four["clean_acc_pct"]),
+                     f"{min(ort)}/{n} in {len(ort)} cells" if ort else "-"])
+    return markdown_table(["model", "float", "8 bits", "4 bits", "2 bits", "defended clean % (4 bits)",
+                           "ORT certificates = PyTorch's"], rows)
+
+
+def certified_all() -> str:
+    """Every certification cell (results/certify_resnet20.md's tables)."""
+    from qnn.bench.certify_table import tables
+
+    return tables(load(CERTIFIED))
+
+
+TABLES = {"headline": headline, "certified": certified, "certified-all": certified_all, "qat": qat, "qat-all": qat_all, "defense": defense,
           "defense-equal-compute": defense_equal_compute, "defense-archive": defense_archive,
           "saturation-witness": saturation_witness, "zoo-exactness": zoo_exactness, "parity": parity,
           "parity-all": parity_all, "latency": latency, "latency-b1": latency_b1, "train-speed": train_speed,

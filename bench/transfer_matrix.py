@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     from qnn.attacks.patch import PatchConfig
     from qnn.attacks.transfer import heatmap_png, transfer_matrix
     from qnn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
-    from qnn.config import parse_bits
     from qnn.data import load_cifar10
+    from qnn.layers import parse_bits
 
     torch.set_num_threads(a.threads)
     model, _ = load_checkpoint(a.checkpoint)

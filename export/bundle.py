@@ -155,7 +155,7 @@ def _write_certificates(model, bits: int, out: Path, x: torch.Tensor, ms, host: 
     atomic_write_bytes(out / EXPECTED_CERTIFY, _npz_bytes(**arrays))
     atomic_write_json(out / MASKS, {
         "format": MASKS_FORMAT, **ms.to_dict(), "bits": bits, "num_classes": int(model.num_classes),
-        "forwards_per_image_certify": int(c.certify_forwards),
+        "forwards_per_image_certify_worst": int(c.worst_forwards),
         "fill": "the input normalisation's zero (the mean in pixels): masked pixels are exactly 0.0 normalised, the "
                 "input quantizer's zero point"})
 

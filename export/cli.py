@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from qnn.cli import add_user_model_option
+from qnn.cli_options import add_user_model_option
 from qnn.errors import QNNError
 from qnn.outputs import check_output
 from qnn.validate import arg_int

@@ -19,8 +19,9 @@ import time
 import torch
 
 from qnn.certify import METHODS, attack_cross_check, certify, fill_pixels, mask_set
-from qnn.cli import add_user_model_option
+from qnn.cli_options import add_user_model_option
 from qnn.errors import QNNError
+from qnn.layers import parse_bits
 from qnn.outputs import StagedDir, markdown_table
 from qnn.validate import arg_float, arg_int, arg_seed
 
@@ -66,7 +67,6 @@ def _patch_sizes(text: str) -> list[int]:
 
 def cmd_certify(a) -> int:
     from qnn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, sha256_file
-    from qnn.config import parse_bits
     from qnn.data import check_data_fits, load_dataset
     from qnn.train import versions
 
@@ -152,7 +152,7 @@ def _run(a, model, x, y, bits, sets) -> dict:
                      certified="".join("1" if c else "0" for c in cert.certified))
             rows[str(p)] = s
             print(f"{b} bits, patch {p}: certified {s['certified_acc_pct']:.1f}%, defended clean "
-                  f"{s['clean_acc_pct']:.1f}% ({len(ms)} masks, {s['forwards_per_image_certify']} forwards/image)",
+                  f"{s['clean_acc_pct']:.1f}% ({len(ms)} masks, {s['forwards_per_image_certify']:.1f} forwards/image)",
                   file=sys.stderr, flush=True)
             if a.cross_check_iters:
                 cc = attack_cross_check(model, x, y, ms, b, cert, a.cross_check_iters, a.cross_check_step, a.seed,
@@ -174,7 +174,7 @@ def _markdown(res: dict) -> str:
              r["forwards_per_image_certify"], r["forwards_per_image_inference_mean"]]
             for b, per in res["results"].items() for p, r in per.items()]
     table = markdown_table(["bits", "patch", "masks", "undefended clean %", "defended clean %", "certified %",
-                            "forwards/image (certify)", "forwards/image (inference, mean)"], rows)
+                            "forwards/image (certify, mean)", "forwards/image (inference, mean)"], rows)
     cc = [[b, p, r["n_certified"], r["n_undefended_fooled"], r["violations"]]
           for b, per in res.get("cross_check", {}).items() for p, r in per.items()]
     if cc:

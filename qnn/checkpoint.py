@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, `weights_only=True` loads, clear errors for corrupt or foreign files."""
+"""Checkpoints: atomic writes, `weights_only=True` loads, clear errors for corrupt or foreign files; a qnn checkpoint
+rebuilds its model, a float one loads into a quantized model's float weights (`load_float_weights`)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
 from qnn.errors import QNNError
+from qnn.layers import BIT_CHOICES, parse_bits
+
+if TYPE_CHECKING:
+    from qnn.models.quantized import QuantizedNet
 
 #: v2: models on Brevitas layers (qnn.quantize); v1 held the toolkit's earlier own ResNet layers
 FORMAT = "qnn-checkpoint-v2"
@@ -129,8 +134,6 @@ def load_checkpoint(path: str | Path, expect_arch: str | None = None, user_model
         raise QNNError(f"{path}: non-finite (NaN/inf) values in {len(bad)} tensor(s), e.g. {bad[0]}; the model diverged "
                        f"or the file was altered")
     if "trained_bits" in obj:
-        from qnn.config import parse_bits
-
         try:
             obj["trained_bits"] = parse_bits(obj["trained_bits"])
         except QNNError as e:
@@ -146,6 +149,37 @@ def load_checkpoint(path: str | Path, expect_arch: str | None = None, user_model
         detail = " ".join(str(e).split()).replace(f"Error(s) in loading state_dict for {type(model).__name__}: ", "")
         raise QNNError(f"{path}: state dict does not fit model '{arch}': {detail[:240]}") from None
     return model, obj
+
+
+def load_float_weights(model: QuantizedNet, path: str) -> QuantizedNet:
+    """Load a float checkpoint of the model's float definition (e.g. the shared pretrained CIFAR ResNets; loaded with
+    weights_only) into the quantized model: conv / linear weights as they are, each BatchNorm into every bit-width's
+    copy. Every key must match in name and shape, both ways: a one-line error names the first that does not."""
+    obj = load_torch_file(path)
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise QNNError(f"{path}: not a float state dict checkpoint")
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    own = model.body.state_dict()
+    arch = getattr(model, "arch", "this model")
+    mapped: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        prefix, _, field = k.rpartition(".")
+        targets = [k] if k in own else [f"{prefix}.bns.{i}.{field}" for i in range(len(BIT_CHOICES))]
+        for t in targets:
+            if t not in own:
+                raise QNNError(f"{path}: checkpoint does not match {arch} (it has '{k}', the model does not)")
+            if own[t].shape != v.shape:
+                raise QNNError(f"{path}: checkpoint does not match {arch} ('{k}' is {tuple(v.shape)}, the model's "
+                               f"{tuple(own[t].shape)})")
+            mapped[t] = v
+    # every parameter and BatchNorm statistic must come from the file (a counter of batches seen need not)
+    params = {k for k in own if not any(t in k for t in ("tensor_quant", "_sentinel", "num_batches_tracked"))}
+    missing = sorted(params - set(mapped))
+    if missing:
+        raise QNNError(f"{path}: checkpoint does not match {arch} (no '{missing[0]}')")
+    model.body.load_state_dict(mapped, strict=False)
+    return model
 
 
 def trained_bits(obj: dict) -> list[int]:

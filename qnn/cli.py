@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+from qnn.cli_options import add_user_model_option
 from qnn.errors import QNNError
 from qnn.validate import arg_float, arg_int, arg_seed
 
@@ -134,8 +135,8 @@ def _add_eval(sub) -> None:
 
 def cmd_eval(a) -> int:
     from qnn.checkpoint import atomic_write_json, load_checkpoint
-    from qnn.config import parse_bits
     from qnn.data import check_data_fits, load_dataset
+    from qnn.layers import parse_bits
     from qnn.outputs import check_output
     from qnn.train import calibrate_, evaluate, versions
 
@@ -162,12 +163,6 @@ def cmd_eval(a) -> int:
     if a.json:
         atomic_write_json(a.json, res)
     return 0
-
-
-def add_user_model_option(p) -> None:
-    """--model for commands that load a checkpoint: needed (and checked) only for a user's own model file."""
-    p.add_argument("--model", help="for a checkpoint trained from your own model: the same path/to/file.py:factory "
-                                   "(a checkpoint never runs code by itself)")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -5,36 +5,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from qnn.errors import QNNError
-from qnn.layers import BIT_CHOICES
+from qnn.layers import BIT_CHOICES, parse_bits
 from qnn.validate import MAX_SEED, check_field_types, check_float, check_int
 
 SCHEDULES = ("fixed", "random", "round_robin", "curriculum")
-
-
-def parse_bits(v: Any) -> list[int]:
-    """'2,4,8,32' or [2, 4] -> [2, 4, 8, 32]; every entry must be in {2..8, 32}."""
-    if isinstance(v, int):
-        v = [v]
-    if isinstance(v, str):
-        v = [p for p in v.replace(" ", "").split(",") if p]
-    try:
-        if any(isinstance(b, (bool, float)) for b in v):
-            raise ValueError
-        bits = [int(b) for b in v]
-    except (TypeError, ValueError):
-        raise QNNError(f"bit-widths must be integers, got {v!r}") from None
-    if not bits:
-        raise QNNError("bit-width set is empty; give at least one of 2..8 or 32")
-    bad = [b for b in bits if b not in BIT_CHOICES]
-    if bad:
-        raise QNNError(f"bit-width(s) {bad} not allowed; choose from 2..8 or 32")
-    dup = sorted({b for b in bits if bits.count(b) > 1})
-    if dup:
-        raise QNNError(f"bit-width(s) {dup} given more than once in {bits}; list each once")
-    return bits
 
 
 def check_device(device: str) -> None:

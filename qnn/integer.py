@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from qnn.brevitas_quant import SwitchableIntQuant, quantizers
 from qnn.errors import QNNError
 from qnn.kernels import reference as K
-from qnn.layers import FLOAT_BITS
+from qnn.layers import FLOAT_BITS, switchable_modules
+from qnn.qmodules import QuantElementwise, ReLU6Quant, SwitchableBatchNorm2d
 
 _EXACT_F32 = 2.0**24
 
@@ -198,6 +199,18 @@ class QConv(Op):
         return y if self.out is None else b.quantize(y, self.out)
 
 
+def _lookup_pair(op, key: str, a: torch.Tensor, b: torch.Tensor, kernel) -> torch.Tensor:
+    """`kernel(a_codes, b_codes)` (an elementwise MLAS kernel on uint8 codes) on the centred tensors a and b
+    (broadcasting), through the kernel's table of all 256 x 256 code pairs: computed once per op and `key` (the CPU
+    family whose arithmetic it is), exact by construction, and a gather instead of a numpy round trip per batch."""
+    tables = op.__dict__.setdefault("_tables", {})
+    if (key, a.device) not in tables:
+        codes = np.arange(256, dtype=np.uint8)
+        y = kernel(np.repeat(codes, 256).reshape(256, 256), np.tile(codes, 256).reshape(256, 256))
+        tables[(key, a.device)] = op.out.round(torch.from_numpy(y.astype(np.float32)).reshape(-1) - op.out.zp).to(a.device)
+    return tables[(key, a.device)][((a + op.ga.zp) * 256 + (b + op.gb.zp)).long()]
+
+
 class QAdd(Op):
     """QLinearAdd: about rint(a * (s_a / s_y) + b * (s_b / s_y)) on `out`'s grid; exactly, the arithmetic of the
     target CPU family's MLAS kernel (`qnn.kernels.reference.qlinear_add`), which differs between x86-64 and aarch64
@@ -210,10 +223,10 @@ class QAdd(Op):
     def run(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if a.requires_grad or b.requires_grad:  # attacks: the gradient needs no exactness
             return self.out.round(a * self.ra + b * self.rb)
-        ga, gb, out = self.ga, self.gb, self.out
-        y = K.qlinear_add((a + ga.zp).cpu().numpy().astype(np.uint8), float(ga.scale), ga.zp,
-                          (b + gb.zp).cpu().numpy().astype(np.uint8), float(gb.scale), gb.zp, float(out.scale), out.zp)
-        return out.round(torch.from_numpy(y.astype(np.float32)).to(a.device) - out.zp)
+        family = K.current_target_cpu()
+        return _lookup_pair(self, family, a, b, lambda x, y: K.qlinear_add(
+            x, float(self.ga.scale), self.ga.zp, y, float(self.gb.scale), self.gb.zp, float(self.out.scale),
+            self.out.zp, cpu=family))
 
     def emit(self, b, x, y):
         return b.quantize(b.node("Add", [b.dequant(x), b.dequant(y)], "add"), self.out)
@@ -230,10 +243,9 @@ class QMul(Op):
     def run(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if a.requires_grad or b.requires_grad:  # attacks: the gradient needs no exactness
             return self.out.round(a * b * self.ratio)
-        ga, gb, out = self.ga, self.gb, self.out
-        y = K.qlinear_mul((a + ga.zp).cpu().numpy().astype(np.uint8), float(ga.scale), ga.zp,
-                          (b + gb.zp).cpu().numpy().astype(np.uint8), float(gb.scale), gb.zp, float(out.scale), out.zp)
-        return out.round(torch.from_numpy(y.astype(np.float32)).to(a.device) - out.zp)
+        return _lookup_pair(self, "any", a, b, lambda x, y: K.qlinear_mul(
+            x, float(self.ga.scale), self.ga.zp, y, float(self.gb.scale), self.gb.zp, float(self.out.scale),
+            self.out.zp))
 
     def emit(self, b, x, y):
         return b.quantize(b.node("Mul", [b.dequant(x), b.dequant(y)], "mul"), self.out)
@@ -627,19 +639,17 @@ class IntegerProgram:
         return self._push(Move("flatten", y, out)) if v.flatten else y
 
     def _module(self, m: nn.Module, node: fx.Node, args: list):
-        from qnn.quantization import QuantElementwise, SwitchableBatchNorm2d, _ReLU6Quant
-
         x = args[0] if args else None
         if isinstance(m, QuantElementwise):
             xi = self._value(x, node)
             return self._push(QLookup(m.fn, m.name, m.kwargs, xi, self.grids[xi], Grid.of(quantizers(m.quant)[0])))
-        if isinstance(m, (bnn.QuantReLU, bnn.QuantIdentity, _ReLU6Quant)):
+        if isinstance(m, (bnn.QuantReLU, bnn.QuantIdentity, ReLU6Quant)):
             q = quantizers(m)[0]
             if q.kind == "input":
                 if x != "input":
                     raise QNNError(f"the input quantizer '{node.name}' must take the model's input")
                 return self._push(QuantizeInput(Grid.of(q)))
-            if isinstance(m, _ReLU6Quant) and isinstance(x, _Pending):
+            if isinstance(m, ReLU6Quant) and isinstance(x, _Pending):
                 x.clamp_hi = 6.0
             return self._materialise(x, q, node)
         if isinstance(m, (bnn.QuantConv2d, bnn.QuantLinear)):
@@ -843,8 +853,6 @@ def program_of(body: fx.GraphModule) -> IntegerProgram:
     same switch position of every switchable module, and every parameter and buffer the same tensor (identity and
     storage) at the same in-place version (optimizer steps, `load_state_dict` and `.to()` all change one of these).
     An attack's forwards and a whole evaluation then lower the graph and fold the weights once, not per batch."""
-    from qnn.layers import switchable_modules
-
     tensors = [*body.parameters(), *body.buffers()]
     # ids are compared, and the tensors themselves are kept in the cache, so an id cannot be reused while it lives
     key = (id(body.graph), body.code, tuple((m.w_bits, m.a_bits) for m in switchable_modules(body)),

@@ -1,13 +1,15 @@
 """Bit-width switching and the fake-quant primitive shared by the switchable quantizers (`qnn.brevitas_quant`).
 
-One set of float weights; every quantizer holds one scale per bit-width and every BatchNorm one copy per bit-width,
-all allocated up front, so `set_bit_width_` only changes an index (no re-allocation). `fake_quant` is the single
+The bit-widths a layer can run at (`BIT_CHOICES`; `parse_bits` reads a set of them as users write it). One set of
+float weights; every quantizer holds one scale per bit-width and every BatchNorm one copy per bit-width, all
+allocated up front, so `set_bit_width_` only changes an index (no re-allocation). `fake_quant` is the single
 autograd node (round, clamp, straight-through and LSQ gradients) inside each quantizer; the MSE-optimal clipping
 functions initialise a bit-width's scale from the first tensor it sees.
 """
 
 from __future__ import annotations
 
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -23,6 +25,29 @@ def bit_index(bits: int) -> int:
     if bits not in BIT_CHOICES:
         raise QNNError(f"bit-width {bits} is not allowed; choose from {list(BIT_CHOICES)}")
     return BIT_CHOICES.index(bits)
+
+
+def parse_bits(v: Any) -> list[int]:
+    """'2,4,8,32' or [2, 4] -> [2, 4, 8, 32]; every entry must be in {2..8, 32}."""
+    if isinstance(v, int):
+        v = [v]
+    if isinstance(v, str):
+        v = [p for p in v.replace(" ", "").split(",") if p]
+    try:
+        if any(isinstance(b, (bool, float)) for b in v):
+            raise ValueError
+        bits = [int(b) for b in v]
+    except (TypeError, ValueError):
+        raise QNNError(f"bit-widths must be integers, got {v!r}") from None
+    if not bits:
+        raise QNNError("bit-width set is empty; give at least one of 2..8 or 32")
+    bad = [b for b in bits if b not in BIT_CHOICES]
+    if bad:
+        raise QNNError(f"bit-width(s) {bad} not allowed; choose from 2..8 or 32")
+    dup = sorted({b for b in bits if bits.count(b) > 1})
+    if dup:
+        raise QNNError(f"bit-width(s) {dup} given more than once in {bits}; list each once")
+    return bits
 
 
 class _FakeQuant(torch.autograd.Function):

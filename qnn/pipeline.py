@@ -70,8 +70,8 @@ def cmd_pipeline(a) -> int:
 
     from qnn.attacks.patch import PatchConfig
     from qnn.checkpoint import atomic_write_json
-    from qnn.config import parse_bits
     from qnn.data import check_data_fits, load_dataset, model_fit_kwargs
+    from qnn.layers import parse_bits
     from qnn.outputs import StagedDir
     from qnn.train import check_resume_config, versions
 

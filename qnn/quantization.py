@@ -35,12 +35,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qnn.brevitas_import import brevitas_layers, copy_learned_scales_, to_float
-from qnn.brevitas_quant import (FixedInputQuant, SwitchableIntQuant, SwitchableShiftedActQuant,
-                                SwitchableUnsignedActQuant, SwitchableWeightQuant, with_fixed_bits)
-from qnn.config import parse_bits
+from qnn.brevitas_quant import FixedInputQuant, SwitchableIntQuant, SwitchableWeightQuant, with_fixed_bits
 from qnn.errors import QNNError
-from qnn.integer import CONV_TRANSPOSE_HINT, SIZE_ARITHMETIC
-from qnn.layers import BIT_CHOICES, SwitchableMixin, bit_index
+from qnn.integer import CONV_TRANSPOSE_HINT, SIZE_ARITHMETIC, IntegerProgram
+from qnn.layers import BIT_CHOICES, SwitchableMixin, get_bit_width, parse_bits, set_bit_width_
+from qnn.qmodules import ELEMENTWISE, QuantElementwise, SwitchableBatchNorm2d, act_module
 from qnn.validate import check_float
 
 
@@ -64,67 +63,7 @@ class QuantizeConfig:
         self.input_range = (lo, hi)
 
 
-class SwitchableBatchNorm2d(nn.Module, SwitchableMixin):
-    """One BatchNorm2d per bit-width; the activation bit-width picks it (statistics shift most with it)."""
-
-    def __init__(self, bn: nn.BatchNorm2d):
-        super().__init__()
-        self.bns = nn.ModuleList(copy.deepcopy(bn) for _ in BIT_CHOICES)
-
-    @property
-    def bn(self) -> nn.BatchNorm2d:
-        return self.bns[bit_index(self.a_bits)]
-
-    @torch.no_grad()
-    def folded(self, conv_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gamma / sigma, the folded bias) of the current BatchNorm after a conv with bias `conv_bias`, from the
-        running statistics: conv(x) * gamma / sigma + bias is this BatchNorm of the conv in eval mode."""
-        bn = self.bn
-        sigma = torch.sqrt(bn.running_var + bn.eps)
-        inv = bn.weight / sigma if bn.weight is not None else 1.0 / sigma
-        bias = (0.0 if conv_bias is None else conv_bias) - bn.running_mean
-        bias = bias * inv + (0.0 if bn.bias is None else bn.bias)
-        return inv.detach().float(), bias.detach().float()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(x)
-
-
-class _ReLU6Quant(nn.Module):
-    """ReLU6 as an explicit clamp then the unsigned quantizer: Brevitas' QuantReLU6 drops the clamp at 6 when a
-    quantizer is present, which float mode would then lack."""
-
-    def __init__(self, min_bits: int | None = None):
-        super().__init__()
-        self.quant = bnn.QuantIdentity(act_quant=_act_quant("unsigned", min_bits))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant(F.relu6(x))
-
-
-def _act_quant(kind: str, min_bits: int | None = None):
-    quant = SwitchableUnsignedActQuant if kind == "unsigned" else SwitchableShiftedActQuant
-    return quant.let(min_bits=min_bits) if min_bits else quant
-
-
-def act_module(kind: str, min_bits: int | None = None, relu6: bool = False) -> nn.Module:
-    """An activation quantizer module: 'unsigned' (also the ReLU; `relu6` clamps at 6 first) or 'shifted'.
-    `min_bits` is a floor on its bit-width (the wide residual stream). Brevitas re-creates a quantizer from its
-    injector on `load_state_dict`, so every setting lives in the injector, never on the instance."""
-    if relu6:
-        return _ReLU6Quant(min_bits)
-    if kind == "unsigned":
-        return bnn.QuantReLU(act_quant=_act_quant(kind, min_bits), return_quant_tensor=False)
-    return bnn.QuantIdentity(act_quant=_act_quant(kind, min_bits))
-
-
-#: elementwise functions of one quantized tensor: name -> (function, whether its values are >= 0). On a grid of at
-#: most 256 levels any of them is exactly a table of output integers (`qnn.integer.QLookup`)
-ELEMENTWISE = {
-    "hardswish": (F.hardswish, False), "hardsigmoid": (F.hardsigmoid, True), "silu": (F.silu, False),
-    "sigmoid": (torch.sigmoid, True), "gelu": (F.gelu, False), "tanh": (torch.tanh, False),
-    "leaky_relu": (F.leaky_relu, False), "elu": (F.elu, False),
-}
+# the float modules, functions and tensor methods that are an `ELEMENTWISE` function
 _ELEMENTWISE_MODULES = {nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid", nn.SiLU: "silu",
                         nn.Sigmoid: "sigmoid", nn.GELU: "gelu", nn.Tanh: "tanh", nn.LeakyReLU: "leaky_relu",
                         nn.ELU: "elu"}
@@ -143,29 +82,6 @@ def _elementwise_kwargs(name: str, m: nn.Module | None = None, node: fx.Node | N
     for k, v in zip(keys, node.args[1:]):
         kw.setdefault(k, v)
     return kw
-
-
-class QuantElementwise(nn.Module):
-    """An elementwise function of a quantized tensor, then its own activation quantizer (unsigned where the function
-    is non-negative, else shifted). Training runs the real function (straight-through at the roundings); the
-    integer program evaluates it as a table of the input grid's levels (`qnn.integer.QLookup`)."""
-
-    def __init__(self, name: str, kwargs: dict | None = None):
-        super().__init__()
-        if name not in ELEMENTWISE:
-            raise QNNError(f"unknown elementwise function '{name}'; known: {', '.join(ELEMENTWISE)}")
-        self.name, self.kwargs = name, dict(kwargs or {})
-        self.nonneg = ELEMENTWISE[name][1]
-        self.quant = act_module("unsigned" if self.nonneg else "shifted")
-
-    def fn(self, x: torch.Tensor) -> torch.Tensor:
-        return ELEMENTWISE[self.name][0](x, **self.kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant(self.fn(x))
-
-    def extra_repr(self) -> str:
-        return self.name + (f", {self.kwargs}" if self.kwargs else "")
 
 
 _PASS_MODULES = (nn.Flatten, nn.Dropout, nn.Identity, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)
@@ -208,9 +124,6 @@ def quantize(model: nn.Module, cfg: QuantizeConfig | None = None) -> nn.Module:
 def check_integer_form(gm: fx.GraphModule, cfg: QuantizeConfig) -> None:
     """Lower the converted model to its integer program once, now, with the quantizers as initialised: every construct
     the export could not take is refused before the first training step, all of them in one message."""
-    from qnn.integer import IntegerProgram
-    from qnn.layers import get_bit_width, set_bit_width_
-
     quantized = [b for b in cfg.bits if b != 32]
     if not quantized:
         return

@@ -26,7 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qnn import __version__
-from qnn.checkpoint import atomic_torch_save, atomic_write_json, load_checkpoint, load_torch_file, save_checkpoint
+from qnn.checkpoint import (atomic_torch_save, atomic_write_json, load_checkpoint, load_float_weights, load_torch_file,
+                            save_checkpoint)
 from qnn.config import TrainConfig
 from qnn.data import ArrayDataset, iterate_batches, model_fit_kwargs, train_test_sets
 from qnn.errors import QNNError
@@ -115,8 +116,6 @@ def distill_loss(ce: torch.Tensor, logits: torch.Tensor, t_logits: torch.Tensor,
 
 def init_model(cfg: TrainConfig, num_classes: int | None, in_size: int | None = None) -> nn.Module:
     """The model of `cfg` (num_classes None: a user's model decides, by its head or its factory's default)."""
-    from qnn.models.quantized import load_float_weights
-
     kw = {"num_classes": num_classes, "first_last_bits": cfg.first_last_bits, "reduce_range": cfg.reduce_range}
     if cfg.residual_bits is not None:
         kw["residual_bits"] = cfg.residual_bits

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from qnn.attacks.suites import load_suite
-from qnn.cli import add_user_model_option
+from qnn.cli_options import add_user_model_option
 from qnn.errors import QNNError
 from qnn.outputs import StagedDir
 from qnn.validate import arg_float, arg_int, arg_seed
@@ -73,8 +73,8 @@ def _patch_cfg(a, num_classes: int, image_size, **over):
 def cmd_attack(a) -> int:
     from qnn.attacks.patch import load_patch
     from qnn.checkpoint import atomic_write_json, load_checkpoint
-    from qnn.config import parse_bits
     from qnn.data import check_data_fits, load_dataset
+    from qnn.layers import parse_bits
     from qnn.train import versions
 
     if a.attack not in ATTACKS:
@@ -121,8 +121,7 @@ def _attack(a, model, source, cfg, bits, xa, ya, xe, ye, out: Path, res: dict) -
                                    asr_metrics, predict, save_patch)
     from qnn.attacks.pixel import fgsm, pgd_linf
     from qnn.attacks.transfer import heatmap_png, transfer_matrix
-    from qnn.config import parse_bits
-    from qnn.layers import set_bit_width_
+    from qnn.layers import parse_bits, set_bit_width_
 
     n_cls, size = model.num_classes, tuple(xe.shape[-2:])
 

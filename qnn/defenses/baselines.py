@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from qnn.attacks.patch import PatchConfig, apply_patch, make_mask, random_locations
 from qnn.attacks.pixel import pgd_linf
-from qnn.defenses import Defense, FrozenEval, patched_count, register_defense
+from qnn.defenses.base import Defense, FrozenEval, patched_count, register_defense
 from qnn.defenses.options import DefenseOptions, option
 
 

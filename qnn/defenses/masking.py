@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qnn.certify import fill_pixels, mask_set
-from qnn.defenses import Defense, patched_count, register_defense
+from qnn.defenses.base import Defense, patched_count, register_defense
 from qnn.defenses.options import DefenseOptions, option
 
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qnn.attacks.patch import PatchConfig, eot_warp, make_mask
-from qnn.defenses import Defense, FrozenEval, patched_count, register_defense, unwrap
+from qnn.defenses.base import Defense, FrozenEval, patched_count, register_defense, unwrap
 from qnn.defenses.options import DefenseOptions, option
 from qnn.errors import QNNError
 from qnn.layers import set_bit_width_

@@ -12,8 +12,7 @@ import torch.nn as nn
 
 from qnn.models.mobilenetv2 import init_weights_
 from qnn.models.mobilenetv3 import SqueezeExcite
-from qnn.models.quantized import QuantizedNet
-from qnn.models.registry import register_model
+from qnn.models.zoo import zoo_model
 
 # (expansion, kernel, first stride, output channels, repeats) per stage, B0's
 STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3),
@@ -64,25 +63,25 @@ class EfficientNet(nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
-@register_model
-def efficientnet_lite0(num_classes: int = 1000, width_mult: float = 1.0, in_size: int = 224, **kw) -> QuantizedNet:
-    """EfficientNet-Lite0 (ReLU6, no squeeze-excitation), 224x224, switchable on Brevitas layers."""
-    return QuantizedNet(EfficientNet(num_classes, True, width_mult, cifar=False), num_classes, in_size, **kw)
+@zoo_model()
+def efficientnet_lite0(num_classes: int = 1000, width_mult: float = 1.0) -> EfficientNet:
+    """EfficientNet-Lite0 (ReLU6, no squeeze-excitation), 224x224 (any side)."""
+    return EfficientNet(num_classes, True, width_mult, cifar=False)
 
 
-@register_model
-def efficientnet_lite0_cifar(num_classes: int = 10, width_mult: float = 1.0, **kw) -> QuantizedNet:
+@zoo_model(side=32)
+def efficientnet_lite0_cifar(num_classes: int = 10, width_mult: float = 1.0) -> EfficientNet:
     """EfficientNet-Lite0, CIFAR variant (32x32)."""
-    return QuantizedNet(EfficientNet(num_classes, True, width_mult, cifar=True), num_classes, 32, **kw)
+    return EfficientNet(num_classes, True, width_mult, cifar=True)
 
 
-@register_model
-def efficientnet_b0(num_classes: int = 1000, width_mult: float = 1.0, in_size: int = 224, **kw) -> QuantizedNet:
-    """EfficientNet-B0 (SiLU, squeeze-excitation with a sigmoid gate), 224x224, switchable on Brevitas layers."""
-    return QuantizedNet(EfficientNet(num_classes, False, width_mult, cifar=False), num_classes, in_size, **kw)
+@zoo_model()
+def efficientnet_b0(num_classes: int = 1000, width_mult: float = 1.0) -> EfficientNet:
+    """EfficientNet-B0 (SiLU, squeeze-excitation with a sigmoid gate), 224x224 (any side)."""
+    return EfficientNet(num_classes, False, width_mult, cifar=False)
 
 
-@register_model
-def efficientnet_b0_cifar(num_classes: int = 10, width_mult: float = 1.0, **kw) -> QuantizedNet:
+@zoo_model(side=32)
+def efficientnet_b0_cifar(num_classes: int = 10, width_mult: float = 1.0) -> EfficientNet:
     """EfficientNet-B0, CIFAR variant (32x32)."""
-    return QuantizedNet(EfficientNet(num_classes, False, width_mult, cifar=True), num_classes, 32, **kw)
+    return EfficientNet(num_classes, False, width_mult, cifar=True)

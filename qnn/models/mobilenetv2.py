@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from qnn.models.quantized import QuantizedNet
-from qnn.models.registry import register_model
+from qnn.models.zoo import zoo_model
 
 # (expansion t, channels c, repeats n, first stride s) per stage, as in the paper
 STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -69,13 +68,13 @@ def init_weights_(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-@register_model
-def mobilenetv2_cifar(num_classes: int = 10, width_mult: float = 1.0, **kw) -> QuantizedNet:
-    """MobileNetV2, CIFAR variant (32x32), switchable on Brevitas layers."""
-    return QuantizedNet(MobileNetV2(num_classes, width_mult, cifar=True), num_classes, 32, **kw)
+@zoo_model(side=32)
+def mobilenetv2_cifar(num_classes: int = 10, width_mult: float = 1.0) -> MobileNetV2:
+    """MobileNetV2, CIFAR variant (32x32)."""
+    return MobileNetV2(num_classes, width_mult, cifar=True)
 
 
-@register_model
-def mobilenetv2(num_classes: int = 1000, width_mult: float = 1.0, in_size: int = 224, **kw) -> QuantizedNet:
-    """MobileNetV2, standard 224x224 network, switchable on Brevitas layers."""
-    return QuantizedNet(MobileNetV2(num_classes, width_mult, cifar=False), num_classes, in_size, **kw)
+@zoo_model()
+def mobilenetv2(num_classes: int = 1000, width_mult: float = 1.0) -> MobileNetV2:
+    """MobileNetV2, standard 224x224 network (any side)."""
+    return MobileNetV2(num_classes, width_mult, cifar=False)

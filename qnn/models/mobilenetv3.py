@@ -10,8 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qnn.models.mobilenetv2 import _divisible, init_weights_
-from qnn.models.quantized import QuantizedNet
-from qnn.models.registry import register_model
+from qnn.models.zoo import zoo_model
 
 # (kernel, expansion channels, output channels, squeeze-excitation, activation, stride), the paper's Table 2
 SMALL = ((3, 16, 16, True, "relu", 2), (3, 72, 24, False, "relu", 2), (3, 88, 24, False, "relu", 1),
@@ -75,13 +74,13 @@ class MobileNetV3Small(nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
-@register_model
-def mobilenetv3_small_cifar(num_classes: int = 10, width_mult: float = 1.0, **kw) -> QuantizedNet:
-    """MobileNetV3-Small, CIFAR variant (32x32), switchable on Brevitas layers."""
-    return QuantizedNet(MobileNetV3Small(num_classes, width_mult, cifar=True), num_classes, 32, **kw)
+@zoo_model(side=32)
+def mobilenetv3_small_cifar(num_classes: int = 10, width_mult: float = 1.0) -> MobileNetV3Small:
+    """MobileNetV3-Small, CIFAR variant (32x32)."""
+    return MobileNetV3Small(num_classes, width_mult, cifar=True)
 
 
-@register_model
-def mobilenetv3_small(num_classes: int = 1000, width_mult: float = 1.0, in_size: int = 224, **kw) -> QuantizedNet:
-    """MobileNetV3-Small, standard 224x224 network, switchable on Brevitas layers."""
-    return QuantizedNet(MobileNetV3Small(num_classes, width_mult, cifar=False), num_classes, in_size, **kw)
+@zoo_model()
+def mobilenetv3_small(num_classes: int = 1000, width_mult: float = 1.0) -> MobileNetV3Small:
+    """MobileNetV3-Small, standard 224x224 network (any side)."""
+    return MobileNetV3Small(num_classes, width_mult, cifar=False)

@@ -15,8 +15,9 @@ import torch.nn as nn
 
 from qnn.errors import QNNError
 from qnn.integer import integer_ready, program_of
-from qnn.layers import (BIT_CHOICES, exact_integer_eval, get_bit_width, integer_eval_enabled, set_bit_width_,
-                        uncalibrated)
+from qnn.layers import exact_integer_eval, get_bit_width, integer_eval_enabled, set_bit_width_, uncalibrated
+from qnn.qmodules import ReLU6Quant
+from qnn.quantization import QuantizeConfig, quantize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,8 +43,6 @@ class QuantizedNet(nn.Module):
         """mean / std: one value per input channel; by default ImageNet's for 3 channels, 0.5 / 0.5 otherwise (not
         stored in checkpoints: a model rebuilt from one gets the same defaults)."""
         super().__init__()
-        from qnn.quantization import QuantizeConfig, quantize
-
         c = self.in_channels = first_conv_channels(body)
         mean = (IMAGENET_MEAN if c == 3 else GRAY_MEAN * c) if mean is None else mean
         std = (IMAGENET_STD if c == 3 else GRAY_STD * c) if std is None else std
@@ -71,11 +70,9 @@ class QuantizedNet(nn.Module):
         analyses, from the fake-quant form."""
         import brevitas.nn as bnn
 
-        from qnn.quantization import _ReLU6Quant
-
         out: list[torch.Tensor] = []
         hooks = [m.register_forward_hook(lambda m, i, o: out.append(o.detach()))
-                 for m in self.body.modules() if isinstance(m, (bnn.QuantReLU, _ReLU6Quant))]
+                 for m in self.body.modules() if isinstance(m, (bnn.QuantReLU, ReLU6Quant))]
         try:
             with exact_integer_eval(False):
                 self(x)
@@ -87,36 +84,3 @@ class QuantizedNet(nn.Module):
 
 def _reswitch(module: nn.Module, incompatible_keys) -> None:
     set_bit_width_(module, *get_bit_width(module))
-
-
-def load_float_weights(model: QuantizedNet, path: str) -> QuantizedNet:
-    """Load a float checkpoint of the model's float definition (e.g. the shared pretrained CIFAR ResNets; loaded with
-    weights_only) into the quantized model: conv / linear weights as they are, each BatchNorm into every bit-width's
-    copy. Every key must match in name and shape, both ways: a one-line error names the first that does not."""
-    from qnn.checkpoint import load_torch_file
-
-    obj = load_torch_file(path)
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise QNNError(f"{path}: not a float state dict checkpoint")
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    own = model.body.state_dict()
-    arch = getattr(model, "arch", "this model")
-    mapped: dict[str, torch.Tensor] = {}
-    for k, v in sd.items():
-        prefix, _, field = k.rpartition(".")
-        targets = [k] if k in own else [f"{prefix}.bns.{i}.{field}" for i in range(len(BIT_CHOICES))]
-        for t in targets:
-            if t not in own:
-                raise QNNError(f"{path}: checkpoint does not match {arch} (it has '{k}', the model does not)")
-            if own[t].shape != v.shape:
-                raise QNNError(f"{path}: checkpoint does not match {arch} ('{k}' is {tuple(v.shape)}, the model's "
-                               f"{tuple(own[t].shape)})")
-            mapped[t] = v
-    # every parameter and BatchNorm statistic must come from the file (a counter of batches seen need not)
-    params = {k for k in own if not any(t in k for t in ("tensor_quant", "_sentinel", "num_batches_tracked"))}
-    missing = sorted(params - set(mapped))
-    if missing:
-        raise QNNError(f"{path}: checkpoint does not match {arch} (no '{missing[0]}')")
-    model.body.load_state_dict(mapped, strict=False)
-    return model

@@ -1,5 +1,7 @@
-"""Model registry: `create_model(name, **kw)`, `list_models()` (timm style), and users' own models given as
-`path/to/file.py:factory` (a float CNN, quantized with `qnn.quantize`, or a model already on Brevitas layers)."""
+"""Model registry: `create_model(name, **kw)`, `list_models()` (timm style): the zoo's float networks
+(`qnn.models.zoo`) made switchable as `QuantizedNet`s, factories registered with `register_model`, and users' own
+models given as `path/to/file.py:factory` (a float CNN, quantized with `qnn.quantize`, or a model already on
+Brevitas layers)."""
 
 from __future__ import annotations
 
@@ -12,24 +14,30 @@ from typing import Callable
 import torch.nn as nn
 
 from qnn.errors import QNNError
+from qnn.models.quantized import QuantizedNet
+from qnn.models.zoo import DEFAULT_SIDE, ZOO
 
+# factories of whole models (`register_model`); the zoo's float networks are in ZOO
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+# QuantizedNet's own settings, beside the float network, its classes and its input side
+_NET_ARGS = set(inspect.signature(QuantizedNet).parameters) - {"body", "num_classes", "in_size"}
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register a factory of a whole model (with the zoo's interface: `num_classes`, `in_size`, ...) by its name."""
     _REGISTRY[fn.__name__] = fn
     return fn
 
 
 def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted({*ZOO, *_REGISTRY})
 
 
 def takes_in_size(name: str) -> bool:
-    """Whether the zoo model's factory takes `in_size` (the 224x224 models, fully convolutional); the CIFAR models
-    are 32x32 only."""
-    fn = _REGISTRY.get(name)
-    return fn is not None and "in_size" in inspect.signature(fn).parameters
+    """Whether the model takes `in_size` (the 224x224 models, fully convolutional); the CIFAR models are 32x32 only."""
+    if name in _REGISTRY:
+        return "in_size" in inspect.signature(_REGISTRY[name]).parameters
+    return name in ZOO and ZOO[name].side is None
 
 
 def is_user_model(name) -> bool:
@@ -68,9 +76,22 @@ def _user_factory(spec: str) -> Callable[..., nn.Module]:
     return fn
 
 
-def _user_model(spec: str, num_classes: int | None = None, in_size: int | None = None, **kw) -> nn.Module:
-    from qnn.models.quantized import QuantizedNet
+def _zoo_model(name: str, **kw) -> QuantizedNet:
+    """The zoo's float network `name`, quantized: `kw` holds the float factory's arguments (num_classes, width_mult),
+    `in_size` where the network takes any side, and QuantizedNet's settings (mean, std, first_last_bits, ...)."""
+    entry = ZOO[name]
+    net_kw = {k: kw.pop(k) for k in list(kw) if k in _NET_ARGS}
+    if entry.side is None:
+        side = kw.pop("in_size", DEFAULT_SIDE)
+    elif "in_size" in kw:
+        raise TypeError(f"{name}() got an unexpected keyword argument 'in_size' (it takes {entry.side}x{entry.side} "
+                        f"images only)")
+    else:
+        side = entry.side
+    return QuantizedNet(entry.factory(**kw), kw.get("num_classes", entry.num_classes), side, **net_kw)
 
+
+def _user_model(spec: str, num_classes: int | None = None, in_size: int | None = None, **kw) -> nn.Module:
     factory = _user_factory(spec)
     takes = inspect.signature(factory).parameters
     try:
@@ -91,6 +112,8 @@ def create_model(name: str, **kw) -> nn.Module:
         model = _user_model(name, **kw)
     elif name in _REGISTRY:
         model = _REGISTRY[name](**kw)
+    elif name in ZOO:
+        model = _zoo_model(name, **kw)
     else:
         raise QNNError(f"unknown model '{name}'; available: {', '.join(list_models())}, or path/to/file.py:factory")
     model.arch = name  # type: ignore[attr-defined]

@@ -1,7 +1,7 @@
 """ResNets as plain float definitions; the zoo quantizes them with `qnn.quantize` (switchable, on Brevitas layers).
 
 - CIFAR ResNet-20/32/44/56 (He et al. 2016) with the module names and option-A shortcuts of the akamaster
-  checkpoints in ../shared/data/weights, so those float weights load as they are (`load_float_weights`).
+  checkpoints in ../shared/data/weights, so those float weights load as they are (`qnn.checkpoint.load_float_weights`).
 - ImageNet-style ResNet-18 (7x7 stem, max pool, projection shortcuts), any input size.
 - `small_cnn`: a tiny residual CNN for fast tests and the embedded default dataset.
 """
@@ -12,8 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qnn.models.quantized import QuantizedNet
-from qnn.models.registry import register_model
+from qnn.models.zoo import zoo_model
 
 
 class ShortcutA(nn.Module):
@@ -78,39 +77,38 @@ class ResNet(nn.Module):
         return self.linear(torch.flatten(self.pool(x), 1))
 
 
-def _cifar(n: int, num_classes: int = 10, **kw) -> QuantizedNet:
-    return QuantizedNet(ResNet([(16, n, 1), (32, n, 2), (64, n, 2)], "cifar", "A", num_classes), num_classes, 32, **kw)
+def _cifar(n: int, num_classes: int) -> ResNet:
+    return ResNet([(16, n, 1), (32, n, 2), (64, n, 2)], "cifar", "A", num_classes)
 
 
-@register_model
-def resnet20(**kw) -> QuantizedNet:
+@zoo_model(side=32)
+def resnet20(num_classes: int = 10) -> ResNet:
     """CIFAR ResNet-20 (0.27 M parameters); loads the shared pretrained float weights."""
-    return _cifar(3, **kw)
+    return _cifar(3, num_classes)
 
 
-@register_model
-def resnet32(**kw) -> QuantizedNet:
-    return _cifar(5, **kw)
+@zoo_model(side=32)
+def resnet32(num_classes: int = 10) -> ResNet:
+    return _cifar(5, num_classes)
 
 
-@register_model
-def resnet44(**kw) -> QuantizedNet:
-    return _cifar(7, **kw)
+@zoo_model(side=32)
+def resnet44(num_classes: int = 10) -> ResNet:
+    return _cifar(7, num_classes)
 
 
-@register_model
-def resnet56(**kw) -> QuantizedNet:
-    return _cifar(9, **kw)
+@zoo_model(side=32)
+def resnet56(num_classes: int = 10) -> ResNet:
+    return _cifar(9, num_classes)
 
 
-@register_model
-def resnet18(num_classes: int = 1000, in_size: int = 224, **kw) -> QuantizedNet:
+@zoo_model()
+def resnet18(num_classes: int = 1000) -> ResNet:
     """ImageNet-style ResNet-18: 7x7/2 stem, max pool, projection shortcuts; any input size."""
-    net = ResNet([(64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2)], "imagenet", "B", num_classes, stem_ch=64)
-    return QuantizedNet(net, num_classes, in_size, **kw)
+    return ResNet([(64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2)], "imagenet", "B", num_classes, stem_ch=64)
 
 
-@register_model
-def small_cnn(num_classes: int = 10, **kw) -> QuantizedNet:
+@zoo_model(side=32)
+def small_cnn(num_classes: int = 10) -> ResNet:
     """Tiny residual CNN (stem 3x3/16, one block of 16, one of 32 with stride 2): seconds per epoch on a CPU."""
-    return QuantizedNet(ResNet([(16, 1, 1), (32, 1, 2)], "cifar", "A", num_classes), num_classes, 32, **kw)
+    return ResNet([(16, 1, 1), (32, 1, 2)], "cifar", "A", num_classes)

@@ -7,8 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from qnn.models.quantized import QuantizedNet
-from qnn.models.registry import register_model
+from qnn.models.zoo import zoo_model
 
 
 class Fire(nn.Module):
@@ -40,7 +39,7 @@ class SqueezeNetCifar(nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
-@register_model
-def squeezenet_cifar(num_classes: int = 10, width_mult: float = 1.0, **kw) -> QuantizedNet:
+@zoo_model(side=32)
+def squeezenet_cifar(num_classes: int = 10, width_mult: float = 1.0) -> SqueezeNetCifar:
     """A SqueezeNet-style CIFAR network (fire modules: concatenated expand branches), 32x32."""
-    return QuantizedNet(SqueezeNetCifar(num_classes, width_mult), num_classes, 32, **kw)
+    return SqueezeNetCifar(num_classes, width_mult)

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from qnn.models.quantized import QuantizedNet
-from qnn.models.registry import register_model
+from qnn.models.zoo import zoo_model
 
 # channels per conv, "M" = 2x2 max pool (VGG-11's configuration)
 VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
@@ -31,7 +30,7 @@ class VGG(nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
-@register_model
-def vgg11_cifar(num_classes: int = 10, width_mult: float = 1.0, **kw) -> QuantizedNet:
-    """VGG-11 with BatchNorm, CIFAR variant (32x32), switchable on Brevitas layers."""
-    return QuantizedNet(VGG(num_classes, VGG11, width_mult), num_classes, 32, **kw)
+@zoo_model(side=32)
+def vgg11_cifar(num_classes: int = 10, width_mult: float = 1.0) -> VGG:
+    """VGG-11 with BatchNorm, CIFAR variant (32x32)."""
+    return VGG(num_classes, VGG11, width_mult)

@@ -55,9 +55,9 @@ def test_asr_rises_with_patch_size_and_iterations(model_and_data):
 
 def test_targeted_patch_reaches_target():
     """Real check on a real model: pretrained ResNet-20 on the shared CIFAR-10, targeted 10x10 patch."""
+    from qnn.checkpoint import load_float_weights
     from qnn.data import load_cifar10
     from qnn.models import create_model
-    from qnn.models.quantized import load_float_weights
     from tests.conftest import SHARED
 
     w = SHARED / "weights" / "resnet20-12fca82f.th"

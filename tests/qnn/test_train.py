@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from qnn.checkpoint import load_checkpoint, save_checkpoint
+from qnn.checkpoint import load_checkpoint, load_float_weights, save_checkpoint
 from qnn.config import TrainConfig
 from qnn.errors import QNNError
 from qnn.models import create_model
@@ -154,8 +154,6 @@ def test_init_from_shared_pretrained_weights(tmp_path):
     w = SHARED / "weights" / "resnet20-12fca82f.th"
     if not w.is_file():
         pytest.skip("needs ../shared/data")
-    from qnn.models.quantized import load_float_weights
-
     m = load_float_weights(create_model("resnet20"), str(w))
     with pytest.raises(QNNError, match="does not match resnet32 .no 'layer1.3.bn1"):
         load_float_weights(create_model("resnet32"), str(w))
