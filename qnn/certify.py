@@ -162,20 +162,23 @@ def plurality(pred: np.ndarray, num_classes: int) -> np.ndarray:
     return counts.argmax(-1)
 
 
-def read_pairs(first: np.ndarray, num_classes: int, evaluate, chunk: int = 64) -> np.ndarray:
+def read_pairs(first: np.ndarray, num_classes: int, evaluate, chunk: int = 64, certificates: bool = True
+               ) -> np.ndarray:
     """(B, N (N - 1) / 2) two-mask labels, in `pair_unions`' order, of the pairs double masking reads (-1 for the
     others), each evaluated once by `evaluate(images, i, j)` -> labels of image `images[k]` with masks i[k], j[k].
 
     An image whose one-mask predictions all agree is certified iff every pair agrees too: its pairs go a chunk at a
     time and stop at the first chunk that disagrees. Any other image cannot be certified (its one-mask predictions,
     the table's diagonal, already hold two labels); its inference reads the rows of its disagreeing masks in mask
-    order until one row agrees with its mask: those rows, one round per mask, batched over images."""
+    order until one row agrees with its mask: those rows, one round per mask, batched over images. With
+    `certificates` False only the inference's reads are made (the first-round-agreeing images then read none, and
+    the prediction is exact but no image is certified)."""
     B, N = first.shape
     i, j = np.triu_indices(N, 1)
     pairs = np.full((B, len(i)), -1, dtype=np.int64)
     pred = plurality(first, num_classes)
     split = first != pred[:, None]
-    alive = np.flatnonzero(~split.any(1))
+    alive = np.flatnonzero(~split.any(1)) if certificates else np.zeros(0, dtype=np.int64)
     for s in range(0, len(i), chunk):
         if not len(alive):
             break
@@ -311,10 +314,11 @@ class Certification:
 
 
 def certify(model: nn.Module, x: torch.Tensor, ms: MaskSet, bits: int | None = None, batch: int = 256,
-            device: str = "cpu") -> Certification:
+            device: str = "cpu", certificates: bool = True) -> Certification:
     """Defended predictions and certificates of `model` (at `bits`, or as it is set) on images x (pixels in [0, 1])
     with the mask set `ms`, by its method. Every masked image is evaluated at most once: the one-mask ones, then for
-    PatchCleanser the unordered pairs of masks the decision reads (`read_pairs`)."""
+    PatchCleanser the unordered pairs of masks the decision reads (`read_pairs`; `certificates` False: the defended
+    predictions alone, none certified)."""
     if bits is not None:
         set_bit_width_(model, bits)
     model.eval()
@@ -327,7 +331,7 @@ def certify(model: nn.Module, x: torch.Tensor, ms: MaskSet, bits: int | None = N
         column = np.full((len(masks), len(masks)), -1, dtype=np.int64)
         column[np.triu_indices(len(masks), 1)] = np.arange(len(unions))
         pairs = read_pairs(first, num_classes, lambda img, i, j: masked_predictions(
-            model, x, unions, fill, batch, device, at=(img, column[i, j])))
+            model, x, unions, fill, batch, device, at=(img, column[i, j])), certificates=certificates)
         num_classes = max(num_classes, int(pairs.max(initial=0)) + 1)
         pred, cert, fw = double_masking(first, pair_table(first, pairs), num_classes)
         return Certification(pred, cert, fw, len(masks) + (pairs >= 0).sum(1), len(masks) + len(unions))
@@ -370,7 +374,7 @@ def attack_cross_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ms: M
     xadv = xadv.cpu()
     with torch.no_grad():
         plain = torch.cat([model(xadv[i:i + batch].to(device)).argmax(1).cpu() for i in range(0, len(xadv), batch)])
-    defended = certify(model, xadv, ms, bits, batch, device).pred
+    defended = certify(model, xadv, ms, bits, batch, device, certificates=False).pred
     bad = ok[defended != ys.numpy()]
     res.update(n_undefended_fooled=int((plain != ys).sum()), violations=len(bad),
                violating_images=[int(i) for i in bad])

@@ -285,6 +285,9 @@ def test_pairs_left_out_never_change_a_decision():
     for a, b in zip(full[:2], pruned[:2]):
         assert np.array_equal(a, b)
     assert np.array_equal(full[2], pruned[2]) and full[1].sum() >= B // 8
+    alone = read_pairs(first, C, lambda img, i, j: pairs[img, column[i, j]], chunk=4, certificates=False)
+    inferred = double_masking(first, pair_table(first, alone), C)
+    assert np.array_equal(inferred[0], full[0]) and np.array_equal(inferred[2], full[2]) and not inferred[1].any()
     read = N + (got >= 0).sum(1)
     assert (read[~full[1]] < N + pairs.shape[1]).mean() > 0.5 and (read[full[1]] == N + pairs.shape[1]).all()
 
