@@ -8,7 +8,7 @@ per-image patch attack at every cell, the `cpu` protocol's attack ensemble at on
     python bench/certify_table.py                        # resumes cell by cell
     python bench/certify_table.py --n 20 --bits 32,4 --patch-sizes 6 --methods patchcleanser --out /tmp/ct  # minutes
 
-Models: `--masking` (trained by `qnn train --defense masking`, see bench/certify_train.sh) and `--qat` (the defense
+Models: `--masking` (trained by `qnn train --defense masking`, see bench/certify_resnet20.sh) and `--qat` (the defense
 table's undefended QAT model, seed 0). Each finished cell is written to OUT.json at once; a re-run skips the cells
 whose settings and checkpoint match and refuses a file made with other settings. The markdown and the plot are
 rendered from the JSON. ORT timing needs a quiet machine: pause other jobs first.
@@ -79,7 +79,7 @@ def _models(a) -> dict[str, Path]:
     out = {"masking": Path(a.masking), "qat": Path(qat) if qat else None}
     for name, p in out.items():
         if p is None or not p.is_file():
-            raise QNNError(f"--{name} checkpoint not found ({p}); train it first (bench/certify_train.sh)")
+            raise QNNError(f"--{name} checkpoint not found ({p}); train it first (bash bench/certify_resnet20.sh)")
     return out
 
 
@@ -104,6 +104,18 @@ def _run(a, command: str) -> int:
     if not 1 <= a.n <= 10000:
         raise QNNError(f"--n must be in 1..10000, got {a.n}")
     models = _models(a)
+    ensemble = None if a.ensemble_at == "none" else tuple(_ints(a.ensemble_at.replace(":", ","), "--ensemble-at"))
+    if ensemble is not None and len(ensemble) != 2:
+        raise QNNError(f"--ensemble-at must be BITS:PATCH such as 4:6, or none; got {a.ensemble_at!r}")
+    for name, path in models.items():  # every cell's bit-width trained, every mask set possible: before any work
+        model, obj = load_checkpoint(str(path))
+        untrained = [b for b in bits if b != 32 and b not in obj.get("trained_bits", [])]
+        if untrained:
+            raise QNNError(f"--{name} {path} was not trained at {untrained} bits (trained: {obj.get('trained_bits')})")
+        side = int(getattr(model, "in_size", None) or 32)
+        for method in methods:
+            for p in sizes:
+                mask_set(method, (side, side), p, a.mask_positions, a.axis_coverage if method == "certmask" else 1)
     settings = {"format": FORMAT, "dataset": a.dataset, "n_images": a.n, "images": f"the first {a.n} test images",
                 "mask_positions": a.mask_positions, "axis_coverage": a.axis_coverage,
                 "cross_check_iters": a.cross_check_iters, "latency_images": a.latency_images}
@@ -121,8 +133,7 @@ def _run(a, command: str) -> int:
             print(key(c))
         return 0
     torch.set_num_threads(a.threads)
-    ens_bits, ens_patch = (None, None) if a.ensemble_at == "none" else _ints(a.ensemble_at.replace(":", ","),
-                                                                              "--ensemble-at")
+    ens_bits, ens_patch = ensemble or (None, None)
     for c in left:
         name, method, b, p = c
         model, obj = load_checkpoint(str(models[name]))
