@@ -103,6 +103,15 @@ class _Builder:
     def same_grid(name: str, t: QTensor) -> QTensor:
         return QTensor(name, t.grid)
 
+    @staticmethod
+    def reread(t: QTensor, g: Grid) -> QTensor:
+        """The same uint8 codes read on grid `g` (its scale and zero point)."""
+        return QTensor(t.name, g)
+
+    def constant_tensor(self, codes: np.ndarray, g: Grid) -> QTensor:
+        """A constant uint8 tensor on grid `g` (an initializer the op's DequantizeLinear reads)."""
+        return QTensor(self.const(codes.astype(np.uint8), "k"), g)
+
     def pad(self, name: str, torch_pads, t: QTensor) -> str:
         """Zero padding (F.pad's order: last dim first) of a 4-D tensor: pads with the zero point."""
         begin, end = [0] * 4, [0] * 4

@@ -290,6 +290,62 @@ class QLookup(Op):
         return b.lookup(x, self, self.out)
 
 
+class QHardGate(QLookup):
+    """Hardsigmoid, and Hardswish = x * hardsigmoid(x), in ORT's vectorised integer kernels instead of a Gather (26x
+    slower per element, `bench/lookup_kernels.py`): hardsigmoid(x) = (x + 3) / 6 saturated to [0, 1] is a QLinearAdd
+    of x and the constant 3 onto a grid six times the output's, whose codes read on the output's grid are the
+    hardsigmoid; Hardswish multiplies x by that hardsigmoid on an 8-bit grid in a QLinearMul. PyTorch evaluates the
+    same integers as a table over the input codes, built once per CPU family from the kernels' models (QLinearAdd
+    rounds differently on aarch64); with autograd, the real function's gradient, as QLookup."""
+
+    THREE = (np.uint8(6), np.float32(0.5))  # the constant 3 as a uint8 code and its scale (zero point 0): exact
+    GATE = Grid(torch.tensor(1 / 255, dtype=torch.float32), 0, 0, 255, 8)  # Hardswish's inner hardsigmoid
+
+    def __init__(self, fn, name: str, kwargs: dict, x: int, in_grid: Grid, out: Grid):
+        super().__init__(fn, name, kwargs, x, in_grid, out)
+        self.swish = name == "hardswish"
+        self.tables: dict[str, torch.Tensor] = {}
+
+    def _add_scale(self, g: Grid) -> np.float32:
+        return np.float32(g.scale) * np.float32(6)
+
+    def _codes(self, family: str) -> np.ndarray:
+        """The output codes of every input code 0..255 (uint8), as ORT computes them on `family`."""
+        g, out = self.in_grid, self.out
+        codes = np.arange(256, dtype=np.uint8)
+        three, s3 = self.THREE
+        inner = self.GATE if self.swish else out
+        y = K.qlinear_add(codes, float(g.scale), g.zp, np.array([three]), float(s3), 0,
+                          float(self._add_scale(inner)), inner.zp, cpu=family)
+        if self.swish:
+            y = K.qlinear_mul(codes, float(g.scale), g.zp, y, float(self.GATE.scale), 0, float(out.scale), out.zp)
+        return np.clip(y, out.lo + out.zp, out.hi + out.zp)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        family = K.current_target_cpu()
+        if family not in self.tables:
+            self.tables[family] = torch.from_numpy(self._codes(family).astype(np.float32)) - self.out.zp
+        t = self.tables[family].to(x.device)
+        y = t[(x.detach() + self.in_grid.zp).long()]
+        if not x.requires_grad:
+            return y
+        smooth = self.fn(x * self.in_grid.scale) / self.out.scale
+        return smooth + (y - smooth).detach()
+
+    def emit(self, b, x):
+        if b.fmt == "qonnx":  # QONNX tools expect the float function between Quant nodes
+            return super().emit(b, x)
+        inner = self.GATE if self.swish else self.out
+        three, s3 = self.THREE
+        const = b.constant_tensor(np.array([three]), Grid(torch.tensor(s3), 0, 0, 255, 8))
+        added = b.node("Add", [b.dequant(x), b.dequant(const)], "hsig")
+        wide = Grid(torch.tensor(self._add_scale(inner)), inner.zp, inner.lo, inner.hi, inner.bits)
+        gate = b.reread(b.quantize(added, wide), inner)  # the same codes, read as the hardsigmoid
+        if not self.swish:
+            return gate
+        return b.quantize(b.node("Mul", [b.dequant(x), b.dequant(gate)], "hswish"), self.out)
+
+
 class QAvgPool(Op):
     """QLinearAveragePool, as ONNX Runtime's kernel computes it: the window's dequantized values s_x * (q - zp) summed
     in float32 row by row, divided by the count (with count_include_pad the whole kernel, even for a ceil_mode window
@@ -642,7 +698,8 @@ class IntegerProgram:
         x = args[0] if args else None
         if isinstance(m, QuantElementwise):
             xi = self._value(x, node)
-            return self._push(QLookup(m.fn, m.name, m.kwargs, xi, self.grids[xi], Grid.of(quantizers(m.quant)[0])))
+            kind = QHardGate if m.name in ("hardsigmoid", "hardswish") else QLookup
+            return self._push(kind(m.fn, m.name, m.kwargs, xi, self.grids[xi], Grid.of(quantizers(m.quant)[0])))
         if isinstance(m, (bnn.QuantReLU, bnn.QuantIdentity, ReLU6Quant)):
             q = quantizers(m)[0]
             if q.kind == "input":
