@@ -22,6 +22,7 @@ from qnn.bench.common import command_line, markdown_table, write_results  # noqa
 IMAGENET_SIZED = ("resnet18", "mobilenetv2", "mobilenetv3_small", "efficientnet_lite0", "efficientnet_b0")
 WIDTH_MODELS = ("mobilenetv2", "mobilenetv3", "efficientnet", "squeezenet")
 USER_FILE = "tests/qnn/user_models.py"
+QONNX_IMAGES = 4  # qonnx's executor runs node by node in Python: a few images show that the file runs
 
 
 def candidates(width: float, size: int) -> dict:
@@ -91,8 +92,30 @@ def _exactness(m, bits: int, n: int) -> dict:
         got = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": xn})[0]
         interp = IntegerInterpreter(p).run(xn)
         v = verify(p)
+        qonnx = _qonnx_run(m, bits, Path(td) / "q.onnx", xn[:QONNX_IMAGES], ref[:QONNX_IMAGES])
     return {"accepted": True, "exact_ort": bool(np.array_equal(ref, got)), "exact_interpreter": bool(np.array_equal(ref, interp)),
-            "fully_integer": bool(v["fully_integer"]), "float_ops": v.get("float_compute_ops", []), "ops": v["ops"]}
+            "fully_integer": bool(v["fully_integer"]), "float_ops": v.get("float_compute_ops", []), "ops": v["ops"],
+            **qonnx}
+
+
+def _qonnx_run(m, bits: int, path: Path, xn, ref) -> dict:
+    """The `qnn export --format qonnx` file run as written in qonnx's own executor on a few images: whether it runs,
+    and its top-1 agreement with the integer model (QONNX computes in float between its Quant nodes: close, not
+    bit-identical; tests/export/test_integer_program.py::test_qonnx_file_runs_in_qonnx_as_written)."""
+    import numpy as np
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+    from qonnx.util.cleanup import cleanup_model
+
+    from qnn.export.onnx_export import export_model
+
+    try:
+        wrapped = cleanup_model(ModelWrapper(str(export_model(m, bits, "qonnx", path))))
+        inp, outp = wrapped.graph.input[0].name, wrapped.graph.output[0].name
+        out = np.concatenate([execute_onnx(wrapped, {inp: xn[i:i + 1]})[outp] for i in range(len(xn))])
+    except Exception as e:  # qonnx raises many types; the table says which
+        return {"qonnx_runs": False, "qonnx_error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
+    return {"qonnx_runs": True, "qonnx_top1_agreement_pct": 100.0 * float((out.argmax(1) == ref.argmax(1)).mean())}
 
 
 def table(res: dict, bits: list[int]) -> str:
@@ -102,11 +125,12 @@ def table(res: dict, bits: list[int]) -> str:
     for name, per in res.items():
         first = per[str(bits[0])]
         if not first["accepted"]:
-            rows.append([f"`{name}`", "refused", "-", first["reason"][:160]])
+            rows.append([f"`{name}`", "refused", "-", "-", first["reason"][:160]])
             continue
         rows.append([f"`{name}`", " / ".join(yes(per[str(b)]["exact_ort"] and per[str(b)]["exact_interpreter"]) for b in bits),
-                     " / ".join(yes(per[str(b)]["fully_integer"]) for b in bits), ""])
-    return markdown_table(["model", "exact", "integer only", "refused because"], rows)
+                     " / ".join(yes(per[str(b)]["fully_integer"]) for b in bits),
+                     " / ".join(yes(per[str(b)].get("qonnx_runs")) for b in bits), ""])
+    return markdown_table(["model", "exact", "integer only", "QONNX runs in qonnx", "refused because"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,16 +155,18 @@ def main(argv: list[str] | None = None) -> int:
             if not r["accepted"]:
                 print(f"{name}: refused: {r['reason'][:100]}", flush=True)
                 break
-            print(f"{name} {b} bits: exact {r['exact_ort'] and r['exact_interpreter']}, integer-only {r['fully_integer']}",
-                  flush=True)
+            print(f"{name} {b} bits: exact {r['exact_ort'] and r['exact_interpreter']}, integer-only {r['fully_integer']}, "
+                  f"qonnx runs {r.get('qonnx_runs')}", flush=True)
     md = (f"Models in, and their integer models exact, at {' / '.join(map(str, bits))} bits: PyTorch eval == ONNX Runtime "
-          f"== numpy interpreter on {a.n} random images (`np.array_equal`), every executed node an integer kernel. "
+          f"== numpy interpreter on {a.n} random images (`np.array_equal`), every executed node an integer kernel, and "
+          f"the QONNX export run as written in qonnx's executor on {QONNX_IMAGES} of them (it computes in float between "
+          "its Quant nodes: close, not bit-identical). "
           f"Width {a.width} for the MobileNet / EfficientNet / SqueezeNet models; 224x224 models at {a.size}x{a.size}. "
           f"Command: `{command_line('bench/zoo_exactness.py', argv)}`\n\n"
           + table(res, bits))
     write_results(a.out, {"results": res, "config": vars(a), "threads": None}, md)
-    return 0 if all(r.get("exact_ort", True) and r.get("exact_interpreter", True) for per in res.values()
-                    for r in per.values()) else 1
+    return 0 if all(r.get("exact_ort", True) and r.get("exact_interpreter", True) and r.get("qonnx_runs", True)
+                    for per in res.values() for r in per.values()) else 1
 
 
 if __name__ == "__main__":

@@ -193,7 +193,8 @@ class _Builder:
             return self.node("Elu", [x], "elu", alpha=float(kw.get("alpha", 1.0)))
         if name == "gelu":
             if kw.get("approximate", "none") == "tanh":  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-                x3 = self.node("Mul", [self.node("Mul", [x, x], "sq"), x], "cube")
+                # x^3 as Pow: a node reading one tensor twice (x * x) loses an input to qonnx's tensor renaming
+                x3 = self.node("Pow", [x, c(3.0)], "cube")
                 inner = self.node("Mul", [self.node("Add", [x, self.node("Mul", [x3, c(0.044715)], "m")], "a"),
                                           c(np.sqrt(2 / np.pi))], "m")
                 t = self.node("Add", [self.node("Tanh", [inner], "tanh"), c(1.0)], "a")

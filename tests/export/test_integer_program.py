@@ -250,7 +250,7 @@ def test_the_evaluation_follows_the_target_cpu_family(tmp_path):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("net", [Net, Movement])
+@pytest.mark.parametrize("net", [Net, Movement, Functional])
 def test_qonnx_file_runs_in_qonnx_as_written(tmp_path, bits, net):
     """The file `qnn export --format qonnx` writes runs in qonnx's own executor with no edit (batch 1, concrete).
     QONNX computes in float between its Quant nodes: where an intermediate value lies within float error of a
