@@ -39,8 +39,8 @@ def _add_train(sub) -> None:
     p.add_argument("--eval-bits", dest="eval_bits", help="bit-widths evaluated after each epoch (default: --bits)")
     p.add_argument("--eval-every", dest="eval_every", type=arg_int(1),
                    help="evaluate on the test set every N epochs and after the last (default 1)")
-    p.add_argument("--first-last-bits", dest="first_last_bits", type=arg_int(2, 32),
-                   help="weight bits of the first conv and the classifier (default 8; 32 = float)")
+    p.add_argument("--first-last-bits", dest="first_last_bits", type=arg_int(2, 8),
+                   help="weight bits of the first conv and the classifier, 2..8 (default 8)")
     p.add_argument("--residual-bits", dest="residual_bits", type=arg_int(2, 8),
                    help="ResNets: residual stream (adds, block outputs) at >= this many bits; conv inputs stay at the bit-width")
     p.add_argument("--no-reduce-range", dest="reduce_range", action="store_false", default=None,

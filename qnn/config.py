@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qnn.errors import QNNError
-from qnn.layers import BIT_CHOICES, parse_bits
+from qnn.layers import check_pinned_bits, parse_bits
 from qnn.validate import MAX_SEED, check_field_types, check_float, check_int
 
 SCHEDULES = ("fixed", "random", "round_robin", "curriculum")
@@ -90,10 +90,8 @@ class TrainConfig:
         check_float("distill_temp", self.distill_temp, 0.0, 100.0, lo_open=True)
         if self.threads is not None:
             check_int("threads", self.threads, 1, 1024)
-        if self.first_last_bits is not None and self.first_last_bits not in BIT_CHOICES:
-            raise QNNError(f"first_last_bits {self.first_last_bits} not allowed; choose from 2..8 or 32")
-        if self.residual_bits is not None and self.residual_bits not in range(2, 9):
-            raise QNNError(f"residual_bits {self.residual_bits} not allowed; choose from 2..8")
+        check_pinned_bits("first_last_bits", self.first_last_bits)
+        check_pinned_bits("residual_bits", self.residual_bits)
         if self.distill and self.defense != "none":
             raise QNNError("--distill works with plain QAT only (--defense none)")
         if self.distill == "init" and not self.init:

@@ -27,6 +27,13 @@ def bit_index(bits: int) -> int:
     return BIT_CHOICES.index(bits)
 
 
+def check_pinned_bits(name: str, v: int | None) -> None:
+    """A layer group held at a fixed integer bit-width (the first and last layers, the residual stream): 2..8 or
+    None (follow the switch). 32 has no integer graph, so it is refused here rather than at export."""
+    if v is not None and (isinstance(v, bool) or v not in BIT_CHOICES[:-1]):
+        raise QNNError(f"{name} must be one of 2..8 or unset, got {v!r}")
+
+
 def parse_bits(v: Any) -> list[int]:
     """'2,4,8,32' or [2, 4] -> [2, 4, 8, 32]; every entry must be in {2..8, 32}."""
     if isinstance(v, int):

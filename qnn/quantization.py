@@ -38,7 +38,7 @@ from qnn.brevitas_import import brevitas_layers, copy_learned_scales_, to_float
 from qnn.brevitas_quant import FixedInputQuant, SwitchableIntQuant, SwitchableWeightQuant, with_fixed_bits
 from qnn.errors import QNNError
 from qnn.integer import CONV_TRANSPOSE_HINT, SIZE_ARITHMETIC, IntegerProgram
-from qnn.layers import BIT_CHOICES, SwitchableMixin, get_bit_width, parse_bits, set_bit_width_
+from qnn.layers import SwitchableMixin, check_pinned_bits, get_bit_width, parse_bits, set_bit_width_
 from qnn.qmodules import ELEMENTWISE, QuantElementwise, SwitchableBatchNorm2d, act_module
 from qnn.validate import check_float
 
@@ -54,9 +54,7 @@ class QuantizeConfig:
     def __post_init__(self) -> None:
         self.bits = parse_bits(self.bits)
         for name in ("first_last_bits", "residual_bits"):
-            v = getattr(self, name)
-            if v is not None and v not in BIT_CHOICES[:-1]:
-                raise QNNError(f"{name} must be one of 2..8 or unset, got {v!r}")
+            check_pinned_bits(name, getattr(self, name))
         lo, hi = (check_float("input_range", v) for v in self.input_range)
         if not lo < hi:
             raise QNNError(f"input_range must be (low, high) with low < high, got {self.input_range}")

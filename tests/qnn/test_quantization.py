@@ -133,6 +133,20 @@ def test_quantize_refuses_what_it_cannot_handle_with_one_line():
             qnn.QuantizeConfig(**bad)
 
 
+def test_pinned_bit_widths_are_refused_alike_before_training():
+    """--first-last-bits / --residual-bits: 2..8 or unset, with one message from the training config and from the
+    quantize config (32 has no integer graph: it used to pass training's check and fail at quantize)."""
+    from qnn.config import TrainConfig
+
+    for name, v in (("first_last_bits", 32), ("residual_bits", 1), ("residual_bits", 32)):
+        msgs = []
+        for make in (lambda: TrainConfig(model="small_cnn", **{name: v}), lambda: qnn.QuantizeConfig(**{name: v})):
+            with pytest.raises(QNNError) as e:
+                make()
+            msgs.append(str(e.value))
+        assert msgs[0] == msgs[1] == f"{name} must be one of 2..8 or unset, got {v!r}"
+
+
 def test_a_quantized_model_is_accepted_as_it_is():
     q = qnn.quantize(_float_net())
     assert qnn.quantize(q) is q
