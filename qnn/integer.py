@@ -305,6 +305,10 @@ class QHardGate(QLookup):
         super().__init__(fn, name, kwargs, x, in_grid, out)
         self.swish = name == "hardswish"
         self.tables: dict[str, torch.Tensor] = {}
+        # hard-sigmoid saturates at 0 and 1: its own clamp inside the output grid (which may reach past 1, or below
+        # 0 when a concatenation shares it), as ReLU6's clamp at 6; Hardswish's 8-bit gate is [0, 1] exactly
+        top = int(torch.round(torch.tensor(1.0, dtype=torch.float32) / out.scale))
+        self.gate = self.GATE if self.swish else Grid(out.scale, out.zp, max(out.lo, 0), min(out.hi, top), out.bits)
 
     def _add_scale(self, g: Grid) -> np.float32:
         return np.float32(g.scale) * np.float32(6)
@@ -314,11 +318,13 @@ class QHardGate(QLookup):
         g, out = self.in_grid, self.out
         codes = np.arange(256, dtype=np.uint8)
         three, s3 = self.THREE
-        inner = self.GATE if self.swish else out
+        gate = self.gate
         y = K.qlinear_add(codes, float(g.scale), g.zp, np.array([three]), float(s3), 0,
-                          float(self._add_scale(inner)), inner.zp, cpu=family)
-        if self.swish:
-            y = K.qlinear_mul(codes, float(g.scale), g.zp, y, float(self.GATE.scale), 0, float(out.scale), out.zp)
+                          float(self._add_scale(gate)), gate.zp, cpu=family)
+        y = np.clip(y, gate.lo + gate.zp, gate.hi + gate.zp)
+        if not self.swish:
+            return y
+        y = K.qlinear_mul(codes, float(g.scale), g.zp, y, float(gate.scale), 0, float(out.scale), out.zp)
         return np.clip(y, out.lo + out.zp, out.hi + out.zp)
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
@@ -335,12 +341,12 @@ class QHardGate(QLookup):
     def emit(self, b, x):
         if b.fmt == "qonnx":  # QONNX tools expect the float function between Quant nodes
             return super().emit(b, x)
-        inner = self.GATE if self.swish else self.out
+        inner = self.gate
         three, s3 = self.THREE
         const = b.constant_tensor(np.array([three]), Grid(torch.tensor(s3), 0, 0, 255, 8))
         added = b.node("Add", [b.dequant(x), b.dequant(const)], "hsig")
         wide = Grid(torch.tensor(self._add_scale(inner)), inner.zp, inner.lo, inner.hi, inner.bits)
-        gate = b.reread(b.quantize(added, wide), inner)  # the same codes, read as the hardsigmoid
+        gate = b.reread(b.quantize(added, wide), self.GATE if self.swish else self.out)  # the codes, read as hsig
         if not self.swish:
             return gate
         return b.quantize(b.node("Mul", [b.dequant(x), b.dequant(gate)], "hswish"), self.out)
@@ -411,7 +417,8 @@ class Move(Op):
         elif self.kind == "pad":
             y = b.pad(name, p["pads"], x)
         elif self.kind in ("permute", "transpose"):
-            perm = list(p["perm"]) if self.kind == "permute" else _swapped(len(x.shape), *p["dims"])
+            rank = len(x.shape)
+            perm = [d % rank for d in p["perm"]] if self.kind == "permute" else _swapped(rank, *p["dims"])
             if perm[0] != 0:
                 raise QNNError("a permutation that moves the batch dim has no integer form")
             y = b.node("Transpose", [name], "transpose", perm=perm)
@@ -455,7 +462,7 @@ class Size:
 
     def reads_batch(self) -> bool:
         if self.expr[0] == "dim":
-            return self.expr[2] == 0
+            return self.expr[2] == 0 or self.expr[2] <= -4  # -4 is a 4-D tensor's batch (wider: refused with it)
         return any(isinstance(a, Size) and a.reads_batch() for a in self.expr[1:])
 
     def value(self, shapes: dict[int, tuple]) -> int:
@@ -472,6 +479,9 @@ class Shape:
         self.x = x
 
     def __getitem__(self, axis: int) -> Size:
+        if not isinstance(axis, int):
+            raise QNNError(f"sizes are read one at a time (x.size(1), x.shape[2]), not as {axis!r}: write the reshape "
+                           "with each size")
         return Size(("dim", self.x, axis))
 
 
@@ -485,7 +495,8 @@ class Reshape(Op):
                 raise QNNError(f"'{name}': a reshape that moves the batch size out of the first dim has no integer "
                                "form: keep the batch first, as in x.view(x.size(0), ...)")
             if not isinstance(d, (int, Size)):
-                raise QNNError(f"'{name}': reshape sizes must be integers or sizes of the model's tensors, got {d!r}")
+                what = "a whole shape" if isinstance(d, Shape) else repr(d)
+                raise QNNError(f"'{name}': reshape sizes must be integers or sizes of the model's tensors, got {what}")
         self.refs = sorted(set().union(*(d.refs() for d in shape if isinstance(d, Size))))
         self.inputs, self.out, self.shape = (x, *self.refs), grid, list(shape)
 
@@ -744,6 +755,8 @@ class IntegerProgram:
         f = node.target
         x = args[0] if args else None
         if f in SIZE_ARITHMETIC and any(isinstance(a, Size) for a in args):
+            if not all(isinstance(a, (Size, int)) for a in args):
+                raise QNNError(f"'{node.name}': integer arithmetic on sizes takes sizes and integers only")
             return Size((f, *args))
         if f == "size":
             xi = self._value(x, node)
@@ -760,8 +773,9 @@ class IntegerProgram:
             arg = args[1] if len(args) > 1 else node.kwargs.get("chunks" if how == "chunk" else "split_size_or_sections",
                                                                  node.kwargs.get("split_size"))
             dim = args[2] if len(args) > 2 else node.kwargs.get("dim", 0)
-            if dim == 0:
-                raise QNNError(f"'{node.name}': a {how} along the batch dim has no integer form: split a feature dim")
+            if dim == 0 or dim <= -4:
+                raise QNNError(f"'{node.name}': a {how} along the batch dim has no integer form: split a feature dim "
+                               "(given as a dim of 1 or more)")
             return _Parts(self._value(x, node), how, arg, int(dim))
         if f in ("permute", torch.permute):
             perm = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else tuple(args[1:])

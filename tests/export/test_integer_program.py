@@ -322,3 +322,50 @@ def test_what_has_no_integer_form_is_refused_at_quantize_all_at_once(tmp_path):
     assert "moves the batch dim" in msg and "keep the batch first" in msg
     with pytest.raises(QNNError, match="not trained at 8 bits"):
         export_model(_trained_like(QuantizedNet(tiny_cnn(), 10, 16), 4, 16), 8, "int", tmp_path / "m.onnx")
+
+
+def test_hard_sigmoid_saturates_at_one_inside_a_wider_grid():
+    """An output grid reaching past 1 (4 bits at scale 0.1: up to 1.5) still clamps hard-sigmoid at 1 (code 10), in
+    the PyTorch table and in the graph's Clip alike; and below 0 on a shared shifted grid."""
+    import torch.nn.functional as F
+
+    from qnn.integer import Grid, QHardGate
+
+    g_in = Grid(torch.tensor(0.6), 8, -8, 7, 4)             # inputs -4.8 .. 4.2
+    for out, lo, hi in ((Grid(torch.tensor(0.1), 0, 0, 15, 4), 0, 10), (Grid(torch.tensor(0.1), 8, -8, 7, 4), 0, 7)):
+        op = QHardGate(F.hardsigmoid, "hardsigmoid", {}, 0, g_in, out)
+        y = op.run(torch.arange(-8, 8, dtype=torch.float32))
+        assert int(y.min()) == lo and int(y.max()) == hi, y
+
+
+def test_sizes_and_dims_that_would_break_later_are_refused_at_quantize():
+    class Sliced(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), nn.Linear(4 * 14 * 14, 10)
+
+        def forward(self, x):
+            h = self.c(x)
+            return self.fc(h.view(h.shape[:1] + (-1,)))
+
+    class BatchSplit(Sliced):
+        def forward(self, x):
+            a, b = self.c(x).split(1, dim=-4)
+            return self.fc(torch.cat([b, a], 0).flatten(1))
+
+    for net, why in ((Sliced(), "sizes are read one at a time"), (BatchSplit(), "along the batch dim")):
+        with pytest.raises(QNNError, match=why):
+            QuantizedNet(net, 10, 16)
+
+
+def test_a_permutation_given_with_negative_dims_exports(tmp_path):
+    class Perm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()), nn.Linear(16, 10)
+
+        def forward(self, x):
+            return self.fc(F.adaptive_avg_pool2d(self.c(x).permute(0, -1, 1, 2), 1).flatten(1))
+
+    m = _trained_like(QuantizedNet(Perm(), 10, 16), 4, 16)
+    assert _check_exact(m, 4, tmp_path)["ops"].get("Transpose") == 1
