@@ -17,7 +17,6 @@ rendered from the JSON. ORT timing needs a quiet machine: pause other jobs first
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import tempfile
@@ -83,15 +82,11 @@ def _models(a) -> dict[str, Path]:
     return out
 
 
-def _sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
 def _run(a, command: str) -> int:
     import torch
 
     from qnn.certify import METHODS, mask_set
-    from qnn.checkpoint import atomic_write_json, load_checkpoint
+    from qnn.checkpoint import atomic_write_json, load_checkpoint, sha256_file
     from qnn.data import load_dataset
     from qnn.errors import QNNError
     from qnn.outputs import read_results_json
@@ -119,7 +114,7 @@ def _run(a, command: str) -> int:
     settings = {"format": FORMAT, "dataset": a.dataset, "n_images": a.n, "images": f"the first {a.n} test images",
                 "mask_positions": a.mask_positions, "axis_coverage": a.axis_coverage,
                 "cross_check_iters": a.cross_check_iters, "latency_images": a.latency_images}
-    shas = {name: _sha(p) for name, p in models.items()}
+    shas = {name: sha256_file(p) for name, p in models.items()}
     path = Path(a.out + ".json")
     res = read_results_json(path) if path.exists() else {"settings": settings, "cells": {}}
     if res.get("settings") != settings:
