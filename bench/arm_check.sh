@@ -6,7 +6,7 @@
 # Sets up (once, cached in WORKDIR, ~460 MB, ~3 min) an emulated aarch64 Debian bookworm with the aarch64
 # onnxruntime wheel, runs bench/run_edge.py on the bundle with the Cortex-A72 (Pi 4) and Cortex-A76 (Pi 5) CPU
 # models, checks that the optimised graph is fully integer there (run_edge.py exits 1 otherwise) and that the
-# logits are bit-identical to the numpy interpreter run with aarch64's arithmetic (qnn.kernels.reference.target_cpu;
+# logits are bit-identical to the numpy interpreter run with aarch64's arithmetic (IntegerInterpreter(..., cpu="aarch64");
 # QLinearAdd rounds differently from x86-64 there), and counts the images whose logits differ from the x86 run.
 # Needs root, qemu-user-static and debootstrap, and the qnn package installed on the host.
 # Follows ../shared/docs/engineering-notes.md: no /sys in the chroot (onnxruntime segfaults under qemu with it).
@@ -65,13 +65,11 @@ for CPU in cortex-a72 cortex-a76; do
   python3 - "$WORK/x86_logits.npz" "$ROOTFS/mnt/out/$CPU.npz" "$CPU" "$BUNDLE/model.onnx" <<'PY' || status=1
 import sys, numpy as np
 from qnn.kernels.interpreter import IntegerInterpreter
-from qnn.kernels.reference import target_cpu
 x86, arm = np.load(sys.argv[1]), np.load(sys.argv[2])
 sets = sorted(k for k in x86.files if not k.startswith("input_"))
 ok = sorted(arm.files) == sorted(x86.files) and all(np.array_equal(x86[f"input_{k}"], arm[f"input_{k}"]) for k in sets)
-interp = IntegerInterpreter(sys.argv[4])
-with target_cpu("aarch64"):
-    ok = ok and all(np.array_equal(arm[k], interp.run(arm[f"input_{k}"])) for k in sets)
+interp = IntegerInterpreter(sys.argv[4], cpu="aarch64")
+ok = ok and all(np.array_equal(arm[k], interp.run(arm[f"input_{k}"])) for k in sets)
 # x86-64 and aarch64 ORT round QLinearAdd differently (float FMA vs fixed point): equal logits are not required
 n_diff = sum(int((~(x86[k] == arm[k]).all(1)).sum()) for k in sets)
 print(f"{sys.argv[3]}: logits bit-identical to the aarch64 arithmetic model: {ok}; "

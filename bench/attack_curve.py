@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from qnn.attacks.patch import PatchConfig, evaluate_patch, optimize_universal_patch
     from qnn.checkpoint import load_checkpoint, sha256_file, trained_bits
     from qnn.data import load_dataset
-    from qnn.layers import set_bit_width_
+    from qnn.layers import precision
 
     torch.set_num_threads(a.threads)
     try:
@@ -96,19 +96,18 @@ def main(argv: list[str] | None = None) -> int:
             cfg = attack_config(base, att, a.iterations, trained)
             if att.eot_bits and cfg.eot_bits is None:
                 continue
-            set_bit_width_(model, a.bits)
-            _, info = optimize_universal_patch(model, *craft, cfg, snapshots=tuple(points))
-            set_bit_width_(model, a.bits)
-            asr = []
-            for p in points:
-                cands = info["snapshots"][p]
-                best = max(range(len(cands)), key=lambda r: evaluate_patch(model, craft[0][:512], craft[1][:512], cands[r], cfg)["asr_pct"]) \
-                    if len(cands) > 1 else 0
-                asr.append(evaluate_patch(model, *score, cands[best], cfg)["asr_pct"])
-            curves[name][att.name] = asr
-            provenance[name][att.name] = {"code": code, "command": command, "attack": dataclasses.asdict(att)}
-            print(f"{name} {att.name}: " + " ".join(f"{p}:{v:.1f}" for p, v in zip(points, asr)), flush=True)
-            _write(a, command, settings, curves, provenance)
+            with precision(model, a.bits):
+                _, info = optimize_universal_patch(model, *craft, cfg, snapshots=tuple(points))
+                asr = []
+                for p in points:
+                    cands = info["snapshots"][p]
+                    best = max(range(len(cands)), key=lambda r: evaluate_patch(model, craft[0][:512], craft[1][:512], cands[r], cfg)["asr_pct"]) \
+                        if len(cands) > 1 else 0
+                    asr.append(evaluate_patch(model, *score, cands[best], cfg)["asr_pct"])
+                curves[name][att.name] = asr
+                provenance[name][att.name] = {"code": code, "command": command, "attack": dataclasses.asdict(att)}
+                print(f"{name} {att.name}: " + " ".join(f"{p}:{v:.1f}" for p, v in zip(points, asr)), flush=True)
+                _write(a, command, settings, curves, provenance)
     _write(a, command, settings, curves, provenance)
     return 0
 

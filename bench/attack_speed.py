@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from qnn.attacks.patch import PatchConfig, optimize_universal_patch
     from qnn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, load_float_weights
     from qnn.data import load_cifar10
-    from qnn.layers import ensure_calibrated_, parse_bits, set_bit_width_
+    from qnn.layers import ensure_calibrated_, parse_bits, precision
     from qnn.models import create_model
 
     torch.set_num_threads(a.threads)
@@ -50,15 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     x, y = load_cifar10(a.data_dir, "train").subset(a.n_images).tensors()
     rows, res = [], {}
     for b in parse_bits(a.bits):
-        set_bit_width_(model, b)
-        ensure_calibrated_(model, x[:128])
-        cfg = PatchConfig(patch_shape=(6, 6), iterations=a.iterations, batch_size=128)
-        t0 = time.perf_counter()
-        _, info = optimize_universal_patch(model, x, y, cfg, progress=True)
-        wall = time.perf_counter() - t0
-        res[str(b)] = {"wall_s": wall, "optimise_s": info["seconds"], "images_x_eot_per_s": info["images_x_eot_per_s"]}
-        rows.append([b, info["images_x_eot_per_s"], info["seconds"], wall])
-        print(f"{b} bits: {info['images_x_eot_per_s']:.0f} images x EOT / s, {wall:.0f} s total", flush=True)
+        with precision(model, b):
+            ensure_calibrated_(model, x[:128])
+            cfg = PatchConfig(patch_shape=(6, 6), iterations=a.iterations, batch_size=128)
+            t0 = time.perf_counter()
+            _, info = optimize_universal_patch(model, x, y, cfg, progress=True)
+            wall = time.perf_counter() - t0
+            res[str(b)] = {"wall_s": wall, "optimise_s": info["seconds"], "images_x_eot_per_s": info["images_x_eot_per_s"]}
+            rows.append([b, info["images_x_eot_per_s"], info["seconds"], wall])
+            print(f"{b} bits: {info['images_x_eot_per_s']:.0f} images x EOT / s, {wall:.0f} s total", flush=True)
     md = (f"6x6 universal patch, {a.iterations} iterations x batch 128 over {a.n_images} images, ResNet-20, "
           f"{a.threads} threads. Command: `python bench/attack_speed.py --bits {a.bits} --threads {a.threads}`\n\n"
           + markdown_table(["bits", "images x EOT / s", "optimisation s", "wall s (incl. restart selection)"], rows))

@@ -86,7 +86,7 @@ def _run(a, command: str) -> int:
     import torch
 
     from qnn.certify import METHODS, mask_set
-    from qnn.checkpoint import atomic_write_json, load_checkpoint, sha256_file
+    from qnn.checkpoint import atomic_write_json, load_checkpoint, sha256_file, trained_bits
     from qnn.data import load_dataset
     from qnn.errors import QNNError
     from qnn.outputs import read_results_json
@@ -104,9 +104,9 @@ def _run(a, command: str) -> int:
         raise QNNError(f"--ensemble-at must be BITS:PATCH such as 4:6, or none; got {a.ensemble_at!r}")
     for name, path in models.items():  # every cell's bit-width trained, every mask set possible: before any work
         model, obj = load_checkpoint(str(path))
-        untrained = [b for b in bits if b != 32 and b not in obj.get("trained_bits", [])]
+        untrained = [b for b in bits if b != 32 and b not in trained_bits(obj)]
         if untrained:
-            raise QNNError(f"--{name} {path} was not trained at {untrained} bits (trained: {obj.get('trained_bits')})")
+            raise QNNError(f"--{name} {path} was not trained at {untrained} bits (trained: {trained_bits(obj)})")
         side = int(getattr(model, "in_size", None) or 32)
         for method in methods:
             for p in sizes:
@@ -145,7 +145,7 @@ def _run(a, command: str) -> int:
         if b != 32:
             cell["ort"] = _ort(model, x, y, ms, b, cell, a)
         if (b, p) == (ens_bits, ens_patch) and method == "patchcleanser":
-            cell["ensemble_cross_check"] = _ensemble_check(model, x, y, ms, b, cell, list(obj["trained_bits"]), a)
+            cell["ensemble_cross_check"] = _ensemble_check(model, x, y, ms, b, cell, trained_bits(obj), a)
         cell["seconds"] = time.perf_counter() - t0
         res["cells"][key(c)] = cell
         res.update(command=command, versions=versions(), seed=0, threads=a.threads)
@@ -166,11 +166,12 @@ def _run(a, command: str) -> int:
 
 def _pytorch(model, x, y, ms, bits: int, a) -> dict:
     from qnn.certify import attack_cross_check, certify
-    from qnn.kernels.reference import host_cpu_family, target_cpu
+    from qnn.kernels.reference import host_cpu_family
+    from qnn.layers import precision
 
     import torch
 
-    with target_cpu(host_cpu_family()):
+    with precision(model, bits, cpu=host_cpu_family()):
         t0 = time.perf_counter()
         cert = certify(model, x, ms, bits)
         s = cert.summary(y.numpy())
@@ -188,7 +189,7 @@ def _pytorch(model, x, y, ms, bits: int, a) -> dict:
 def _ort(model, x, y, ms, bits: int, cell: dict, a) -> dict:
     """The same certification through ONNX Runtime's integer model, image by image, and the defended inference's
     latency per image (one at a time, after one warm-up)."""
-    from qnn.bench import run_edge as E
+    from qnn.export import run_edge as E
     from qnn.certify import fill_pixels
     from qnn.errors import QNNError
     from qnn.export.onnx_export import export_model
@@ -234,6 +235,7 @@ def _ensemble_check(model, x, y, ms, bits: int, cell: dict, trained: list[int], 
     from qnn.certify import certify
     from qnn.data import load_dataset
     from qnn.evaluation import craft, get_protocol, score_locations
+    from qnn.layers import precision
 
     proto = get_protocol(a.protocol)
     train = load_dataset(a.dataset, "train", a.data_dir, like=model)
@@ -251,7 +253,7 @@ def _ensemble_check(model, x, y, ms, bits: int, cell: dict, trained: list[int], 
         fooled = wrong = 0
         for loc in score_locations(len(xs), base, proto.placements):
             xp = apply_patch(xs, patch, mask, loc)
-            with torch.no_grad():
+            with torch.no_grad(), precision(model, bits):
                 fooled += int((model(xp).argmax(1) != ys).sum())
             wrong += int((certify(model, xp, ms, bits, certificates=False).pred != ys.numpy()).sum())
         out["members"][member.name] = {"undefended_fooled": fooled, "defended_wrong": wrong}

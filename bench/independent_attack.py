@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from qnn.checkpoint import load_checkpoint, sha256_file
     from qnn.data import load_dataset
     from qnn.errors import QNNError
-    from qnn.layers import set_bit_width_
+    from qnn.layers import precision
 
     torch.set_num_threads(a.threads)
     try:
@@ -124,16 +124,16 @@ def main(argv: list[str] | None = None) -> int:
         model.eval()
         for q in model.parameters():
             q.requires_grad_(False)
-        set_bit_width_(model, a.bits)
-        starts = []
-        for s in range(a.starts):
-            t0 = time.perf_counter()
-            patch = craft(model, xc, yc, a.patch_size, a.iterations, a.lr, a.batch, seed=1000 + s)
-            starts.append(asr(model, xs, ys, patch, a.placements, seed=5000))
-            print(f"{name} start {s}: ASR {starts[-1]:.1f}% ({time.perf_counter() - t0:.0f} s)", flush=True)
-        res[name] = {"checkpoint": path, "checkpoint_sha256": sha256_file(path), "start_asr_pct": starts,
-                     "asr_pct": max(starts)}
-        rows.append([name, a.bits, " / ".join(f"{v:.1f}" for v in starts), max(starts)])
+        with precision(model, a.bits):
+            starts = []
+            for s in range(a.starts):
+                t0 = time.perf_counter()
+                patch = craft(model, xc, yc, a.patch_size, a.iterations, a.lr, a.batch, seed=1000 + s)
+                starts.append(asr(model, xs, ys, patch, a.placements, seed=5000))
+                print(f"{name} start {s}: ASR {starts[-1]:.1f}% ({time.perf_counter() - t0:.0f} s)", flush=True)
+            res[name] = {"checkpoint": path, "checkpoint_sha256": sha256_file(path), "start_asr_pct": starts,
+                         "asr_pct": max(starts)}
+            rows.append([name, a.bits, " / ".join(f"{v:.1f}" for v in starts), max(starts)])
     md = (f"Independent universal-patch attack (bench/independent_attack.py, none of qnn.attacks): Adam {a.lr}, "
           f"{a.iterations} iterations, batch {a.batch}, {a.patch_size}x{a.patch_size} square, a fresh random position "
           f"per image per step, {a.starts} starts; crafted on the first {a.n_craft} training images, scored on the last "

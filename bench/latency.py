@@ -64,13 +64,14 @@ def export_float_onnx(model, path: Path) -> Path:
     export (the model's own normalisation is left out of both)."""
     import torch
 
-    from qnn.layers import set_bit_width_
+    from qnn.layers import precision
 
-    set_bit_width_(model, 32)
     model.eval()
     size = model.in_size
-    torch.onnx.export(model.body, torch.rand(1, model.in_channels, size, size), str(path), dynamo=False, input_names=["input"],
-                      output_names=["logits"], dynamic_axes={"input": {0: "N"}}, opset_version=17)
+    with precision(model, 32):
+        torch.onnx.export(model.body, torch.rand(1, model.in_channels, size, size), str(path), dynamo=False,
+                          input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "N"}},
+                          opset_version=17)
     return path
 
 
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from qnn.export.onnx_export import export_model
-    from qnn.layers import ensure_calibrated_, set_bit_width_
+    from qnn.layers import ensure_calibrated_, precision
     from qnn.models import create_model
 
     warnings.filterwarnings("ignore")
@@ -139,13 +140,12 @@ def main(argv: list[str] | None = None) -> int:
             model = create_model(name)
             size = model.in_size
             macs = count_macs(model, size)
-            set_bit_width_(model, 32)
             model.eval()
             fpath = export_float_onnx(model, Path(td) / f"{name}_float.onnx")
             ipaths = {}
             for b in [int(v) for v in a.bits.split(",")]:
-                set_bit_width_(model, b)
-                ensure_calibrated_(model, torch.rand(8, model.in_channels, size, size))
+                with precision(model, b):
+                    ensure_calibrated_(model, torch.rand(8, model.in_channels, size, size))
                 ipaths[b] = export_model(model, b, "int", Path(td) / f"{name}_int{b}.onnx", weight_type=a.weight_type)
             for threads in [int(t) for t in a.threads.split(",")]:
                 torch.set_num_threads(threads)
@@ -165,13 +165,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                for k, s in sess.items()}}, a.warmup, iters)
                     peak = peak_macs / (ms["peak"] / 1e3)
                     t_ort_f = ms["float"]
-                    set_bit_width_(model, 32)
-                    with torch.no_grad():
+                    with torch.no_grad(), precision(model, 32):
                         t_pt_f = _median_ms(lambda: model(xt), a.warmup, iters)
                     for b in ipaths:
                         t_int = ms[b]
-                        set_bit_width_(model, b)
-                        with torch.no_grad():
+                        with torch.no_grad(), precision(model, b):
                             t_fq = _median_ms(lambda: model(xt), a.warmup, max(3, iters // 2))
                         mac_s = macs * batch / (t_int / 1e3)
                         r = {"model": name, "bits": b, "batch": batch, "threads": threads, "ort_int_ms": t_int,

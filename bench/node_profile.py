@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from qnn.export.onnx_export import export_model
-    from qnn.layers import ensure_calibrated_, set_bit_width_
+    from qnn.layers import ensure_calibrated_, precision
     from qnn.models import create_model
 
     warnings.filterwarnings("ignore")
@@ -83,11 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(0)
             model = create_model(name)
             size = model.in_size
-            set_bit_width_(model, a.bits)
-            ensure_calibrated_(model, torch.rand(8, model.in_channels, size, size))
-            set_bit_width_(model, 32)  # the float forward runs the layers (hooks); same shapes
-            macs = count_macs(model.eval(), size) * a.batch
-            set_bit_width_(model, a.bits)
+            with precision(model, a.bits):
+                ensure_calibrated_(model, torch.rand(8, model.in_channels, size, size))
+            with precision(model, 32):  # the float forward runs the layers (hooks); same shapes
+                macs = count_macs(model.eval(), size) * a.batch
             path = export_model(model, a.bits, "int", Path(td) / f"{name}.onnx")
             x = np.random.default_rng(0).standard_normal((a.batch, model.in_channels, size, size)).astype(np.float32)
             sessions = {}

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from qnn.data import load_dataset
     from qnn.errors import QNNError
     from qnn.integer import IntegerProgram
-    from qnn.layers import exact_integer_eval, parse_bits, set_bit_width_
+    from qnn.layers import parse_bits, precision
 
     torch.set_num_threads(a.threads)
     try:
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     results, rows = {}, []
 
     def fq_logits(inp, exact=True):
-        with torch.no_grad(), exact_integer_eval(exact):
+        with torch.no_grad(), precision(model, integer=exact):
             return torch.cat([model(inp[i:i + 500]) for i in range(0, len(inp), 500)]).numpy()
 
     def agree(p, q) -> float:
@@ -93,35 +93,33 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as td:
             onnx_path = export_model(model, b, "int", Path(td) / "m.onnx")
             sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-            set_bit_width_(model, b)
-            model.eval()
-            lsb = IntegerProgram(model.body).logit_lsb()
-            lf, lo = fq_logits(x), ort_logits(sess, x)
-            r = {"clean": {"top1_agreement_pct": agree(lf, lo), "float_form_agreement_pct": agree(fq_logits(x, False), lo),
-                           "logits_bit_identical_pct": 100 * float((lf == lo).all(1).mean()),
-                           "max_logit_diff_lsb": float(np.abs(lf - lo).max() / lsb),
-                           "acc_fake_quant_pct": 100 * float((lf.argmax(1) == y.numpy()).mean()),
-                           "acc_integer_pct": 100 * float((lo.argmax(1) == y.numpy()).mean())}, "patches": {}}
-            if a.interp_n:
-                xn = normalise(x[: a.interp_n].numpy(), model.mean, model.std)
-                li = IntegerInterpreter(onnx_path).run(xn)
-                r["interpreter_bit_exact_pct"] = 100 * float((li == lo[: a.interp_n]).all(1).mean())
-            print(f"{b} bits: clean images compared ({time.perf_counter() - t0:.0f}s); crafting "
-                  f"{len(patch_cfgs)} patches", flush=True)
-            for name, pc in patch_cfgs.items():
-                set_bit_width_(model, b)
-                patch, _ = optimize_universal_patch(model, xa, ya, pc, progress=True)
-                set_bit_width_(model, b)
-                loc = placement_locations(model, x, y, patch, pc)
-                xp = apply_patch(x, patch, make_mask(pc.shape, *pc.patch_shape), loc)
-                pf, po = fq_logits(xp), ort_logits(sess, xp)
-                mf = asr_metrics(lf.argmax(1), pf.argmax(1), y.numpy())
-                mo = asr_metrics(lo.argmax(1), po.argmax(1), y.numpy())
-                r["patches"][name] = {"top1_agreement_pct": agree(pf, po), "float_form_agreement_pct": agree(fq_logits(xp, False), po),
-                                      "logits_bit_identical_pct": 100 * float((pf == po).all(1).mean()),
-                                      "max_logit_diff_lsb": float(np.abs(pf - po).max() / lsb),
-                                      "asr_fake_quant_pct": mf["asr_pct"], "asr_integer_pct": mo["asr_pct"],
-                                      "asr_abs_diff": abs(mf["asr_pct"] - mo["asr_pct"])}
+            with precision(model, b):
+                model.eval()
+                lsb = IntegerProgram(model.body).logit_lsb()
+                lf, lo = fq_logits(x), ort_logits(sess, x)
+                r = {"clean": {"top1_agreement_pct": agree(lf, lo), "float_form_agreement_pct": agree(fq_logits(x, False), lo),
+                               "logits_bit_identical_pct": 100 * float((lf == lo).all(1).mean()),
+                               "max_logit_diff_lsb": float(np.abs(lf - lo).max() / lsb),
+                               "acc_fake_quant_pct": 100 * float((lf.argmax(1) == y.numpy()).mean()),
+                               "acc_integer_pct": 100 * float((lo.argmax(1) == y.numpy()).mean())}, "patches": {}}
+                if a.interp_n:
+                    xn = normalise(x[: a.interp_n].numpy(), model.mean, model.std)
+                    li = IntegerInterpreter(onnx_path).run(xn)
+                    r["interpreter_bit_exact_pct"] = 100 * float((li == lo[: a.interp_n]).all(1).mean())
+                print(f"{b} bits: clean images compared ({time.perf_counter() - t0:.0f}s); crafting "
+                      f"{len(patch_cfgs)} patches", flush=True)
+                for name, pc in patch_cfgs.items():
+                    patch, _ = optimize_universal_patch(model, xa, ya, pc, progress=True)
+                    loc = placement_locations(model, x, y, patch, pc)
+                    xp = apply_patch(x, patch, make_mask(pc.shape, *pc.patch_shape), loc)
+                    pf, po = fq_logits(xp), ort_logits(sess, xp)
+                    mf = asr_metrics(lf.argmax(1), pf.argmax(1), y.numpy())
+                    mo = asr_metrics(lo.argmax(1), po.argmax(1), y.numpy())
+                    r["patches"][name] = {"top1_agreement_pct": agree(pf, po), "float_form_agreement_pct": agree(fq_logits(xp, False), po),
+                                          "logits_bit_identical_pct": 100 * float((pf == po).all(1).mean()),
+                                          "max_logit_diff_lsb": float(np.abs(pf - po).max() / lsb),
+                                          "asr_fake_quant_pct": mf["asr_pct"], "asr_integer_pct": mo["asr_pct"],
+                                          "asr_abs_diff": abs(mf["asr_pct"] - mo["asr_pct"])}
         r["seconds"] = time.perf_counter() - t0
         results[str(b)] = r
         c = r["clean"]

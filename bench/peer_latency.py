@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from qnn.export.onnx_export import export_model, normalise
-    from qnn.layers import ensure_calibrated_, set_bit_width_
+    from qnn.layers import ensure_calibrated_, precision
     from qnn.models import create_model
 
     if bool(a.accuracy_qat) != bool(a.accuracy_float):
@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             pixels = calibration_pixels(model, a.n_calib, a.data_dir)
             calib = normalise(pixels, model.mean, model.std)  # what every graph takes
             for m in models.values():
-                set_bit_width_(m, a.bits)
-                ensure_calibrated_(m, torch.from_numpy(pixels[:64]))
+                with precision(m, a.bits):
+                    ensure_calibrated_(m, torch.from_numpy(pixels[:64]))
             paths = {k: export_model(m, a.bits, "int", Path(td) / f"{name}_{i}.onnx", weight_type=a.weight_type)
                      for i, (k, m) in enumerate(models.items())}
             paths["ORT float"] = export_float_onnx(model, Path(td) / f"{name}_float.onnx")
@@ -161,14 +161,11 @@ def _accuracy(a, td: Path) -> dict:
     from qnn.checkpoint import load_checkpoint
     from qnn.data import load_dataset
     from qnn.export.onnx_export import export_model, normalise
-    from qnn.layers import set_bit_width_
-
     qat, _ = load_checkpoint(a.accuracy_qat)
     flt, _ = load_checkpoint(a.accuracy_float, expect_arch=qat.arch)
     test = load_dataset("cifar10", "test", a.data_dir).subset(a.n_test).tensors()
     x, y = normalise(test[0].numpy(), qat.mean, qat.std), test[1].numpy()
     calib = normalise(calibration_pixels(flt, a.n_calib, a.data_dir), flt.mean, flt.std)
-    set_bit_width_(qat, a.bits)
     qat.eval()
     paths = {f"ours int (QAT, {a.bits} bits)": export_model(qat, a.bits, "int", td / "acc_qat.onnx"),
              "ORT float": export_float_onnx(flt, td / "acc_float.onnx")}

@@ -73,29 +73,29 @@ def _exactness(m, bits: int, n: int) -> dict:
     from qnn.export.onnx_export import export_model
     from qnn.export.verify import verify
     from qnn.kernels.interpreter import IntegerInterpreter
-    from qnn.layers import set_bit_width_
+    from qnn.layers import precision
 
     torch.manual_seed(bits)
     c, s = m.in_channels, m.in_size
-    set_bit_width_(m, bits)
-    m.train()
-    with torch.no_grad():
-        for _ in range(2):
-            m(torch.rand(8, c, s, s))
-    m.eval()
-    x = torch.rand(n, c, s, s)
-    with torch.no_grad():
-        ref = m(x).numpy()
-    with tempfile.TemporaryDirectory() as td:
-        p = export_model(m, bits, "int", Path(td) / "m.onnx")
-        xn = ((x - m._mean) / m._std).numpy()
-        got = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": xn})[0]
-        interp = IntegerInterpreter(p).run(xn)
-        v = verify(p)
-        qonnx = _qonnx_run(m, bits, Path(td) / "q.onnx", xn[:QONNX_IMAGES], ref[:QONNX_IMAGES])
-    return {"accepted": True, "exact_ort": bool(np.array_equal(ref, got)), "exact_interpreter": bool(np.array_equal(ref, interp)),
-            "fully_integer": bool(v["fully_integer"]), "float_ops": v.get("float_compute_ops", []), "ops": v["ops"],
-            **qonnx}
+    with precision(m, bits):
+        m.train()
+        with torch.no_grad():
+            for _ in range(2):
+                m(torch.rand(8, c, s, s))
+        m.eval()
+        x = torch.rand(n, c, s, s)
+        with torch.no_grad():
+            ref = m(x).numpy()
+        with tempfile.TemporaryDirectory() as td:
+            p = export_model(m, bits, "int", Path(td) / "m.onnx")
+            xn = ((x - m._mean) / m._std).numpy()
+            got = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": xn})[0]
+            interp = IntegerInterpreter(p).run(xn)
+            v = verify(p)
+            qonnx = _qonnx_run(m, bits, Path(td) / "q.onnx", xn[:QONNX_IMAGES], ref[:QONNX_IMAGES])
+        return {"accepted": True, "exact_ort": bool(np.array_equal(ref, got)), "exact_interpreter": bool(np.array_equal(ref, interp)),
+                "fully_integer": bool(v["fully_integer"]), "float_ops": v.get("float_compute_ops", []), "ops": v["ops"],
+                **qonnx}
 
 
 def _qonnx_run(m, bits: int, path: Path, xn, ref) -> dict:

@@ -2,7 +2,7 @@
 manifest with sha256s; optionally the 2/4-bit weights packed beside the model, and a certification mask set with
 PyTorch's per-image certificates (issue #37).
 
-`bench/run_edge.py` consumes it on the device with only numpy + onnxruntime.
+The edge runner (`export/run_edge.py`, copied into the bundle) consumes it on the device with only numpy + onnxruntime.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from qnn.checkpoint import atomic_write_bytes, atomic_write_json, sha256_file
 from qnn.errors import QNNError
 
 MANIFEST = "manifest.json"
+RUNNER = "run_edge.py"  # the edge runner's copy in every bundle
 PACKED_WEIGHTS = "weights.packed.npz"
 #: the certification mask set (JSON) and PyTorch's certified inference per image and CPU family (npz)
 MASKS, EXPECTED_CERTIFY = "masks.json", "expected_certify.npz"
@@ -36,7 +37,7 @@ def build_bundle(model, bits: int, out_dir: str | Path, x_uint8: np.ndarray, y: 
     """Write the bundle. `patches`: (name, patch (C,h,w), PatchConfig) evaluated at fixed per-image locations (C: the
     model's input channels).
     `pack_weights`: 2/4-bit weights travel packed (4 or 2 per byte) in `weights.packed.npz`, declared external in
-    the model, and `bench/run_edge.py` unpacks them into the session.
+    the model, and the edge runner unpacks them into the session.
     `certify_masks`: a qnn.certify.MaskSet for the bundle's images; the bundle then carries it (masks.json) and
     PyTorch's certified inference per image and CPU family (expected_certify.npz), which `run_edge.py --certify`
     checks image by image.
@@ -73,19 +74,19 @@ def _write_bundle(model, bits, out: Path, x_uint8, y, patches, checkpoint_sha, t
     from qnn.export.onnx_export import export_model
     from qnn.attacks.patch import asr_metrics, make_mask, placement_locations, apply_patch
     from qnn.data import to_tensor
-    from qnn.kernels.reference import CPU_FAMILIES, host_cpu_family, target_cpu
-    from qnn.layers import set_bit_width_
+    from qnn.kernels.reference import CPU_FAMILIES, host_cpu_family
+    from qnn.layers import precision
 
     export_model(model, bits, "int", out / "model.onnx", meta={"source_checkpoint_sha256": checkpoint_sha or ""})
     packed = _pack_weights(out) if pack_weights else None
-    set_bit_width_(model, bits)
     model.eval()
     x = to_tensor(x_uint8)
     yt = torch.as_tensor(y)
     atomic_write_bytes(out / "eval.npz", _npz_bytes(x=x_uint8, y=np.asarray(y, np.int64)))
     placed = []
     for name, patch, cfg in patches:  # one placement per image, shared by every CPU family
-        loc = placement_locations(model, x, yt, patch, cfg).numpy()
+        with precision(model, bits):
+            loc = placement_locations(model, x, yt, patch, cfg).numpy()
         mask = make_mask(cfg.shape, *cfg.patch_shape)
         atomic_write_bytes(out / f"patch_{name}.npz", _npz_bytes(patch=patch.numpy().astype(np.float32),
                                                                   mask=mask.numpy().astype(np.float32), loc=loc.astype(np.int64)))
@@ -95,7 +96,7 @@ def _write_bundle(model, bits, out: Path, x_uint8, y, patches, checkpoint_sha, t
     host = host_cpu_family()
     pred_arrays, logit_arrays, by_family, host_patches = {}, {}, {}, {}
     for family in CPU_FAMILIES:
-        with target_cpu(family):
+        with precision(model, bits, cpu=family):
             logits = {"clean": _logits(model, x)}
             for name, patch, mask, loc, cfg in placed:
                 logits[f"patch_{name}"] = _logits(model, apply_patch(x, patch, mask, loc))
@@ -120,12 +121,14 @@ def _write_bundle(model, bits, out: Path, x_uint8, y, patches, checkpoint_sha, t
                 "cpu_family": host, "patches": host_patches, "by_cpu_family": by_family}
     atomic_write_bytes(out / "expected_predictions.npz", _npz_bytes(**pred_arrays))
     # the integer model's logits must equal these bit for bit on the device (its family's): the edge runner checks
-    from qnn.bench.run_edge import EXPECTED_LOGITS
+    from qnn.export import run_edge
 
-    atomic_write_bytes(out / EXPECTED_LOGITS, _npz_bytes(**logit_arrays))
+    atomic_write_bytes(out / run_edge.EXPECTED_LOGITS, _npz_bytes(**logit_arrays))
     atomic_write_json(out / "expected.json", expected)
     if certify_masks is not None:
         _write_certificates(model, bits, out, x, certify_masks, host)
+    # the runner travels with the bundle (and is hashed with it): a device needs the folder and nothing else
+    atomic_write_bytes(out / RUNNER, Path(run_edge.__file__).read_bytes())
     files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST)
     manifest = {"format": "qnn-edge-bundle-v2", "model": "model.onnx", "eval": "eval.npz", "expected": "expected.json",
                 "files": {f: sha256_file(out / f) for f in files}}
@@ -141,11 +144,12 @@ def _write_certificates(model, bits: int, out: Path, x: torch.Tensor, ms, host: 
     `{family}.inference_forwards` of qnn.certify.certify on the bundle's images (the host family's also unprefixed,
     as expected_predictions.npz has them)."""
     from qnn.certify import certify
-    from qnn.kernels.reference import CPU_FAMILIES, target_cpu
+    from qnn.kernels.reference import CPU_FAMILIES
+    from qnn.layers import precision
 
     arrays = {}
     for family in CPU_FAMILIES:  # the masked images go through QLinearAdd too: each family's own certificates
-        with target_cpu(family):
+        with precision(model, bits, cpu=family):
             c = certify(model, x, ms, bits)
         fam = {"pred": c.pred.astype(np.int64), "certified": c.certified.astype(bool),
                "inference_forwards": c.inference_forwards.astype(np.int64)}
@@ -181,9 +185,9 @@ def _pack_weights(out: Path) -> dict | None:
 
 
 def check_manifest(bundle: str | Path) -> dict:
-    """Raise QNNError unless the bundle passes the edge runner's own rule (bench/run_edge.py `Bundle`): every file
+    """Raise QNNError unless the bundle passes the edge runner's own rule (export/run_edge.py `Bundle`): every file
     listed with its sha256, plain names inside the folder, no links, hashes matching. Returns the manifest."""
-    from qnn.bench.run_edge import Bundle, EdgeError
+    from qnn.export.run_edge import Bundle, EdgeError
 
     try:
         return Bundle(str(bundle)).manifest

@@ -13,10 +13,10 @@ from qnn.validate import arg_int
 
 
 def _load_at_bits(ckpt: str, bits: int, user_model: str | None = None):
-    from qnn.checkpoint import load_checkpoint, sha256_file
+    from qnn.checkpoint import load_checkpoint, sha256_file, trained_bits
 
     model, obj = load_checkpoint(ckpt, user_model=user_model)
-    trained = obj.get("trained_bits", [])
+    trained = trained_bits(obj)
     if bits not in trained:
         raise QNNError(f"{ckpt} has no {bits}-bit state (trained at {trained}); export one of those bit-widths")
     return model, obj, sha256_file(ckpt)
@@ -37,6 +37,7 @@ def add_export(sub) -> None:
 
 
 def cmd_export(a) -> int:
+    from qnn.checkpoint import trained_bits
     from qnn.export.onnx_export import FORMATS, export_model
     from qnn.export.verify import verify
 
@@ -45,7 +46,7 @@ def cmd_export(a) -> int:
     check_output(a.out, "file", (a.checkpoint,), overwrite=a.overwrite)
     model, obj, sha = _load_at_bits(a.checkpoint, a.bits, a.model)
     meta = {"source_checkpoint_sha256": sha, "class_names": obj.get("classes") or [str(i) for i in range(model.num_classes)],
-            "trained_bits": obj.get("trained_bits", []), "defense": obj.get("defense", "none")}
+            "trained_bits": trained_bits(obj), "defense": obj.get("defense", "none")}
     out = export_model(model, a.bits, a.format, a.out, meta, weight_type=a.weight_type)
     info = {"out": str(out), "format": a.format, "bits": a.bits}
     if a.format != "qonnx":

@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qnn import __version__
 from qnn.errors import QNNError
 from qnn.integer import SATURATION_FREE_MAX_W, Grid, IntegerProgram
-from qnn.layers import set_bit_width_, uncalibrated
+from qnn.layers import precision, uncalibrated
 
 FORMATS = ("int", "qcdq", "qonnx")
 OPSET = 19
@@ -252,15 +252,14 @@ def build_graph(model: torch.nn.Module, bits: int, fmt: str = "int", batch: int 
         raise QNNError(f"unknown export format '{fmt}'; choose from {', '.join(FORMATS)}")
     if not (2 <= bits <= 8):
         raise QNNError(f"integer export needs bits in 2..8, got {bits}")
-    set_bit_width_(model, bits)
-    model.eval()
-    if uncalibrated(model):
-        raise QNNError(f"model has no calibrated {bits}-bit activation scales: it was not trained at {bits} bits")
     if batch is None:
         batch = 1 if fmt == "qonnx" else "N"
     b = _Builder(fmt, bits, weight_type)
     C, H, W = model.in_channels, model.in_size, model.in_size
-    with torch.no_grad():
+    model.eval()
+    with precision(model, bits), torch.no_grad():
+        if uncalibrated(model):
+            raise QNNError(f"model has no calibrated {bits}-bit activation scales: it was not trained at {bits} bits")
         logits = IntegerProgram(model.body).emit(b, "input", (1, C, H, W))
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_node"))
     graph = helper.make_graph(b.nodes, f"{getattr(model, 'arch', 'model')}_w{bits}a{bits}",
@@ -318,7 +317,7 @@ def export_model(model: torch.nn.Module, bits: int, fmt: str, out: str | Path, m
           "input_shape": json.dumps([model.in_channels, model.in_size, model.in_size]),
           "arch": getattr(model, "arch", ""),
           "weight_type": weight_type, "reduce_range": str(_reduce_range(model)).lower()}
-    if fmt == "int":  # what bench/run_edge.py checks against the CPU's flags before running
+    if fmt == "int":  # what the edge runner checks against the CPU's flags before running
         md["int8_weight_max"] = str(int8_weight_max(m))
     md.update({k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (meta or {}).items()})
     for k, v in md.items():

@@ -35,7 +35,10 @@ class _Pending:
 
 
 class IntegerInterpreter:
-    def __init__(self, model: onnx.ModelProto | str | Path):
+    def __init__(self, model: onnx.ModelProto | str | Path, cpu: str | None = None):
+        """`cpu`: the CPU family whose ONNX Runtime arithmetic to follow (`qnn.kernels.reference.CPU_FAMILIES`;
+        default: this machine's): QLinearAdd rounds differently on x86-64 and aarch64."""
+        self.cpu = K.cpu_family(cpu)
         if not isinstance(model, onnx.ModelProto):
             from qnn.export.verify import load_onnx
 
@@ -152,7 +155,7 @@ class IntegerInterpreter:
                            bool(at.get("transB", 0)))
         if p.op == "Add":
             a, b = ins
-            return K.qlinear_add(a.q, float(a.scale), int(a.zp), b.q, float(b.scale), int(b.zp), ys, yz)
+            return K.qlinear_add(a.q, float(a.scale), int(a.zp), b.q, float(b.scale), int(b.zp), ys, yz, cpu=self.cpu)
         if p.op == "Mul":
             a, b = ins
             return K.qlinear_mul(a.q, float(a.scale), int(a.zp), b.q, float(b.scale), int(b.zp), ys, yz)

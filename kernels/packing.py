@@ -2,8 +2,8 @@
 weights of an exported model.
 
 ONNX Runtime keeps sub-8-bit weights in int8 containers (it has no 2/4-bit conv kernels). A packed edge bundle ships
-them packed (`pack_model_weights`) and `bench/run_edge.py` unpacks them into the session at load time; the unpacking
-is defined there, in the standalone runner, and used here.
+them packed (`pack_model_weights`) and the edge runner (`export/run_edge.py`) unpacks them into the session at load
+time; the unpacking is defined there, in the standalone runner, and used here.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def pack(w: np.ndarray, bits: int) -> np.ndarray:
 
 
 def unpack(p: np.ndarray, bits: int, n: int) -> np.ndarray:
-    from qnn.bench.run_edge import unpack_signed
+    from qnn.export.run_edge import unpack_signed
 
     if bits == 8:
         return p.view(np.int8)[:n].astype(np.int64)
@@ -49,7 +49,7 @@ def pack_model_weights(model, file_name: str):
     import onnx
     from onnx import numpy_helper
 
-    from qnn.bench.run_edge import LIFTS  # the lifts the edge runner accepts
+    from qnn.export.run_edge import LIFTS  # the lifts the edge runner accepts
 
     zero_point = {n.input[0]: n.input[2] if len(n.input) > 2 else "" for n in model.graph.node
                   if n.op_type == "DequantizeLinear"}

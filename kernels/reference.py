@@ -5,13 +5,12 @@ multiplies the accumulator by one float32 multiplier and rounds half to even, as
 Convolution runs as im2col + float64 matmul: exact for |values| < 2^53, far above any int32 accumulator.
 
 One op is computed differently by ONNX Runtime on different CPU families: QLinearAdd (float FMA on x86-64, 22-bit
-fixed point on aarch64). `qlinear_add` reproduces each; `target_cpu` selects which one the exact evaluation
-(PyTorch and this interpreter) follows, the host's by default.
+fixed point on aarch64). `qlinear_add` reproduces each; its `cpu=` (the interpreter's, and the model's `target_cpu`
+through `qnn.precision(model, cpu=...)`) selects which one the exact evaluation follows, the host's by default.
 """
 
 from __future__ import annotations
 
-import contextlib
 import platform
 import struct
 
@@ -25,24 +24,13 @@ def host_cpu_family() -> str:
     return "aarch64" if platform.machine().lower() in ("aarch64", "arm64") else "x86_64"
 
 
-_target = host_cpu_family()
-
-
-def current_target_cpu() -> str:
-    return _target
-
-
-@contextlib.contextmanager
-def target_cpu(family: str):
-    """`with target_cpu("aarch64"): ...` evaluates integer graphs with that CPU family's ONNX Runtime arithmetic."""
-    global _target
+def cpu_family(family: str | None) -> str:
+    """`family`, checked, or this machine's when None: whose ONNX Runtime arithmetic a kernel follows."""
+    if family is None:
+        return host_cpu_family()
     if family not in CPU_FAMILIES:
         raise ValueError(f"unknown CPU family {family!r}; choose from {', '.join(CPU_FAMILIES)}")
-    prev, _target = _target, family
-    try:
-        yield
-    finally:
-        _target = prev
+    return family
 
 
 def quantize(x: np.ndarray, scale: float, zp: int, dtype=np.uint8) -> np.ndarray:
@@ -118,14 +106,14 @@ def qladd_fixed_point(ra: np.float32, rb: np.float32) -> tuple[int, int, int] | 
 
 
 def qlinear_add(a_q, a_scale, a_zp, b_q, b_scale, b_zp, y_scale, y_zp, cpu: str | None = None) -> np.ndarray:
-    """MLAS QLinearAdd on uint8 tensors of one shape, as the target CPU family computes it (`target_cpu`).
+    """MLAS QLinearAdd on uint8 tensors of one shape, as CPU family `cpu` (default: this machine's) computes it.
 
     x86-64 (the AVX2 kernel): v = fma(a, ra, fma(b, rb, zy - fma(ra, za, rb * zb))) in float32 on the raw
     (uncentred) values, rounded half to even. The fixed part's inner fma is the compiler's contraction of
     `ra * za + rb * zb` in ORT's build: measured, it is what makes this bit-identical to ORT 1.32 on x86-64.
     aarch64 (NEON): acc = (a - za) * Ma + (b - zb) * Mb in int32, rounded shift right (half away from zero),
     + zy, saturated; or MLAS' scalar float path where `qladd_fixed_point` declines."""
-    cpu = cpu or _target
+    cpu = cpu_family(cpu)
     ra, rb = F32(a_scale) / F32(y_scale), F32(b_scale) / F32(y_scale)
     za, zb, zy = int(a_zp), int(b_zp), int(y_zp)
     if cpu == "x86_64":
@@ -135,8 +123,6 @@ def qlinear_add(a_q, a_scale, a_zp, b_q, b_scale, b_zp, y_scale, y_zp, cpu: str 
         t = (b_q.astype(np.float64) * np.float64(rb) + np.float64(fixed)).astype(F32)
         v = (a_q.astype(np.float64) * np.float64(ra) + t.astype(np.float64)).astype(F32)
         return np.clip(np.rint(v), 0, 255).astype(np.uint8)
-    if cpu != "aarch64":
-        raise ValueError(f"unknown CPU family {cpu!r}; choose from {', '.join(CPU_FAMILIES)}")
     params = qladd_fixed_point(ra, rb)
     if params is None:
         va = F32(a_scale) * (a_q.astype(np.int32) - za).astype(F32)

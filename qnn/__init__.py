@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from qnn.errors import QNNError  # noqa: E402
 
-__all__ = ["QNNError", "QuantizeConfig", "quantize", "__version__"]
+__all__ = ["QNNError", "QuantizeConfig", "precision", "quantize", "__version__"]
 
 
 def __getattr__(name: str):
@@ -13,4 +13,8 @@ def __getattr__(name: str):
         from qnn import quantization
 
         return getattr(quantization, name)
+    if name == "precision":
+        from qnn.layers import precision
+
+        return precision
     raise AttributeError(f"module 'qnn' has no attribute {name!r}")

@@ -25,8 +25,9 @@ pixels), so that every masked image is an exact input of the integer graph: the 
   single-round rule can certify two images of different labels; expect certified accuracy near zero here, and use
   PatchCleanser.
 
-The decisions (`plurality`, `double_masking`, `one_round_vote`) and the mask sets are plain numpy, for
-`bench/run_edge.py` to copy; `certify` runs them on the PyTorch model at a bit-width (eval mode = the integer graph).
+The decisions (`plurality`, `double_masking`, `one_round_vote`) and the mask sets are plain numpy, for the edge
+runner (`qnn/export/run_edge.py`) to copy; `certify` runs them on the PyTorch model at a bit-width (eval mode = the
+integer graph).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 
 from qnn.errors import QNNError
-from qnn.layers import set_bit_width_
+from qnn.layers import precision
 
 METHODS = ("patchcleanser", "certmask")
 
@@ -319,27 +320,26 @@ def certify(model: nn.Module, x: torch.Tensor, ms: MaskSet, bits: int | None = N
     with the mask set `ms`, by its method. Every masked image is evaluated at most once: the one-mask ones, then for
     PatchCleanser the unordered pairs of masks the decision reads (`read_pairs`; `certificates` False: the defended
     predictions alone, none certified)."""
-    if bits is not None:
-        set_bit_width_(model, bits)
-    model.eval()
-    num_classes = int(getattr(model, "num_classes", 0) or 0)
-    fill, masks = fill_pixels(model), ms.masks()
-    first = masked_predictions(model, x, masks, fill, batch, device)
-    num_classes = max(num_classes, int(first.max()) + 1)
-    if ms.method == "patchcleanser":
-        _, _, unions = pair_unions(masks)
-        column = np.full((len(masks), len(masks)), -1, dtype=np.int64)
-        column[np.triu_indices(len(masks), 1)] = np.arange(len(unions))
-        pairs = read_pairs(first, num_classes, lambda img, i, j: masked_predictions(
-            model, x, unions, fill, batch, device, at=(img, column[i, j])), certificates=certificates)
-        num_classes = max(num_classes, int(pairs.max(initial=0)) + 1)
-        pred, cert, fw = double_masking(first, pair_table(first, pairs), num_classes)
-        return Certification(pred, cert, fw, len(masks) + (pairs >= 0).sum(1), len(masks) + len(unions))
-    cover = ms.cover()
-    # in chunks of images: the vote counts are (images, locations, classes)
-    parts = [one_round_vote(first[i:i + 128], cover, num_classes) for i in range(0, len(first), 128)]
-    pred, cert = (np.concatenate([q[k] for q in parts]) for k in (0, 1))
-    return Certification(pred, cert, np.full(len(x), len(masks)), np.full(len(x), len(masks)), len(masks))
+    with precision(model, bits):
+        model.eval()
+        num_classes = int(getattr(model, "num_classes", 0) or 0)
+        fill, masks = fill_pixels(model), ms.masks()
+        first = masked_predictions(model, x, masks, fill, batch, device)
+        num_classes = max(num_classes, int(first.max()) + 1)
+        if ms.method == "patchcleanser":
+            _, _, unions = pair_unions(masks)
+            column = np.full((len(masks), len(masks)), -1, dtype=np.int64)
+            column[np.triu_indices(len(masks), 1)] = np.arange(len(unions))
+            pairs = read_pairs(first, num_classes, lambda img, i, j: masked_predictions(
+                model, x, unions, fill, batch, device, at=(img, column[i, j])), certificates=certificates)
+            num_classes = max(num_classes, int(pairs.max(initial=0)) + 1)
+            pred, cert, fw = double_masking(first, pair_table(first, pairs), num_classes)
+            return Certification(pred, cert, fw, len(masks) + (pairs >= 0).sum(1), len(masks) + len(unions))
+        cover = ms.cover()
+        # in chunks of images: the vote counts are (images, locations, classes)
+        parts = [one_round_vote(first[i:i + 128], cover, num_classes) for i in range(0, len(first), 128)]
+        pred, cert = (np.concatenate([q[k] for q in parts]) for k in (0, 1))
+        return Certification(pred, cert, np.full(len(x), len(masks)), np.full(len(x), len(masks)), len(masks))
 
 
 def attack_cross_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ms: MaskSet, bits: int,
@@ -359,23 +359,23 @@ def attack_cross_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ms: M
            "n_undefended_fooled": 0, "violations": 0, "violating_images": []}
     if len(ok) == 0:
         return res
-    set_bit_width_(model, bits)
-    pcfg = PatchConfig(patch_shape=ms.patch_size, iterations=iterations, step=step, seed=seed,
-                       image_size=ms.image_size, num_classes=int(getattr(model, "num_classes", 10) or 10))
-    xs, ys = x[ok], y[ok]
-    req = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        xadv, _, _ = per_image_patch_attack(model, xs, ys, pcfg, device=device)
-    finally:
-        for p, r in zip(model.parameters(), req):
-            p.requires_grad_(r)
-    xadv = xadv.cpu()
-    with torch.no_grad():
-        plain = torch.cat([model(xadv[i:i + batch].to(device)).argmax(1).cpu() for i in range(0, len(xadv), batch)])
-    defended = certify(model, xadv, ms, bits, batch, device, certificates=False).pred
-    bad = ok[defended != ys.numpy()]
-    res.update(n_undefended_fooled=int((plain != ys).sum()), violations=len(bad),
-               violating_images=[int(i) for i in bad])
+    with precision(model, bits):
+        pcfg = PatchConfig(patch_shape=ms.patch_size, iterations=iterations, step=step, seed=seed,
+                           image_size=ms.image_size, num_classes=int(getattr(model, "num_classes", 10) or 10))
+        xs, ys = x[ok], y[ok]
+        req = [p.requires_grad for p in model.parameters()]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        try:
+            xadv, _, _ = per_image_patch_attack(model, xs, ys, pcfg, device=device)
+        finally:
+            for p, r in zip(model.parameters(), req):
+                p.requires_grad_(r)
+        xadv = xadv.cpu()
+        with torch.no_grad():
+            plain = torch.cat([model(xadv[i:i + batch].to(device)).argmax(1).cpu() for i in range(0, len(xadv), batch)])
+        defended = certify(model, xadv, ms, bits, batch, device, certificates=False).pred
+        bad = ok[defended != ys.numpy()]
+        res.update(n_undefended_fooled=int((plain != ys).sum()), violations=len(bad),
+                   violating_images=[int(i) for i in bad])
     return res

@@ -21,7 +21,7 @@ import torch
 from qnn.certify import METHODS, attack_cross_check, certify, fill_pixels, mask_set
 from qnn.cli_options import add_user_model_option
 from qnn.errors import QNNError
-from qnn.layers import parse_bits
+from qnn.layers import parse_bits, precision
 from qnn.outputs import StagedDir, markdown_table
 from qnn.validate import arg_float, arg_int, arg_seed
 
@@ -66,7 +66,7 @@ def _patch_sizes(text: str) -> list[int]:
 
 
 def cmd_certify(a) -> int:
-    from qnn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, sha256_file
+    from qnn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, sha256_file, trained_bits
     from qnn.data import check_data_fits, load_dataset
     from qnn.train import versions
 
@@ -79,7 +79,7 @@ def cmd_certify(a) -> int:
     with StagedDir(a.out, overwrite=a.overwrite, what="certification result",
                    inputs=(a.checkpoint, a.data_dir)) as stage:
         model, obj = load_checkpoint(a.checkpoint, user_model=a.model)
-        trained = list(obj.get("trained_bits", []))
+        trained = trained_bits(obj)
         bits = bits_given or trained or [32]
         untrained = [b for b in bits if b not in trained and b != 32]
         if untrained:
@@ -140,28 +140,29 @@ def _run(a, model, x, y, bits, sets) -> dict:
     res: dict = {"results": {}, "cross_check": {}}
     for b in bits:
         rows = res["results"].setdefault(str(b), {})
-        for p, ms in sets.items():
-            t0 = time.perf_counter()
-            cert = certify(model, x, ms, b, a.batch_size, a.device)
-            with torch.no_grad():
-                plain = torch.cat([model(x[i:i + a.batch_size].to(a.device)).argmax(1).cpu()
-                                   for i in range(0, len(x), a.batch_size)]).numpy()
-            s = cert.summary(y.numpy())
-            s.update(n_masks=len(ms), undefended_clean_acc_pct=100.0 * float((plain == y.numpy()).mean()),
-                     seconds=time.perf_counter() - t0, predictions=cert.pred.tolist(),
-                     certified="".join("1" if c else "0" for c in cert.certified))
-            rows[str(p)] = s
-            print(f"{b} bits, patch {p}: certified {s['certified_acc_pct']:.1f}%, defended clean "
-                  f"{s['clean_acc_pct']:.1f}% ({len(ms)} masks, {s['forwards_per_image_certify']:.1f} forwards/image)",
-                  file=sys.stderr, flush=True)
-            if a.cross_check_iters:
-                cc = attack_cross_check(model, x, y, ms, b, cert, a.cross_check_iters, a.cross_check_step, a.seed,
-                                        a.batch_size, a.device)
-                res["cross_check"].setdefault(str(b), {})[str(p)] = cc
-                if cc["violations"]:
-                    raise QNNError(f"{b} bits, patch {p}: a patch changed the defended label of {cc['violations']} "
-                                   f"certified image(s) {cc['violating_images'][:5]}: the certificate does not hold "
-                                   f"(a bug: please report it)")
+        with precision(model, b):
+            for p, ms in sets.items():
+                t0 = time.perf_counter()
+                cert = certify(model, x, ms, b, a.batch_size, a.device)
+                with torch.no_grad():
+                    plain = torch.cat([model(x[i:i + a.batch_size].to(a.device)).argmax(1).cpu()
+                                       for i in range(0, len(x), a.batch_size)]).numpy()
+                s = cert.summary(y.numpy())
+                s.update(n_masks=len(ms), undefended_clean_acc_pct=100.0 * float((plain == y.numpy()).mean()),
+                         seconds=time.perf_counter() - t0, predictions=cert.pred.tolist(),
+                         certified="".join("1" if c else "0" for c in cert.certified))
+                rows[str(p)] = s
+                print(f"{b} bits, patch {p}: certified {s['certified_acc_pct']:.1f}%, defended clean "
+                      f"{s['clean_acc_pct']:.1f}% ({len(ms)} masks, "
+                      f"{s['forwards_per_image_certify']:.1f} forwards/image)", file=sys.stderr, flush=True)
+                if a.cross_check_iters:
+                    cc = attack_cross_check(model, x, y, ms, b, cert, a.cross_check_iters, a.cross_check_step, a.seed,
+                                            a.batch_size, a.device)
+                    res["cross_check"].setdefault(str(b), {})[str(p)] = cc
+                    if cc["violations"]:
+                        raise QNNError(f"{b} bits, patch {p}: a patch changed the defended label of "
+                                       f"{cc['violations']} certified image(s) {cc['violating_images'][:5]}: the "
+                                       f"certificate does not hold (a bug: please report it)")
     return res
 
 

@@ -138,6 +138,10 @@ def load_checkpoint(path: str | Path, expect_arch: str | None = None, user_model
             obj["trained_bits"] = parse_bits(obj["trained_bits"])
         except QNNError as e:
             raise QNNError(f"{path}: trained_bits: {e}") from None
+        config_bits = obj.get("config", {}).get("bits") if isinstance(obj.get("config"), dict) else None
+        if config_bits is not None and sorted(set(parse_bits(config_bits))) != sorted(set(obj["trained_bits"])):
+            raise QNNError(f"{path}: trained_bits {obj['trained_bits']} disagree with its training config's bits "
+                           f"{config_bits}; the file was altered")
     kwargs = {"reduce_range": False, **kwargs}  # checkpoints from before the option have full-range 8-bit weights
     try:
         model = create_model(arch, **kwargs)
@@ -183,4 +187,6 @@ def load_float_weights(model: QuantizedNet, path: str) -> QuantizedNet:
 
 
 def trained_bits(obj: dict) -> list[int]:
+    """The bit-widths a loaded checkpoint (`load_checkpoint`'s dict) was trained at: the one place that says so ([]
+    for a model trained at none, such as float weights wrapped by hand)."""
     return list(obj.get("trained_bits", []))

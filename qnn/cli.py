@@ -134,7 +134,7 @@ def _add_eval(sub) -> None:
 
 
 def cmd_eval(a) -> int:
-    from qnn.checkpoint import atomic_write_json, load_checkpoint
+    from qnn.checkpoint import atomic_write_json, load_checkpoint, trained_bits
     from qnn.data import check_data_fits, load_dataset
     from qnn.layers import parse_bits
     from qnn.outputs import check_output
@@ -146,7 +146,7 @@ def cmd_eval(a) -> int:
     model, obj = load_checkpoint(a.checkpoint, user_model=a.model)
     test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed, like=model).subset(a.subset)
     check_data_fits(model, test, "test set")
-    trained = obj.get("trained_bits", [])
+    trained = trained_bits(obj)
     missing = [b for b in bits if b not in trained and b != 32]
     if missing and not a.calibrate:
         raise QNNError(f"{a.checkpoint} was not trained at {missing} bits (trained: {trained}); pass --calibrate")

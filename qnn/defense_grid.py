@@ -411,11 +411,11 @@ class Scorer:
 
     def clean_pred(self, bits: int, x):
         from qnn.attacks.patch import predict
-        from qnn.layers import set_bit_width_
+        from qnn.layers import precision
 
         if bits not in self.clean:
-            set_bit_width_(self.model, bits)
-            self.clean[bits] = predict(self.model, x, device=self.device)
+            with precision(self.model, bits):
+                self.clean[bits] = predict(self.model, x, device=self.device)
         return self.clean[bits]
 
 

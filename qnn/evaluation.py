@@ -24,7 +24,7 @@ import torch.nn as nn
 from qnn.attacks.ensemble import ENSEMBLE, Attack, attack_config
 from qnn.attacks.patch import PatchConfig, apply_patch, make_mask, optimize_universal_patch, predict, random_locations
 from qnn.errors import QNNError
-from qnn.layers import set_bit_width_
+from qnn.layers import precision
 
 #: bumped whenever a protocol's crafting or scoring changes meaning: results made under another version are re-run
 PROTOCOL_VERSION = 2  # 2: a restart is chosen on the whole crafting set
@@ -91,8 +91,8 @@ def craft(model: nn.Module, bits: int, member: Attack, base: PatchConfig, craft_
                         trained_bits)
     if member.eot_bits and cfg.eot_bits is None:
         raise QNNError(f"attack '{member.name}' needs a model trained at several bit-widths, got {trained_bits}")
-    set_bit_width_(model, bits)
-    patch, _ = optimize_universal_patch(model, *craft_set, cfg, device=device)
+    with precision(model, bits):
+        patch, _ = optimize_universal_patch(model, *craft_set, cfg, device=device)
     return patch
 
 
@@ -112,12 +112,12 @@ def score(model: nn.Module, bits: int, patch: torch.Tensor, cfg: PatchConfig,
     """Per scored image: -1 where the model at `bits` misclassifies it clean (it does not count for the ASR), else how
     many of its `placements` patched copies it misclassifies (untargeted)."""
     x, y = score_set
-    set_bit_width_(model, bits)
-    clean = predict(model, x, device=device) if clean_pred is None else clean_pred
     mask = make_mask(cfg.shape, *cfg.patch_shape)
     fooled = torch.zeros(len(x), dtype=torch.long)
-    for loc in score_locations(len(x), cfg, placements):
-        fooled += (predict(model, apply_patch(x, patch, mask, loc), device=device) != y).long()
+    with precision(model, bits):
+        clean = predict(model, x, device=device) if clean_pred is None else clean_pred
+        for loc in score_locations(len(x), cfg, placements):
+            fooled += (predict(model, apply_patch(x, patch, mask, loc), device=device) != y).long()
     return np.where((clean == y).numpy(), fooled.numpy(), -1)
 
 
@@ -138,3 +138,41 @@ def decode_scores(s: str) -> np.ndarray:
     if not isinstance(s, str) or any(c not in "-0123456789" for c in s):
         raise QNNError("per-image scores must be a string of digits and '-'")
     return np.array([-1 if c == "-" else int(c) for c in s], dtype=np.int64)
+
+
+def run_protocol(model: nn.Module, protocol: Protocol, bits_list: list[int], base: PatchConfig,
+                 craft_set: tuple[torch.Tensor, torch.Tensor], score_set: tuple[torch.Tensor, torch.Tensor],
+                 trained_bits: list[int], device: str = "cpu", on_patch=None, log=None) -> dict[str, dict]:
+    """Every member of `protocol` against `model` at each bit-width, as the defense table scores a cell: crafted on
+    `craft_set` (`craft`), scored on `score_set` at the protocol's placements (`score`). An EOT member is crafted once
+    over `trained_bits` and scored at every bit-width; on a model trained at one bit-width it is the plain attack,
+    so it is left out there.
+
+    Returns {bits: {"asr_pct": the maximum over members, "worst": its member, "per_attack": {member: ASR %},
+    "clean_acc_pct", "scores": {member: per-image counts (`encode_scores`)}}}. `on_patch(member, bits, patch)` sees
+    every crafted patch (bits None: the EOT one); `log(line)` gets a line per member."""
+    eot_ok = len(set(trained_bits)) > 1
+    members = [m for m in protocol.members if eot_ok or not m.eot_bits]
+    eot_patches: dict[str, torch.Tensor] = {}
+    out: dict[str, dict] = {}
+    for b in bits_list:
+        with precision(model, b):
+            clean = predict(model, score_set[0], device=device)
+        per, scores = {}, {}
+        for m in members:
+            if m.eot_bits and m.name in eot_patches:
+                patch = eot_patches[m.name]
+            else:
+                patch = craft(model, b, m, base, craft_set, trained_bits, protocol, device)
+                if m.eot_bits:
+                    eot_patches[m.name] = patch
+                if on_patch is not None:
+                    on_patch(m, None if m.eot_bits else b, patch)
+            fooled = score(model, b, patch, base, score_set, protocol.placements, device, clean_pred=clean)
+            per[m.name], scores[m.name] = asr_pct(fooled, protocol.placements), encode_scores(fooled)
+            if log is not None:
+                log(f"{b} bits, {m.name}: ASR {per[m.name]:.1f}%")
+        worst = max(per, key=per.get)
+        out[str(b)] = {"asr_pct": per[worst], "worst": worst, "per_attack": per,
+                       "clean_acc_pct": 100.0 * float((clean == score_set[1]).float().mean()), "scores": scores}
+    return out

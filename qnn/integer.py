@@ -105,8 +105,8 @@ def weight_lift(grid_bits: int) -> int:
     """The power of two a `grid_bits`-bit layer's integer weights are multiplied by in the integer graph, their scale
     divided by it: the same real weights, on an accumulator grid s_x * s_w that much finer. ONNX's int32 bias lives on
     that grid; with 2-bit inputs and weights it is coarse, and a bias rounded onto it would shift a channel's outputs
-    by up to half of it, about a point of 2-bit accuracy (`bench/bias_rounding.py`). The lifted weights stay within
-    SATURATION_FREE_MAX_W, so no kernel can saturate: 64 at 2 bits, 16 at 3, 8 at 4, 4 at 5, 2 at 6, 1 from 7."""
+    by up to half of it, about a point of 2-bit accuracy (`results/archive/bias_rounding.md`). The lifted weights stay
+    within SATURATION_FREE_MAX_W, so no kernel can saturate: 64 at 2 bits, 16 at 3, 8 at 4, 4 at 5, 2 at 6, 1 from 7."""
     if grid_bits < 2:
         raise QNNError(f"integer weights need 2 or more bits, got {grid_bits}")
     qmax, lift = 2 ** (grid_bits - 1) - 1, 1
@@ -120,6 +120,9 @@ class Op:
 
     inputs: tuple[int, ...]
     out: Grid | None  # None: a float result (the logits)
+    #: True where ONNX Runtime's arithmetic differs between CPU families: `run` then takes `cpu=` (a family; None:
+    #: this machine's)
+    by_cpu_family = False
 
     def run(self, *xs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -154,7 +157,7 @@ class QConv(Op):
         self.lift = weight_lift(self.w_bits)
         self.w_acc, self.s_acc = self.w_int * self.lift, (self.s_w / self.lift).float()
         self.s_bias = (in_grid.scale * self.s_acc).float()
-        self.b_real = bias / self.s_bias  # the bias on its grid before rounding (bench/bias_rounding.py)
+        self.b_real = bias / self.s_bias  # the bias on its grid before rounding (results/archive/bias_rounding.md)
         if self.b_real.abs().max() >= 2**31:
             raise QNNError(f"int32 bias overflow in {type(layer).__name__}: scales too small for this bias")
         self.b_int = torch.round(self.b_real)
@@ -220,13 +223,15 @@ class QAdd(Op):
         self.inputs, self.out, self.ga, self.gb = (a, b), out, ga, gb
         self.ra, self.rb = (ga.scale / out.scale).float(), (gb.scale / out.scale).float()
 
-    def run(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    by_cpu_family = True
+
+    def run(self, a: torch.Tensor, b: torch.Tensor, cpu: str | None = None) -> torch.Tensor:
         if a.requires_grad or b.requires_grad:  # attacks: the gradient needs no exactness
             return self.out.round(a * self.ra + b * self.rb)
-        family = K.current_target_cpu()
-        return _lookup_pair(self, family, a, b, lambda x, y: K.qlinear_add(
+        cpu = K.cpu_family(cpu)
+        return _lookup_pair(self, cpu, a, b, lambda x, y: K.qlinear_add(
             x, float(self.ga.scale), self.ga.zp, y, float(self.gb.scale), self.gb.zp, float(self.out.scale),
-            self.out.zp, cpu=family))
+            self.out.zp, cpu=cpu))
 
     def emit(self, b, x, y):
         return b.quantize(b.node("Add", [b.dequant(x), b.dequant(y)], "add"), self.out)
@@ -292,11 +297,11 @@ class QLookup(Op):
 
 class QHardGate(QLookup):
     """Hardsigmoid, and Hardswish = x * hardsigmoid(x), in ORT's vectorised integer kernels instead of a Gather (26x
-    slower per element, `bench/lookup_kernels.py`): hardsigmoid(x) = (x + 3) / 6 saturated to [0, 1] is a QLinearAdd
-    of x and the constant 3 onto a grid six times the output's, whose codes read on the output's grid are the
-    hardsigmoid; Hardswish multiplies x by that hardsigmoid on an 8-bit grid in a QLinearMul. PyTorch evaluates the
-    same integers as a table over the input codes, built once per CPU family from the kernels' models (QLinearAdd
-    rounds differently on aarch64); with autograd, the real function's gradient, as QLookup."""
+    slower per element, `results/archive/lookup_kernels.md`): hardsigmoid(x) = (x + 3) / 6 saturated to [0, 1] is a
+    QLinearAdd of x and the constant 3 onto a grid six times the output's, whose codes read on the output's grid are the
+    hardsigmoid; Hardswish multiplies x by that hardsigmoid on an 8-bit grid in a QLinearMul. PyTorch evaluates the same
+    integers as a table over the input codes, built once per CPU family from the kernels' models (QLinearAdd rounds
+    differently on aarch64); with autograd, the real function's gradient, as QLookup."""
 
     THREE = (np.uint8(6), np.float32(0.5))  # the constant 3 as a uint8 code and its scale (zero point 0): exact
     GATE = Grid(torch.tensor(1 / 255, dtype=torch.float32), 0, 0, 255, 8)  # Hardswish's inner hardsigmoid
@@ -327,11 +332,13 @@ class QHardGate(QLookup):
         y = K.qlinear_mul(codes, float(g.scale), g.zp, y, float(gate.scale), 0, float(out.scale), out.zp)
         return np.clip(y, out.lo + out.zp, out.hi + out.zp)
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:
-        family = K.current_target_cpu()
-        if family not in self.tables:
-            self.tables[family] = torch.from_numpy(self._codes(family).astype(np.float32)) - self.out.zp
-        t = self.tables[family].to(x.device)
+    by_cpu_family = True
+
+    def run(self, x: torch.Tensor, cpu: str | None = None) -> torch.Tensor:
+        cpu = K.cpu_family(cpu)
+        if cpu not in self.tables:
+            self.tables[cpu] = torch.from_numpy(self._codes(cpu).astype(np.float32)) - self.out.zp
+        t = self.tables[cpu].to(x.device)
         y = t[(x.detach() + self.in_grid.zp).long()]
         if not x.requires_grad:
             return y
@@ -892,15 +899,18 @@ class IntegerProgram:
         return float(last.s_bias.max())
 
     # ---- execution
-    def _values(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def _values(self, x: torch.Tensor, cpu: str | None = None) -> list[torch.Tensor]:
+        cpu = K.cpu_family(cpu)
         vals: list[torch.Tensor] = []
         for op in self.ops:
-            vals.append(op.run(*(vals[i] for i in op.inputs)) if op.inputs else op.run(x))
+            args = [vals[i] for i in op.inputs] if op.inputs else [x]
+            vals.append(op.run(*args, cpu=cpu) if op.by_cpu_family else op.run(*args))
         return vals
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:
-        """The logits the exported integer graph computes for the normalised input `x`."""
-        y = self._values(x)[self.output]
+    def run(self, x: torch.Tensor, cpu: str | None = None) -> torch.Tensor:
+        """The logits the exported integer graph computes for the normalised input `x`, in the ONNX Runtime
+        arithmetic of CPU family `cpu` (default: this machine's)."""
+        y = self._values(x, cpu)[self.output]
         g = self.grids[self.output]
         return y if g is None else y * g.scale
 

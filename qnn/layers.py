@@ -9,6 +9,7 @@ functions initialise a bit-width's scale from the first tensor it sees.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -184,33 +185,6 @@ def mse_weight_scale(w: torch.Tensor, qmax: float) -> torch.Tensor:
     return best_s
 
 
-# ---- exact integer evaluation -------------------------------------------------------------------------------------
-#: When True (default), a quantized model in eval mode computes the exported integer graph's arithmetic exactly (see
-#: `qnn.integer`), with straight-through gradients when autograd is on; `exact_integer_eval(False)` selects the
-#: fake-quant form of training instead.
-EXACT_INTEGER_EVAL = True
-
-
-class exact_integer_eval:
-    """Context manager / switch: `with exact_integer_eval(False): ...` evaluates with the float fake-quant form."""
-
-    def __init__(self, on: bool = True):
-        self.on, self.prev = on, None
-
-    def __enter__(self):
-        global EXACT_INTEGER_EVAL
-        self.prev, EXACT_INTEGER_EVAL = EXACT_INTEGER_EVAL, self.on
-        return self
-
-    def __exit__(self, *exc):
-        global EXACT_INTEGER_EVAL
-        EXACT_INTEGER_EVAL = self.prev
-
-
-def integer_eval_enabled() -> bool:
-    return EXACT_INTEGER_EVAL
-
-
 def uncalibrated(model: nn.Module) -> bool:
     """True when some activation quantizer (the toolkit's own, or a switchable Brevitas one) has no scale yet at the
     model's current bit-width."""
@@ -247,3 +221,48 @@ def set_bit_width_(model: nn.Module, w_bits: int, a_bits: int | None = None) -> 
 
 def get_bit_width(model: nn.Module) -> tuple[int, int]:
     return getattr(model, "current_bits", (FLOAT_BITS, FLOAT_BITS))
+
+
+#: what, besides the bit-width, selects what a quantized model computes in eval mode: attributes of the model
+#: (`qnn.models.quantized.QuantizedNet` sets the defaults), so that nothing outside the model decides it
+EVAL_SETTINGS = {"integer": "integer_eval", "cpu": "target_cpu"}
+_RESTORED = ("current_bits", *EVAL_SETTINGS.values())
+
+
+@contextlib.contextmanager
+def precision(model: nn.Module, bits: int | None = None, a_bits: int | None = None, *, integer: bool | None = None,
+              cpu: str | None = None):
+    """`with qnn.precision(model, 4): ...` runs `model` with 4-bit weights and activations (32: float) inside the block,
+    and puts every layer back as it was when the block ends, by an exception too; blocks nest. `bits` None keeps the
+    current bit-width (and still restores it: a helper that switches inside cannot leak a switch).
+
+    `a_bits`: activations at another width than weights. `integer=False`: eval mode runs Brevitas' fake-quant form
+    instead of the exported integer program. `cpu`: the CPU family (`qnn.kernels.reference.CPU_FAMILIES`) whose ONNX
+    Runtime arithmetic the integer program follows; None: this machine's."""
+    from qnn.kernels.reference import cpu_family
+
+    if cpu is not None:
+        cpu_family(cpu)  # checked before anything changes
+    if bits is not None:
+        bit_index(bits)
+        bit_index(bits if a_bits is None else a_bits)
+    modules = list(model.modules())
+    switches = [(m, m.w_bits, m.a_bits) for m in modules if isinstance(m, SwitchableMixin)]
+    attrs = [(m, {a: m.__dict__[a] for a in _RESTORED if a in m.__dict__}) for m in modules]
+    try:
+        if bits is not None:
+            set_bit_width_(model, bits, a_bits)
+        for m in modules:
+            for key, value in (("integer", integer), ("cpu", cpu)):
+                if value is not None and EVAL_SETTINGS[key] in m.__dict__:
+                    setattr(m, EVAL_SETTINGS[key], value)
+        yield model
+    finally:
+        for m, w, a in switches:
+            m.switch_(w, a)
+        for m, saved in attrs:
+            for a in _RESTORED:
+                if a in saved:
+                    m.__dict__[a] = saved[a]
+                else:
+                    m.__dict__.pop(a, None)

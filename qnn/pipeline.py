@@ -2,7 +2,7 @@
 
 Trains a small switchable model with plain QAT and with QADT-R, attacks both with a universal patch at every
 bit-width, exports integer ONNX, verifies that ONNX Runtime runs it with integer kernels only, checks fake-quant vs
-integer parity (predictions and ASR), builds an edge bundle, runs bench/run_edge.py on it, and writes a report
+integer parity (predictions and ASR), builds an edge bundle, runs the bundle's run_edge.py on it, and writes a report
 (markdown + PNG + JSON) ending in a table: clean accuracy, ASR fake-quant vs integer, latency.
 Defaults: embedded synthetic dataset, minutes on 2 CPU cores. `--dataset cifar10 --data-dir ...` for real data.
 """
@@ -131,12 +131,11 @@ def _run_stages(a, out: Path, bits, ebits, test, xe, ye, xa, ya, report: dict, t
     run_edge, report; everything into `out`. Returns whether every deployment check passed."""
     from qnn.attacks.patch import PatchConfig, evaluate_patch, optimize_universal_patch, save_patch
     from qnn.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, sha256_file
-    from qnn.bench import run_edge
     from qnn.data import check_data_fits
-    from qnn.export.bundle import build_bundle
+    from qnn.export.bundle import RUNNER, build_bundle
     from qnn.export.onnx_export import export_model
     from qnn.export.verify import verify
-    from qnn.layers import set_bit_width_
+    from qnn.layers import precision
     from qnn.train import train
 
     _stage = _Stages()
@@ -157,10 +156,9 @@ def _run_stages(a, out: Path, bits, ebits, test, xe, ye, xa, ya, report: dict, t
         for b in bits:
             cfg = PatchConfig(patch_shape=(a.patch_size, a.patch_size), iterations=a.patch_iters, batch_size=a.patch_batch, seed=a.seed,
                               image_size=tuple(xe.shape[-2:]), num_classes=model.num_classes)
-            set_bit_width_(model, b)
-            patch, _ = optimize_universal_patch(model, xa, ya, cfg, progress=sys.stderr.isatty())
-            set_bit_width_(model, b)
-            m["asr_pct"][str(b)] = evaluate_patch(model, xe, ye, patch, cfg)["asr_pct"]
+            with precision(model, b):
+                patch, _ = optimize_universal_patch(model, xa, ya, cfg, progress=sys.stderr.isatty())
+                m["asr_pct"][str(b)] = evaluate_patch(model, xe, ye, patch, cfg)["asr_pct"]
             save_patch(rdir / f"patch_{b}b", patch, cfg)
             patches[b] = (patch, cfg)
             print(f"  {b} bits: clean {acc[b]:.1f}%  ASR {m['asr_pct'][str(b)]:.1f}%", flush=True)
@@ -176,7 +174,7 @@ def _run_stages(a, out: Path, bits, ebits, test, xe, ye, xa, ya, report: dict, t
             build_bundle(model, b, bdir, ds.x, ds.y, [(f"own{b}b", *patches[b]), ("from_float", *patches[32])]
                          if 32 in patches else [(f"own{b}b", *patches[b])], sha256_file(rdir / "model.pt"), overwrite=True)
             edge_json = rdir / f"edge_w{b}.json"
-            r = subprocess.run([sys.executable, run_edge.__file__,  # as on a device: the standalone file
+            r = subprocess.run([sys.executable, str(bdir / RUNNER),  # as on a device: the bundle's own runner
                                 "--bundle", str(bdir), "--threads", str(a.threads), "--json", str(edge_json),
                                 "--iters", "30"], capture_output=True, text=True)
             print("  " + "\n  ".join(r.stdout.strip().splitlines()[-12:]), flush=True)

@@ -38,7 +38,7 @@ from qnn.brevitas_import import brevitas_layers, copy_learned_scales_, to_float
 from qnn.brevitas_quant import FixedInputQuant, SwitchableIntQuant, SwitchableWeightQuant, with_fixed_bits
 from qnn.errors import QNNError
 from qnn.integer import CONV_TRANSPOSE_HINT, SIZE_ARITHMETIC, IntegerProgram
-from qnn.layers import SwitchableMixin, check_pinned_bits, get_bit_width, parse_bits, set_bit_width_
+from qnn.layers import SwitchableMixin, check_pinned_bits, parse_bits, precision
 from qnn.qmodules import ELEMENTWISE, QuantElementwise, SwitchableBatchNorm2d, act_module
 from qnn.validate import check_float
 
@@ -125,12 +125,8 @@ def check_integer_form(gm: fx.GraphModule, cfg: QuantizeConfig) -> None:
     quantized = [b for b in cfg.bits if b != 32]
     if not quantized:
         return
-    before = get_bit_width(gm)
-    set_bit_width_(gm, min(quantized))
-    try:
+    with precision(gm, min(quantized)):
         IntegerProgram(gm)
-    finally:
-        set_bit_width_(gm, *before)
 
 
 class _Converter:

@@ -31,7 +31,7 @@ from qnn.checkpoint import (atomic_torch_save, atomic_write_json, load_checkpoin
 from qnn.config import TrainConfig
 from qnn.data import ArrayDataset, iterate_batches, model_fit_kwargs, train_test_sets
 from qnn.errors import QNNError
-from qnn.layers import FLOAT_BITS, remember_init_, set_bit_width_
+from qnn.layers import FLOAT_BITS, precision, remember_init_, set_bit_width_
 from qnn.models import create_model
 from qnn.outputs import StagedDir
 
@@ -138,10 +138,10 @@ def evaluate(model: nn.Module, ds: ArrayDataset, bits_list: list[int], batch_siz
     model.eval()
     out = {}
     for b in bits_list:
-        set_bit_width_(model, b)
         correct = 0
-        for xb, yb in iterate_batches(ds, batch_size, shuffle=False, aug=False):
-            correct += (model(xb.to(device)).argmax(1).cpu() == yb).sum().item()
+        with precision(model, b):
+            for xb, yb in iterate_batches(ds, batch_size, shuffle=False, aug=False):
+                correct += (model(xb.to(device)).argmax(1).cpu() == yb).sum().item()
         out[b] = 100.0 * correct / len(ds)
     return out
 
@@ -150,7 +150,11 @@ def evaluate(model: nn.Module, ds: ArrayDataset, bits_list: list[int], batch_siz
 def calibrate_(model: nn.Module, ds: ArrayDataset, bits: int, n_batches: int = 20, batch_size: int = 128,
                device: str = "cpu") -> None:
     """Give an untrained bit-width its BatchNorm statistics and quantizer scales (cumulative BN average)."""
-    set_bit_width_(model, bits)
+    with precision(model, bits):
+        _calibrate_at_current(model, ds, n_batches, batch_size, device)
+
+
+def _calibrate_at_current(model: nn.Module, ds: ArrayDataset, n_batches: int, batch_size: int, device: str) -> None:
     model.train()
     bns = [m.bn for m in model.modules() if isinstance(getattr(m, "bns", None), nn.ModuleList)]  # per-bit-width BN
     saved = [bn.momentum for bn in bns]
@@ -443,23 +447,23 @@ def init_scales_(model: nn.Module, bits: list[int], xb: torch.Tensor) -> None:
     from qnn.layers import ensure_calibrated_
 
     for b in bits:
-        set_bit_width_(model, b)
-        ensure_calibrated_(model, xb)
+        with precision(model, b):
+            ensure_calibrated_(model, xb)
 
 
 def train_step(model: nn.Module, train_model: nn.Module, defense, opt: torch.optim.Optimizer, xb: torch.Tensor,
                yb: torch.Tensor, bits: int, step: int, teacher: nn.Module | None = None,
                cfg: TrainConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step at `bits` with the defense's loss (and distillation when a teacher is given)."""
-    set_bit_width_(model, bits)
-    loss, logits = defense.loss(train_model, xb, yb, bits, step)
-    if teacher is not None and bits != FLOAT_BITS:
-        with torch.no_grad():
-            t_logits = teacher(xb)
-        loss = distill_loss(loss, logits, t_logits, cfg.distill_alpha, cfg.distill_temp)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    with precision(model, bits):
+        loss, logits = defense.loss(train_model, xb, yb, bits, step)
+        if teacher is not None and bits != FLOAT_BITS:
+            with torch.no_grad():
+                t_logits = teacher(xb)
+            loss = distill_loss(loss, logits, t_logits, cfg.distill_alpha, cfg.distill_temp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     defense.after_step()
     return loss, logits
 

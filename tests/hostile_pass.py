@@ -448,7 +448,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write the per-case outcomes here (JSON)")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
-    from qnn.bench.run_edge import main as run_edge_main
+    from qnn.export.run_edge import main as run_edge_main
     from qnn.cli import main as qnn_main
 
     with tempfile.TemporaryDirectory() as tmp:

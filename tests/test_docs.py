@@ -114,8 +114,8 @@ SCRIPT_COMMANDS = [c for c in README_COMMANDS if c[0] in ("python", "python3") a
 
 @pytest.mark.parametrize("argv", SCRIPT_COMMANDS, ids=" ".join)
 def test_readme_script_commands_use_existing_flags(argv):
-    # on the Pi the README runs a copied bench/run_edge.py from the current folder
-    script = ROOT / argv[1] if (ROOT / argv[1]).exists() else ROOT / "bench" / Path(argv[1]).name
+    # on the Pi the README runs the bundle's copy of the edge runner (export/run_edge.py)
+    script = ROOT / argv[1] if (ROOT / argv[1]).exists() else ROOT / "export" / Path(argv[1]).name
     assert script.exists(), argv[1]
     helptext = script_help(script)
     unknown = [a.split("=")[0] for a in argv[2:] if a.startswith("--") and a.split("=")[0] not in helptext]

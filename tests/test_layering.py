@@ -112,3 +112,27 @@ def test_zoo_models_are_plain_float_definitions():
         extra = graph[m] - ZOO - {"qnn.models.zoo"}
         assert not extra, f"{m} imports {sorted(extra)}: a zoo model takes from qnn only qnn.models.zoo and zoo files"
     assert graph["qnn.models.zoo"] == set()  # the registration list imports nothing of qnn either
+
+
+def _names_imported(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    return out
+
+
+def test_the_product_does_not_import_bench():
+    """bench/ holds benchmark programs; what the library, the exporter and the kernels need lives among them."""
+    bad = {str(p.relative_to(ROOT)): sorted(n for n in _names_imported(p) if n.split(".")[:2] == ["qnn", "bench"]
+                                            or n.split(".")[0] == "bench")
+           for folder in PACKAGES.values() for p in folder.rglob("*.py")}
+    assert not {k: v for k, v in bad.items() if v}
+
+
+def test_the_bench_launcher_of_the_edge_runner_imports_the_standard_library_only():
+    import sys
+
+    assert _names_imported(ROOT / "bench" / "run_edge.py") <= set(sys.stdlib_module_names)

@@ -21,6 +21,7 @@ def test_wheel_installs_one_namespace(tmp_path):
     (wheel,) = tmp_path.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {n.split("/")[0] for n in names} == {"qnn", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}
-    for f in ("qnn/kernels/reference.py", "qnn/export/onnx_export.py", "qnn/bench/run_edge.py",
+    for f in ("qnn/kernels/reference.py", "qnn/export/onnx_export.py", "qnn/export/run_edge.py",
+              "qnn/bench/run_edge.py",
               "qnn/configs/suite_unseen.yaml", "qnn/models/resnet.py", "qnn/attacks/patch.py"):
         assert f in names, f

@@ -8,14 +8,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qnn.layers import set_bit_width_
+from qnn.layers import precision
 
 
 def input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bits: int) -> torch.Tensor:
-    set_bit_width_(model, bits)
     model.eval()
     xr = x.clone().requires_grad_(True)
-    g, = torch.autograd.grad(F.cross_entropy(model(xr), y, reduction="sum"), xr)
+    with precision(model, bits):
+        g, = torch.autograd.grad(F.cross_entropy(model(xr), y, reduction="sum"), xr)
     return g.detach()
 
 
@@ -38,9 +38,8 @@ def save_feature_maps(model: nn.Module, x_clean: torch.Tensor, x_patched: torch.
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    set_bit_width_(model, bits)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), precision(model, bits):
         fc = model.features(x_clean[:1], upto=n_layers - 1)
         fp = model.features(x_patched[:1], upto=n_layers - 1)
     fig, axes = plt.subplots(2 * len(fc), n_channels + 1, figsize=(1.6 * (n_channels + 1), 3.2 * len(fc)))

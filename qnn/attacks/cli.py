@@ -24,6 +24,10 @@ def add_parser(sub) -> None:
     p.add_argument("--dataset", default="synthetic", help="synthetic (embedded, no download) | cifar10 | imagefolder (default synthetic)")
     p.add_argument("--data-dir", help="dataset folder (CIFAR-10 npz or cifar-10-batches-py; ImageFolder root)")
     p.add_argument("--attack", default="universal", help="|".join(ATTACKS))
+    p.add_argument("--protocol", help="a named evaluation protocol (qnn.evaluation: " + " | ".join(_protocols()) +
+                   "): its attack members, crafting images (the first of the training set), scored images (the last "
+                   "of the test set) and placements, scored as the defense table scores a cell; --bits, --patch-size "
+                   "/ --patch-frac and --shape choose the cells")
     p.add_argument("--bits", default="32,8,4,2", help="bit-widths to evaluate on (and craft on, unless --source-bits)")
     p.add_argument("--source-bits", help="craft at these bit-widths and evaluate on every --bits: a transfer matrix")
     p.add_argument("--source-checkpoint", help="craft on this other checkpoint (float) too")
@@ -56,6 +60,31 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
 
+def _protocols() -> list[str]:
+    from qnn.evaluation import PROTOCOLS
+
+    return list(PROTOCOLS)
+
+
+#: what a protocol decides itself: giving one of these with --protocol is refused
+PROTOCOL_DECIDES = ("iterations", "step", "optimizer", "restarts", "eot_samples", "scale_min", "scale_max",
+                    "rotation_max", "placement", "targeted", "n_attack", "n_eval", "adaptive", "source_bits",
+                    "source_checkpoint", "patch", "suite", "analysis")
+
+
+def _given_with_protocol(a) -> list[str]:
+    """The options of `a` set away from their defaults that a protocol decides (flag names)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    defaults = vars(parser.parse_args(["attack", "--checkpoint", "-", "--out", "-"]))
+    given = [k for k in PROTOCOL_DECIDES if getattr(a, k) != defaults[k]]
+    if a.attack != "universal":
+        given.insert(0, "attack")
+    return ["--" + k.replace("_", "-") for k in given]
+
+
 def _patch_cfg(a, num_classes: int, image_size, **over):
     from qnn.attacks.patch import PatchConfig
 
@@ -72,13 +101,20 @@ def _patch_cfg(a, num_classes: int, image_size, **over):
 
 def cmd_attack(a) -> int:
     from qnn.attacks.patch import load_patch
-    from qnn.checkpoint import atomic_write_json, load_checkpoint
+    from qnn.checkpoint import atomic_write_json, load_checkpoint, trained_bits
     from qnn.data import check_data_fits, load_dataset
     from qnn.layers import parse_bits
     from qnn.train import versions
 
     if a.attack not in ATTACKS:
         raise QNNError(f"unknown attack '{a.attack}'; choose from {', '.join(ATTACKS)}")
+    if a.protocol is not None:
+        from qnn.evaluation import get_protocol
+
+        get_protocol(a.protocol)
+        clash = _given_with_protocol(a)
+        if clash:
+            raise QNNError(f"--protocol {a.protocol} decides {', '.join(clash)} itself: leave them out")
     if a.threads:
         torch.set_num_threads(a.threads)
     inputs = (a.checkpoint, a.source_checkpoint, a.patch, a.data_dir)
@@ -88,6 +124,12 @@ def cmd_attack(a) -> int:
         n_cls = model.num_classes
         test = load_dataset(a.dataset, "test", a.data_dir, seed=a.seed, like=model)
         check_data_fits(model, test, "test set")
+        if a.protocol is not None:
+            res, out = _protocol(a, model, obj, bits, test, stage)
+            atomic_write_json(out / "result.json", res)
+            stage.publish()
+            print(json.dumps({"out": str(stage.out / "result.json")}))
+            return 0
         xe, ye = test.subset(a.n_eval).tensors()
         size = tuple(xe.shape[-2:])
         cfg = _patch_cfg(a, n_cls, size)  # validates patch options before any heavy work
@@ -101,7 +143,7 @@ def cmd_attack(a) -> int:
         xa, ya = train.subset(a.n_attack).tensors()
         res: dict = {"checkpoint": a.checkpoint, "attack": a.attack, "n_eval": len(xe), "versions": versions(),
                      "results": {}}
-        trained = obj.get("trained_bits", bits)
+        trained = trained_bits(obj) or bits
         if a.adaptive == "eot":
             cfg.eot_bits = list(trained)
         elif a.adaptive == "ensemble":
@@ -114,6 +156,40 @@ def cmd_attack(a) -> int:
     return 0
 
 
+def _protocol(a, model, obj, bits: list[int], test, stage) -> tuple[dict, Path]:
+    """`--protocol`: the protocol's members at every bit-width, on its own images, scored as the defense table scores
+    (`qnn.evaluation.run_protocol`); each crafted patch saved beside the result. Returns (result, staging folder)."""
+    from qnn.attacks.patch import save_patch
+    from qnn.checkpoint import sha256_file, trained_bits
+    from qnn.data import load_dataset
+    from qnn.evaluation import get_protocol, run_protocol
+    from qnn.train import versions
+
+    proto = get_protocol(a.protocol)
+    train = load_dataset(a.dataset, "train", a.data_dir, seed=a.seed, like=model)
+    for what, ds, n in (("scored test", test, proto.n_score), ("crafting training", train, proto.n_craft)):
+        if len(ds) < n:
+            raise QNNError(f"protocol '{proto.name}' needs {n} {what} images; {a.dataset} has {len(ds)}")
+    score_set = test.subset(proto.n_score, start=len(test) - proto.n_score).tensors()
+    craft_set = train.subset(proto.n_craft).tensors()
+    base = _patch_cfg(a, model.num_classes, tuple(score_set[0].shape[-2:]))
+    trained = trained_bits(obj) or bits
+    out = stage.prepare()
+
+    def keep(member, b, patch):
+        slug = "".join(c if c.isalnum() else "_" for c in member.name)
+        save_patch(out / f"patch_{slug}_{'eot' if b is None else f'{b}b'}", patch, base)
+
+    results = run_protocol(model, proto, bits, base, craft_set, score_set, trained, on_patch=keep,
+                           log=lambda line: print(line, file=sys.stderr, flush=True))
+    for b, r in results.items():
+        print(f"{b} bits: ASR {r['asr_pct']:.1f}% (worst of {len(r['per_attack'])}: {r['worst']}), clean "
+              f"{r['clean_acc_pct']:.1f}% on {proto.n_score} images x {proto.placements} placements", flush=True)
+    return {"checkpoint": a.checkpoint, "checkpoint_sha256": sha256_file(a.checkpoint), "attack": "protocol",
+            "protocol": proto.to_dict(), "patch_config": base.to_dict(),
+            "trained_bits": trained, "n_score": proto.n_score, "versions": versions(), "results": results}, out
+
+
 def _attack(a, model, source, cfg, bits, xa, ya, xe, ye, out: Path, res: dict) -> None:
     """Run the attack `a` asks for (`source`: the --source-checkpoint model or None), writing patches and figures
     into `out` and figures into `res`."""
@@ -121,22 +197,24 @@ def _attack(a, model, source, cfg, bits, xa, ya, xe, ye, out: Path, res: dict) -
                                    asr_metrics, predict, save_patch)
     from qnn.attacks.pixel import fgsm, pgd_linf
     from qnn.attacks.transfer import heatmap_png, transfer_matrix
-    from qnn.layers import parse_bits, set_bit_width_
+    from qnn.layers import parse_bits, precision
 
     n_cls, size = model.num_classes, tuple(xe.shape[-2:])
 
     if a.attack in ("fgsm", "pgd"):
+        model.eval()
         for b in bits:
-            set_bit_width_(model, b)
-            model.eval()
-            xadv = fgsm(model, xe, ye, a.eps) if a.attack == "fgsm" else pgd_linf(model, xe, ye, a.eps, steps=10)
-            res["results"][str(b)] = asr_metrics(predict(model, xe).numpy(), predict(model, xadv).numpy(), ye.numpy())
+            with precision(model, b):
+                xadv = fgsm(model, xe, ye, a.eps) if a.attack == "fgsm" else pgd_linf(model, xe, ye, a.eps, steps=10)
+                res["results"][str(b)] = asr_metrics(predict(model, xe).numpy(), predict(model, xadv).numpy(),
+                                                     ye.numpy())
     elif a.attack == "per_image":
         cfg.iterations = min(cfg.iterations, 100)
         for b in bits:
-            set_bit_width_(model, b)
-            xadv, _, _ = per_image_patch_attack(model, xe, ye, cfg)
-            res["results"][str(b)] = asr_metrics(predict(model, xe).numpy(), predict(model, xadv).numpy(), ye.numpy())
+            with precision(model, b):
+                xadv, _, _ = per_image_patch_attack(model, xe, ye, cfg)
+                res["results"][str(b)] = asr_metrics(predict(model, xe).numpy(), predict(model, xadv).numpy(),
+                                                     ye.numpy())
     elif a.suite:
         suite = load_suite(a.suite)
         sb = parse_bits(suite.get("bits", bits)) + parse_bits(suite.get("left_out_bits", [])) if suite.get("left_out_bits") else parse_bits(suite.get("bits", bits))
@@ -145,10 +223,10 @@ def _attack(a, model, source, cfg, bits, xa, ya, xe, ye, out: Path, res: dict) -
             name = f"{pcfg.shape}{pcfg.patch_shape[0]}x{pcfg.patch_shape[1]}_{pcfg.placement}"
             rows = {}
             for src in sb:
-                set_bit_width_(model, src)
-                patch, info = optimize_universal_patch(model, xa, ya, pcfg, progress=sys.stderr.isatty())
-                save_patch(out / f"patch_{name}_{src}b", patch, pcfg, info)
-                rows[str(src)] = evaluate_patch(model, xe, ye, patch, pcfg)
+                with precision(model, src):
+                    patch, info = optimize_universal_patch(model, xa, ya, pcfg, progress=sys.stderr.isatty())
+                    save_patch(out / f"patch_{name}_{src}b", patch, pcfg, info)
+                    rows[str(src)] = evaluate_patch(model, xe, ye, patch, pcfg)
             res["results"][name] = rows
             print(name, {k: round(v["asr_pct"], 1) for k, v in rows.items()}, flush=True)
     elif a.source_bits or a.source_checkpoint:
@@ -161,21 +239,20 @@ def _attack(a, model, source, cfg, bits, xa, ya, xe, ye, out: Path, res: dict) -
         heatmap_png(m, out / "transfer.png", f"{cfg.patch_shape[0]}x{cfg.patch_shape[1]} {cfg.shape} patch ASR")
     else:
         for b in bits:
-            set_bit_width_(model, b)
-            if a.patch:
-                patch, pcfg = load_patch(a.patch)
-                if pcfg.image_size != size:
-                    raise QNNError(f"{a.patch}: patch made for {pcfg.image_size} images, data is {size}")
-                info = {"loaded": a.patch}
-            else:
-                pcfg = cfg
-                patch, info = optimize_universal_patch(model, xa, ya, cfg, progress=sys.stderr.isatty())
-                save_patch(out / f"patch_{b}b", patch, cfg, info)
-            set_bit_width_(model, b)
-            r = evaluate_patch(model, xe, ye, patch, pcfg)
-            res["results"][str(b)] = {**r, "craft": info}
-            print(f"{b} bits: ASR {r['asr_pct']:.1f}% (clean {r['clean_acc_pct']:.1f}%, robust {r['robust_acc_pct']:.1f}%, "
-                  f"n={r['n_asr_images']})", flush=True)
+            with precision(model, b):
+                if a.patch:
+                    patch, pcfg = load_patch(a.patch)
+                    if pcfg.image_size != size:
+                        raise QNNError(f"{a.patch}: patch made for {pcfg.image_size} images, data is {size}")
+                    info = {"loaded": a.patch}
+                else:
+                    pcfg = cfg
+                    patch, info = optimize_universal_patch(model, xa, ya, cfg, progress=sys.stderr.isatty())
+                    save_patch(out / f"patch_{b}b", patch, cfg, info)
+                r = evaluate_patch(model, xe, ye, patch, pcfg)
+                res["results"][str(b)] = {**r, "craft": info}
+                print(f"{b} bits: ASR {r['asr_pct']:.1f}% (clean {r['clean_acc_pct']:.1f}%, "
+                      f"robust {r['robust_acc_pct']:.1f}%, n={r['n_asr_images']})", flush=True)
     if a.analysis:
         from qnn.attacks.analysis import gradient_alignment, save_feature_maps
         from qnn.attacks.patch import apply_patch, make_mask, random_locations

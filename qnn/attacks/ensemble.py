@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from qnn.attacks.patch import PatchConfig, evaluate_patch, optimize_universal_patch, predict
-from qnn.layers import set_bit_width_
+from qnn.layers import precision
 
 
 @dataclass(frozen=True)
@@ -61,15 +61,13 @@ def ensemble_asr(model: nn.Module, bits: int, craft: tuple[torch.Tensor, torch.T
     maximum: {"asr_pct": max, "worst": attack name, "per_attack": {name: ASR}}. An EOT attack on a model trained at
     one bit-width is the plain attack, so it is skipped there."""
     per = {}
-    set_bit_width_(model, bits)
-    clean = predict(model, score[0], device=device)
-    for a in attacks:
-        cfg = attack_config(base, a, iterations, trained_bits)
-        if a.eot_bits and cfg.eot_bits is None:
-            continue
-        set_bit_width_(model, bits)
-        patch, _ = optimize_universal_patch(model, *craft, cfg, progress=progress, device=device)
-        set_bit_width_(model, bits)
-        per[a.name] = evaluate_patch(model, *score, patch, cfg, device=device, clean_pred=clean)["asr_pct"]
+    with precision(model, bits):
+        clean = predict(model, score[0], device=device)
+        for a in attacks:
+            cfg = attack_config(base, a, iterations, trained_bits)
+            if a.eot_bits and cfg.eot_bits is None:
+                continue
+            patch, _ = optimize_universal_patch(model, *craft, cfg, progress=progress, device=device)
+            per[a.name] = evaluate_patch(model, *score, patch, cfg, device=device, clean_pred=clean)["asr_pct"]
     worst = max(per, key=per.get)
     return {"asr_pct": per[worst], "worst": worst, "per_attack": per}

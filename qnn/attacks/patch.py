@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qnn.errors import QNNError
-from qnn.layers import set_bit_width_
+from qnn.layers import precision
 from qnn.validate import MAX_SEED, check_field_types, check_float, check_int
 
 SHAPES = ("square", "circle", "rect")
@@ -199,12 +199,12 @@ def _model_loss(model: nn.Module, xp: torch.Tensor, y: torch.Tensor, cfg: PatchC
     if cfg.ensemble_bits:
         total = 0
         for b in cfg.ensemble_bits:
-            set_bit_width_(model, b)
-            total = total + _attack_loss(model(xp), y, cfg)
+            with precision(model, b):
+                total = total + _attack_loss(model(xp), y, cfg)
         return total / len(cfg.ensemble_bits)
-    if cfg.eot_bits:
-        set_bit_width_(model, cfg.eot_bits[int(torch.randint(len(cfg.eot_bits), (1,), generator=gen))])
-    return _attack_loss(model(xp), y, cfg)
+    drawn = cfg.eot_bits[int(torch.randint(len(cfg.eot_bits), (1,), generator=gen))] if cfg.eot_bits else None
+    with precision(model, drawn):
+        return _attack_loss(model(xp), y, cfg)
 
 
 def optimize_universal_patch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PatchConfig,
@@ -221,7 +221,6 @@ def optimize_universal_patch(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
     if len(x) == 0:
         raise QNNError("attack set is empty")
-    bits0 = getattr(model, "current_bits", (32, 32))
     model.eval()
     req = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -271,7 +270,6 @@ def optimize_universal_patch(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     secs = time.perf_counter() - t0
     # keep the restart with the highest ASR on the whole attack set (random placement, fixed seed): single runs from
     # different starts read one model up to ~10 points apart, so a small selection set picks a weaker one by chance
-    set_bit_width_(model, *bits0)
     best, best_asr, asrs = 0, -1.0, []
     for r in range(R if R > 1 else 0):
         m = evaluate_patch(model, x, y, patches[r].detach(), cfg, device=device)

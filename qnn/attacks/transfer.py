@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from qnn.attacks.patch import PatchConfig, evaluate_patch, optimize_universal_patch, save_patch
-from qnn.layers import set_bit_width_
+from qnn.layers import precision
 
 
 def transfer_matrix(model: nn.Module, x_att: torch.Tensor, y_att: torch.Tensor, x_eval: torch.Tensor,
@@ -21,14 +21,14 @@ def transfer_matrix(model: nn.Module, x_att: torch.Tensor, y_att: torch.Tensor, 
     for name, m in (source_models or {}).items():
         srcs.append((name, m, 32))
     for name, src_model, b in srcs:
-        set_bit_width_(src_model, b)
-        patch, info = optimize_universal_patch(src_model, x_att, y_att, cfg, progress=progress, device=device)
+        with precision(src_model, b):
+            patch, info = optimize_universal_patch(src_model, x_att, y_att, cfg, progress=progress, device=device)
         if patch_dir is not None:
             save_patch(Path(patch_dir) / f"patch_src{name}", patch, cfg, info)
         row = {}
         for t in targets:
-            set_bit_width_(model, t)
-            row[str(t)] = evaluate_patch(model, x_eval, y_eval, patch, cfg, device=device)
+            with precision(model, t):
+                row[str(t)] = evaluate_patch(model, x_eval, y_eval, patch, cfg, device=device)
         rows[name] = {"targets": row, "craft": info}
         print(f"source {name}: " + " ".join(f"{t}b ASR {r['asr_pct']:.1f}%" for t, r in row.items()), flush=True)
     return {"sources": [s[0] for s in srcs], "targets": [str(t) for t in targets], "rows": rows, "patch": cfg.to_dict()}

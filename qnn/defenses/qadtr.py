@@ -28,7 +28,7 @@ from qnn.attacks.patch import PatchConfig, eot_warp, make_mask
 from qnn.defenses.base import Defense, FrozenEval, patched_count, register_defense, unwrap
 from qnn.defenses.options import DefenseOptions, option
 from qnn.errors import QNNError
-from qnn.layers import set_bit_width_
+from qnn.layers import precision
 
 
 @dataclass(frozen=True)
@@ -136,14 +136,13 @@ def refine_in_patch(model: nn.Module, x, y, warped, m, steps: int, step_size: fl
 
 def gir_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bits: int, other: int) -> torch.Tensor:
     """GIR: the mean positive cosine between the input gradients at `bits` and at `other` (differentiable; only
-    agreement is penalised, anti-aligned gradients are fine). The model is left at `bits`."""
+    agreement is penalised, anti-aligned gradients are fine). The model is left as it was."""
     grads = []
     for b in (bits, other):
-        set_bit_width_(unwrap(model), b)
-        xr = x.clone().requires_grad_(True)
-        g, = torch.autograd.grad(F.cross_entropy(model(xr), y), xr, create_graph=True)
+        with precision(unwrap(model), b):
+            xr = x.clone().requires_grad_(True)
+            g, = torch.autograd.grad(F.cross_entropy(model(xr), y), xr, create_graph=True)
         grads.append(g.flatten(1))
-    set_bit_width_(unwrap(model), bits)
     return F.relu(F.cosine_similarity(grads[0], grads[1], dim=1, eps=1e-12)).mean()
 
 

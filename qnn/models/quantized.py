@@ -4,8 +4,9 @@ in), normalisation first, then the quantized body; `num_classes`, `in_size`, `in
 
 In eval mode at a quantized bit-width, `forward` runs the exported integer graph's arithmetic exactly
 (`qnn.integer.IntegerProgram`, built once per bit-width and weights: `qnn.integer.program_of`); with autograd on
-(attacks) the same integers, with straight-through gradients at each rounding. Training runs Brevitas' fake-quant form (it learns the scales); `exact_integer_eval(False)` selects that
-form in eval mode too.
+(attacks) the same integers, with straight-through gradients at each rounding, in the ONNX Runtime arithmetic of the
+CPU family `target_cpu` (None: this machine's). Training runs Brevitas' fake-quant form (it learns the scales);
+`integer_eval` False selects that form in eval mode too. Set both, and the bit-width, with `qnn.precision`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn as nn
 
 from qnn.errors import QNNError
 from qnn.integer import integer_ready, program_of
-from qnn.layers import exact_integer_eval, get_bit_width, integer_eval_enabled, set_bit_width_, uncalibrated
+from qnn.layers import get_bit_width, precision, set_bit_width_, uncalibrated
 from qnn.qmodules import ReLU6Quant
 from qnn.quantization import QuantizeConfig, quantize
 
@@ -50,6 +51,7 @@ class QuantizedNet(nn.Module):
             raise QNNError(f"mean and std need one value per input channel ({c}), got {len(mean)} and {len(std)}")
         self.mean, self.std, self.in_size, self.num_classes = tuple(mean), tuple(std), in_size, num_classes
         self.first_last_bits, self.residual_bits, self.reduce_range = first_last_bits, residual_bits, reduce_range
+        self.integer_eval, self.target_cpu = True, None  # qnn.layers.EVAL_SETTINGS: what eval mode computes
         self.register_buffer("_mean", torch.tensor(mean).reshape(1, c, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(std).reshape(1, c, 1, 1), persistent=False)
         self.body = quantize(body, QuantizeConfig(first_last_bits=first_last_bits, residual_bits=residual_bits,
@@ -59,10 +61,10 @@ class QuantizedNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self._mean) / self._std
-        if integer_eval_enabled() and not self.training and integer_ready(self.body):
+        if self.integer_eval and not self.training and integer_ready(self.body):
             if uncalibrated(self):
                 raise QNNError("activation quantizers at this bit-width were never calibrated; train or calibrate first")
-            return program_of(self.body).run(x)
+            return program_of(self.body).run(x, cpu=self.target_cpu)
         return self.body(x)
 
     def features(self, x: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
@@ -74,7 +76,7 @@ class QuantizedNet(nn.Module):
         hooks = [m.register_forward_hook(lambda m, i, o: out.append(o.detach()))
                  for m in self.body.modules() if isinstance(m, (bnn.QuantReLU, ReLU6Quant))]
         try:
-            with exact_integer_eval(False):
+            with precision(self, integer=False):
                 self(x)
         finally:
             for h in hooks:

@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import ROOT
 
-RUN_EDGE = ROOT / "bench" / "run_edge.py"
+RUN_EDGE = ROOT / "export" / "run_edge.py"
 
 
 def test_run_edge_imports_only_stdlib_numpy_onnxruntime():
@@ -51,7 +51,7 @@ def test_packed_bundle_is_smaller_and_runs_the_same_model(trained_ckpt, tmp_path
     import onnx
     from onnx import numpy_helper
 
-    from qnn.bench.run_edge import Bundle, EdgeError, packed_weights
+    from qnn.export.run_edge import Bundle, EdgeError, packed_weights
 
     plain, packed = _build(trained_ckpt, tmp_path / "plain", bits), _build(trained_ckpt, tmp_path / "packed", bits,
                                                                            pack_weights=True)
@@ -110,8 +110,31 @@ def test_run_edge_passes_on_good_bundle(bundle, tmp_path):
     assert sorted(exp["by_cpu_family"]) == sorted(CPU_FAMILIES) and exp["cpu_family"] == host_cpu_family()
 
 
+
+def test_the_bundle_carries_the_runner_and_runs_from_its_folder_alone(bundle, tmp_path):
+    """The device needs the bundle folder only: its run_edge.py is the runner's (hashed in the manifest) and runs
+    from a copy of the folder anywhere; bench/run_edge.py launches the same runner from a checkout."""
+    import shutil
+
+    from qnn.export.bundle import RUNNER
+
+    assert (bundle / RUNNER).read_bytes() == RUN_EDGE.read_bytes()
+    assert RUNNER in json.loads((bundle / "manifest.json").read_text())["files"]
+    alone = shutil.copytree(bundle, tmp_path / "on_device" / "b")
+    r = subprocess.run([sys.executable, RUNNER, "--bundle", ".", "--threads", "1", "--skip-latency"],
+                       capture_output=True, text=True, timeout=300, cwd=alone)
+    assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "run_edge.py"), "--bundle", str(alone), "--threads", "1",
+                        "--skip-latency"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
+    (alone / RUNNER).write_text((alone / RUNNER).read_text() + "\n# edited\n")  # a changed runner is refused
+    r = subprocess.run([sys.executable, RUNNER, "--bundle", ".", "--skip-latency"], capture_output=True, text=True,
+                       timeout=300, cwd=alone)
+    assert r.returncode == 2 and "sha256 of run_edge.py" in r.stderr, r.stdout + r.stderr
+
+
 def test_each_device_checks_against_its_cpu_familys_figures(monkeypatch):
-    from qnn.bench import run_edge as E
+    from qnn.export import run_edge as E
 
     exp = {"bits": 4, "clean_acc_pct": 50.0, "cpu_family": "x86_64", "patches": {"p": {"asr_pct": 10.0, "targeted": False}},
            "by_cpu_family": {"x86_64": {"clean_acc_pct": 50.0, "asr_pct": {"p": 10.0}},
@@ -163,8 +186,8 @@ def test_run_edge_bad_inputs(bundle, tmp_path):
 
 
 def test_edge_runner_and_verify_agree_on_what_is_integer():
-    """bench/run_edge.py stands alone on the device (no qnn import), so it keeps its own copy of the op sets."""
-    from qnn.bench import run_edge
+    """The edge runner stands alone on the device (no qnn import), so it keeps its own copy of the op sets."""
+    from qnn.export import run_edge
     from qnn.export.verify import INTEGER_OPS, MOVEMENT_OPS
 
     assert run_edge.INTEGER_KERNELS == INTEGER_OPS
@@ -184,7 +207,7 @@ def test_packed_bundle_benchmark_smoke(trained_ckpt, tmp_path):
 def test_run_edge_refuses_int8_weights_that_can_saturate_on_this_cpu():
     """The exporter records the largest int8 |w|; run_edge refuses a model above 64 on x86 without VNNI (ORT's
     u8 x s8 kernels saturate there) and runs it elsewhere. A default model (reduce_range) is safe everywhere."""
-    from qnn.bench import run_edge as E
+    from qnn.export import run_edge as E
 
     avx2 = {"machine": "x86_64", "isa_flags": ["avx2"]}
     vnni = {"machine": "x86_64", "isa_flags": ["avx2", "avx512f", "avx512_vnni"]}

@@ -18,7 +18,7 @@ import torch
 
 from tests.conftest import ROOT
 
-RUN_EDGE = ROOT / "bench" / "run_edge.py"
+RUN_EDGE = ROOT / "export" / "run_edge.py"
 
 
 def _load_run_edge():

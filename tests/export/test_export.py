@@ -13,7 +13,7 @@ from qnn.kernels.packing import pack, size_report, unpack
 from qnn.checkpoint import load_checkpoint
 from qnn.data import load_dataset
 from qnn.errors import QNNError
-from qnn.layers import ensure_calibrated_, exact_integer_eval, set_bit_width_
+from qnn.layers import ensure_calibrated_, precision, set_bit_width_
 from qnn.models import create_model, list_models
 from tests.conftest import cli_error as _err, run_cli
 
@@ -200,7 +200,7 @@ def test_parity_and_interpreter_bit_exact(trained_ckpt, bits, tmp_path):
     assert np.array_equal(ref, got), f"max |diff| {np.abs(ref - got).max()}"
     # training's fake-quant form (BatchNorm unfolded, float bias): close, not the deployed arithmetic (0.92-1.0 top-1
     # agreement measured on this checkpoint); rounding flips in early layers add up, which is why eval is integer
-    with torch.no_grad(), exact_integer_eval(False):
+    with torch.no_grad(), precision(m, integer=False):
         approx = m(x).numpy()
     assert (approx.argmax(1) == got.argmax(1)).mean() >= 0.8
     interp = IntegerInterpreter(p).run(xn)

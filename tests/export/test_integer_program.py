@@ -237,16 +237,19 @@ def test_option_a_shortcuts_export_as_embedding_convs(tmp_path):
 
 
 def test_the_evaluation_follows_the_target_cpu_family(tmp_path):
-    """Under `target_cpu`, PyTorch eval and the interpreter both switch QLinearAdd to that family's arithmetic."""
-    from qnn.kernels.reference import CPU_FAMILIES, target_cpu
+    """`qnn.precision(model, cpu=...)` and the interpreter's `cpu=` switch QLinearAdd to that family's arithmetic."""
+    from qnn.kernels.reference import CPU_FAMILIES
+    from qnn.layers import precision
 
     m = _trained_like(QuantizedNet(Net(), 10, 16, residual_bits=8), 8, 16)
     x = torch.rand(16, 3, 16, 16)
     p = export_model(m, 8, "int", tmp_path / "m.onnx")
     xn = ((x - m._mean) / m._std).numpy()
     for cpu in CPU_FAMILIES:
-        with target_cpu(cpu), torch.no_grad():
-            assert np.array_equal(m(x).numpy(), IntegerInterpreter(p).run(xn)), cpu
+        with precision(m, cpu=cpu), torch.no_grad():
+            assert m.target_cpu == cpu
+            assert np.array_equal(m(x).numpy(), IntegerInterpreter(p, cpu=cpu).run(xn)), cpu
+        assert m.target_cpu is None
 
 
 @pytest.mark.parametrize("bits", [8, 4])

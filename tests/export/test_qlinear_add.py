@@ -69,11 +69,11 @@ def test_fixed_point_parameters_follow_mlas():
     assert K.qladd_fixed_point(np.float32(2.0**-12), np.float32(2.0**-12)) is None  # shift 33 > 31
 
 
-def test_target_cpu_switch_and_bad_family():
+def test_cpu_family_default_and_bad_family():
     other = "aarch64" if K.host_cpu_family() == "x86_64" else "x86_64"
-    with K.target_cpu(other):
-        assert K.current_target_cpu() == other
-    assert K.current_target_cpu() == K.host_cpu_family()
+    assert K.cpu_family(None) == K.host_cpu_family() and K.cpu_family(other) == other
+    for bad in ("mips", ""):
+        with pytest.raises(ValueError, match="unknown CPU family"):
+            K.cpu_family(bad)
     with pytest.raises(ValueError, match="unknown CPU family"):
-        with K.target_cpu("mips"):
-            pass
+        K.qlinear_add(np.zeros(2, np.uint8), 1.0, 0, np.zeros(2, np.uint8), 1.0, 0, 1.0, 0, cpu="mips")

@@ -101,7 +101,7 @@ def test_what_the_recipe_cannot_take_is_refused_all_at_once():
 def test_every_command_takes_a_brevitas_model_bit_exact(form, tmp_path, capsys):
     """train (fine-tunes from the learned scales) -> eval -> attack -> export int/qcdq/qonnx -> verify -> bundle ->
     run_edge: the integer logits equal PyTorch's (run_edge checks them bit for bit)."""
-    from qnn.bench.run_edge import main as run_edge
+    from qnn.export.run_edge import main as run_edge
 
     spec = f"{USER}:{form}"
     r = tmp_path / "r"

@@ -123,3 +123,50 @@ def test_one_definition_of_the_seen_and_unseen_suites(tmp_path):
     bad.write_text("patches:\n  - {patch_shape: [4, 4], colour: red}\n")
     with pytest.raises(QNNError, match="unknown patch setting"):
         load_suite(str(bad))
+
+
+def test_attack_protocol_scores_every_member_as_the_defense_table_does(trained_ckpt, tmp_path, capsys):
+    """`qnn attack --protocol smoke`: each member's ASR per bit-width, the maximum and its member, per-image counts,
+    an EOT patch crafted once for every bit-width; a saved patch re-scored on the protocol's images with
+    `qnn.evaluation.score` (what the defense table's cells are) gives the counts back."""
+    import json
+
+    from qnn.attacks.patch import load_patch
+    from qnn.checkpoint import load_checkpoint
+    from qnn.cli import main
+    from qnn.data import load_dataset
+    from qnn.evaluation import PROTOCOLS, asr_pct, decode_scores, encode_scores, score
+    from tests.conftest import cli_error
+
+    proto = PROTOCOLS["smoke"]
+    out = tmp_path / "p"
+    assert main(["attack", "--checkpoint", str(trained_ckpt), "--protocol", "smoke", "--bits", "32,4",
+                 "--patch-size", "8", "--out", str(out)]) == 0
+    assert "4 bits: ASR" in capsys.readouterr().out
+    res = json.loads((out / "result.json").read_text())
+    assert res["protocol"]["name"] == "smoke" and res["protocol"]["version"] >= 2
+    for b in ("32", "4"):
+        r = res["results"][b]
+        assert set(r["per_attack"]) == {m.name for m in proto.members}
+        assert r["asr_pct"] == max(r["per_attack"].values()) and r["per_attack"][r["worst"]] == r["asr_pct"]
+        for name, s in r["scores"].items():
+            f = decode_scores(s)
+            assert len(f) == proto.n_score and f.max() <= proto.placements
+            assert r["per_attack"][name] == pytest.approx(asr_pct(f, proto.placements))
+    names = sorted(p.name for p in out.glob("patch_*.npz"))
+    assert names == sorted(["patch_adam_0_05_EOT_bit_widths_eot.npz"] + [
+        f"patch_{m}_{b}b.npz" for m in ("sign_0_05_x2_restarts", "adam_0_05") for b in (32, 4)])
+    model, _ = load_checkpoint(trained_ckpt)
+    test = load_dataset("synthetic", "test", like=model)
+    score_set = test.subset(proto.n_score, start=len(test) - proto.n_score).tensors()
+    for file, b, member in (("patch_adam_0_05_4b.npz", 4, "adam 0.05"),
+                            ("patch_adam_0_05_EOT_bit_widths_eot.npz", 32, "adam 0.05 EOT bit-widths")):
+        patch, cfg = load_patch(out / file)
+        fooled = score(model, b, patch, cfg, score_set, proto.placements)
+        assert encode_scores(fooled) == res["results"][str(b)]["scores"][member]
+    # what the protocol decides is refused beside it, before any work; an unknown protocol too
+    t = ["attack", "--checkpoint", str(trained_ckpt), "--protocol", "smoke", "--out", str(tmp_path / "x")]
+    err = cli_error(t + ["--iterations", "3", "--attack", "pgd"], capsys)
+    assert "decides --attack, --iterations itself" in err
+    assert "unknown evaluation protocol 'nope'" in cli_error(t[:4] + ["nope"] + t[5:], capsys)
+    assert not (tmp_path / "x").exists()

@@ -338,7 +338,9 @@ def test_malformed_files_and_values_are_one_line_errors(tmp_path, capsys, traine
                             ("kwlist", lambda o: o.update(arch_kwargs=[1, 2]), "arch_kwargs"),
                             ("kwbad", lambda o: o.update(arch_kwargs={"bogus": 1}), "arch_kwargs"),
                             ("noarch", lambda o: o.update(arch=None), "architecture"),
-                            ("bits", lambda o: o.update(trained_bits="four"), "trained_bits")):
+                            ("bits", lambda o: o.update(trained_bits="four"), "trained_bits"),
+                            # the trained bit-widths are stated twice (trained_bits, the training config): they agree
+                            ("bits2", lambda o: o.update(trained_bits=[2]), "disagree with its training config")):
         o = dict(obj)
         edit(o)
         torch.save(o, tmp_path / f"{name}.pt")
@@ -533,7 +535,7 @@ def test_a_full_disk_is_one_line_and_keeps_earlier_files(trained_ckpt, run_copy,
     import os
 
     import qnn.checkpoint as C
-    from qnn.bench import run_edge as E
+    from qnn.export import run_edge as E
 
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

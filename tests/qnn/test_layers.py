@@ -6,7 +6,7 @@ from qnn.errors import QNNError
 import brevitas.nn as bnn
 
 from qnn.brevitas_quant import quantizers
-from qnn.layers import BIT_CHOICES, ensure_calibrated_, set_bit_width_
+from qnn.layers import BIT_CHOICES, ensure_calibrated_, set_bit_width_, switchable_modules
 from qnn.models import create_model, list_models
 
 
@@ -41,6 +41,66 @@ def test_switching_changes_outputs_and_restores_bit_exactly():
             set_bit_width_(m, b)
             assert torch.equal(m(x), outs[b]), f"switching back to {b} bits did not restore outputs"
 
+
+
+def _state(m):
+    return [(q.w_bits, q.a_bits) for q in switchable_modules(m)], m.current_bits, m.integer_eval, m.target_cpu
+
+
+def test_precision_switches_inside_the_block_and_restores_every_layer_on_exit():
+    """`qnn.precision` is the one way to run a model at a bit-width for a while: the block computes what a plain
+    switch computes, and on exit (by an exception too, and from nested blocks) every layer is back as it was, so a
+    helper that switches inside cannot leak a switch to its caller."""
+    import qnn
+    from qnn.kernels.reference import host_cpu_family
+
+    m, x = _calibrated_model()
+    with torch.no_grad():
+        set_bit_width_(m, 8)
+        before, want8 = _state(m), m(x)
+        set_bit_width_(m, 4)
+        want4 = m(x)
+        set_bit_width_(m, 8)
+        with qnn.precision(m, 4) as same:
+            assert same is m and torch.equal(m(x), want4)
+            with qnn.precision(m, 2):
+                assert m.current_bits == (2, 2)
+            assert torch.equal(m(x), want4)
+            set_bit_width_(m, 3)  # a switch made inside the block is undone with it
+        assert _state(m) == before and torch.equal(m(x), want8)
+        with pytest.raises(RuntimeError, match="inside"):
+            with qnn.precision(m, 2):
+                raise RuntimeError("inside")
+        assert _state(m) == before
+        with qnn.precision(m):  # no bit-width: the current one, still restored
+            set_bit_width_(m, 2)
+        assert _state(m) == before
+        # the evaluation form and the CPU family are the model's, set and restored the same way
+        with qnn.precision(m, integer=False):
+            fake = m(x)
+            assert not m.integer_eval
+        assert m.integer_eval and not torch.equal(fake, want8)
+        with qnn.precision(m, cpu=host_cpu_family()):
+            assert torch.equal(m(x), want8)
+        assert _state(m) == before
+        # impossible settings are refused before anything changes
+        for kw, err in (({"bits": 9}, QNNError), ({"bits": 4, "a_bits": 1}, QNNError), ({"cpu": "mips"}, ValueError)):
+            with pytest.raises(err):
+                with qnn.precision(m, **kw):
+                    pass
+            assert _state(m) == before
+
+
+def test_no_module_level_state_decides_what_a_model_computes():
+    """What a model computes is the model's: no `global` statement in the library, the exporter or the kernels."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    found = [f"{p.relative_to(root)}:{n.lineno}" for folder in ("qnn", "export", "kernels")
+             for p in (root / folder).rglob("*.py") for n in ast.walk(ast.parse(p.read_text()))
+             if isinstance(n, ast.Global)]
+    assert not found, found
 
 def test_weights_are_shared_and_not_reallocated():
     m, x = _calibrated_model()
