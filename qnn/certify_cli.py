@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from qnn.attacks.patch import default_patch_side
 from qnn.certify import METHODS, attack_cross_check, certify, fill_pixels, mask_set
 from qnn.cli_options import add_user_model_option
 from qnn.errors import QNNError
@@ -35,7 +36,8 @@ def add_parser(sub) -> None:
                                                           "(default synthetic)")
     p.add_argument("--data-dir", help="dataset folder (CIFAR-10 npz or cifar-10-batches-py; ImageFolder root)")
     p.add_argument("--bits", help="bit-widths to certify at, each trained (or 32) (default: the trained ones)")
-    p.add_argument("--patch-size", default="6", help="square patch side(s) in pixels, e.g. 6 or 4,6 (default 6)")
+    p.add_argument("--patch-size", default=str(default_patch_side()),
+                   help=f"square patch side(s) in pixels, e.g. 6 or 4,6 (default {default_patch_side()})")
     p.add_argument("--mask-positions", type=arg_int(2), default=6, help="mask positions per axis (default 6)")
     p.add_argument("--method", default="patchcleanser", help=f"{' | '.join(METHODS)} (default patchcleanser)")
     p.add_argument("--axis-coverage", type=arg_int(1), default=2,

@@ -15,55 +15,13 @@ from qnn.validate import arg_float, arg_int, arg_seed
 
 
 def _add_train(sub) -> None:
+    from qnn.config import TrainConfig
+    from qnn.options import add_flags
+
     p = sub.add_parser("train", help="QAT / DBWT training, optionally with a defense")
     p.add_argument("-c", "--config", help="YAML file with TrainConfig keys (flags override it)")
-    p.add_argument("--model", help="a zoo model (qnn list models) or your own: path/to/file.py:factory returning a "
-                                   "float CNN (quantized with qnn.quantize) or a model on Brevitas layers")
-    p.add_argument("--dataset", help="synthetic (embedded, no download) | cifar10 | imagefolder (default synthetic)")
-    p.add_argument("--data-dir", dest="data_dir", help="dataset folder (CIFAR-10 npz or cifar-10-batches-py; ImageFolder root)")
-    p.add_argument("--init", help="float checkpoint (akamaster layout) or qnn checkpoint to start from")
-    p.add_argument("--bits", help="bit-width or set, e.g. 4 or 2,4,8,32 (32 = float)")
-    p.add_argument("--schedule", help="DBWT schedule: fixed|random|round_robin|curriculum")
-    p.add_argument("--epochs", type=arg_int(1), help="training epochs (default 2)")
-    p.add_argument("--batch-size", dest="batch_size", type=arg_int(1), help="images per step (default 128)")
-    p.add_argument("--lr", type=arg_float(0, 100, lo_open=True), help="peak SGD learning rate, cosine decay (default 0.05)")
-    p.add_argument("--weight-decay", dest="weight_decay", type=arg_float(0, 1), help="L2 weight decay (default 5e-4)")
-    p.add_argument("--seed", type=arg_seed(), help="seed of data order, augmentation and bit-width draws (default 0)")
-    p.add_argument("--threads", type=arg_int(1, 1024), help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--train-subset", dest="train_subset", type=arg_int(1), help="train on the first N images only")
-    p.add_argument("--test-subset", dest="test_subset", type=arg_int(1), help="evaluate on the first N test images only")
-    p.add_argument("--image-size", dest="image_size", type=arg_int(1, 4096),
-                   help="side of synthetic / ImageFolder images in pixels (default: the model's, else 32 / 224)")
-    p.add_argument("--num-classes", dest="num_classes", type=arg_int(2, 1000),
-                   help="classes of the synthetic set (default: your model's head, else 10)")
-    p.add_argument("--eval-bits", dest="eval_bits", help="bit-widths evaluated after each epoch (default: --bits)")
-    p.add_argument("--eval-every", dest="eval_every", type=arg_int(1),
-                   help="evaluate on the test set every N epochs and after the last (default 1)")
-    p.add_argument("--first-last-bits", dest="first_last_bits", type=arg_int(2, 8),
-                   help="weight bits of the first conv and the classifier, 2..8 (default 8)")
-    p.add_argument("--residual-bits", dest="residual_bits", type=arg_int(2, 8),
-                   help="ResNets: residual stream (adds, block outputs) at >= this many bits; conv inputs stay at the bit-width")
-    p.add_argument("--no-reduce-range", dest="reduce_range", action="store_false", default=None,
-                   help="8-bit weights on the full grid [-127, 127] instead of [-63, 63]; the int8 export can then "
-                        "saturate on x86 without AVX-VNNI, so `--weight-type auto` stores those layers as uint8 (slower)")
-    p.add_argument("--distill", help="knowledge distillation at quantized steps from a frozen float teacher: a checkpoint "
-                                     "path, or 'init' for the --init checkpoint")
-    p.add_argument("--distill-alpha", dest="distill_alpha", type=arg_float(0, 1),
-                   help="weight of the distillation term, in [0, 1] (default 0.5)")
-    p.add_argument("--distill-temp", dest="distill_temp", type=arg_float(0, 100, lo_open=True),
-                   help="distillation temperature (default 2)")
-    from qnn.defenses import list_defenses
-
-    p.add_argument("--defense", help=f"{' | '.join(list_defenses())} (default none); each defense's options below")
+    add_flags(p, TrainConfig)  # every TrainConfig option: its flag, help, range and default are the field's
     _add_defense_options(p)
-    p.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when present)")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training forward")
-    p.add_argument("--deterministic", action="store_true", default=None,
-                   help="deterministic kernels, so that a GPU run repeats (slower; CPU runs repeat anyway)")
-    p.add_argument("--out", dest="out_dir", help="run directory: checkpoint, metrics, config (default runs/train)")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing run directory")
-    p.add_argument("--resume", action="store_true", default=None, help="continue an interrupted run from its last epoch")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
 
 
 def _add_defense_options(p) -> None:
@@ -187,9 +145,12 @@ def cmd_list(a) -> int:
 
         names = list_defenses()
     elif a.what == "attacks":
-        from qnn.attacks.cli import ATTACKS
+        from qnn.attacks.registry import get_attack, list_attacks
+        from qnn.evaluation import PROTOCOLS
 
-        names = list(ATTACKS)
+        width = max(map(len, list_attacks()))
+        names = [f"{n:<{width}}  {get_attack(n).summary}" for n in list_attacks()]
+        names += [f"protocols (--protocol): {', '.join(PROTOCOLS)}"]
     else:
         from qnn.export.onnx_export import FORMATS
 

@@ -25,21 +25,35 @@ from qnn.attacks.ensemble import ENSEMBLE, Attack, attack_config
 from qnn.attacks.patch import PatchConfig, apply_patch, make_mask, optimize_universal_patch, predict, random_locations
 from qnn.errors import QNNError
 from qnn.layers import precision
+from qnn.options import check_options, option
 
 #: bumped whenever a protocol's crafting or scoring changes meaning: results made under another version are re-run
 PROTOCOL_VERSION = 2  # 2: a restart is chosen on the whole crafting set
+
+
+def _members(name: str, v) -> None:
+    if not v or not all(isinstance(m, Attack) for m in v):
+        raise QNNError(f"{name} must be a non-empty tuple of qnn.attacks.ensemble.Attack")
+    names = [m.name for m in v]
+    if len(set(names)) != len(names):
+        raise QNNError(f"{name}: attack names must differ, got {names}")
 
 
 @dataclass(frozen=True)
 class Protocol:
     """An evaluation protocol: attack members and the images they use."""
 
-    name: str
-    members: tuple[Attack, ...]
-    n_craft: int = 2000          # crafting images: the first n of the training set
-    n_score: int = 2000          # scored images: the last n of the test set
-    placements: int = 3          # random positions per scored image
-    batch_size: int = 64         # images per crafting step
+    name: str = option(help="the protocol's name (qnn attack --protocol NAME)", cli=False)
+    members: tuple[Attack, ...] = option(help="the attacks; the protocol's ASR is their maximum", check=_members,
+                                         cli=False)
+    n_craft: int = option(2000, "crafting images: the first n of the training set", lo=1)
+    n_score: int = option(2000, "scored images: the last n of the test set", lo=1)
+    placements: int = option(3, "random positions per scored image (at most 9: one digit per image in results)", lo=1,
+                             hi=9)
+    batch_size: int = option(64, "images per crafting step", lo=1)
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
     def member(self, name: str) -> Attack:
         for m in self.members:

@@ -145,7 +145,8 @@ class SwitchableMixin:
     def switch_(self, w_bits: int, a_bits: int) -> None:
         bit_index(w_bits)
         bit_index(a_bits)
-        self.w_bits, self.a_bits = w_bits, a_bits
+        # plain attributes, written past nn.Module.__setattr__'s parameter and module checks: this runs per step
+        self.__dict__["w_bits"], self.__dict__["a_bits"] = w_bits, a_bits
 
 
 @torch.no_grad()
@@ -206,8 +207,21 @@ def ensure_calibrated_(model: nn.Module, x: torch.Tensor) -> None:
         model.train(was)
 
 
+def all_modules(model: nn.Module) -> list[nn.Module]:
+    """`model` and every module below it, each once (as `model.modules()`, in another order): without the names
+    `modules()` builds, several times faster, which counts where the bit-width switches every step."""
+    out, stack, seen = [model], [model], {id(model)}
+    while stack:
+        for child in stack.pop()._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                out.append(child)
+                stack.append(child)
+    return out
+
+
 def switchable_modules(model: nn.Module) -> list[SwitchableMixin]:
-    return [m for m in model.modules() if isinstance(m, SwitchableMixin)]
+    return [m for m in all_modules(model) if isinstance(m, SwitchableMixin)]
 
 
 def set_bit_width_(model: nn.Module, w_bits: int, a_bits: int | None = None) -> nn.Module:
@@ -246,15 +260,19 @@ def precision(model: nn.Module, bits: int | None = None, a_bits: int | None = No
     if bits is not None:
         bit_index(bits)
         bit_index(bits if a_bits is None else a_bits)
-    modules = list(model.modules())
+    modules = all_modules(model)  # one walk: this runs every training and attack step
     switches = [(m, m.w_bits, m.a_bits) for m in modules if isinstance(m, SwitchableMixin)]
-    attrs = [(m, {a: m.__dict__[a] for a in _RESTORED if a in m.__dict__}) for m in modules]
+    attrs = [(m, {a: m.__dict__[a] for a in _RESTORED if a in m.__dict__}) for m in modules
+             if m is model or not m.__dict__.keys().isdisjoint(_RESTORED)]
     try:
         if bits is not None:
-            set_bit_width_(model, bits, a_bits)
-        for m in modules:
+            a_bits = bits if a_bits is None else a_bits
+            for m, _, _ in switches:
+                m.switch_(bits, a_bits)
+            model.current_bits = (bits, a_bits)
+        for m, saved in attrs:
             for key, value in (("integer", integer), ("cpu", cpu)):
-                if value is not None and EVAL_SETTINGS[key] in m.__dict__:
+                if value is not None and EVAL_SETTINGS[key] in saved:
                     setattr(m, EVAL_SETTINGS[key], value)
         yield model
     finally:

@@ -24,6 +24,8 @@ STAGES = (("qat", "none"), ("qadtr", "qadtr"))  # (stage folder, defense)
 
 
 def add_parser(sub) -> None:
+    from qnn.attacks.patch import default_patch_side
+
     p = sub.add_parser("pipeline", help="train (QAT, QADT-R) -> attack -> integer export -> verify -> parity -> edge run -> report")
     p.add_argument("--dataset", default="synthetic", help="synthetic (embedded, no download) | cifar10 | imagefolder (default synthetic)")
     p.add_argument("--data-dir", help="dataset folder (CIFAR-10 npz or cifar-10-batches-py; ImageFolder root)")
@@ -34,7 +36,8 @@ def add_parser(sub) -> None:
     p.add_argument("--epochs", type=arg_int(1), default=4, help="training epochs of each model (default 4)")
     p.add_argument("--n-synthetic", type=arg_int(1), default=4000, help="synthetic training images (default 4000)")
     p.add_argument("--train-subset", type=arg_int(1), help="train on the first N images only")
-    p.add_argument("--patch-size", type=arg_int(1), default=8, help="side of the square patch in pixels (default 8)")
+    p.add_argument("--patch-size", type=arg_int(1), default=default_patch_side(),
+                   help=f"side of the square patch in pixels (default {default_patch_side()})")
     p.add_argument("--patch-iters", type=arg_int(1), default=100, help="patch optimisation steps (default 100)")
     p.add_argument("--patch-batch", type=arg_int(1), default=64, help="images per patch optimisation step (default 64)")
     p.add_argument("--n-attack", type=arg_int(1), default=500, help="training images the patch is crafted on (default 500)")

@@ -40,25 +40,36 @@ from qnn.errors import QNNError
 from qnn.integer import CONV_TRANSPOSE_HINT, SIZE_ARITHMETIC, IntegerProgram
 from qnn.layers import SwitchableMixin, check_pinned_bits, parse_bits, precision
 from qnn.qmodules import ELEMENTWISE, QuantElementwise, SwitchableBatchNorm2d, act_module
+from qnn.options import check_options, option
 from qnn.validate import check_float
+
+
+def _input_range(name: str, v) -> tuple[float, float]:
+    try:
+        lo, hi = (check_float(name, x) for x in v)
+    except (TypeError, ValueError):
+        raise QNNError(f"{name} must be (low, high), got {v!r}") from None
+    if not lo < hi:
+        raise QNNError(f"{name} must be (low, high) with low < high, got {v!r}")
+    return lo, hi
 
 
 @dataclass
 class QuantizeConfig:
-    bits: list[int] | str = "2,4,8,32"             # the bit-widths the model will switch between (32 = float)
-    first_last_bits: int | None = 8                 # first conv and last linear pinned here (None: follow the switch)
-    residual_bits: int | None = None                # residual adds at >= this many bits (None: the switch's)
-    input_range: tuple[float, float] = (-2.5, 2.5)  # the (normalised) input's range, for the fixed 8-bit quantizer
-    reduce_range: bool = True                       # 8-bit weights on the 7-bit grid: int8 ONNX exact on every CPU
+    """How `qnn.quantize` converts a float model (`TrainConfig` carries the same settings for `qnn train`)."""
+
+    bits: list[int] | str = option("2,4,8,32", "the bit-widths the model switches between (32 = float)",
+                                   check=lambda name, v: parse_bits(v))
+    first_last_bits: int | None = option(8, "first conv and last linear pinned at this many bits, 2..8 (None: follow "
+                                         "the switch)", lo=2, hi=8, check=check_pinned_bits)
+    residual_bits: int | None = option(None, "residual adds at >= this many bits, 2..8 (None: the switch's)", lo=2,
+                                       hi=8, check=check_pinned_bits)
+    input_range: tuple[float, float] = option((-2.5, 2.5), "the normalised input's (low, high), for the fixed 8-bit "
+                                              "input quantizer", check=_input_range)
+    reduce_range: bool = option(True, "8-bit weights on the 7-bit grid: the int8 ONNX is exact on every CPU")
 
     def __post_init__(self) -> None:
-        self.bits = parse_bits(self.bits)
-        for name in ("first_last_bits", "residual_bits"):
-            check_pinned_bits(name, getattr(self, name))
-        lo, hi = (check_float("input_range", v) for v in self.input_range)
-        if not lo < hi:
-            raise QNNError(f"input_range must be (low, high) with low < high, got {self.input_range}")
-        self.input_range = (lo, hi)
+        check_options(self)
 
 
 # the float modules, functions and tensor methods that are an `ELEMENTWISE` function

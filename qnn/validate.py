@@ -98,9 +98,9 @@ def check_field_types(obj) -> None:
         elif base is int:
             check_int(f.name, v)
         elif base is float:
-            setattr(obj, f.name, check_float(f.name, v))
+            object.__setattr__(obj, f.name, check_float(f.name, v))  # frozen configs too
         elif base is str:
             if isinstance(v, os.PathLike):
-                setattr(obj, f.name, os.fspath(v))
+                object.__setattr__(obj, f.name, os.fspath(v))
             elif not isinstance(v, str):
                 raise QNNError(f"{f.name} must be a string, got {v!r}")

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import torch
 
+from qnn.attacks.patch import PatchConfig, default_patch_side
+from qnn.attacks.registry import PixelOptions, get_attack, list_attacks
 from qnn.attacks.suites import load_suite
 from qnn.cli_options import add_user_model_option
 from qnn.errors import QNNError
+from qnn.options import add_flags, flag_of, given
 from qnn.outputs import StagedDir
-from qnn.validate import arg_float, arg_int, arg_seed
+from qnn.validate import arg_int, arg_seed
 
-ATTACKS = ("universal", "lavan", "per_image", "fgsm", "pgd")
+#: PGD steps per image of `--attack per_image` when --iterations is not given (one patch per image: a universal
+#: patch's 500 would cost 500 forward-backward passes per image)
+PER_IMAGE_ITERATIONS = 100
 
 
 def add_parser(sub) -> None:
@@ -23,7 +29,8 @@ def add_parser(sub) -> None:
     add_user_model_option(p)
     p.add_argument("--dataset", default="synthetic", help="synthetic (embedded, no download) | cifar10 | imagefolder (default synthetic)")
     p.add_argument("--data-dir", help="dataset folder (CIFAR-10 npz or cifar-10-batches-py; ImageFolder root)")
-    p.add_argument("--attack", default="universal", help="|".join(ATTACKS))
+    p.add_argument("--attack", default="universal", help=" | ".join(list_attacks()) + " (qnn list attacks; default "
+                   f"universal; per_image: {PER_IMAGE_ITERATIONS} PGD steps per image unless --iterations says)")
     p.add_argument("--protocol", help="a named evaluation protocol (qnn.evaluation: " + " | ".join(_protocols()) +
                    "): its attack members, crafting images (the first of the training set), scored images (the last "
                    "of the test set) and placements, scored as the defense table scores a cell; --bits, --patch-size "
@@ -31,24 +38,10 @@ def add_parser(sub) -> None:
     p.add_argument("--bits", default="32,8,4,2", help="bit-widths to evaluate on (and craft on, unless --source-bits)")
     p.add_argument("--source-bits", help="craft at these bit-widths and evaluate on every --bits: a transfer matrix")
     p.add_argument("--source-checkpoint", help="craft on this other checkpoint (float) too")
-    p.add_argument("--patch-size", type=arg_int(1), help="square side in pixels (default 6)")
-    p.add_argument("--patch-frac", type=arg_float(0, 1, lo_open=True),
-                   help="patch area as a fraction of the image (0.035 = 6x6 on CIFAR); overrides --patch-size")
-    p.add_argument("--shape", default="square", help="square | circle | rect (default square)")
-    p.add_argument("--placement", default="random", help="random | fixed | optimized: where the patch goes on each image (default random)")
-    p.add_argument("--iterations", type=arg_int(1), default=500, help="optimisation steps (default 500)")
-    p.add_argument("--step", type=arg_float(0, 1000, lo_open=True), default=0.05,
-                   help="signed-gradient step or Adam learning rate (default 0.05)")
-    p.add_argument("--optimizer", default="sign", help="sign (signed gradient) | adam (default sign)")
-    p.add_argument("--eot-samples", type=arg_int(1), default=1, help="transformations per image per step (default 1)")
-    p.add_argument("--restarts", type=arg_int(1), default=1, help="patches optimised in parallel, best kept (default 1)")
-    p.add_argument("--scale-min", type=arg_float(0, 10, lo_open=True), default=1.0, help="EOT scale range, low (default 1)")
-    p.add_argument("--scale-max", type=arg_float(0, 10, lo_open=True), default=1.0, help="EOT scale range, high (default 1)")
-    p.add_argument("--rotation-max", type=arg_float(0, 180), default=0.0, help="EOT rotation, degrees (default 0)")
-    p.add_argument("--targeted", action="store_true", help="aim for --target-class instead of any wrong class")
-    p.add_argument("--target-class", type=arg_int(0), default=0, help="class a targeted patch aims for (default 0)")
+    p.add_argument("--patch-size", type=arg_int(1), help=f"square side in pixels (default {default_patch_side()})")
+    add_flags(p, PatchConfig)  # the patch and its optimiser: flags, ranges and defaults are PatchConfig's fields
     p.add_argument("--adaptive", choices=["eot", "ensemble"], help="EOT over the defender's bit-widths / ensemble")
-    p.add_argument("--eps", type=arg_float(0, 1, lo_open=True), default=8 / 255, help="L-inf budget of fgsm/pgd (default 8/255)")
+    add_flags(p, PixelOptions)  # fgsm / pgd
     p.add_argument("--n-attack", type=arg_int(1), default=1000, help="training images the universal patch is optimised on")
     p.add_argument("--n-eval", type=arg_int(1), default=1000, help="test images ASR is measured on")
     p.add_argument("--patch", help="evaluate this saved patch (.npz) instead of optimising one")
@@ -85,15 +78,30 @@ def _given_with_protocol(a) -> list[str]:
     return ["--" + k.replace("_", "-") for k in given]
 
 
-def _patch_cfg(a, num_classes: int, image_size, **over):
-    from qnn.attacks.patch import PatchConfig
+def _check_attack_options(a, kind) -> None:
+    """Refuse settings the chosen attack would not read (one line, before any work)."""
+    if not kind.universal:
+        modes = [f for f, v in (("--suite", a.suite), ("--source-bits", a.source_bits),
+                                ("--source-checkpoint", a.source_checkpoint), ("--patch", a.patch)) if v]
+        if modes:
+            raise QNNError(f"{', '.join(modes)} take(s) a universal patch; --attack {a.attack} makes none "
+                           f"(use --attack universal or lavan)")
+    unread = [flag_of(f) for f in dataclasses.fields(PixelOptions)
+              if kind.Options is not PixelOptions and getattr(a, f.name) is not None]
+    if unread:
+        raise QNNError(f"{', '.join(unread)}: read by the pixel attacks (fgsm, pgd) only, not by --attack {a.attack}")
 
-    kw = dict(patch_frac=a.patch_frac, patch_shape=(a.patch_size, a.patch_size) if a.patch_size is not None else (6, 6),
-              shape=a.shape, placement=a.placement, iterations=a.iterations, step=a.step, optimizer=a.optimizer,
-              eot_samples=a.eot_samples, restarts=a.restarts, scale_min=a.scale_min, scale_max=a.scale_max,
-              rotation_max=a.rotation_max, targeted=a.targeted or a.attack == "lavan", target_class=a.target_class,
-              seed=a.seed, num_classes=num_classes, image_size=image_size)
-    kw.update(over)
+
+def _patch_cfg(a, num_classes: int, image_size, **over):
+    """The PatchConfig the flags describe (what they leave out: PatchConfig's defaults), with `over` on top."""
+    kw = given(a, PatchConfig)
+    if a.patch_size is not None:
+        kw["patch_shape"] = (a.patch_size, a.patch_size)
+    if a.attack == "lavan":
+        kw["targeted"] = True
+    if a.attack == "per_image" and a.iterations is None:
+        kw["iterations"] = PER_IMAGE_ITERATIONS
+    kw.update(seed=a.seed, num_classes=num_classes, image_size=image_size, **over)
     if kw.get("patch_frac") is not None:
         kw["patch_shape"] = None
     return PatchConfig(**kw)
@@ -106,8 +114,8 @@ def cmd_attack(a) -> int:
     from qnn.layers import parse_bits
     from qnn.train import versions
 
-    if a.attack not in ATTACKS:
-        raise QNNError(f"unknown attack '{a.attack}'; choose from {', '.join(ATTACKS)}")
+    kind = get_attack(a.attack)
+    _check_attack_options(a, kind)
     if a.protocol is not None:
         from qnn.evaluation import get_protocol
 
@@ -190,32 +198,24 @@ def _protocol(a, model, obj, bits: list[int], test, stage) -> tuple[dict, Path]:
             "trained_bits": trained, "n_score": proto.n_score, "versions": versions(), "results": results}, out
 
 
+def _print(b: int, r: dict) -> None:
+    robust = f", robust {r['robust_acc_pct']:.1f}%" if "robust_acc_pct" in r else ""
+    clean = f" (clean {r['clean_acc_pct']:.1f}%{robust}, n={r['n_asr_images']})" if "clean_acc_pct" in r else ""
+    print(f"{b} bits: ASR {r['asr_pct']:.1f}%{clean}", flush=True)
+
+
 def _attack(a, model, source, cfg, bits, xa, ya, xe, ye, out: Path, res: dict) -> None:
     """Run the attack `a` asks for (`source`: the --source-checkpoint model or None), writing patches and figures
     into `out` and figures into `res`."""
-    from qnn.attacks.patch import (evaluate_patch, load_patch, optimize_universal_patch, per_image_patch_attack,
-                                   asr_metrics, predict, save_patch)
-    from qnn.attacks.pixel import fgsm, pgd_linf
+    from qnn.attacks.patch import evaluate_patch, load_patch, optimize_universal_patch, save_patch
+    from qnn.attacks.registry import Scored
     from qnn.attacks.transfer import heatmap_png, transfer_matrix
     from qnn.layers import parse_bits, precision
 
     n_cls, size = model.num_classes, tuple(xe.shape[-2:])
 
-    if a.attack in ("fgsm", "pgd"):
-        model.eval()
-        for b in bits:
-            with precision(model, b):
-                xadv = fgsm(model, xe, ye, a.eps) if a.attack == "fgsm" else pgd_linf(model, xe, ye, a.eps, steps=10)
-                res["results"][str(b)] = asr_metrics(predict(model, xe).numpy(), predict(model, xadv).numpy(),
-                                                     ye.numpy())
-    elif a.attack == "per_image":
-        cfg.iterations = min(cfg.iterations, 100)
-        for b in bits:
-            with precision(model, b):
-                xadv, _, _ = per_image_patch_attack(model, xe, ye, cfg)
-                res["results"][str(b)] = asr_metrics(predict(model, xe).numpy(), predict(model, xadv).numpy(),
-                                                     ye.numpy())
-    elif a.suite:
+    model.eval()
+    if a.suite:
         suite = load_suite(a.suite)
         sb = parse_bits(suite.get("bits", bits)) + parse_bits(suite.get("left_out_bits", [])) if suite.get("left_out_bits") else parse_bits(suite.get("bits", bits))
         for i, pc in enumerate(suite["patches"]):
@@ -237,22 +237,22 @@ def _attack(a, model, source, cfg, bits, xa, ya, xe, ye, out: Path, res: dict) -
         m = transfer_matrix(model, xa, ya, xe, ye, cfg, srcs, bits, patch_dir=out, source_models=extra)
         res["results"] = m
         heatmap_png(m, out / "transfer.png", f"{cfg.patch_shape[0]}x{cfg.patch_shape[1]} {cfg.shape} patch ASR")
-    else:
+    elif a.patch:
+        patch, pcfg = load_patch(a.patch)
+        if pcfg.image_size != size:
+            raise QNNError(f"{a.patch}: patch made for {pcfg.image_size} images, data is {size}")
         for b in bits:
             with precision(model, b):
-                if a.patch:
-                    patch, pcfg = load_patch(a.patch)
-                    if pcfg.image_size != size:
-                        raise QNNError(f"{a.patch}: patch made for {pcfg.image_size} images, data is {size}")
-                    info = {"loaded": a.patch}
-                else:
-                    pcfg = cfg
-                    patch, info = optimize_universal_patch(model, xa, ya, cfg, progress=sys.stderr.isatty())
-                    save_patch(out / f"patch_{b}b", patch, cfg, info)
-                r = evaluate_patch(model, xe, ye, patch, pcfg)
-                res["results"][str(b)] = {**r, "craft": info}
-                print(f"{b} bits: ASR {r['asr_pct']:.1f}% (clean {r['clean_acc_pct']:.1f}%, "
-                      f"robust {r['robust_acc_pct']:.1f}%, n={r['n_asr_images']})", flush=True)
+                res["results"][str(b)] = {**evaluate_patch(model, xe, ye, patch, pcfg), "craft": {"loaded": a.patch}}
+            _print(b, res["results"][str(b)])
+    else:
+        kind = get_attack(a.attack)
+        attack = kind(cfg, PixelOptions(**given(a, PixelOptions)) if kind.Options is PixelOptions else None)
+        data = Scored(xa, ya, xe, ye, out)
+        for b in bits:
+            with precision(model, b):
+                res["results"][str(b)] = attack.run(model, b, data)
+            _print(b, res["results"][str(b)])
     if a.analysis:
         from qnn.attacks.analysis import gradient_alignment, save_feature_maps
         from qnn.attacks.patch import apply_patch, make_mask, random_locations

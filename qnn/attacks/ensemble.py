@@ -18,20 +18,31 @@ import torch
 import torch.nn as nn
 
 from qnn.attacks.patch import PatchConfig, evaluate_patch, optimize_universal_patch, predict
+from qnn.errors import QNNError
 from qnn.layers import precision
+from qnn.options import check_options, option
+
+
+def _named(name: str, v: str) -> None:
+    if not v.strip():
+        raise QNNError(f"an attack needs a {name}")
 
 
 @dataclass(frozen=True)
 class Attack:
     """One member of an ensemble (`iterations` None: the caller's count, as in `ensemble_asr`)."""
 
-    name: str
-    optimizer: str = "sign"      # sign | adam
-    step: float = 0.05           # signed-gradient step or Adam learning rate (pixels in [0, 1])
-    restarts: int = 1            # patches optimised in parallel, the best on the crafting set kept
-    independent: bool = False    # each restart on the whole batch (cost x restarts), not on a share of it
-    eot_bits: bool = False       # adaptive: the model's bit-width drawn per step from its trained set
-    iterations: int | None = None
+    name: str = option(help="the member's name in results", check=_named)
+    optimizer: str = option("sign", "sign (signed gradient) or adam", choices=("sign", "adam"))
+    step: float = option(0.05, "signed-gradient step or Adam learning rate (pixels in [0, 1])", lo=0.0, hi=1e3,
+                         lo_open=True)
+    restarts: int = option(1, "patches optimised in parallel, the best on the crafting set kept", lo=1)
+    independent: bool = option(False, "each restart on the whole batch (cost x restarts), not on a share of it")
+    eot_bits: bool = option(False, "adaptive: the model's bit-width drawn per step from its trained set")
+    iterations: int | None = option(None, "optimisation steps (None: the caller's count)", lo=1)
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 ENSEMBLE = (

@@ -19,57 +19,73 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qnn.errors import QNNError
-from qnn.layers import precision
-from qnn.validate import MAX_SEED, check_field_types, check_float, check_int
+from qnn.layers import parse_bits, precision
+from qnn.options import check_options, option
+from qnn.validate import MAX_SEED, check_int
 
 SHAPES = ("square", "circle", "rect")
 PLACEMENTS = ("random", "fixed", "optimized")
+
+
+def _fraction(name: str, v: float) -> None:
+    if not 0.0 < v < 1.0:
+        raise QNNError(f"{name} must be in (0, 1), got {v}")
+
+
+def _two_sides(name: str, v) -> tuple[int, int]:
+    """(h, w): two positive integers."""
+    try:
+        h, w = (check_int(name, x) for x in v)
+    except (TypeError, ValueError):
+        raise QNNError(f"{name} must be two integers (h, w), got {v!r}") from None
+    if h <= 0 or w <= 0:
+        raise QNNError(f"{name} must be positive, got {h}x{w}")
+    return h, w
+
+
+def _bit_set(name: str, v) -> list[int]:
+    return parse_bits(v)
 
 
 @dataclass
 class PatchConfig:
     """What patch, where, and how it is optimised."""
 
-    patch_frac: float | None = None          # fraction of image area; overrides patch_shape when given
-    patch_shape: tuple[int, int] | None = (6, 6)  # (h, w) in pixels
-    shape: str = "square"                    # square | circle | rect
-    aspect: float = 2.0                      # w/h for rect patches given by patch_frac
-    placement: str = "random"                # random | fixed (bottom-right corner) | optimized (worst of a grid)
-    scale_min: float = 1.0                   # EOT during optimisation (ART names)
-    scale_max: float = 1.0
-    rotation_max: float = 0.0                # degrees
-    targeted: bool = False
-    target_class: int = 0
-    iterations: int = 500
-    step: float = 0.05                       # signed-gradient step, or Adam lr
-    optimizer: str = "sign"                  # sign | adam
-    eot_samples: int = 1                     # transformations per image per step
-    restarts: int = 1                        # patches optimised in parallel; the best on the attack set is kept
-    independent_restarts: bool = False       # each restart on the whole batch (independent starts, cost x restarts),
-                                             # not on a 1/restarts share of it
-    batch_size: int = 128
-    seed: int = 0
-    image_size: tuple[int, int] = (32, 32)
-    num_classes: int = 10
-    eot_bits: list[int] | None = None        # adaptive: sample the model's bit-width per step from this set
-    ensemble_bits: list[int] | None = None   # adaptive: sum the loss over these bit-widths every step
+    patch_frac: float | None = option(None, "patch area as a fraction of the image (0.035 = 6x6 on CIFAR); "
+                                      "overrides the patch size", lo=0.0, hi=1.0, lo_open=True, check=_fraction)
+    patch_shape: tuple[int, int] | None = option((6, 6), "(h, w) in pixels", cli=False, check=_two_sides)
+    shape: str = option("square", "patch shape", choices=SHAPES)
+    aspect: float = option(2.0, "w / h of a rect patch given by --patch-frac", lo=0.0, hi=1e3, lo_open=True)
+    placement: str = option("random", "where the patch goes on each image: random, fixed (bottom-right corner), "
+                            "optimized (the worst of a grid)", choices=PLACEMENTS)
+    scale_min: float = option(1.0, "EOT scale range while optimising, low (ART's name)", lo=0.0, hi=10.0,
+                              lo_open=True)
+    scale_max: float = option(1.0, "EOT scale range, high", lo=0.0, hi=10.0, lo_open=True)
+    rotation_max: float = option(0.0, "EOT rotation, degrees", lo=0.0, hi=180.0)
+    targeted: bool = option(False, "aim for --target-class instead of any wrong class")
+    target_class: int = option(0, "class a targeted patch aims for", lo=0)
+    iterations: int = option(500, "optimisation steps", lo=1)
+    step: float = option(0.05, "signed-gradient step or Adam learning rate", lo=0.0, hi=1e3, lo_open=True)
+    optimizer: str = option("sign", "sign (signed gradient) or adam", choices=("sign", "adam"))
+    eot_samples: int = option(1, "transformations per image per step", lo=1)
+    restarts: int = option(1, "patches optimised in parallel, the best on the attack set kept", lo=1)
+    independent_restarts: bool = option(False, "each restart on the whole batch (independent starts, cost x "
+                                        "restarts), not on a 1/restarts share of it")
+    batch_size: int = option(128, "images per optimisation step", lo=1, flag="--patch-batch")
+    seed: int = option(0, "seed of the patch's start, its placements and the EOT draws", lo=0, hi=MAX_SEED,
+                       cli=False)
+    image_size: tuple[int, int] = option((32, 32), "(H, W) of the images, from the data", cli=False,
+                                         check=_two_sides)
+    num_classes: int = option(10, "the model's classes, from the model", lo=1, cli=False)
+    eot_bits: list[int] | None = option(None, "adaptive: the model's bit-width drawn per step from this set",
+                                        cli=False, check=_bit_set)
+    ensemble_bits: list[int] | None = option(None, "adaptive: the loss summed over these bit-widths every step",
+                                             cli=False, check=_bit_set)
 
     def __post_init__(self) -> None:
-        check_field_types(self)
-        for n in ("step", "aspect"):
-            check_float(n, getattr(self, n), 0.0, 1e3, lo_open=True)
-        for n in ("scale_min", "scale_max", "rotation_max"):
-            check_float(n, getattr(self, n))
+        check_options(self)
         H, W = self.image_size
-        if self.shape not in SHAPES:
-            raise QNNError(f"unknown patch shape '{self.shape}'; choose from {', '.join(SHAPES)}")
-        if self.placement not in PLACEMENTS:
-            raise QNNError(f"unknown placement '{self.placement}'; choose from {', '.join(PLACEMENTS)}")
-        if self.optimizer not in ("sign", "adam"):
-            raise QNNError(f"unknown optimizer '{self.optimizer}'; choose sign or adam")
         if self.patch_frac is not None:
-            if not (0.0 < self.patch_frac < 1.0):
-                raise QNNError(f"patch_frac must be in (0, 1), got {self.patch_frac}")
             area = self.patch_frac * H * W
             if self.shape == "rect":
                 h = max(1, round(math.sqrt(area / self.aspect)))
@@ -79,25 +95,13 @@ class PatchConfig:
                 self.patch_shape = (s, s)
         if self.patch_shape is None:
             raise QNNError("give patch_shape or patch_frac")
-        try:
-            ph, pw = (check_int("patch_shape", v) for v in self.patch_shape)
-        except TypeError:
-            raise QNNError(f"patch_shape must be two integers (h, w), got {self.patch_shape!r}") from None
-        self.patch_shape = (ph, pw)
-        if ph <= 0 or pw <= 0:
-            raise QNNError(f"patch size must be positive, got {ph}x{pw}")
+        ph, pw = self.patch_shape = _two_sides("patch_shape", self.patch_shape)
         if ph * self.scale_max > H or pw * self.scale_max > W or ph > H or pw > W:
             raise QNNError(f"patch {ph}x{pw} (scale_max {self.scale_max}) is larger than the {H}x{W} image")
-        if not (0 < self.scale_min <= self.scale_max):
-            raise QNNError(f"need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}")
-        if not (0 <= self.rotation_max <= 180):
-            raise QNNError(f"rotation_max must be in [0, 180] degrees, got {self.rotation_max}")
+        if self.scale_min > self.scale_max:
+            raise QNNError(f"need scale_min <= scale_max, got {self.scale_min}, {self.scale_max}")
         if self.targeted and not (0 <= self.target_class < self.num_classes):
             raise QNNError(f"target class {self.target_class} out of range 0..{self.num_classes - 1}")
-        check_int("seed", self.seed, 0, MAX_SEED)
-        for n in ("iterations", "eot_samples", "restarts", "batch_size"):
-            if int(getattr(self, n)) <= 0:
-                raise QNNError(f"{n} must be > 0, got {getattr(self, n)}")
 
     @property
     def frac(self) -> float:
@@ -105,6 +109,11 @@ class PatchConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def default_patch_side() -> int:
+    """The side of PatchConfig's default square patch: the --patch-size default of every command."""
+    return PatchConfig.__dataclass_fields__["patch_shape"].default[0]
 
 
 def make_mask(shape: str, h: int, w: int) -> torch.Tensor:
@@ -188,6 +197,16 @@ def eot_warp(x: torch.Tensor, patch: torch.Tensor, mask: torch.Tensor, cfg: Patc
     return warped[:, :c], warped[:, c:c + 1]
 
 
+def signed_step(x: torch.Tensor, grad: torch.Tensor, step: float, lo: torch.Tensor | None = None,
+                hi: torch.Tensor | None = None) -> torch.Tensor:
+    """The signed-gradient step every attack and defense here takes: x + step * sign(grad), inside [lo, hi] where
+    given (an L-inf ball), then inside the pixel range [0, 1]. A negative step descends. A zero gradient stays put."""
+    y = x + step * grad.sign()
+    if lo is not None:
+        y = torch.min(torch.max(y, lo), hi)
+    return y.clamp(0, 1)
+
+
 def _attack_loss(logits: torch.Tensor, y: torch.Tensor, cfg: PatchConfig) -> torch.Tensor:
     """Loss to MINIMISE: targeted -> CE to target; untargeted -> -CE to the true label."""
     if cfg.targeted:
@@ -252,11 +271,11 @@ def optimize_universal_patch(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             g, = torch.autograd.grad(loss, patches)
             with torch.no_grad():
                 if opt is None:
-                    patches -= cfg.step * g.sign()
+                    patches.copy_(signed_step(patches, g, -cfg.step))  # the loss is minimised
                 else:
                     patches.grad = g
                     opt.step()
-                patches.clamp_(0, 1)
+                    patches.clamp_(0, 1)
             n_evals += len(xb) * (len(cfg.ensemble_bits) if cfg.ensemble_bits else 1)
             if bar is not None:
                 bar.update(1)
@@ -296,8 +315,7 @@ def per_image_patch_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, c
         loss = _attack_loss(model(apply_patch(x, p, mask, loc)), y, cfg).sum()
         g, = torch.autograd.grad(loss, p)
         with torch.no_grad():
-            p -= cfg.step * g.sign()
-            p.clamp_(0, 1)
+            p.copy_(signed_step(p, g, -cfg.step))
     p = p.detach()
     return apply_patch(x, p, mask, loc).detach(), p, loc
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qnn.attacks.patch import signed_step
 from qnn.errors import QNNError
 
 
@@ -23,7 +24,7 @@ def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 
         loss = F.cross_entropy(model(xa), y)
         g, = torch.autograd.grad(loss, xa)
         with torch.no_grad():
-            xa = torch.min(torch.max(xa + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
+            xa = signed_step(xa, g, alpha, x - eps, x + eps)
     return xa.detach()
 
 

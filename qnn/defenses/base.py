@@ -9,17 +9,10 @@ import torch.nn.functional as F
 
 from qnn.defenses.options import NoOptions
 from qnn.layers import ensure_calibrated_
+from qnn.registries import registrar
 
 _DEFENSES: dict[str, type] = {}
-
-
-def register_defense(name: str):
-    def deco(cls):
-        _DEFENSES[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
+register_defense = registrar(_DEFENSES)
 
 
 class Defense:

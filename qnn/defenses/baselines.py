@@ -8,10 +8,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qnn.attacks.patch import PatchConfig, apply_patch, make_mask, random_locations
+from qnn.attacks.patch import PatchConfig, apply_patch, make_mask, random_locations, signed_step
 from qnn.attacks.pixel import pgd_linf
 from qnn.defenses.base import Defense, FrozenEval, patched_count, register_defense
-from qnn.defenses.options import DefenseOptions, option
+from qnn.defenses.options import DefenseOptions
+from qnn.options import option
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class PBAT(Defense):
                 p.requires_grad_(True)
                 loss = F.cross_entropy(m(apply_patch(x[:n_p], p, mask, loc)), y[:n_p])
                 g, = torch.autograd.grad(loss, p)
-                p = (p.detach() + o.patch_step * g.sign()).clamp(0, 1)
+                p = signed_step(p.detach(), g, o.patch_step)
         xin = torch.cat([apply_patch(x[:n_p], p.detach(), mask, loc), x[n_p:]], 0)
         logits = model(xin)
         return F.cross_entropy(logits, y), logits

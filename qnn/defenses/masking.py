@@ -18,7 +18,8 @@ from torch import nn
 
 from qnn.certify import fill_pixels, mask_set
 from qnn.defenses.base import Defense, patched_count, register_defense
-from qnn.defenses.options import DefenseOptions, option
+from qnn.defenses.options import DefenseOptions
+from qnn.options import option
 
 
 @dataclass(frozen=True)

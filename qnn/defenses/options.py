@@ -9,11 +9,7 @@ import types
 import typing
 
 from qnn.errors import QNNError
-
-
-def option(default, help: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False):
-    """A dataclass field with its one-line help and its allowed range [lo, hi] (lo excluded with `lo_open`)."""
-    return dataclasses.field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "lo_open": lo_open})
+from qnn.options import check_options
 
 
 def _cast(name: str, v, kind):
@@ -64,13 +60,10 @@ class DefenseOptions:
             raise QNNError(f"unknown option(s) for defense '{defense}': {', '.join(unknown)}; "
                            f"known: {', '.join(kinds) or 'none'}")
         opts = cls(**{k: _cast(k, v, kinds[k]) for k, v in (args or {}).items() if v is not None})
-        for f in dataclasses.fields(cls):
-            v, lo, hi = getattr(opts, f.name), f.metadata.get("lo"), f.metadata.get("hi")
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and (
-                    (lo is not None and (v < lo or (f.metadata["lo_open"] and v == lo))) or (hi is not None and v > hi)):
-                low = f"> {lo}" if f.metadata["lo_open"] else f">= {lo}"
-                rng = low if hi is None else f"in {'(' if f.metadata['lo_open'] else '['}{lo}, {hi}]"
-                raise QNNError(f"defense option {f.name} must be {rng}, got {v}")
+        try:
+            check_options(opts)
+        except QNNError as e:
+            raise QNNError(f"defense '{defense}' option {e}") from None
         opts.check_given(frozenset(k for k, v in (args or {}).items() if v is not None))
         return opts
 

@@ -24,11 +24,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qnn.attacks.patch import PatchConfig, eot_warp, make_mask
+from qnn.attacks.patch import PatchConfig, eot_warp, make_mask, signed_step
 from qnn.defenses.base import Defense, FrozenEval, patched_count, register_defense, unwrap
-from qnn.defenses.options import DefenseOptions, option
+from qnn.defenses.options import DefenseOptions
+from qnn.options import option
 from qnn.errors import QNNError
 from qnn.layers import precision
+
+
+def _sides(name: str, v: tuple[int, ...]) -> None:
+    if any(s < 1 for s in v):  # the image's side bounds them too, checked when the defense meets the data
+        raise QNNError(f"{name} must be positive patch sides, got {list(v)}")
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,7 @@ class QADTROptions(DefenseOptions):
     patch_step: float = option(0.1, "signed-gradient step of a patch (pixels in [0, 1])", lo=0, hi=1, lo_open=True)
     sizes: tuple[int, ...] | None = option(
         None, "sides a pool patch is pasted at, one drawn per step (nearest resize, on the pixel grid), e.g. "
-              "5,6,7,8; default patch_size-1..patch_size+2; '' = patch_size only")
+              "5,6,7,8; default patch_size-1..patch_size+2; '' = patch_size only", check=_sides)
     frac_patched: float = option(0.5, "share of each batch that is attacked, at least one image (the rest stays "
                                       "clean)", lo=0, hi=1, lo_open=True)
     # each inner step is a forward and backward more per step: beyond a few tens the epoch cost is what grows
@@ -84,7 +90,7 @@ class PatchPool:
     def step(self, bits: int, grad: torch.Tensor, step_size: float) -> None:
         """One signed-gradient ascent step (patches with a zero gradient stay where they are)."""
         i = self.bits.index(bits)
-        self.patches[i] = (self.patches[i] + step_size * grad.sign()).clamp(0, 1)
+        self.patches[i] = signed_step(self.patches[i], grad, step_size)
 
     def load(self, patches: torch.Tensor) -> None:
         if patches.shape != self.patches.shape:
@@ -130,7 +136,7 @@ def refine_in_patch(model: nn.Module, x, y, warped, m, steps: int, step_size: fl
         for _ in range(steps):
             p = (warped + delta).requires_grad_(True)
             g, = torch.autograd.grad(F.cross_entropy(fm(x * (1 - m) + p * m), y), p)
-            delta = ((warped + delta + step_size * g.sign()).clamp(0, 1) - warped).detach()
+            delta = (signed_step(warped + delta, g, step_size) - warped).detach()
     return delta
 
 

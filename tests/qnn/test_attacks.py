@@ -79,7 +79,7 @@ def test_targeted_patch_reaches_target():
     (dict(patch_frac=0.0), r"\(0, 1\)"),
     (dict(patch_frac=1.0), r"\(0, 1\)"),
     (dict(patch_frac=-0.2), r"\(0, 1\)"),
-    (dict(shape="star"), "unknown patch shape"),
+    (dict(shape="star"), "unknown shape 'star'"),
     (dict(targeted=True, target_class=10), "out of range"),
     (dict(placement="middle"), "placement"),
 ])
@@ -111,7 +111,7 @@ def test_attack_cli_and_bad_inputs(trained_ckpt, tmp_path, capsys):
     base = ["attack", "--checkpoint", trained_ckpt, "--iterations", "3", "--n-attack", "64", "--n-eval", "64"]
     assert "larger than" in _err(base + ["--patch-size", "33", "--out", tmp_path / "a"], capsys)
     assert "--patch-frac" in _err(base + ["--patch-frac", "1.5", "--out", tmp_path / "a"], capsys)
-    assert "unknown patch shape" in _err(base + ["--shape", "hex", "--out", tmp_path / "a"], capsys)
+    assert "unknown shape 'hex'" in _err(base + ["--shape", "hex", "--out", tmp_path / "a"], capsys)
     assert "out of range" in _err(base + ["--targeted", "--target-class", "11", "--out", tmp_path / "a"], capsys)
     assert "--n-eval" in _err(base[:-2] + ["--n-eval", "0", "--out", tmp_path / "a"], capsys)
     rc = run_cli(base + ["--bits", "8,2", "--out", tmp_path / "ok"])
@@ -157,3 +157,32 @@ def test_adaptive_attacks_run(model_and_data):
         cfg = PatchConfig(patch_shape=(6, 6), iterations=3, batch_size=32, **kw)
         patch, info = optimize_universal_patch(m, xa, ya, cfg)
         assert patch.shape == (3, 6, 6) and info["images_x_eot_per_s"] > 0
+
+
+def test_attacks_are_registered_classes_that_refuse_what_they_do_not_read(trained_ckpt, tmp_path, capsys):
+    """`qnn attack --attack NAME` runs the registered class (`qnn list attacks` lists each with a line); settings
+    the chosen attack would not read are refused before any work, and the pixel attacks' options are honoured."""
+    from qnn.attacks.registry import get_attack, list_attacks
+    from qnn.cli import main
+
+    assert list_attacks() == ["universal", "lavan", "per_image", "fgsm", "pgd"]
+    assert all(get_attack(n).summary for n in list_attacks())
+    assert main(["list", "attacks"]) == 0
+    listed = capsys.readouterr().out
+    assert all(f"{n} " in listed for n in list_attacks()) and "smoke" in listed
+    base = ["attack", "--checkpoint", trained_ckpt, "--n-attack", "64", "--n-eval", "64", "--bits", "4"]
+    for extra, msg in ((["--attack", "pgd", "--suite", "seen"], "--suite take(s) a universal patch"),
+                       (["--attack", "per_image", "--source-bits", "4"], "--source-bits take(s) a universal patch"),
+                       (["--eps", "0.1"], "--eps: read by the pixel attacks"),
+                       (["--attack", "nope"], "unknown attack 'nope'")):
+        assert msg in _err(base + extra + ["--out", tmp_path / "x"], capsys), extra
+    assert not (tmp_path / "x").exists()
+    # PGD's steps and step size are options: one step of eps from no start is FGSM's; more steps fool more
+    r = {}
+    for name, extra in (("fgsm", ["--attack", "fgsm", "--eps", "0.03"]),
+                        ("pgd1", ["--attack", "pgd", "--eps", "0.03", "--pgd-steps", "1", "--pgd-alpha", "0.001"]),
+                        ("pgd", ["--attack", "pgd", "--eps", "0.03", "--pgd-steps", "10", "--pgd-alpha", "0.01"])):
+        assert run_cli(base + extra + ["--out", tmp_path / name]) == 0
+        r[name] = json.loads((tmp_path / name / "result.json").read_text())["results"]["4"]["asr_pct"]
+    capsys.readouterr()
+    assert r["pgd1"] < r["pgd"] and r["pgd1"] <= r["fgsm"], r
