@@ -86,10 +86,11 @@ def _check_attack_options(a, kind) -> None:
         if modes:
             raise QNNError(f"{', '.join(modes)} take(s) a universal patch; --attack {a.attack} makes none "
                            f"(use --attack universal or lavan)")
-    unread = [flag_of(f) for f in dataclasses.fields(PixelOptions)
-              if kind.Options is not PixelOptions and getattr(a, f.name) is not None]
+    unread = [f for f in dataclasses.fields(PixelOptions) if f.name not in kind.reads and getattr(a, f.name) is not None]
     if unread:
-        raise QNNError(f"{', '.join(unread)}: read by the pixel attacks (fgsm, pgd) only, not by --attack {a.attack}")
+        readers = [n for n in list_attacks() if set(get_attack(n).reads) & {f.name for f in unread}]
+        unread = [flag_of(f) for f in unread]
+        raise QNNError(f"{', '.join(unread)}: read by --attack {' / '.join(readers)} only, not by --attack {a.attack}")
 
 
 def _patch_cfg(a, num_classes: int, image_size, **over):

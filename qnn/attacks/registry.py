@@ -64,6 +64,7 @@ class Attack:
     name = ""
     summary = ""
     Options: type | None = None  # the settings beyond the patch's, a config of qnn.options fields
+    reads: tuple[str, ...] = ()  # which of them it reads
     universal = False            # crafts one patch for every image (suites and transfer matrices take these only)
 
     def __init__(self, patch: PatchConfig, options=None):
@@ -106,7 +107,7 @@ class PerImage(Attack):
 @register_attack("fgsm")
 class FGSM(Attack):
     summary = "one L-inf signed step of --eps on every pixel (the paper's Figure 1 comparison)"
-    Options = PixelOptions
+    Options, reads = PixelOptions, ("eps",)
 
     def run(self, model, bits, data):
         from qnn.attacks.pixel import fgsm
@@ -117,7 +118,7 @@ class FGSM(Attack):
 @register_attack("pgd")
 class PGD(Attack):
     summary = "L-inf PGD: --pgd-steps signed steps of --pgd-alpha inside --eps, from a random start"
-    Options = PixelOptions
+    Options, reads = PixelOptions, ("eps", "pgd_steps", "pgd_alpha")
 
     def run(self, model, bits, data):
         from qnn.attacks.pixel import pgd_linf

@@ -173,7 +173,8 @@ def test_attacks_are_registered_classes_that_refuse_what_they_do_not_read(traine
     base = ["attack", "--checkpoint", trained_ckpt, "--n-attack", "64", "--n-eval", "64", "--bits", "4"]
     for extra, msg in ((["--attack", "pgd", "--suite", "seen"], "--suite take(s) a universal patch"),
                        (["--attack", "per_image", "--source-bits", "4"], "--source-bits take(s) a universal patch"),
-                       (["--eps", "0.1"], "--eps: read by the pixel attacks"),
+                       (["--eps", "0.1"], "--eps: read by --attack fgsm / pgd only"),
+                       (["--attack", "fgsm", "--pgd-steps", "3"], "--pgd-steps: read by --attack pgd only"),
                        (["--attack", "nope"], "unknown attack 'nope'")):
         assert msg in _err(base + extra + ["--out", tmp_path / "x"], capsys), extra
     assert not (tmp_path / "x").exists()
