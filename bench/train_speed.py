@@ -31,7 +31,7 @@ def step_times(models: dict, x, y, warmup: int, iters: int, compile_: bool, sync
 
     steps = {}
     for bits, model in models.items():
-        init_scales_(model, [bits], x)  # as `qnn train` does before it compiles (it leaves the model at `bits`)
+        init_scales_(model, [bits], x)  # as `qnn train` does before it compiles (model_at set `bits`)
         remember_init_(model)
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)

@@ -26,7 +26,7 @@ pixels), so that every masked image is an exact input of the integer graph: the 
   PatchCleanser.
 
 The decisions (`plurality`, `double_masking`, `one_round_vote`) and the mask sets are plain numpy, for the edge
-runner (`qnn/export/run_edge.py`) to copy; `certify` runs them on the PyTorch model at a bit-width (eval mode = the
+runner (`export/run_edge.py`) to copy; `certify` runs them on the PyTorch model at a bit-width (eval mode = the
 integer graph).
 """
 

@@ -139,7 +139,12 @@ def load_checkpoint(path: str | Path, expect_arch: str | None = None, user_model
         except QNNError as e:
             raise QNNError(f"{path}: trained_bits: {e}") from None
         config_bits = obj.get("config", {}).get("bits") if isinstance(obj.get("config"), dict) else None
-        if config_bits is not None and sorted(set(parse_bits(config_bits))) != sorted(set(obj["trained_bits"])):
+        if config_bits is not None:
+            try:
+                config_bits = parse_bits(config_bits)
+            except QNNError as e:
+                raise QNNError(f"{path}: the training config's bits: {e}") from None
+        if config_bits is not None and sorted(set(config_bits)) != sorted(set(obj["trained_bits"])):
             raise QNNError(f"{path}: trained_bits {obj['trained_bits']} disagree with its training config's bits "
                            f"{config_bits}; the file was altered")
     kwargs = {"reduce_range": False, **kwargs}  # checkpoints from before the option have full-range 8-bit weights

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qnn.errors import QNNError
-from qnn.layers import check_pinned_bits, parse_bits
+from qnn.layers import check_bits, check_pinned_bits
 from qnn.data import DATASETS
 from qnn.options import check_options, option
 from qnn.validate import MAX_SEED, check_float
@@ -30,13 +30,6 @@ def check_device(device: str) -> None:
         raise QNNError(f"device '{device}' asked for, but this machine has no CUDA GPU (use --device cpu)")
     if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
         raise QNNError(f"device '{device}' does not exist: {torch.cuda.device_count()} GPU(s) here")
-
-
-def _bits(name: str, v) -> list[int]:
-    try:
-        return parse_bits(v)
-    except QNNError as e:
-        raise QNNError(f"{name}: {e}") from None
 
 
 def _model(name: str, v: str) -> None:
@@ -71,7 +64,7 @@ class TrainConfig:
     data_dir: str | None = option(None, "dataset folder (CIFAR-10 npz or cifar-10-batches-py; ImageFolder root)")
     init: str | None = option(None, "float checkpoint (akamaster layout) or qnn checkpoint to start from")
     bits: list[int] = option(help="bit-width or set, e.g. 4 or 2,4,8,32 (32 = float)", factory=lambda: [4],
-                             check=_bits)
+                             check=check_bits)
     schedule: str = option("fixed", "DBWT schedule over --bits (a set of bit-widths makes 'fixed' random)",
                            choices=SCHEDULES)
     epochs: int = option(2, "training epochs", lo=1)
@@ -100,7 +93,8 @@ class TrainConfig:
     reduce_range: bool = option(True, "8-bit weights on the full grid [-127, 127] instead of [-63, 63]; the int8 "
                                 "export can then saturate on x86 without AVX-VNNI, so `--weight-type auto` stores "
                                 "those layers as uint8 (slower)")
-    eval_bits: list[int] | None = option(None, "bit-widths evaluated after each epoch (default: --bits)", check=_bits)
+    eval_bits: list[int] | None = option(None, "bit-widths evaluated after each epoch (default: --bits)",
+                                         check=check_bits)
     eval_every: int = option(1, "evaluate on the test set every N epochs and after the last", lo=1)
     distill: str | None = option(None, "knowledge distillation at quantized steps from a frozen float teacher: a "
                                  "checkpoint path, or 'init' for the --init checkpoint")

@@ -98,13 +98,19 @@ def get_protocol(name: str) -> Protocol:
     return PROTOCOLS[name]
 
 
-def craft(model: nn.Module, bits: int, member: Attack, base: PatchConfig, craft_set: tuple[torch.Tensor, torch.Tensor],
-          trained_bits: list[int], protocol: Protocol, device: str = "cpu") -> torch.Tensor:
-    """`member`'s universal patch against `model` at `bits` (an EOT member draws over `trained_bits` instead)."""
+def member_config(base: PatchConfig, member: Attack, protocol: Protocol, trained_bits: list[int]) -> PatchConfig:
+    """The PatchConfig `member` crafts with: the patch of `base`, the protocol's batch, the member's optimiser."""
     cfg = attack_config(dataclasses.replace(base, batch_size=protocol.batch_size), member, member.iterations,
                         trained_bits)
     if member.eot_bits and cfg.eot_bits is None:
         raise QNNError(f"attack '{member.name}' needs a model trained at several bit-widths, got {trained_bits}")
+    return cfg
+
+
+def craft(model: nn.Module, bits: int, member: Attack, base: PatchConfig, craft_set: tuple[torch.Tensor, torch.Tensor],
+          trained_bits: list[int], protocol: Protocol, device: str = "cpu") -> torch.Tensor:
+    """`member`'s universal patch against `model` at `bits` (an EOT member draws over `trained_bits` instead)."""
+    cfg = member_config(base, member, protocol, trained_bits)
     with precision(model, bits):
         patch, _ = optimize_universal_patch(model, *craft_set, cfg, device=device)
     return patch

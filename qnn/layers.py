@@ -35,6 +35,14 @@ def check_pinned_bits(name: str, v: int | None) -> None:
         raise QNNError(f"{name} must be one of 2..8 or unset, got {v!r}")
 
 
+def check_bits(name: str, v: Any) -> list[int]:
+    """`parse_bits(v)` for the setting `name`, whose name its one-line error carries."""
+    try:
+        return parse_bits(v)
+    except QNNError as e:
+        raise QNNError(f"{name}: {e}") from None
+
+
 def parse_bits(v: Any) -> list[int]:
     """'2,4,8,32' or [2, 4] -> [2, 4, 8, 32]; every entry must be in {2..8, 32}."""
     if isinstance(v, int):

@@ -38,7 +38,7 @@ from qnn.brevitas_import import brevitas_layers, copy_learned_scales_, to_float
 from qnn.brevitas_quant import FixedInputQuant, SwitchableIntQuant, SwitchableWeightQuant, with_fixed_bits
 from qnn.errors import QNNError
 from qnn.integer import CONV_TRANSPOSE_HINT, SIZE_ARITHMETIC, IntegerProgram
-from qnn.layers import SwitchableMixin, check_pinned_bits, parse_bits, precision
+from qnn.layers import SwitchableMixin, check_bits, check_pinned_bits, precision
 from qnn.qmodules import ELEMENTWISE, QuantElementwise, SwitchableBatchNorm2d, act_module
 from qnn.options import check_options, option
 from qnn.validate import check_float
@@ -59,7 +59,7 @@ class QuantizeConfig:
     """How `qnn.quantize` converts a float model (`TrainConfig` carries the same settings for `qnn train`)."""
 
     bits: list[int] | str = option("2,4,8,32", "the bit-widths the model switches between (32 = float)",
-                                   check=lambda name, v: parse_bits(v))
+                                   check=check_bits)
     first_last_bits: int | None = option(8, "first conv and last linear pinned at this many bits, 2..8 (None: follow "
                                          "the switch)", lo=2, hi=8, check=check_pinned_bits)
     residual_bits: int | None = option(None, "residual adds at >= this many bits, 2..8 (None: the switch's)", lo=2,

@@ -59,10 +59,11 @@ def _protocols() -> list[str]:
     return list(PROTOCOLS)
 
 
-#: what a protocol decides itself: giving one of these with --protocol is refused
-PROTOCOL_DECIDES = ("iterations", "step", "optimizer", "restarts", "eot_samples", "scale_min", "scale_max",
-                    "rotation_max", "placement", "targeted", "n_attack", "n_eval", "adaptive", "source_bits",
-                    "source_checkpoint", "patch", "suite", "analysis")
+#: what a protocol decides itself (its members' optimisers, its images, batch and placements): giving one of these
+#: with --protocol is refused
+PROTOCOL_DECIDES = ("iterations", "step", "optimizer", "restarts", "independent_restarts", "batch_size", "eot_samples",
+                    "scale_min", "scale_max", "rotation_max", "placement", "targeted", "n_attack", "n_eval", "adaptive",
+                    "source_bits", "source_checkpoint", "patch", "suite", "analysis")
 
 
 def _given_with_protocol(a) -> list[str]:
@@ -70,12 +71,14 @@ def _given_with_protocol(a) -> list[str]:
     import argparse
 
     parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
+    sub = parser.add_subparsers()
+    add_parser(sub)
+    flags = {act.dest: act.option_strings[-1] for act in sub.choices["attack"]._actions if act.option_strings}
     defaults = vars(parser.parse_args(["attack", "--checkpoint", "-", "--out", "-"]))
     given = [k for k in PROTOCOL_DECIDES if getattr(a, k) != defaults[k]]
     if a.attack != "universal":
         given.insert(0, "attack")
-    return ["--" + k.replace("_", "-") for k in given]
+    return [flags[k] for k in given]
 
 
 def _check_attack_options(a, kind) -> None:
@@ -171,7 +174,7 @@ def _protocol(a, model, obj, bits: list[int], test, stage) -> tuple[dict, Path]:
     from qnn.attacks.patch import save_patch
     from qnn.checkpoint import sha256_file, trained_bits
     from qnn.data import load_dataset
-    from qnn.evaluation import get_protocol, run_protocol
+    from qnn.evaluation import get_protocol, member_config, run_protocol
     from qnn.train import versions
 
     proto = get_protocol(a.protocol)
@@ -185,9 +188,10 @@ def _protocol(a, model, obj, bits: list[int], test, stage) -> tuple[dict, Path]:
     trained = trained_bits(obj) or bits
     out = stage.prepare()
 
-    def keep(member, b, patch):
+    def keep(member, b, patch):  # saved with the settings it was crafted with
         slug = "".join(c if c.isalnum() else "_" for c in member.name)
-        save_patch(out / f"patch_{slug}_{'eot' if b is None else f'{b}b'}", patch, base)
+        save_patch(out / f"patch_{slug}_{'eot' if b is None else f'{b}b'}", patch,
+                   member_config(base, member, proto, trained))
 
     results = run_protocol(model, proto, bits, base, craft_set, score_set, trained, on_patch=keep,
                            log=lambda line: print(line, file=sys.stderr, flush=True))

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qnn.errors import QNNError
-from qnn.layers import parse_bits, precision
+from qnn.layers import check_bits, precision
 from qnn.options import check_options, option
 from qnn.validate import MAX_SEED, check_int
 
@@ -43,10 +43,6 @@ def _two_sides(name: str, v) -> tuple[int, int]:
     return h, w
 
 
-def _bit_set(name: str, v) -> list[int]:
-    return parse_bits(v)
-
-
 @dataclass
 class PatchConfig:
     """What patch, where, and how it is optimised."""
@@ -58,9 +54,9 @@ class PatchConfig:
     aspect: float = option(2.0, "w / h of a rect patch given by --patch-frac", lo=0.0, hi=1e3, lo_open=True)
     placement: str = option("random", "where the patch goes on each image: random, fixed (bottom-right corner), "
                             "optimized (the worst of a grid)", choices=PLACEMENTS)
-    scale_min: float = option(1.0, "EOT scale range while optimising, low (ART's name)", lo=0.0, hi=10.0,
+    scale_min: float = option(1.0, "EOT scale range while optimising, low (ART's name)", lo=0.0, lo_open=True)
+    scale_max: float = option(1.0, "EOT scale range, high (the patch, scaled, must fit the image)", lo=0.0,
                               lo_open=True)
-    scale_max: float = option(1.0, "EOT scale range, high", lo=0.0, hi=10.0, lo_open=True)
     rotation_max: float = option(0.0, "EOT rotation, degrees", lo=0.0, hi=180.0)
     targeted: bool = option(False, "aim for --target-class instead of any wrong class")
     target_class: int = option(0, "class a targeted patch aims for", lo=0)
@@ -78,9 +74,9 @@ class PatchConfig:
                                          check=_two_sides)
     num_classes: int = option(10, "the model's classes, from the model", lo=1, cli=False)
     eot_bits: list[int] | None = option(None, "adaptive: the model's bit-width drawn per step from this set",
-                                        cli=False, check=_bit_set)
+                                        cli=False, check=check_bits)
     ensemble_bits: list[int] | None = option(None, "adaptive: the loss summed over these bit-widths every step",
-                                             cli=False, check=_bit_set)
+                                             cli=False, check=check_bits)
 
     def __post_init__(self) -> None:
         check_options(self)

@@ -162,11 +162,13 @@ def test_attack_protocol_scores_every_member_as_the_defense_table_does(trained_c
     for file, b, member in (("patch_adam_0_05_4b.npz", 4, "adam 0.05"),
                             ("patch_adam_0_05_EOT_bit_widths_eot.npz", 32, "adam 0.05 EOT bit-widths")):
         patch, cfg = load_patch(out / file)
+        m = proto.member(member)  # the file says how its patch was crafted
+        assert (cfg.optimizer, cfg.iterations, cfg.batch_size) == (m.optimizer, m.iterations, proto.batch_size)
         fooled = score(model, b, patch, cfg, score_set, proto.placements)
         assert encode_scores(fooled) == res["results"][str(b)]["scores"][member]
     # what the protocol decides is refused beside it, before any work; an unknown protocol too
     t = ["attack", "--checkpoint", str(trained_ckpt), "--protocol", "smoke", "--out", str(tmp_path / "x")]
-    err = cli_error(t + ["--iterations", "3", "--attack", "pgd"], capsys)
-    assert "decides --attack, --iterations itself" in err
+    err = cli_error(t + ["--iterations", "3", "--attack", "pgd", "--patch-batch", "8"], capsys)
+    assert "decides --attack, --iterations, --patch-batch itself" in err
     assert "unknown evaluation protocol 'nope'" in cli_error(t[:4] + ["nope"] + t[5:], capsys)
     assert not (tmp_path / "x").exists()

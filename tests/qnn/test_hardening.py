@@ -340,7 +340,9 @@ def test_malformed_files_and_values_are_one_line_errors(tmp_path, capsys, traine
                             ("noarch", lambda o: o.update(arch=None), "architecture"),
                             ("bits", lambda o: o.update(trained_bits="four"), "trained_bits"),
                             # the trained bit-widths are stated twice (trained_bits, the training config): they agree
-                            ("bits2", lambda o: o.update(trained_bits=[2]), "disagree with its training config")):
+                            ("bits2", lambda o: o.update(trained_bits=[2]), "disagree with its training config"),
+                            ("bits3", lambda o: o.update(config={**o["config"], "bits": [4, 9]}),
+                             "the training config's bits: bit-width(s) [9]")):
         o = dict(obj)
         edit(o)
         torch.save(o, tmp_path / f"{name}.pt")
