@@ -63,6 +63,21 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def weights_sha256(obj: dict) -> str:
+    """sha256 of what a checkpoint (`load_torch_file`'s dict) computes: its architecture, kwargs, trained bit-widths and
+    every tensor of its state (name, dtype, shape, bytes), not the timings and paths saved beside them. The same
+    training run again gives the same value where the file's own sha256 differs, so results keyed on it survive a
+    retrained checkpoint (and a lost runs/ folder) as long as the training repeats to the bit."""
+    h = hashlib.sha256()
+    h.update(json.dumps([obj.get("arch"), obj.get("arch_kwargs", {}), trained_bits(obj)], sort_keys=True,
+                        default=str).encode())
+    for name, t in sorted(obj["state_dict"].items()):
+        t = t.detach().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def load_torch_file(path: str | Path) -> Any:
     p = Path(path)
     if not p.is_file():

@@ -7,8 +7,9 @@ BatchNorm re-calibrated), seeds: [..] (optional: only these seeds), train: {lr, 
 warmup_epochs} (optional)}. `per-bit` trains one fixed-precision model per evaluated bit-width (the spec's PBAT).
 
 A cell is (row, seed, bit-width, patch configuration, attack member): its per-image scores, ASR, the checkpoint's
-sha256, the row's definition and the code that ran. Cells are written to `<out>.json` as they finish; a re-run keeps
-every cell whose key, row definition, checkpoint and protocol version match, and refuses a file made under another
+sha256 and its weights' (`qnn.checkpoint.weights_sha256`), the row's definition and the code that ran. Cells are
+written to `<out>.json` as they finish; a re-run keeps every cell whose key, row definition, weights and protocol
+version match (so a model retrained after runs/ was lost keeps its cells when the training repeats to the bit), and refuses a file made under another
 budget or protocol. Trained checkpoints live under `runs_dir`, in folders named by a hash of their settings, and are
 reused by any later run with the same settings.
 """
@@ -352,7 +353,8 @@ def check_cell(key: str, c) -> None:
     ok = (isinstance(c, dict) and isinstance(c.get("asr_pct"), (int, float)) and not isinstance(c["asr_pct"], bool)
           and 0.0 <= c["asr_pct"] <= 100.0 and isinstance(c.get("clean_acc_pct"), (int, float))
           and 0.0 <= c["clean_acc_pct"] <= 100.0 and isinstance(c.get("scores"), str)
-          and isinstance(c.get("checkpoint_sha256"), str) and isinstance(c.get("row_definition"), dict)
+          and isinstance(c.get("checkpoint_sha256"), str) and isinstance(c.get("weights_sha256", ""), str)
+          and isinstance(c.get("row_definition"), dict)
           and isinstance(c.get("compute_qat_epochs"), (int, float)) and isinstance(c.get("image_steps"), int)
           and isinstance(c.get("seconds"), (int, float)))
     if not ok:
@@ -384,10 +386,11 @@ def read_results(path: Path, budget: Budget, protocol) -> dict:
 
 
 def is_done(cell: dict | None, job: Job, sha: str, member) -> bool:
-    """A finished cell of this model (checkpoint), row definition, attack definition and protocol version."""
+    """A finished cell of this model (its weights: `weights_sha256`), row definition, attack definition and protocol
+    version. A cell written before cells recorded their weights is done again."""
     from qnn.evaluation import PROTOCOL_VERSION
 
-    return bool(cell) and cell.get("checkpoint_sha256") == sha and cell.get("row_definition") == job.row.definition() \
+    return bool(cell) and cell.get("weights_sha256") == sha and cell.get("row_definition") == job.row.definition() \
         and cell.get("protocol_version") == PROTOCOL_VERSION \
         and cell.get("attack_definition") == dataclasses.asdict(member)
 
@@ -396,12 +399,13 @@ class Scorer:
     """The loaded model of one job, with its clean predictions per bit-width and its re-calibrated bit-widths."""
 
     def __init__(self, job: Job, budget: Budget, data: dict, device: str):
-        from qnn.checkpoint import load_checkpoint, sha256_file
+        from qnn.checkpoint import load_checkpoint, sha256_file, weights_sha256
         from qnn.train import calibrate_
 
         self.job, self.device = job, device
-        self.sha = sha256_file(job.checkpoint)
-        self.model, _ = load_checkpoint(job.checkpoint)
+        self.file_sha = sha256_file(job.checkpoint)
+        self.model, obj = load_checkpoint(job.checkpoint)
+        self.sha = weights_sha256(obj)
         self.model = self.model.to(device).eval()
         calibrated = [b for b in list(budget.eval_bits) + list(budget.left_out) if b != 32 and b not in job.trained_bits]
         for b in calibrated:  # untrained bit-widths get BatchNorm statistics of their own
@@ -447,7 +451,8 @@ def run_work(w: Work, scorer: Scorer, budget: Budget, protocol, data: dict, code
                     "attack": w.member.name, "asr_pct": asr_pct(fooled, protocol.placements),
                     "clean_acc_pct": 100.0 * float((fooled >= 0).mean()), "scores": encode_scores(fooled),
                     "crafted_at": w.craft_bits if w.craft_bits is not None else "EOT", "image_steps": protocol.image_steps(w.member),
-                    "seconds": secs, "checkpoint": str(w.job.checkpoint), "checkpoint_sha256": scorer.sha,
+                    "seconds": secs, "checkpoint": str(w.job.checkpoint), "checkpoint_sha256": scorer.file_sha,
+                    "weights_sha256": scorer.sha,
                     "trained_bits": w.job.trained_bits, "compute_qat_epochs": w.job.compute_qat_epochs,
                     "train_epochs": w.job.cfg.epochs, "train_images": w.job.cfg.train_subset,
                     "row_definition": w.job.row.definition(), "protocol_version": PROTOCOL_VERSION, "code": code,
@@ -599,9 +604,9 @@ def _run(a, prog: str) -> int:
                 if not todo:
                     continue
                 scorer = None
-                from qnn.checkpoint import sha256_file
+                from qnn.checkpoint import load_torch_file, weights_sha256
 
-                sha = sha256_file(j.checkpoint)
+                sha = weights_sha256(load_torch_file(j.checkpoint))
                 for w in todo:
                     if all(is_done(cells.get(k), j, sha, w.member) for k in w.keys()):
                         continue

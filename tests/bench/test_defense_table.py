@@ -59,7 +59,7 @@ def test_every_cell_is_written_with_its_provenance(smoke):
         ok = f >= 0
         assert c["asr_pct"] == pytest.approx(100 * f[ok].sum() / (proto.placements * ok.sum()))
         assert c["clean_acc_pct"] == pytest.approx(100 * ok.mean())
-        assert len(c["checkpoint_sha256"]) == 64 and c["code"]["code_hash"] and c["row_definition"]["name"] == c["row"]
+        assert len(c["checkpoint_sha256"]) == 64 and len(c["weights_sha256"]) == 64 and c["code"]["code_hash"] and c["row_definition"]["name"] == c["row"]
     # an EOT patch is crafted once and scored at every bit-width, the left-out one too: one crafting for its cells
     eot = [c for k, c in cells.items() if k.startswith("qadtr | seed 0 |") and k.endswith("| 10x10 sq | adam 0.05 EOT bit-widths")]
     assert len(eot) == 3 and len({c["seconds"] for c in eot}) == 1 and {c["crafted_at"] for c in eot} == {"EOT"}
@@ -93,6 +93,34 @@ def test_rerun_keeps_finished_cells(smoke):
     # --plan prints what is left and touches nothing
     r = _run(*args, "--plan")
     assert r.returncode == 0 and "0 cells left" in r.stdout and (d / "t.json").read_text() == before
+
+
+def test_a_lost_checkpoint_retrained_to_the_bit_keeps_its_cells_and_other_weights_do_not(smoke, tmp_path):
+    """Cells are keyed on the weights, not the checkpoint file (which also holds timings): runs/ can be lost."""
+    import shutil
+
+    d, args, _ = smoke
+    runs = tmp_path / "runs"
+    shutil.copytree(d / "runs", runs)
+    shutil.copy(d / "t.json", tmp_path / "t.json")
+    other = [{str(d / "runs"): str(runs), str(d / "t"): str(tmp_path / "t")}.get(a, a) for a in args] + ["--rows", "none"]
+    (folder,) = [p for p in runs.iterdir() if p.name.startswith("none_s0_")]
+    old_file = (folder / "model.pt").read_bytes()
+    shutil.rmtree(folder)
+    r = _run(*other)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (folder / "model.pt").read_bytes() != old_file  # retrained: same weights, other timings
+    before = json.loads((d / "t.json").read_text())["cells"]
+    after = json.loads((tmp_path / "t.json").read_text())["cells"]
+    assert after == before
+    # a cell whose weights differ from the model's is done again
+    key = next(k for k in after if k.startswith("none | seed 0 | 4 bits | 10x10 sq |"))
+    res = json.loads((tmp_path / "t.json").read_text())
+    res["cells"][key]["weights_sha256"] = "0" * 64
+    (tmp_path / "t.json").write_text(json.dumps(res))
+    r = _run(*other)
+    assert r.returncode == 0 and key in r.stdout, r.stderr[-2000:]
+    assert json.loads((tmp_path / "t.json").read_text())["cells"][key]["weights_sha256"] == before[key]["weights_sha256"]
 
 
 def test_file_of_another_protocol_or_malformed_cell_is_refused(smoke, tmp_path):
