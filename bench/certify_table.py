@@ -287,7 +287,8 @@ def tables(res: dict) -> str:
         o = c.get("ort")
         rows.append([c["model"], c["method"], "float" if c["bits"] == 32 else c["bits"], c["patch_size"],
                      c["undefended_clean_acc_pct"], c["clean_acc_pct"], c["certified_acc_pct"],
-                     f"{o['n_equal']}/{s['n_images']}" if o else "-", o["latency_ms_p50"] if o else "-",
+                     f"{o['n_equal']}/{s['n_images']}" if o else "-",
+                     "-" if not o or o["latency_ms_p50"] is None else round(o["latency_ms_p50"], 1),
                      round(c["forwards_per_image_inference_mean"], 1), round(c["forwards_per_image_certify"], 1),
                      c["cross_check"]["violations"]])
     table = markdown_table(["model", "method", "bits", "patch", "undefended clean %", "defended clean %",

@@ -303,8 +303,51 @@ def certified() -> str:
         rows.append([label, *(" / ".join(pct(got[(b, p)] and got[(b, p)]["certified_acc_pct"]) for p in (6, 4))
                               for b in (32, 8, 4, 2)), pct(four and four["clean_acc_pct"]),
                      f"{min(ort)}/{n} in {len(ort)} cells" if ort else "-"])
-    return markdown_table(["model", "float", "8 bits", "4 bits", "2 bits", "defended clean % (4 bits)",
-                           "ORT certificates = PyTorch's"], rows)
+    table = markdown_table(["model", "float", "8 bits", "4 bits", "2 bits", "defended clean % (4 bits)",
+                            "ORT certificates = PyTorch's"], rows)
+    return table + certified_verdict(res)
+
+
+def certified_verdict(res: dict) -> str:
+    """What the certification table says, computed from it: masking training's gain over undefended QAT, the bit-widths
+    where nothing certifies, CertMask's best, ORT's agreement and the attack cross-check, and the defended inference's
+    cost on the device (results/certify_latency_resnet20_w4.json)."""
+    cells = res["cells"]
+    acc = lambda m, meth, b, p: (cells.get(f"{m}/{meth}/{b}/{p}") or {}).get("certified_acc_pct")  # noqa: E731
+    gains = {p: [acc("masking", "patchcleanser", b, p) / acc("qat", "patchcleanser", b, p) for b in (32, 8, 4)
+                 if acc("masking", "patchcleanser", b, p) is not None and acc("qat", "patchcleanser", b, p)]
+             for p in (4, 6)}
+    span = lambda v: f"{min(v):.1f}x" if max(v) - min(v) < 0.05 else f"{min(v):.1f}-{max(v):.1f}x"  # noqa: E731
+    none_at = [b for b in (32, 8, 4, 2) if all(acc(m, "patchcleanser", b, p) == 0 for m in ("masking", "qat")
+                                                for p in (4, 6))]
+    certmask = [c["certified_acc_pct"] for c in cells.values() if c["method"] == "certmask"]
+    ort = [c["ort"] for c in cells.values() if "ort" in c]
+    wrong = sum(c["cross_check"]["violations"] for c in cells.values()) + sum(
+        v["defended_wrong"] for c in cells.values() if (e := c.get("ensemble_cross_check")) for v in e["members"].values())
+    parts = []
+    if gains[4] and gains[6]:
+        parts.append(f"masking training certifies {span(gains[4])} (4x4) and {span(gains[6])} (6x6) as many images "
+                     f"as QAT at float / 8 / 4 bits")
+    if none_at:
+        parts.append(f"nothing at {' / '.join(map(str, none_at))} bits")
+    line = "Verdict: " + ", ".join(parts) + "."
+    if certmask:
+        line += f" CertMask's single round certifies {max(certmask):.1f}% at most."
+    if ort:
+        line += (f" ORT's certificates equal PyTorch's on {min(o['n_equal'] for o in ort)}/{res['settings']['n_images']}"
+                 f" images in all {len(ort)} integer cells; attacks broke {wrong}.")
+    try:
+        lat = load("certify_latency_resnet20_w4.json")
+    except Exception:  # noqa: BLE001  the latency file is optional; its absence is stated
+        lat = None
+    if lat and lat.get("certify", {}).get("latency"):
+        c, t = lat["certify"], lat["certify"]["latency"]
+        line += (f" ORT int, {lat['bits']} bits, {c['patch_size'][0]}x{c['patch_size'][1]}: "
+                 f"{c['forwards_per_image_inference_mean']:.0f} forwards, {t['p50_ms']:.0f} ms p50 ({t['mean_ms']:.0f} "
+                 f"mean) an image.")
+    else:
+        line += " The defended inference's latency is not measured yet (results/certify_latency_resnet20_w4.json)."
+    return "\n".join(textwrap.wrap(line, 118)) + "\n"
 
 
 def certified_all() -> str:
