@@ -26,6 +26,7 @@ from qnn import __version__
 from qnn.errors import QNNError
 from qnn.integer import SATURATION_FREE_MAX_W, Grid, IntegerProgram
 from qnn.layers import precision, uncalibrated
+from qnn.qmodules import ELEMENTWISE
 
 FORMATS = ("int", "qcdq", "qonnx")
 OPSET = 19
@@ -175,33 +176,10 @@ class _Builder:
         return QTensor(self.node("Gather", [self.const(table.astype(np.uint8), "lut"), idx], "lut", axis=0), out)
 
     def float_fn(self, x: str, name: str, kw: dict) -> str:
-        """The ONNX form of an elementwise function (QONNX's float compute between quantizers)."""
-        c = lambda v: self.const(np.float32(v), "c")  # noqa: E731
-        if name == "hardswish":
-            return self.node("HardSwish", [x], "hswish")
-        if name == "hardsigmoid":
-            return self.node("HardSigmoid", [x], "hsig", alpha=1 / 6, beta=0.5)
-        if name == "sigmoid":
-            return self.node("Sigmoid", [x], "sig")
-        if name == "tanh":
-            return self.node("Tanh", [x], "tanh")
-        if name == "silu":
-            return self.node("Mul", [x, self.node("Sigmoid", [x], "sig")], "silu")
-        if name == "leaky_relu":
-            return self.node("LeakyRelu", [x], "lrelu", alpha=float(kw.get("negative_slope", 0.01)))
-        if name == "elu":
-            return self.node("Elu", [x], "elu", alpha=float(kw.get("alpha", 1.0)))
-        if name == "gelu":
-            if kw.get("approximate", "none") == "tanh":  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-                # x^3 as Pow: a node reading one tensor twice (x * x) loses an input to qonnx's tensor renaming
-                x3 = self.node("Pow", [x, c(3.0)], "cube")
-                inner = self.node("Mul", [self.node("Add", [x, self.node("Mul", [x3, c(0.044715)], "m")], "a"),
-                                          c(np.sqrt(2 / np.pi))], "m")
-                t = self.node("Add", [self.node("Tanh", [inner], "tanh"), c(1.0)], "a")
-            else:  # 0.5 x (1 + erf(x / sqrt 2))
-                t = self.node("Add", [self.node("Erf", [self.node("Mul", [x, c(1 / np.sqrt(2))], "m")], "erf"), c(1.0)], "a")
-            return self.node("Mul", [self.node("Mul", [x, t], "m"), c(0.5)], "gelu")
-        raise QNNError(f"no ONNX form for elementwise function '{name}'")
+        """The ONNX form of an elementwise function (QONNX's float compute between quantizers): its registration's."""
+        if name not in ELEMENTWISE:
+            raise QNNError(f"no ONNX form for elementwise function '{name}'")
+        return ELEMENTWISE[name].onnx(self, x, kw)
 
     # ---- weights / bias
     def weight(self, w_int: np.ndarray, s_eff: np.ndarray, bits: int, lift: int = 1) -> str:

@@ -10,13 +10,16 @@ from pathlib import Path
 import onnx
 
 from qnn.errors import QNNError
+from qnn.integer import ort_kernels
 
-#: ops that compute in integers once ORT has fused the QDQ groups
-INTEGER_OPS = {"QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QGemm", "QLinearMatMul", "MatMulInteger",
-               "ConvInteger", "QLinearAveragePool", "QLinearMul", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu"}
-#: data movement / clamping that is exact on integer tensors
-MOVEMENT_OPS = {"Clip", "Slice", "Pad", "Flatten", "Reshape", "MaxPool", "Identity", "Transpose", "Squeeze",
-                "Unsqueeze", "Concat", "Shape", "Gather", "Cast", "Split", "Resize"}
+_OURS_INTEGER, _OURS_MOVES = ort_kernels()
+#: ops that compute in integers once ORT has fused the QDQ groups: every integer kernel the integer program's ops run
+#: as (`qnn.integer.Op.integer_kernels`), and those other tools' integer graphs hold (ORT's `quantize_static`)
+INTEGER_OPS = _OURS_INTEGER | {"QLinearMatMul", "MatMulInteger", "ConvInteger", "QLinearConcat", "QLinearSigmoid",
+                               "QLinearLeakyRelu"}
+#: data movement / clamping that is exact on integer tensors: the program's (`Op.moves`), and what ORT's optimiser
+#: rewrites them into or leaves (slices merged into a Split, Identity, shape plumbing)
+MOVEMENT_OPS = _OURS_MOVES | {"Identity", "Squeeze", "Unsqueeze", "Shape", "Split"}
 BOUNDARY_OPS = {"QuantizeLinear", "DequantizeLinear"}
 
 

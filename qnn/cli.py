@@ -131,8 +131,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_list(sub) -> None:
-    p = sub.add_parser("list", help="what the toolkit offers: models, defenses, attacks or export formats")
-    p.add_argument("what", choices=["models", "defenses", "attacks", "formats"], help="models | defenses | attacks | formats")
+    p = sub.add_parser("list", help="what the toolkit offers: models, defenses, attacks, export formats or the ops a "
+                       "model may contain")
+    p.add_argument("what", choices=["models", "defenses", "attacks", "formats", "ops"],
+                   help="models | defenses | attacks | formats | ops")
 
 
 def cmd_list(a) -> int:
@@ -151,6 +153,10 @@ def cmd_list(a) -> int:
         width = max(map(len, list_attacks()))
         names = [f"{n:<{width}}  {get_attack(n).summary}" for n in list_attacks()]
         names += [f"protocols (--protocol): {', '.join(PROTOCOLS)}"]
+    elif a.what == "ops":
+        from qnn.integer import describe_constructs
+
+        names = describe_constructs()
     else:
         from qnn.export.onnx_export import FORMATS
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Callable
 
 import brevitas.nn as bnn
 import numpy as np
@@ -123,6 +124,10 @@ class Op:
     #: True where ONNX Runtime's arithmetic differs between CPU families: `run` then takes `cpu=` (a family; None:
     #: this machine's)
     by_cpu_family = False
+    #: the ONNX Runtime kernels the op's emission runs as, once ORT has fused its QDQ groups: integer arithmetic, and
+    #: data movement or clamps on integer tensors (`qnn.export.verify` reads its op sets from these)
+    integer_kernels: tuple[str, ...] = ()
+    moves: tuple[str, ...] = ()
 
     def run(self, *xs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -146,6 +151,7 @@ class QuantizeInput(Op):
 class QConv(Op):
     """QLinearConv (conv + BatchNorm folded + int32 bias, requantized onto `out`'s grid), or QGemm for a linear
     layer; with `out` None the linear layer's result is the float logits: float32(acc + bias) * (s_x * s_w)."""
+    integer_kernels, moves = ("QLinearConv", "QGemm"), ("Clip",)
 
     def __init__(self, layer: nn.Module, bn: nn.Module | None, x: int, in_grid: Grid, out: Grid | None):
         self.inputs, self.in_grid, self.out = (x,), in_grid, out
@@ -218,6 +224,7 @@ class QAdd(Op):
     """QLinearAdd: about rint(a * (s_a / s_y) + b * (s_b / s_y)) on `out`'s grid; exactly, the arithmetic of the
     target CPU family's MLAS kernel (`qnn.kernels.reference.qlinear_add`), which differs between x86-64 and aarch64
     in the last bit of rare near-ties."""
+    integer_kernels, moves = ("QLinearAdd",), ("Clip",)
 
     def __init__(self, a: int, b: int, ga: Grid, gb: Grid, out: Grid):
         self.inputs, self.out, self.ga, self.gb = (a, b), out, ga, gb
@@ -240,6 +247,7 @@ class QAdd(Op):
 class QMul(Op):
     """QLinearMul of two quantized tensors (broadcasting: a squeeze-excitation gate times its feature map): the exact
     integer product, then MLAS' float32 requantisation (`qnn.kernels.reference.qlinear_mul`)."""
+    integer_kernels, moves = ("QLinearMul",), ("Clip",)
 
     def __init__(self, a: int, b: int, ga: Grid, gb: Grid, out: Grid):
         self.inputs, self.out, self.ga, self.gb = (a, b), out, ga, gb
@@ -258,6 +266,7 @@ class QMul(Op):
 
 class QGlobalAvgPool(Op):
     """QLinearGlobalAveragePool: rint(sum * (s_x / (s_y * HW)))."""
+    integer_kernels, moves = ("QLinearGlobalAveragePool",), ("Clip",)
 
     def __init__(self, x: int, in_grid: Grid, out: Grid):
         self.inputs, self.in_grid, self.out = (x,), in_grid, out
@@ -277,6 +286,7 @@ class QLookup(Op):
     uint8 codes (Cast + Gather: data movement, so ONNX Runtime, the interpreter and PyTorch agree by construction);
     QONNX writes the float function between its Quant nodes. With autograd the value is the table's and the gradient
     the real function's (straight through the output rounding)."""
+    moves = ("Cast", "Gather")
 
     def __init__(self, fn, name: str, kwargs: dict, x: int, in_grid: Grid, out: Grid):
         self.inputs, self.in_grid, self.out, self.fn, self.name, self.kwargs = (x,), in_grid, out, fn, name, kwargs
@@ -302,6 +312,7 @@ class QHardGate(QLookup):
     hardsigmoid; Hardswish multiplies x by that hardsigmoid on an 8-bit grid in a QLinearMul. PyTorch evaluates the same
     integers as a table over the input codes, built once per CPU family from the kernels' models (QLinearAdd rounds
     differently on aarch64); with autograd, the real function's gradient, as QLookup."""
+    integer_kernels, moves = ("QLinearAdd", "QLinearMul"), ("Clip",)
 
     THREE = (np.uint8(6), np.float32(0.5))  # the constant 3 as a uint8 code and its scale (zero point 0): exact
     GATE = Grid(torch.tensor(1 / 255, dtype=torch.float32), 0, 0, 255, 8)  # Hardswish's inner hardsigmoid
@@ -363,6 +374,7 @@ class QAvgPool(Op):
     """QLinearAveragePool, as ONNX Runtime's kernel computes it: the window's dequantized values s_x * (q - zp) summed
     in float32 row by row, divided by the count (with count_include_pad the whole kernel, even for a ceil_mode window
     past the padded edge; without, the window's in-image part), then rint(y / s_y + zp) saturated."""
+    integer_kernels, moves = ("QLinearAveragePool",), ("Clip",)
 
     def __init__(self, x: int, in_grid: Grid, out: Grid, kernel, stride, padding, ceil_mode: bool,
                  count_include_pad: bool):
@@ -392,6 +404,7 @@ class QAvgPool(Op):
 class Move(Op):
     """Data movement on the integer tensor (same grid): max pool, flatten, zero padding, strided slicing, a
     permutation of the dims after the batch, nearest upsampling by integer factors."""
+    moves = ("MaxPool", "Flatten", "Pad", "Transpose", "Resize", "Slice")
 
     def __init__(self, kind: str, x: int, grid: Grid, **params):
         self.inputs, self.out, self.kind, self.p = (x,), grid, kind, params
@@ -439,6 +452,7 @@ class Move(Op):
 class Part(Op):
     """Part `index` of torch.split(x, sizes, dim) or torch.chunk(x, chunks, dim): a slice of the integer tensor,
     whose bounds the emitter reads off the input's shape."""
+    moves = ("Slice",)
 
     def __init__(self, x: int, grid: Grid, how: str, arg, dim: int, index: int):
         self.inputs, self.out, self.how, self.arg, self.dim, self.index = (x,), grid, how, arg, dim, index
@@ -495,6 +509,7 @@ class Shape:
 class Reshape(Op):
     """view / reshape of the integer tensor. Sizes read off tensors are inputs of the op, resolved when it runs. The
     batch must stay the first dim: the ONNX Reshape copies it (0), every other entry is written as a constant."""
+    moves = ("Reshape",)
 
     def __init__(self, x: int, grid: Grid, shape: list, name: str):
         for i, d in enumerate(shape):
@@ -522,6 +537,7 @@ class Reshape(Op):
 
 class Concat(Op):
     """Concatenation of tensors on one grid (`qnn.quantize` gives every input the same quantizer): integers moved."""
+    moves = ("Concat",)
 
     def __init__(self, xs: tuple[int, ...], grids: list[Grid], dim: int, name: str):
         g = grids[0]
@@ -544,6 +560,7 @@ class ChannelEmbed(Op):
     input channels, with the input's grid as output: the requantisation multiplier is exactly 1, so ORT's QLinearConv
     copies the integers, and it runs in the convs' layout instead of a generic strided Slice and a Pad
     (`builder.embed_channels`)."""
+    integer_kernels, moves = ("QLinearConv",), ("Slice", "Pad")  # one conv in 'int', a slice and a pad elsewhere
 
     def __init__(self, x: int, grid: Grid, stride: tuple[int, int], before: int, after: int):
         if min(before, after) < 0:  # a crop is a Move("pad"): the embedding's weights could not express it
@@ -578,6 +595,146 @@ SIZE_ARITHMETIC = {operator.floordiv, operator.mul, operator.add, operator.sub, 
 #: what a transposed conv is refused with: ONNX Runtime runs ConvTranspose in float only (no QDQ fusion)
 CONV_TRANSPOSE_HINT = (" (ONNX Runtime runs ConvTranspose in float only: use nn.Upsample(scale_factor=s, mode='nearest') "
                        "followed by a Conv2d)")
+#: what a construct with no integer form is refused with, by type name, where a supported one does its job
+HINTS = {"AdaptiveMaxPool2d": " (use MaxPool2d with a fixed kernel, or AdaptiveAvgPool2d(1))",
+         "ConvTranspose2d": CONV_TRANSPOSE_HINT}
+
+
+# ---------------------------------------------------------------- the constructs a float model may contain
+
+#: what `qnn.quantize` does with a construct of each role
+ROLES = {
+    "layer": "swapped for a Brevitas layer with the switchable weight quantizer",
+    "batchnorm": "one BatchNorm per bit-width, folded into the conv before it",
+    "activation": "the unsigned activation quantizer (ReLU6 keeps its clamp)",
+    "elementwise": "a quantized elementwise function (`qnn.qmodules.ELEMENTWISE`), a table of the input grid",
+    "add": "an add of two tensors (a float result, requantized)",
+    "mul": "a product of two tensors (a float result, requantized)",
+    "cat": "a concatenation (its inputs share one quantizer)",
+    "avgpool": "average pooling (a float result, requantized)",
+    "move": "data movement on the integer grid, kept as it is",
+    "shape": "sizes read off tensors, and integer arithmetic on them",
+    "quantizer": "an activation or input quantizer of the converted graph",
+}
+#: roles whose float module `qnn.quantize` replaces: a subclass (whose forward may differ) is not taken for them
+SWAPPED = ("layer", "batchnorm", "activation", "elementwise")
+
+
+@dataclass(frozen=True)
+class Construct:
+    """One construct of a model: the torch modules, functions and tensor methods that are it, its `role` in
+    `qnn.quantize` (ROLES), the modules of the converted graph it lowers (`lowered`; by default its modules, which the
+    conversion keeps) and its lowering to integer ops, `lower(program, node, args, module)` (module None for a
+    function or method). `qnn.quantize` accepts exactly the registered constructs, and refuses every other before
+    training; the integer program lowers through the same entries, so the two cannot drift apart."""
+
+    name: str
+    role: str
+    lower: Callable
+    modules: tuple = ()
+    functions: tuple = ()
+    methods: tuple = ()
+    lowered: tuple = ()
+
+
+CONSTRUCTS: dict[str, Construct] = {}
+_FLOAT_MODULES: dict[type, Construct] = {}
+_LOWERED_MODULES: dict[type, Construct] = {}
+_FUNCTIONS: dict = {}
+_METHODS: dict[str, Construct] = {}
+
+
+def construct(name: str, role: str, modules: tuple = (), functions: tuple = (), methods: tuple = (),
+              lowered: tuple | None = None):
+    """Register the decorated lowering as construct `name` (see `Construct`)."""
+    if role not in ROLES:
+        raise ValueError(f"construct '{name}': unknown role '{role}'")
+
+    def register(lower: Callable) -> Callable:
+        c = Construct(name, role, lower, tuple(modules), tuple(functions), tuple(methods),
+                      tuple(modules if lowered is None else lowered))
+        for table, keys in ((CONSTRUCTS, [name]), (_FLOAT_MODULES, c.modules), (_LOWERED_MODULES, c.lowered),
+                            (_FUNCTIONS, c.functions), (_METHODS, c.methods)):
+            for k in keys:
+                if k in table:
+                    raise ValueError(f"construct '{name}': {getattr(k, '__name__', k)} is registered twice")
+                table[k] = c
+        return lower
+
+    return register
+
+
+def _elementwise_construct(node: fx.Node, m: nn.Module | None):
+    from qnn.qmodules import elementwise_of
+
+    e = elementwise_of(node.op, type(m) if m is not None else node.target)
+    return (CONSTRUCTS["elementwise"], e) if e is not None else (None, None)
+
+
+def float_construct(node: fx.Node, m: nn.Module | None = None) -> tuple[Construct | None, object]:
+    """(the construct of a float model's node, its elementwise function where it is one), or (None, None): the node
+    of module `m` (call_module), function or tensor method. A module matches its own type, or for the roles that
+    keep the module (`SWAPPED` aside) the nearest registered class it derives from."""
+    c, e = _elementwise_construct(node, m)
+    if c is not None:
+        return c, e
+    if node.op == "call_module":
+        for t in type(m).__mro__:
+            c = _FLOAT_MODULES.get(t)
+            if c is not None:
+                return (c if t is type(m) or c.role not in SWAPPED else None), None
+        return None, None
+    table = _FUNCTIONS if node.op == "call_function" else _METHODS if node.op == "call_method" else {}
+    try:
+        return table.get(node.target), None
+    except TypeError:  # an unhashable target
+        return None, None
+
+
+def lowering_of(node: fx.Node, m: nn.Module | None = None) -> Construct | None:
+    """The construct that lowers a node of the converted graph (module `m` for call_module)."""
+    if node.op == "call_module":
+        return next((_LOWERED_MODULES[t] for t in type(m).__mro__ if t in _LOWERED_MODULES), None)
+    c = (_FUNCTIONS if node.op == "call_function" else _METHODS).get(node.target)
+    return None if c is None or c.role in SWAPPED else c
+
+
+def _fn_name(f) -> str:
+    """A function as a model's code writes it: F.relu, torch.relu, operator.add, getattr."""
+    mod = getattr(f, "__module__", None) or ""
+    prefix = {"torch.nn.functional": "F.", "torch": "torch.", "_operator": "operator.", "operator": "operator."}.get(
+        mod, "torch." if mod.startswith("torch") else "")
+    return prefix + getattr(f, "__name__", str(f))
+
+
+def describe_constructs() -> list[str]:
+    """One line per registered construct (`qnn list ops`): its name, role and the torch names that are it."""
+    from qnn.qmodules import ELEMENTWISE
+
+    def names(c) -> list[str]:
+        return [f"nn.{t.__name__}" for t in c.modules] + [_fn_name(f) for f in c.functions] + \
+            [f".{m}()" for m in c.methods]
+
+    lines = []
+    for c in CONSTRUCTS.values():
+        if c.role == "elementwise":
+            for e in ELEMENTWISE.values():
+                lines.append(f"{e.name:<20} elementwise  {', '.join(names(e))}")
+        else:
+            lines.append(f"{c.name:<20} {c.role:<12} {', '.join(names(c))}")
+    return lines
+
+
+def supported(kind: str) -> list[str]:
+    """The names of the registered float modules ('modules') or functions and methods ('functions'), sorted."""
+    from qnn.qmodules import ELEMENTWISE
+
+    if kind == "modules":
+        names = [t.__name__ for t in _FLOAT_MODULES] + [t.__name__ for e in ELEMENTWISE.values() for t in e.modules]
+    else:
+        names = [_fn_name(f) for f in _FUNCTIONS] + [f".{m}()" for m in _METHODS] + \
+            [_fn_name(f) for e in ELEMENTWISE.values() for f in e.functions]
+    return sorted(set(names))
 
 
 @dataclass
@@ -713,160 +870,21 @@ class IntegerProgram:
         return self._push(Move("flatten", y, out)) if v.flatten else y
 
     def _module(self, m: nn.Module, node: fx.Node, args: list):
-        x = args[0] if args else None
-        if isinstance(m, QuantElementwise):
-            xi = self._value(x, node)
-            kind = QHardGate if m.name in ("hardsigmoid", "hardswish") else QLookup
-            return self._push(kind(m.fn, m.name, m.kwargs, xi, self.grids[xi], Grid.of(quantizers(m.quant)[0])))
-        if isinstance(m, (bnn.QuantReLU, bnn.QuantIdentity, ReLU6Quant)):
-            q = quantizers(m)[0]
-            if q.kind == "input":
-                if x != "input":
-                    raise QNNError(f"the input quantizer '{node.name}' must take the model's input")
-                return self._push(QuantizeInput(Grid.of(q)))
-            if isinstance(m, ReLU6Quant) and isinstance(x, _Pending):
-                x.clamp_hi = 6.0
-            return self._materialise(x, q, node)
-        if isinstance(m, (bnn.QuantConv2d, bnn.QuantLinear)):
-            return _Pending("layer", (m, self._value(x, node)))
-        if isinstance(m, SwitchableBatchNorm2d):
-            if not (isinstance(x, _Pending) and x.kind == "layer" and x.bn is None):
-                raise QNNError(f"BatchNorm '{node.name}' does not follow a conv: it cannot be folded (put each BatchNorm "
-                               "right after its conv, before the activation)")
-            x.bn = m
-            return x
-        if isinstance(m, (nn.Dropout, nn.Identity)):
-            return x
-        if isinstance(m, nn.Flatten):
-            return self._flatten(x, node, m.start_dim, m.end_dim)
-        if isinstance(m, nn.MaxPool2d):
-            return self._maxpool(x, node, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
-        if isinstance(m, nn.AvgPool2d):
-            if m.divisor_override is not None:
-                raise QNNError(f"'{node.name}': AvgPool2d with divisor_override has no integer kernel")
-            return _Pending("avgpool", (self._value(x, node),), pool=dict(
-                kernel=m.kernel_size, stride=m.stride, padding=m.padding, ceil_mode=m.ceil_mode,
-                count_include_pad=m.count_include_pad))
-        if isinstance(m, nn.AdaptiveAvgPool2d):
-            if _pair(m.output_size) != (1, 1):
-                raise QNNError(f"'{node.name}': only global average pooling (output size 1) has an integer kernel "
-                               "(use AvgPool2d with a fixed kernel for other sizes)")
-            return _Pending("gap", (self._value(x, node),))
-        if isinstance(m, nn.Upsample):
-            return self._upsample(x, node, m.size, m.scale_factor, m.mode)
-        hint = {"AdaptiveMaxPool2d": " (use MaxPool2d with a fixed kernel, or AdaptiveAvgPool2d(1))",
-                "ConvTranspose2d": CONV_TRANSPOSE_HINT}.get(type(m).__name__, "")
-        raise QNNError(f"'{node.name}' ({type(m).__name__}) has no integer kernel{hint}")
+        c = lowering_of(node, m)
+        if c is None:
+            raise QNNError(f"'{node.name}' ({type(m).__name__}) has no integer kernel{HINTS.get(type(m).__name__, '')}")
+        return c.lower(self, node, args, m)
 
     def _function(self, node: fx.Node, args: list):
         f = node.target
-        x = args[0] if args else None
-        if f in SIZE_ARITHMETIC and any(isinstance(a, Size) for a in args):
+        if f in SIZE_ARITHMETIC and any(isinstance(a, Size) for a in args):  # x.size(0) * 2, ...: any such function
             if not all(isinstance(a, (Size, int)) for a in args):
                 raise QNNError(f"'{node.name}': integer arithmetic on sizes takes sizes and integers only")
             return Size((f, *args))
-        if f == "size":
-            xi = self._value(x, node)
-            dim = args[1] if len(args) > 1 else node.kwargs.get("dim")
-            return Shape(xi) if dim is None else Shape(xi)[dim]
-        if f is getattr and args[1] == "shape":
-            return Shape(self._value(x, node))
-        if f is operator.getitem and isinstance(x, Shape):
-            return x[args[1]]
-        if f is operator.getitem and isinstance(x, _Parts):
-            return self._push(Part(x.x, self.grids[x.x], x.how, x.arg, x.dim, int(args[1])))
-        if f in (torch.split, "split", torch.chunk, "chunk"):
-            how = "split" if f in (torch.split, "split") else "chunk"
-            arg = args[1] if len(args) > 1 else node.kwargs.get("chunks" if how == "chunk" else "split_size_or_sections",
-                                                                 node.kwargs.get("split_size"))
-            dim = args[2] if len(args) > 2 else node.kwargs.get("dim", 0)
-            if dim == 0 or dim <= -4:
-                raise QNNError(f"'{node.name}': a {how} along the batch dim has no integer form: split a feature dim "
-                               "(given as a dim of 1 or more)")
-            return _Parts(self._value(x, node), how, arg, int(dim))
-        if f in ("permute", torch.permute):
-            perm = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else tuple(args[1:])
-            if not perm or perm[0] != 0:
-                raise QNNError(f"'{node.name}': a permutation that moves the batch dim has no integer form")
-            xi = self._value(x, node)
-            return self._push(Move("permute", xi, self.grids[xi], perm=perm))
-        if f in ("transpose", torch.transpose):
-            d0, d1 = args[1:3]
-            if 0 in (d0, d1):
-                raise QNNError(f"'{node.name}': a transpose of the batch dim has no integer form")
-            xi = self._value(x, node)
-            return self._push(Move("transpose", xi, self.grids[xi], dims=(int(d0), int(d1))))
-        if f is F.interpolate:
-            kw = dict(zip(("size", "scale_factor", "mode"), args[1:]), **node.kwargs)
-            if kw.get("align_corners") or kw.get("antialias"):
-                raise QNNError(f"'{node.name}': only nearest upsampling (no align_corners, no antialias) has an "
-                               "integer form")
-            return self._upsample(x, node, kw.get("size"), kw.get("scale_factor"), kw.get("mode", "nearest"))
-        if f in (operator.add, torch.add):
-            return _Pending("add", (self._value(args[0], node), self._value(args[1], node)))
-        if f in (operator.mul, torch.mul):
-            return _Pending("mul", (self._value(args[0], node), self._value(args[1], node)))
-        if f in (torch.cat, torch.concat, torch.concatenate):
-            if not args:
-                raise QNNError(f"'{node.name}': pass the tensors to concatenate positionally")
-            parts, dim = args[0], args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
-            xs = tuple(self._value(v, node) for v in parts)
-            return self._push(Concat(xs, [self.grids[i] for i in xs], int(dim), node.name))
-        if f in (torch.mean, "mean"):
-            dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
-            keep = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
-            dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
-            if sorted(d % 4 for d in dims) != [2, 3] or node.kwargs.get("dtype") is not None:
-                raise QNNError(f"'{node.name}': only a mean over the two spatial dims (the global average pool) has an "
-                               "integer kernel")
-            return _Pending("gap", (self._value(x, node),), flatten=not keep)
-        if f is F.avg_pool2d:
-            kw = dict(zip(("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
-                          args[1:]), **node.kwargs)
-            if kw.get("divisor_override") is not None:
-                raise QNNError(f"'{node.name}': avg_pool2d with divisor_override has no integer kernel")
-            return _Pending("avgpool", (self._value(x, node),), pool=dict(
-                kernel=kw["kernel_size"], stride=kw.get("stride") or kw["kernel_size"], padding=kw.get("padding", 0),
-                ceil_mode=kw.get("ceil_mode", False), count_include_pad=kw.get("count_include_pad", True)))
-        if f is F.adaptive_avg_pool2d:
-            if _pair(args[1] if len(args) > 1 else node.kwargs["output_size"]) != (1, 1):
-                raise QNNError(f"'{node.name}': only global average pooling (output size 1) has an integer kernel "
-                               "(use AvgPool2d with a fixed kernel for other sizes)")
-            return _Pending("gap", (self._value(x, node),))
-        if f is F.max_pool2d:
-            kw = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), args[1:]), **node.kwargs)
-            return self._maxpool(x, node, kw["kernel_size"], kw.get("stride") or kw["kernel_size"],
-                                 kw.get("padding", 0), kw.get("dilation", 1), kw.get("ceil_mode", False))
-        if f is F.dropout or f == "contiguous":
-            return x
-        if f in (torch.flatten, "flatten"):
-            return self._flatten(x, node, args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0),
-                                 args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1))
-        if f in ("view", "reshape", torch.reshape):
-            shape = args[1:] if f != torch.reshape else args[1]
-            if len(shape) == 1 and isinstance(shape[0], (list, tuple)):
-                shape = shape[0]
-            xi = self._value(x, node)
-            if len(shape) == 2 and shape[1] == -1 and isinstance(shape[0], Size) and shape[0].expr[0] == "dim" \
-                    and shape[0].reads_batch():
-                return self._flatten(xi, node, 1, -1)
-            return self._push(Reshape(xi, self.grids[xi], list(shape), node.name))
-        if f is F.pad:
-            pads = tuple(args[1]) if len(args) > 1 else tuple(node.kwargs["pad"])
-            mode = node.kwargs.get("mode", args[2] if len(args) > 2 else "constant")
-            value = node.kwargs.get("value", args[3] if len(args) > 3 else 0.0)
-            if mode != "constant" or value not in (0, 0.0, None):
-                raise QNNError(f"'{node.name}': only zero padding has an integer form")
-            xi = self._value(x, node)
-            if len(pads) == 6 and not any(pads[:4]) and min(pads[4:]) >= 0:  # channels only: option-A shortcut
-                return self._push(ChannelEmbed(xi, self.grids[xi], (1, 1), int(pads[4]), int(pads[5])))
-            return self._push(Move("pad", xi, self.grids[xi], pads=pads))
-        if f is operator.getitem and isinstance(x, int):
-            index = args[1] if isinstance(args[1], tuple) else (args[1],)
-            if not all(isinstance(i, slice) or i is Ellipsis for i in index):
-                raise QNNError(f"'{node.name}': only slicing has an integer form")
-            return self._push(Move("slice", x, self.grids[x], index=index))
-        raise QNNError(f"'{node.name}' ({getattr(f, '__name__', f)}) has no integer kernel")
+        c = lowering_of(node)
+        if c is None:
+            raise QNNError(f"'{node.name}' ({getattr(f, '__name__', f)}) has no integer kernel")
+        return c.lower(self, node, args, None)
 
     def _flatten(self, x, node: fx.Node, start: int, end: int) -> int:
         xi = x if isinstance(x, int) else self._value(x, node)
@@ -927,6 +945,232 @@ class IntegerProgram:
             vals.append(v)
         y = vals[self.output]
         return y if self.grids[self.output] is None else b.dequant(y)
+
+
+# ---------------------------------------------------------------- the registered constructs and their lowerings
+# Each takes (program, node, its resolved args, its module or None). Positional and keyword arguments are read as
+# torch's signatures name them.
+
+def _arg(node: fx.Node, args: list, i: int, key: str, default=None):
+    return args[i] if len(args) > i else node.kwargs.get(key, default)
+
+
+@construct("conv / linear", "layer", modules=(nn.Conv2d, nn.Linear), lowered=(bnn.QuantConv2d, bnn.QuantLinear))
+def _layer(p: IntegerProgram, node, args, m):
+    return _Pending("layer", (m, p._value(args[0] if args else None, node)))
+
+
+@construct("batchnorm", "batchnorm", modules=(nn.BatchNorm2d,), lowered=(SwitchableBatchNorm2d,))
+def _batchnorm(p: IntegerProgram, node, args, m):
+    x = args[0] if args else None
+    if not (isinstance(x, _Pending) and x.kind == "layer" and x.bn is None):
+        raise QNNError(f"BatchNorm '{node.name}' does not follow a conv: it cannot be folded (put each BatchNorm "
+                       "right after its conv, before the activation)")
+    x.bn = m
+    return x
+
+
+@construct("relu", "activation", modules=(nn.ReLU, nn.ReLU6), functions=(F.relu, torch.relu, F.relu6),
+           lowered=(bnn.QuantReLU, bnn.QuantIdentity, ReLU6Quant))
+def _quantizer(p: IntegerProgram, node, args, m):
+    x = args[0] if args else None
+    q = quantizers(m)[0]
+    if q.kind == "input":
+        if x != "input":
+            raise QNNError(f"the input quantizer '{node.name}' must take the model's input")
+        return p._push(QuantizeInput(Grid.of(q)))
+    if isinstance(m, ReLU6Quant) and isinstance(x, _Pending):
+        x.clamp_hi = 6.0
+    return p._materialise(x, q, node)
+
+
+@construct("elementwise", "elementwise", lowered=(QuantElementwise,))
+def _elementwise(p: IntegerProgram, node, args, m):
+    xi = p._value(args[0] if args else None, node)
+    kind = QHardGate if m.name in ("hardsigmoid", "hardswish") else QLookup
+    return p._push(kind(m.fn, m.name, m.kwargs, xi, p.grids[xi], Grid.of(quantizers(m.quant)[0])))
+
+
+@construct("add", "add", functions=(operator.add, torch.add))
+def _add(p: IntegerProgram, node, args, m):
+    return _Pending("add", (p._value(args[0], node), p._value(args[1], node)))
+
+
+@construct("mul", "mul", functions=(operator.mul, torch.mul))
+def _mul(p: IntegerProgram, node, args, m):
+    return _Pending("mul", (p._value(args[0], node), p._value(args[1], node)))
+
+
+@construct("cat", "cat", functions=(torch.cat, torch.concat, torch.concatenate))
+def _cat(p: IntegerProgram, node, args, m):
+    if not args:
+        raise QNNError(f"'{node.name}': pass the tensors to concatenate positionally")
+    xs = tuple(p._value(v, node) for v in args[0])
+    return p._push(Concat(xs, [p.grids[i] for i in xs], int(_arg(node, args, 1, "dim", 0)), node.name))
+
+
+_GLOBAL_ONLY = ("only global average pooling (output size 1) has an integer kernel (use AvgPool2d with a fixed kernel "
+                "for other sizes)")
+
+
+@construct("global average pool", "avgpool", modules=(nn.AdaptiveAvgPool2d,), functions=(F.adaptive_avg_pool2d,))
+def _global_pool(p: IntegerProgram, node, args, m):
+    size = m.output_size if m is not None else _arg(node, args, 1, "output_size")
+    if _pair(size) != (1, 1):
+        raise QNNError(f"'{node.name}': {_GLOBAL_ONLY}")
+    return _Pending("gap", (p._value(args[0] if args else None, node),))
+
+
+@construct("spatial mean", "avgpool", functions=(torch.mean,), methods=("mean",))
+def _mean(p: IntegerProgram, node, args, m):
+    dims, keep = _arg(node, args, 1, "dim"), _arg(node, args, 2, "keepdim", False)
+    dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+    if sorted(d % 4 for d in dims) != [2, 3] or node.kwargs.get("dtype") is not None:
+        raise QNNError(f"'{node.name}': only a mean over the two spatial dims (the global average pool) has an "
+                       "integer kernel")
+    return _Pending("gap", (p._value(args[0], node),), flatten=not keep)
+
+
+@construct("average pool", "avgpool", modules=(nn.AvgPool2d,), functions=(F.avg_pool2d,))
+def _avg_pool(p: IntegerProgram, node, args, m):
+    if m is not None:
+        kw = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, ceil_mode=m.ceil_mode,
+                  count_include_pad=m.count_include_pad, divisor_override=m.divisor_override)
+    else:
+        kw = dict(zip(("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+                      args[1:]), **node.kwargs)
+    if kw.get("divisor_override") is not None:
+        raise QNNError(f"'{node.name}': average pooling with divisor_override has no integer kernel")
+    return _Pending("avgpool", (p._value(args[0], node),), pool=dict(
+        kernel=kw["kernel_size"], stride=kw.get("stride") or kw["kernel_size"], padding=kw.get("padding", 0),
+        ceil_mode=kw.get("ceil_mode", False), count_include_pad=kw.get("count_include_pad", True)))
+
+
+@construct("max pool", "move", modules=(nn.MaxPool2d,), functions=(F.max_pool2d,))
+def _max_pool(p: IntegerProgram, node, args, m):
+    if m is not None:
+        return p._maxpool(args[0], node, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+    kw = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), args[1:]), **node.kwargs)
+    return p._maxpool(args[0], node, kw["kernel_size"], kw.get("stride") or kw["kernel_size"], kw.get("padding", 0),
+                      kw.get("dilation", 1), kw.get("ceil_mode", False))
+
+
+@construct("identity", "move", modules=(nn.Dropout, nn.Identity), functions=(F.dropout,), methods=("contiguous",))
+def _identity(p: IntegerProgram, node, args, m):
+    return args[0] if args else None
+
+
+@construct("flatten", "move", modules=(nn.Flatten,), functions=(torch.flatten,), methods=("flatten",))
+def _flatten(p: IntegerProgram, node, args, m):
+    if m is not None:
+        return p._flatten(args[0], node, m.start_dim, m.end_dim)
+    return p._flatten(args[0], node, _arg(node, args, 1, "start_dim", 0), _arg(node, args, 2, "end_dim", -1))
+
+
+@construct("reshape", "move", functions=(torch.reshape,), methods=("view", "reshape"))
+def _reshape(p: IntegerProgram, node, args, m):
+    shape = args[1:] if node.target is not torch.reshape else args[1]
+    if len(shape) == 1 and isinstance(shape[0], (list, tuple)):
+        shape = shape[0]
+    xi = p._value(args[0], node)
+    if len(shape) == 2 and shape[1] == -1 and isinstance(shape[0], Size) and shape[0].expr[0] == "dim" \
+            and shape[0].reads_batch():
+        return p._flatten(xi, node, 1, -1)
+    return p._push(Reshape(xi, p.grids[xi], list(shape), node.name))
+
+
+@construct("upsample", "move", modules=(nn.Upsample,), functions=(F.interpolate,))
+def _upsample(p: IntegerProgram, node, args, m):
+    if m is not None:
+        return p._upsample(args[0], node, m.size, m.scale_factor, m.mode)
+    kw = dict(zip(("size", "scale_factor", "mode"), args[1:]), **node.kwargs)
+    if kw.get("align_corners") or kw.get("antialias"):
+        raise QNNError(f"'{node.name}': only nearest upsampling (no align_corners, no antialias) has an integer form")
+    return p._upsample(args[0], node, kw.get("size"), kw.get("scale_factor"), kw.get("mode", "nearest"))
+
+
+@construct("zero padding", "move", functions=(F.pad,))
+def _pad(p: IntegerProgram, node, args, m):
+    pads = tuple(_arg(node, args, 1, "pad"))
+    mode, value = _arg(node, args, 2, "mode", "constant"), _arg(node, args, 3, "value", 0.0)
+    if mode != "constant" or value not in (0, 0.0, None):
+        raise QNNError(f"'{node.name}': only zero padding has an integer form")
+    xi = p._value(args[0], node)
+    if len(pads) == 6 and not any(pads[:4]) and min(pads[4:]) >= 0:  # channels only: the option-A shortcut
+        return p._push(ChannelEmbed(xi, p.grids[xi], (1, 1), int(pads[4]), int(pads[5])))
+    return p._push(Move("pad", xi, p.grids[xi], pads=pads))
+
+
+@construct("permute", "move", functions=(torch.permute,), methods=("permute",))
+def _permute(p: IntegerProgram, node, args, m):
+    perm = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else tuple(args[1:])
+    if not perm or perm[0] != 0:
+        raise QNNError(f"'{node.name}': a permutation that moves the batch dim has no integer form")
+    xi = p._value(args[0], node)
+    return p._push(Move("permute", xi, p.grids[xi], perm=perm))
+
+
+@construct("transpose", "move", functions=(torch.transpose,), methods=("transpose",))
+def _transpose(p: IntegerProgram, node, args, m):
+    d0, d1 = args[1:3]
+    if 0 in (d0, d1):
+        raise QNNError(f"'{node.name}': a transpose of the batch dim has no integer form")
+    xi = p._value(args[0], node)
+    return p._push(Move("transpose", xi, p.grids[xi], dims=(int(d0), int(d1))))
+
+
+@construct("split / chunk", "move", functions=(torch.split, torch.chunk), methods=("split", "chunk"))
+def _split(p: IntegerProgram, node, args, m):
+    how = "split" if node.target in (torch.split, "split") else "chunk"
+    arg = args[1] if len(args) > 1 else node.kwargs.get("chunks" if how == "chunk" else "split_size_or_sections",
+                                                         node.kwargs.get("split_size"))
+    dim = _arg(node, args, 2, "dim", 0)
+    if dim == 0 or dim <= -4:
+        raise QNNError(f"'{node.name}': a {how} along the batch dim has no integer form: split a feature dim (given "
+                       "as a dim of 1 or more)")
+    return _Parts(p._value(args[0], node), how, arg, int(dim))
+
+
+@construct("index", "move", functions=(operator.getitem,))
+def _getitem(p: IntegerProgram, node, args, m):
+    x = args[0]
+    if isinstance(x, Shape):
+        return x[args[1]]
+    if isinstance(x, _Parts):
+        return p._push(Part(x.x, p.grids[x.x], x.how, x.arg, x.dim, int(args[1])))
+    if not isinstance(x, int):
+        p._value(x, node)  # refused: a float value
+    index = args[1] if isinstance(args[1], tuple) else (args[1],)
+    if not all(isinstance(i, slice) or i is Ellipsis for i in index):
+        raise QNNError(f"'{node.name}': only slicing has an integer form")
+    return p._push(Move("slice", x, p.grids[x], index=index))
+
+
+@construct("size", "shape", functions=(getattr,), methods=("size",))
+def _size(p: IntegerProgram, node, args, m):
+    if node.target is getattr:
+        if args[1] != "shape":
+            raise QNNError(f"'{node.name}': of a tensor's attributes only .shape has an integer form")
+        return Shape(p._value(args[0], node))
+    dim = _arg(node, args, 1, "dim")
+    shape = Shape(p._value(args[0], node))
+    return shape if dim is None else shape[dim]
+
+
+@construct("size arithmetic", "shape", functions=tuple(SIZE_ARITHMETIC - {operator.add, operator.mul}))
+def _size_arithmetic(p: IntegerProgram, node, args, m):  # on sizes, IntegerProgram._function took it already
+    raise QNNError(f"'{node.name}' ({getattr(node.target, '__name__', node.target)}) on tensors has no integer kernel: "
+                   "only sizes are divided or subtracted")
+
+
+def ort_kernels() -> tuple[set[str], set[str]]:
+    """(the integer kernels, the data movement ops) that ONNX Runtime runs the emitted ops of every op as."""
+    ops, todo = [], [Op]
+    while todo:
+        t = todo.pop()
+        ops.append(t)
+        todo.extend(t.__subclasses__())
+    return {k for t in ops for k in t.integer_kernels}, {k for t in ops for k in t.moves}
 
 
 def program_of(body: fx.GraphModule) -> IntegerProgram:

@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from qnn.brevitas_import import brevitas_layers, copy_learned_scales_, to_float
 from qnn.brevitas_quant import FixedInputQuant, SwitchableIntQuant, SwitchableWeightQuant, with_fixed_bits
 from qnn.errors import QNNError
-from qnn.integer import CONV_TRANSPOSE_HINT, SIZE_ARITHMETIC, IntegerProgram
+from qnn.integer import HINTS, SIZE_ARITHMETIC, IntegerProgram, float_construct, supported
 from qnn.layers import SwitchableMixin, check_bits, check_pinned_bits, precision
-from qnn.qmodules import ELEMENTWISE, QuantElementwise, SwitchableBatchNorm2d, act_module
+from qnn.qmodules import QuantElementwise, SwitchableBatchNorm2d, act_module
 from qnn.options import check_options, option
 from qnn.validate import check_float
 
@@ -70,40 +70,6 @@ class QuantizeConfig:
 
     def __post_init__(self) -> None:
         check_options(self)
-
-
-# the float modules, functions and tensor methods that are an `ELEMENTWISE` function
-_ELEMENTWISE_MODULES = {nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid", nn.SiLU: "silu",
-                        nn.Sigmoid: "sigmoid", nn.GELU: "gelu", nn.Tanh: "tanh", nn.LeakyReLU: "leaky_relu",
-                        nn.ELU: "elu"}
-_ELEMENTWISE_FUNCTIONS = {F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", F.silu: "silu",
-                          torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.gelu: "gelu", torch.tanh: "tanh",
-                          F.tanh: "tanh", F.leaky_relu: "leaky_relu", F.elu: "elu"}
-_ELEMENTWISE_METHODS = {"sigmoid": "sigmoid", "tanh": "tanh"}
-
-
-def _elementwise_kwargs(name: str, m: nn.Module | None = None, node: fx.Node | None = None) -> dict:
-    """The function's settings, from the module or the call: GELU's approximation, LeakyReLU's slope, ELU's alpha."""
-    keys = {"gelu": ("approximate",), "leaky_relu": ("negative_slope",), "elu": ("alpha",)}.get(name, ())
-    if m is not None:
-        return {k: getattr(m, k) for k in keys}
-    kw = {k: v for k, v in node.kwargs.items() if k in keys}
-    for k, v in zip(keys, node.args[1:]):
-        kw.setdefault(k, v)
-    return kw
-
-
-_PASS_MODULES = (nn.Flatten, nn.Dropout, nn.Identity, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)
-_AVG_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-_PASS_FUNCTIONS = {torch.flatten, torch.reshape, getattr, operator.getitem, F.dropout, F.max_pool2d, F.pad,
-                   torch.split, torch.chunk, torch.permute, torch.transpose, F.interpolate}
-_PASS_METHODS = {"view", "reshape", "flatten", "size", "contiguous", "squeeze", "unsqueeze", "split", "chunk", "permute",
-                 "transpose"}
-_RELU_FUNCTIONS = {F.relu, torch.relu}
-_ADD_FUNCTIONS = {operator.add, torch.add}
-_MUL_FUNCTIONS = {operator.mul, torch.mul}
-_CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
-_AVG_POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.avg_pool2d, torch.mean}
 
 
 def quantize(model: nn.Module, cfg: QuantizeConfig | None = None) -> nn.Module:
@@ -196,15 +162,8 @@ class _Converter:
             node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
         elif node.op == "call_module":
             self._module(node)
-        elif node.op == "call_function":
+        elif node.op in ("call_function", "call_method"):
             self._function(node)
-        elif node.op == "call_method" and node.target == "mean":
-            return  # a spatial mean is the global average pool (checked at lowering)
-        elif node.op == "call_method" and node.target in _ELEMENTWISE_METHODS:
-            self._elementwise(node, _ELEMENTWISE_METHODS[node.target])
-        elif node.op == "call_method" and node.target not in _PASS_METHODS:
-            raise QNNError(f"unsupported tensor method '.{node.target}()' in the traced model; supported: "
-                           f"{', '.join(sorted(_PASS_METHODS))}")
 
     def _fixed(self, target: str):
         pin = self.cfg.first_last_bits
@@ -213,33 +172,31 @@ class _Converter:
 
     def _module(self, node: fx.Node) -> None:
         m = self.mods[node.target]
-        if type(m) is nn.Conv2d:
+        if isinstance(m, (SwitchableIntQuant, SwitchableMixin)) or type(m).__module__.startswith("brevitas."):
+            return  # quantized already
+        c, e = float_construct(node, m)
+        if c is None:
+            raise QNNError(f"cannot quantize module '{node.target}' of type {type(m).__name__}"
+                           f"{HINTS.get(type(m).__name__, '')}; supported: {', '.join(supported('modules'))}")
+        if c.role == "layer" and isinstance(m, nn.Conv2d):
             q = bnn.QuantConv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
                                 dilation=m.dilation, groups=m.groups, padding_mode=m.padding_mode,
                                 bias=m.bias is not None, weight_quant=self._fixed(node.target),
                                 return_quant_tensor=False)
             self._copy(m, q)
-        elif type(m) is nn.Linear:
+        elif c.role == "layer":
             q = bnn.QuantLinear(m.in_features, m.out_features, m.bias is not None,
                                 weight_quant=self._fixed(node.target), return_quant_tensor=False)
             self._copy(m, q)
-        elif type(m) is nn.BatchNorm2d:
+        elif c.role == "batchnorm":
             q = SwitchableBatchNorm2d(m)
-        elif type(m) in (nn.ReLU, nn.ReLU6):
+        elif c.role == "activation":
             q = act_module("unsigned", relu6=type(m) is nn.ReLU6)
             self.acts[node.target] = ("unsigned", type(m) is nn.ReLU6)
-        elif type(m) in _ELEMENTWISE_MODULES:
-            name = _ELEMENTWISE_MODULES[type(m)]
-            q = QuantElementwise(name, _elementwise_kwargs(name, m))
-        elif isinstance(m, _PASS_MODULES + _AVG_POOLS) or isinstance(m, (SwitchableIntQuant, SwitchableMixin)) \
-                or type(m).__module__.startswith("brevitas."):
-            return
+        elif c.role == "elementwise":
+            q = QuantElementwise(e.name, e.settings_of(m))
         else:
-            hint = CONV_TRANSPOSE_HINT if isinstance(m, nn.ConvTranspose2d) else ""
-            raise QNNError(f"cannot quantize module '{node.target}' of type {type(m).__name__}{hint}; supported: "
-                           f"Conv2d, Linear, BatchNorm2d, ReLU, ReLU6, "
-                           f"{', '.join(sorted(t.__name__ for t in _ELEMENTWISE_MODULES))}, AvgPool2d, "
-                           f"AdaptiveAvgPool2d(1), MaxPool2d, Upsample (nearest), Flatten, Dropout, Identity")
+            return  # kept as it is: lowered as the module
         self._replace(node, q)
 
     @staticmethod
@@ -249,33 +206,29 @@ class _Converter:
             if src.bias is not None:
                 dst.bias.copy_(src.bias)
 
-    def _elementwise(self, node: fx.Node, name: str) -> None:
-        mod = self._add(QuantElementwise(name, _elementwise_kwargs(name, node=node)), name)
-        node.op, node.target, node.kwargs = "call_module", mod, {}
-        node.args = node.args[:1]
-
     def _function(self, node: fx.Node) -> None:
-        f = node.target
-        if f in _ELEMENTWISE_FUNCTIONS:
-            self._elementwise(node, _ELEMENTWISE_FUNCTIONS[f])
-        elif f in _RELU_FUNCTIONS or f is F.relu6:
-            name = self._act("unsigned", "relu", relu6=f is F.relu6)
+        """A function or tensor method: elementwise ones and ReLU become modules; the rest stay, once checked."""
+        c, e = float_construct(node)
+        if c is None or (c.role == "shape" and not self._is_shape_value(node)):
+            what = f"tensor method '.{node.target}()'" if node.op == "call_method" else \
+                f"operation {getattr(node.target, '__name__', node.target)!r}"
+            raise QNNError(f"unsupported {what} in the traced model; supported: {', '.join(supported('functions'))}")
+        if c.role == "elementwise":
+            mod = self._add(QuantElementwise(e.name, e.settings_of(args=node.args[1:], kwargs=node.kwargs)), e.name)
+            node.op, node.target, node.kwargs = "call_module", mod, {}
+            node.args = node.args[:1]
+        elif c.role == "activation":
+            name = self._act("unsigned", "relu", relu6=node.target is F.relu6)
             node.op, node.target, node.kwargs = "call_module", name, {}
             node.args = node.args[:1]
-        elif (f in _ADD_FUNCTIONS or f in _MUL_FUNCTIONS) and all(isinstance(a, fx.Node) for a in node.args[:2]) \
-                and not node.kwargs:
-            return
-        elif self._is_shape_value(node):  # sizes for a reshape: resolved by the integer program when it runs
-            return
-        elif f in _CAT_FUNCTIONS:
+        elif c.role in ("add", "mul") and not (all(isinstance(a, fx.Node) for a in node.args[:2]) and not node.kwargs) \
+                and not self._is_shape_value(node):
+            raise QNNError(f"'{node.name}': only an add or a product of two tensors the model computes has an integer "
+                           f"form (not {getattr(node.target, '__name__', node.target)} with a constant or keywords)")
+        elif c.role == "cat":
             parts = node.args[0] if node.args else node.kwargs.get("tensors")
             if not (isinstance(parts, (list, tuple)) and parts and all(isinstance(a, fx.Node) for a in parts)):
                 raise QNNError(f"'{node.name}': concatenate a list of tensors computed by the model")
-            return
-        elif f not in _PASS_FUNCTIONS and f not in _AVG_POOL_FUNCTIONS:
-            raise QNNError(f"unsupported operation {getattr(f, '__name__', f)!r} in the traced model; supported: "
-                           f"relu, relu6, {', '.join(ELEMENTWISE)}, add and multiply of two tensors, concatenation, "
-                           "pooling, flatten/reshape, zero padding, slicing")
 
     # ---- node roles in the swapped graph
     def _is_shape_value(self, node: fx.Node) -> bool:
@@ -298,21 +251,27 @@ class _Converter:
     def _is_weighted(self, node: fx.Node) -> bool:
         return isinstance(self._module_of(node), (bnn.QuantConv2d, bnn.QuantLinear))
 
+    def _role(self, node: fx.Node) -> str | None:
+        """The role (`qnn.integer.ROLES`) of a node of the swapped graph that the conversion kept as it was."""
+        if node.op not in ("call_module", "call_function", "call_method"):
+            return None
+        c, _ = float_construct(node, self._module_of(node))
+        return c.role if c is not None else None
+
     def _is_avg_pool(self, node: fx.Node) -> bool:
-        return isinstance(self._module_of(node), _AVG_POOLS) or (node.op == "call_function"
-                                                                  and node.target in _AVG_POOL_FUNCTIONS) \
-            or (node.op == "call_method" and node.target == "mean")
+        return self._role(node) == "avgpool"
 
     def _is_add(self, node: fx.Node) -> bool:
-        return node.op == "call_function" and node.target in _ADD_FUNCTIONS
+        return node.op == "call_function" and self._role(node) == "add"
 
     def _is_mul(self, node: fx.Node) -> bool:
-        return node.op == "call_function" and node.target in _MUL_FUNCTIONS
+        return node.op == "call_function" and self._role(node) == "mul"
 
     def _is_pass(self, node: fx.Node) -> bool:
-        m = self._module_of(node)
-        return isinstance(m, _PASS_MODULES) or (node.op == "call_function" and node.target in _PASS_FUNCTIONS) \
-            or (node.op == "call_method" and node.target in _PASS_METHODS)
+        """Data movement, and reading a tensor's size (its value flows on to the reshape that uses it)."""
+        c, _ = float_construct(node, self._module_of(node)) if node.op != "placeholder" and node.op != "output" \
+            else (None, None)
+        return c is not None and (c.role == "move" or c.name == "size")
 
     def _produces_float(self, node: fx.Node) -> bool:
         """Compute whose result is a float (wide accumulator) value: it must meet a quantizer before anything else."""
@@ -350,7 +309,7 @@ class _Converter:
                     u.replace_input_with(node, q)
 
     def _is_cat(self, node: fx.Node) -> bool:
-        return node.op == "call_function" and node.target in _CAT_FUNCTIONS
+        return self._role(node) == "cat"
 
     def _grid_holders(self, node: fx.Node) -> list:
         """The quantizers that set the grid of `node`'s value: an activation quantizer node, an elementwise module
