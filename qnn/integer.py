@@ -30,7 +30,7 @@ from qnn.brevitas_quant import SwitchableIntQuant, quantizers
 from qnn.errors import QNNError
 from qnn.kernels import reference as K
 from qnn.layers import FLOAT_BITS, switchable_modules
-from qnn.qmodules import QuantElementwise, ReLU6Quant, SwitchableBatchNorm2d
+from qnn.qmodules import QuantElementwise, ReLU6Quant, SwitchableBatchNorm2d, TorchForms
 
 _EXACT_F32 = 2.0**24
 
@@ -621,7 +621,7 @@ SWAPPED = ("layer", "batchnorm", "activation", "elementwise")
 
 
 @dataclass(frozen=True)
-class Construct:
+class Construct(TorchForms):
     """One construct of a model: the torch modules, functions and tensor methods that are it, its `role` in
     `qnn.quantize` (ROLES), the modules of the converted graph it lowers (`lowered`; by default its modules, which the
     conversion keeps) and its lowering to integer ops, `lower(program, node, args, module)` (module None for a
@@ -631,9 +631,6 @@ class Construct:
     name: str
     role: str
     lower: Callable
-    modules: tuple = ()
-    functions: tuple = ()
-    methods: tuple = ()
     lowered: tuple = ()
 
 
@@ -651,8 +648,8 @@ def construct(name: str, role: str, modules: tuple = (), functions: tuple = (), 
         raise ValueError(f"construct '{name}': unknown role '{role}'")
 
     def register(lower: Callable) -> Callable:
-        c = Construct(name, role, lower, tuple(modules), tuple(functions), tuple(methods),
-                      tuple(modules if lowered is None else lowered))
+        c = Construct(name, role, lower, tuple(modules if lowered is None else lowered), modules=tuple(modules),
+                      functions=tuple(functions), methods=tuple(methods))
         for table, keys in ((CONSTRUCTS, [name]), (_FLOAT_MODULES, c.modules), (_LOWERED_MODULES, c.lowered),
                             (_FUNCTIONS, c.functions), (_METHODS, c.methods)):
             for k in keys:

@@ -76,8 +76,17 @@ def act_module(kind: str, min_bits: int | None = None, relu6: bool = False) -> n
     return bnn.QuantIdentity(act_quant=_act_quant(kind, min_bits))
 
 
+@dataclass(frozen=True, kw_only=True)
+class TorchForms:
+    """The torch modules, functions and tensor methods (by name) that are one construct of a float model."""
+
+    modules: tuple = ()
+    functions: tuple = ()
+    methods: tuple = ()
+
+
 @dataclass(frozen=True)
-class Elementwise:
+class Elementwise(TorchForms):
     """An elementwise function of one quantized tensor, declared once: its float function, whether its values are
     >= 0 (its quantizer is then unsigned), the torch modules, functions and tensor methods that are it, the settings
     it reads (module attributes or the call's arguments after the input, in order) and its float ONNX form
@@ -88,9 +97,6 @@ class Elementwise:
     fn: Callable
     nonneg: bool
     onnx: Callable
-    modules: tuple = ()
-    functions: tuple = ()
-    methods: tuple = ()
     settings: tuple[str, ...] = ()
 
     def settings_of(self, m: nn.Module | None = None, args: tuple = (), kwargs: dict | None = None) -> dict:
@@ -113,8 +119,8 @@ def elementwise(name: str, fn: Callable, nonneg: bool, onnx: Callable, modules: 
     format take it from here."""
     if name in ELEMENTWISE:
         raise ValueError(f"elementwise function '{name}' is registered twice")
-    e = ELEMENTWISE[name] = Elementwise(name, fn, nonneg, onnx, tuple(modules), tuple(functions), tuple(methods),
-                                        tuple(settings))
+    e = ELEMENTWISE[name] = Elementwise(name, fn, nonneg, onnx, tuple(settings), modules=tuple(modules),
+                                        functions=tuple(functions), methods=tuple(methods))
     return e
 
 
