@@ -251,11 +251,15 @@ class _Converter:
     def _is_weighted(self, node: fx.Node) -> bool:
         return isinstance(self._module_of(node), (bnn.QuantConv2d, bnn.QuantLinear))
 
-    def _role(self, node: fx.Node) -> str | None:
-        """The role (`qnn.integer.ROLES`) of a node of the swapped graph that the conversion kept as it was."""
+    def _construct(self, node: fx.Node):
+        """The registered construct of a node of the swapped graph that the conversion kept as it was, or None."""
         if node.op not in ("call_module", "call_function", "call_method"):
             return None
-        c, _ = float_construct(node, self._module_of(node))
+        return float_construct(node, self._module_of(node))[0]
+
+    def _role(self, node: fx.Node) -> str | None:
+        """Its role (`qnn.integer.ROLES`)."""
+        c = self._construct(node)
         return c.role if c is not None else None
 
     def _is_avg_pool(self, node: fx.Node) -> bool:
@@ -269,8 +273,7 @@ class _Converter:
 
     def _is_pass(self, node: fx.Node) -> bool:
         """Data movement, and reading a tensor's size (its value flows on to the reshape that uses it)."""
-        c, _ = float_construct(node, self._module_of(node)) if node.op != "placeholder" and node.op != "output" \
-            else (None, None)
+        c = self._construct(node)
         return c is not None and (c.role == "move" or c.name == "size")
 
     def _produces_float(self, node: fx.Node) -> bool:
