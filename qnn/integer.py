@@ -66,8 +66,9 @@ class _RoundSaturate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
         r = torch.round(v)
-        ctx.save_for_backward((r >= lo) & (r <= hi))
-        return torch.clamp(r, lo, hi)
+        out = torch.clamp(r, lo, hi)
+        ctx.save_for_backward(out == r)  # inside the grid: lo <= r <= hi (NaN: outside), in one pass
+        return out
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):

@@ -455,3 +455,17 @@ def test_the_conversion_and_the_lowering_read_one_registry():
     with pytest.raises(QNNError, match=r"unsupported tensor method '\.squeeze\(\)'.*supported: .*\.view\(\)") as e:
         QuantizedNet(Squeezes(), 10, 16)
     assert "\n" not in str(e.value)
+
+
+def test_rounding_passes_the_gradient_exactly_where_the_rounded_value_is_on_the_grid():
+    """Grid.round's straight-through gradient: 1 where rint(v) lies in [lo, hi] (ties to even included), 0 where it
+    saturated or is not a number; its values are those of the gradient-free path."""
+    from qnn.integer import Grid
+
+    g = Grid(torch.tensor(0.5), 0, -8, 7, 4)
+    v = torch.tensor([-9.0, -8.5, -8.49, 0.3, 6.5, 7.49, 7.5, 8.0, float("inf"), float("-inf"), float("nan")],
+                     requires_grad=True)
+    out = g.round(v)
+    out.sum().backward()
+    assert v.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert torch.equal(out.detach()[:-1], g.round(v.detach())[:-1]) and torch.isnan(out[-1])
