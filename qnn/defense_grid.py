@@ -356,7 +356,8 @@ def check_cell(key: str, c) -> None:
           and isinstance(c.get("checkpoint_sha256"), str) and isinstance(c.get("weights_sha256", ""), str)
           and isinstance(c.get("row_definition"), dict)
           and isinstance(c.get("compute_qat_epochs"), (int, float)) and isinstance(c.get("image_steps"), int)
-          and isinstance(c.get("seconds"), (int, float)))
+          and isinstance(c.get("seconds"), (int, float))
+          and all(isinstance(c.get(k, 0.0), (int, float, type(None))) for k in ("score_seconds", "train_seconds")))
     if not ok:
         raise QNNError(f"results file: cell '{key}' is malformed (fields missing, of the wrong type or out of range)")
     decode_scores(c["scores"])
@@ -395,6 +396,16 @@ def is_done(cell: dict | None, job: Job, sha: str, member) -> bool:
         and cell.get("attack_definition") == dataclasses.asdict(member)
 
 
+def training_seconds(checkpoint: Path) -> float | None:
+    """The wall time of the training run that wrote `checkpoint`: the sum of its epochs (metrics.json beside it);
+    None where that record is missing or unreadable."""
+    try:
+        history = json.loads((checkpoint.parent / "metrics.json").read_text())["history"]
+        return float(sum(h["epoch_seconds"] for h in history))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class Scorer:
     """The loaded model of one job, with its clean predictions per bit-width and its re-calibrated bit-widths."""
 
@@ -406,6 +417,7 @@ class Scorer:
         self.file_sha = sha256_file(job.checkpoint)
         self.model, obj = load_checkpoint(job.checkpoint)
         self.sha = weights_sha256(obj)
+        self.train_seconds = training_seconds(job.checkpoint)
         self.model = self.model.to(device).eval()
         calibrated = [b for b in list(budget.eval_bits) + list(budget.left_out) if b != 32 and b not in job.trained_bits]
         for b in calibrated:  # untrained bit-widths get BatchNorm statistics of their own
@@ -445,13 +457,16 @@ def run_work(w: Work, scorer: Scorer, budget: Budget, protocol, data: dict, code
             scorer.eot[key] = (patch, secs)
     out = {}
     for b, key in zip(w.score_bits, w.keys()):
+        t0 = time.perf_counter()
         fooled = score(scorer.model, b, patch, base, (xs, ys), protocol.placements, device=scorer.device,
                        clean_pred=scorer.clean_pred(b, xs))
+        score_secs = time.perf_counter() - t0
         out[key] = {"row": w.job.row.name, "seed": w.job.seed, "bits": b, "config": w.config.label,
                     "attack": w.member.name, "asr_pct": asr_pct(fooled, protocol.placements),
                     "clean_acc_pct": 100.0 * float((fooled >= 0).mean()), "scores": encode_scores(fooled),
                     "crafted_at": w.craft_bits if w.craft_bits is not None else "EOT", "image_steps": protocol.image_steps(w.member),
-                    "seconds": secs, "checkpoint": str(w.job.checkpoint), "checkpoint_sha256": scorer.file_sha,
+                    "seconds": secs, "score_seconds": score_secs, "train_seconds": scorer.train_seconds,
+                    "checkpoint": str(w.job.checkpoint), "checkpoint_sha256": scorer.file_sha,
                     "weights_sha256": scorer.sha,
                     "trained_bits": w.job.trained_bits, "compute_qat_epochs": w.job.compute_qat_epochs,
                     "train_epochs": w.job.cfg.epochs, "train_images": w.job.cfg.train_subset,

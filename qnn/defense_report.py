@@ -82,6 +82,33 @@ class Table:
         return len(c["scores"])
 
 
+def hours_by_seed(results: dict) -> dict[str, dict]:
+    """Hours of the machine spent per seed, from the cells: training (once per model), crafting (once per crafted
+    patch: an EOT patch scores several cells) and scoring, with how many models and cells recorded their time
+    (cells written before `score_seconds` and `train_seconds` were recorded have the crafting time only)."""
+    out: dict[str, dict] = {}
+    models: dict = {}
+    crafts: dict = {}
+    for c in results["cells"].values():
+        o = out.setdefault(str(c["seed"]), {"train_h": 0.0, "craft_h": 0.0, "score_h": 0.0, "models": 0,
+                                            "models_timed": 0, "cells": 0, "cells_timed": 0})
+        o["cells"] += 1
+        if c.get("score_seconds") is not None:
+            o["cells_timed"] += 1
+            o["score_h"] += c["score_seconds"] / 3600
+        models[(str(c["seed"]), c["checkpoint_sha256"])] = c.get("train_seconds")
+        crafts[(str(c["seed"]), c["row"], c["config"], c["attack"], str(c.get("crafted_at")), c["checkpoint_sha256"],
+                c["seconds"])] = c["seconds"]
+    for (seed, _), secs in models.items():
+        out[seed]["models"] += 1
+        if secs is not None:
+            out[seed]["models_timed"] += 1
+            out[seed]["train_h"] += secs / 3600
+    for (seed, *_), secs in crafts.items():
+        out[seed]["craft_h"] += secs / 3600
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
 def paired_t(diffs: list[float]) -> tuple[float, float] | None:
     """95% t interval of the mean of paired differences (None below two pairs)."""
     n = len(diffs)
@@ -160,6 +187,7 @@ def summarize(results: dict, n_boot: int = 1000) -> dict:
             masking.append({"row": r, "seed": s, "bits": b, "config": c, "strong": hi, "weak": lo,
                             "strong_asr_pct": per[hi], "weak_asr_pct": per[lo]})
     return {"rows": rows, "comparisons": comparisons, "masking": masking, "seeds": t.seeds, "bits": bits_all,
+            "hours_by_seed": hours_by_seed(results),
             "n_scored": t.n_scored(), "placements": t.placements, "members": t.members}
 
 
@@ -238,6 +266,12 @@ def markdown(s: dict, results: dict, command: str) -> str:
         lines.append(markdown_table(["row", "seed", "bits", "config", "strong attack", "ASR %", "weak attack", "ASR %"],
                                     [[m["row"], m["seed"], m["bits"], m["config"], m["strong"], m["strong_asr_pct"],
                                       m["weak"], m["weak_asr_pct"]] for m in s["masking"]]))
+    lines.append("\nHours of the machine spent, per seed (training + crafting + scoring; models and cells that "
+                 "recorded their time):\n")
+    lines.append(markdown_table(["seed", "training h", "crafting h", "scoring h", "models timed", "cells timed"],
+                                [[sd, f"{h['train_h']:.2f}", f"{h['craft_h']:.2f}", f"{h['score_h']:.2f}",
+                                  f"{h['models_timed']} of {h['models']}", f"{h['cells_timed']} of {h['cells']}"]
+                                 for sd, h in s["hours_by_seed"].items()]))
     return "\n".join(lines)
 
 

@@ -60,6 +60,7 @@ def test_every_cell_is_written_with_its_provenance(smoke):
         assert c["asr_pct"] == pytest.approx(100 * f[ok].sum() / (proto.placements * ok.sum()))
         assert c["clean_acc_pct"] == pytest.approx(100 * ok.mean())
         assert len(c["checkpoint_sha256"]) == 64 and len(c["weights_sha256"]) == 64 and c["code"]["code_hash"] and c["row_definition"]["name"] == c["row"]
+        assert c["score_seconds"] > 0 and c["train_seconds"] > 0
     # an EOT patch is crafted once and scored at every bit-width, the left-out one too: one crafting for its cells
     eot = [c for k, c in cells.items() if k.startswith("qadtr | seed 0 |") and k.endswith("| 10x10 sq | adam 0.05 EOT bit-widths")]
     assert len(eot) == 3 and len({c["seconds"] for c in eot}) == 1 and {c["crafted_at"] for c in eot} == {"EOT"}
@@ -147,6 +148,17 @@ def test_report_has_verdicts_masking_and_plot(smoke):
     md = (d / "t.md").read_text()
     assert "QADT-R minus per-bit PBAT" in md and "qadtr - pbat at qadtr's compute" in md
     assert (d / "t.png").stat().st_size > 1000
+    from qnn.defense_report import hours_by_seed
+
+    res = json.loads((d / "t.json").read_text())
+    h = hours_by_seed(res)["0"]
+    n_models = len({c["checkpoint_sha256"] for c in res["cells"].values()})
+    # every model's training once (not once per cell), every cell scored, crafting below the cells' sum (EOT shares)
+    assert h["models"] == h["models_timed"] == n_models and h["cells"] == h["cells_timed"] == len(res["cells"])
+    train = {c["checkpoint_sha256"]: c["train_seconds"] for c in res["cells"].values()}
+    assert h["train_h"] == pytest.approx(sum(train.values()) / 3600)
+    assert 0 < h["craft_h"] < sum(c["seconds"] for c in res["cells"].values()) / 3600
+    assert "Hours of the machine spent, per seed" in md
 
 
 @pytest.mark.parametrize("grid,extra,msg", [
@@ -196,7 +208,7 @@ def test_statistics_on_hand_made_cells():
                     cells[f"{row}{seed}{cfg}{att}"] = {
                         "row": row, "seed": seed, "bits": 4, "config": cfg, "attack": att, "scores": encode_scores(f),
                         "clean_acc_pct": 100.0, "trained_bits": [4], "compute_qat_epochs": 1.0,
-                        "row_definition": {"deploy": False}}
+                        "row_definition": {"deploy": False}, "checkpoint_sha256": f"{row}{seed}", "seconds": 1.0}
     res = {"protocol": {"placements": 1, "members": [{"name": "s"}, {"name": "t"}]}, "cells": cells,
            "grid": [{"name": a}, {"name": b}], "budget": {"left_out": [3], "eval_bits": [4]}}
     s = summarize(res, n_boot=200)
