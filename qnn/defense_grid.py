@@ -386,14 +386,27 @@ def read_results(path: Path, budget: Budget, protocol) -> dict:
     return old
 
 
-def is_done(cell: dict | None, job: Job, sha: str, member) -> bool:
-    """A finished cell of this model (its weights: `weights_sha256`), row definition, attack definition and protocol
-    version. A cell written before cells recorded their weights is done again."""
+def is_finished(cell: dict | None, job: Job, member) -> bool:
+    """A finished cell of this row definition, attack definition and protocol version, scored on a model trained with
+    this job's settings (its folder's name carries their hash)."""
     from qnn.evaluation import PROTOCOL_VERSION
 
-    return bool(cell) and cell.get("weights_sha256") == sha and cell.get("row_definition") == job.row.definition() \
-        and cell.get("protocol_version") == PROTOCOL_VERSION \
+    return bool(cell) and Path(str(cell.get("checkpoint", ""))).parent.name == job.checkpoint.parent.name \
+        and cell.get("row_definition") == job.row.definition() and cell.get("protocol_version") == PROTOCOL_VERSION \
         and cell.get("attack_definition") == dataclasses.asdict(member)
+
+
+def is_done(cell: dict | None, job: Job, sha: str, member) -> bool:
+    """`is_finished`, on this very model (its weights: `weights_sha256`). A cell written before cells recorded their
+    weights is done again."""
+    return is_finished(cell, job, member) and cell.get("weights_sha256") == sha
+
+
+def needs_model(job: Job, work: list[Work], cells: dict) -> bool:
+    """Whether `job`'s model must be at hand: it is, or some of its cells are not finished. A lost checkpoint whose
+    every cell is finished is not retrained only to be checked (CPU training repeats to the bit: were it retrained,
+    its cells would be kept)."""
+    return job.checkpoint.is_file() or not all(is_finished(cells.get(k), job, w.member) for w in work for k in w.keys())
 
 
 def training_seconds(checkpoint: Path) -> float | None:
@@ -489,11 +502,11 @@ def load_data(budget: Budget, protocol) -> dict:
             "classes": len(test.classes)}
 
 
-def estimate(work: list[Work], jobs: list[Job], done: set[str], protocol, rate: float, qat_epoch_s: float) -> tuple:
+def estimate(work: list[Work], to_train: list[Job], done: set[str], protocol, rate: float, qat_epoch_s: float) -> tuple:
     """(units left, cells left, attack CPU hours, training CPU hours) of what is not finished."""
     left = [w for w in work if not set(w.keys()) <= done]
     attack_h = sum(protocol.image_steps(w.member) for w in left) / rate / 3600
-    train_h = sum(j.compute_qat_epochs for j in jobs if not j.checkpoint.is_file()) * qat_epoch_s / 3600
+    train_h = sum(j.compute_qat_epochs for j in to_train) * qat_epoch_s / 3600
     return len(left), sum(len(set(w.keys()) - done) for w in left), attack_h, train_h
 
 
@@ -590,13 +603,19 @@ def _run(a, prog: str) -> int:
         if a.rows:  # the compute-matched rows' targets were needed for their settings, not to be run
             jobs = [j for j in jobs if j.row.name in a.rows.split(",")]
         work = plan(budget, jobs, configs, protocol, only_bits)
+        by_job: dict[int, list[Work]] = {}
+        for w in work:
+            by_job.setdefault(id(w.job), []).append(w)
+        wanted = [j for j in jobs if a.train_only or needs_model(j, by_job.get(id(j), []), cells)]
+        to_train = [j for j in wanted if not j.checkpoint.is_file()]
         done_keys = {k for k in cells}
         rate = _rate(cells)
-        n_units, n_cells, attack_h, train_h = estimate(work, jobs, done_keys, protocol, rate, qat_epoch_s)
+        n_units, n_cells, attack_h, train_h = estimate(work, to_train, done_keys, protocol, rate, qat_epoch_s)
         print(f"{prog}: {n_cells} cells left in {n_units} attacks ({len(work)} in all) and "
-              f"{sum(not j.checkpoint.is_file() for j in jobs)} of {len(jobs)} models to train: about "
+              f"{len(to_train)} of {len(jobs)} models to train: about "
               f"{attack_h:.1f} CPU h of attacks (at {rate:.0f} image-steps/s) + {train_h:.1f} CPU h of training "
-              f"(cells already done are re-checked against their checkpoint)", flush=True)
+              f"(finished cells are re-checked against their model's weights; a lost model with no cell left is not "
+              f"retrained)", flush=True)
         if a.plan:
             return 0
         code = {k: v for k, v in versions().items() if k in ("git_sha", "git_dirty", "code_hash")}
@@ -605,11 +624,8 @@ def _run(a, prog: str) -> int:
         header = {"kind": "defense-grid", "command": command, "budget": dataclasses.asdict(budget), "protocol": protocol.to_dict(),
                   "grid": [r.definition() for r in grid], "cost_ratio_vs_qat": ratios,
                   "configs": [dataclasses.asdict(c) for c in table_configs()]}
-        by_job: dict[int, list[Work]] = {}
-        for w in work:
-            by_job.setdefault(id(w.job), []).append(w)
         for seed in seeds:
-            seed_jobs = [j for j in jobs if j.seed == seed]
+            seed_jobs = [j for j in wanted if j.seed == seed]
             for j in seed_jobs:  # a seed's trainings back to back, then its attacks
                 ensure_trained(j)
             if a.train_only:

@@ -97,7 +97,8 @@ def test_rerun_keeps_finished_cells(smoke):
 
 
 def test_a_lost_checkpoint_retrained_to_the_bit_keeps_its_cells_and_other_weights_do_not(smoke, tmp_path):
-    """Cells are keyed on the weights, not the checkpoint file (which also holds timings): runs/ can be lost."""
+    """Cells are keyed on the weights, not the checkpoint file (which also holds timings): runs/ can be lost. A lost
+    model with every cell finished is not retrained; one with cells left is, and its finished cells are kept."""
     import shutil
 
     d, args, _ = smoke
@@ -108,14 +109,24 @@ def test_a_lost_checkpoint_retrained_to_the_bit_keeps_its_cells_and_other_weight
     (folder,) = [p for p in runs.iterdir() if p.name.startswith("none_s0_")]
     old_file = (folder / "model.pt").read_bytes()
     shutil.rmtree(folder)
-    r = _run(*other)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert (folder / "model.pt").read_bytes() != old_file  # retrained: same weights, other timings
     before = json.loads((d / "t.json").read_text())["cells"]
+    r = _run(*other)
+    assert r.returncode == 0 and "0 cells left" in r.stdout and "0 of 1 models to train" in r.stdout, r.stderr[-2000:]
+    assert "== train" not in r.stdout and not folder.exists()
+    assert json.loads((tmp_path / "t.json").read_text())["cells"] == before
+    # one cell lost too: the model is retrained to the bit, that cell comes back the same, the others are kept
+    res = json.loads((tmp_path / "t.json").read_text())
+    lost = next(k for k in before if k.startswith("none | seed 0 | 4 bits | 10x10 sq |"))
+    del res["cells"][lost]
+    (tmp_path / "t.json").write_text(json.dumps(res))
+    r = _run(*other)
+    assert r.returncode == 0 and "1 of 1 models to train" in r.stdout, r.stderr[-2000:]
+    assert (folder / "model.pt").read_bytes() != old_file  # retrained: same weights, other timings
     after = json.loads((tmp_path / "t.json").read_text())["cells"]
-    assert after == before
+    assert {k: c for k, c in after.items() if k != lost} == {k: c for k, c in before.items() if k != lost}
+    assert all(after[lost][f] == before[lost][f] for f in ("scores", "asr_pct", "weights_sha256", "patch_mean"))
     # a cell whose weights differ from the model's is done again
-    key = next(k for k in after if k.startswith("none | seed 0 | 4 bits | 10x10 sq |"))
+    key = next(k for k in after if k.startswith("none | seed 0 | 4 bits | 10x10 sq |") and k != lost)
     res = json.loads((tmp_path / "t.json").read_text())
     res["cells"][key]["weights_sha256"] = "0" * 64
     (tmp_path / "t.json").write_text(json.dumps(res))
