@@ -97,6 +97,8 @@ def hours_by_seed(results: dict) -> dict[str, dict]:
             o["cells_timed"] += 1
             o["score_h"] += c["score_seconds"] / 3600
         models[(str(c["seed"]), c["checkpoint_sha256"])] = c.get("train_seconds")
+        # an EOT patch ('EOT') scores several cells with one crafting; its time tells a crafting apart from another of
+        # the same cells' patch (one re-crafted after a restart for its left-out bit-widths)
         crafts[(str(c["seed"]), c["row"], c["config"], c["attack"], str(c.get("crafted_at")), c["checkpoint_sha256"],
                 c["seconds"])] = c["seconds"]
     for (seed, _), secs in models.items():
